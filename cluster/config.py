@@ -1,0 +1,248 @@
+"""The one typed configuration of Anker: models, parallelism, replicas, prices, server, Ray and data folder.
+
+Loaded once from YAML (``cluster/profiles/local.yaml`` by default) with environment overrides resolved here and
+nowhere else; deployments receive the parsed objects and never read the environment themselves.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from decimal import Decimal
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+PROFILES_DIR = Path(__file__).parent / "profiles"
+DEFAULT_PROFILE = PROFILES_DIR / "local.yaml"
+ENV_PREFIX = "ANKER_"
+NANO_PER_UNIT = 10**9
+TOKENS_PER_MILLION = 10**6
+
+ServedName = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}$")]
+Port = Annotated[int, Field(ge=1, le=65535)]
+
+
+class ConfigError(Exception):
+    """A config file that cannot be used; the message names the file and the offending field."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Prices(_Strict):
+    """DKK per 1M tokens. Decimal in the file and here; billing turns them into integer nano-DKK per token."""
+
+    input_uncached_dkk_per_mtok: Decimal = Field(default=Decimal("6.00"), ge=0)
+    input_cached_dkk_per_mtok: Decimal = Field(default=Decimal("3.00"), ge=0)
+    output_dkk_per_mtok: Decimal = Field(default=Decimal("45.00"), ge=0)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_float_money(cls, value: Any) -> Any:
+        # YAML turns 6.00 into a float; go through its shortest repr so that 6.00 is exactly Decimal("6.0").
+        return Decimal(repr(value)) if isinstance(value, float) else value
+
+
+class ModelConfig(_Strict):
+    """One served model: where its weights are, how its engine is shaped, how many replicas, what it costs."""
+
+    name: ServedName = Field(description="Served name, the `model` field clients send.")
+    path: Path = Field(description="Checkpoint folder; relative paths are under the data folder.")
+    build: Literal["qwen3-next", "qwen3-moe"] | None = Field(
+        default=None, description="Build a tiny random-weight model of this architecture at `path` if it is missing."
+    )
+    tensor_parallel_size: int = Field(default=1, ge=1, le=64)
+    pipeline_parallel_size: int = Field(default=1, ge=1, le=64)
+    max_model_len: int = Field(default=2048, ge=16)
+    min_replicas: int = Field(default=1, ge=1, description="Floor of engine replicas; never 0, the service is 24/7.")
+    max_replicas: int = Field(default=1, ge=1)
+    engine_args: dict[str, Any] = Field(
+        default_factory=dict, description="Extra vLLM engine arguments (AsyncEngineArgs fields)."
+    )
+    engine_env: dict[str, str] = Field(default_factory=dict, description="Environment of the engine replica.")
+    kv_cache_space_gib: int = Field(default=1, ge=1, description="VLLM_CPU_KVCACHE_SPACE on CPU engines.")
+    engine_num_cpus: float = Field(default=1.0, ge=0, description="Ray logical CPUs per engine replica.")
+    accelerator: Literal["cpu", "gpu"] = "cpu"
+    owned_by: str = "anker"
+    prices: Prices = Field(default_factory=Prices)
+
+    @model_validator(mode="after")
+    def _replica_bounds(self) -> ModelConfig:
+        if self.max_replicas < self.min_replicas:
+            raise ValueError(f"max_replicas ({self.max_replicas}) is below min_replicas ({self.min_replicas})")
+        reserved = {"model", "tokenizer", "tensor_parallel_size", "pipeline_parallel_size", "max_model_len"}
+        clash = sorted(reserved & set(self.engine_args))
+        if clash:
+            raise ValueError(f"engine_args may not set {', '.join(clash)}: use the model's own fields")
+        return self
+
+    @property
+    def gpus_per_replica(self) -> int:
+        return self.tensor_parallel_size * self.pipeline_parallel_size
+
+
+class ServerConfig(_Strict):
+    host: str = "127.0.0.1"
+    port: Port = 8000
+    request_timeout_s: float = Field(default=600.0, gt=0)
+    max_request_bytes: int = Field(default=4 * 1024 * 1024, ge=1024)
+
+
+class RayConfig(_Strict):
+    """The local Ray head that `anker up` starts. Port 6379 is never used: it is Redis's, and often taken."""
+
+    num_cpus: int = Field(default=8, ge=1, description="Logical CPUs the head advertises (not the real core count).")
+    gcs_port: Port = 6380
+    dashboard_host: str = "127.0.0.1"
+    dashboard_port: Port = 8265
+    client_server_port: Port = 10001
+    dashboard_agent_listen_port: Port = 52365
+    metrics_export_port: Port = 8080
+
+    @field_validator("gcs_port")
+    @classmethod
+    def _not_redis_port(cls, port: int) -> int:
+        if port == 6379:
+            raise ValueError("Ray must not use port 6379")
+        return port
+
+
+class StackConfig(_Strict):
+    """Per-stage deployment sizing: small enough that the whole stack fits on a 2-core machine."""
+
+    ingress_num_cpus: float = Field(default=0.25, ge=0)
+    ingress_replicas: int = Field(default=1, ge=1)
+    tokenizer_num_cpus: float = Field(default=0.25, ge=0)
+    tokenizer_replicas: int = Field(default=1, ge=1)
+    prefix_block_size: int = Field(default=16, ge=1, description="Tokens per block hash handed to the router.")
+    engine_max_ongoing_requests: int = Field(default=64, ge=1)
+    startup_timeout_s: float = Field(default=600.0, gt=0)
+
+
+class AnkerConfig(_Strict):
+    data_dir: Path = Path(".anker")
+    server: ServerConfig = Field(default_factory=ServerConfig)
+    ray: RayConfig = Field(default_factory=RayConfig)
+    stack: StackConfig = Field(default_factory=StackConfig)
+    models: list[ModelConfig] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> AnkerConfig:
+        names = [m.name for m in self.models]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"model names must be unique; repeated: {', '.join(dupes)}")
+        return self
+
+    def model(self, name: str) -> ModelConfig | None:
+        return next((m for m in self.models if m.name == name), None)
+
+    def model_path(self, model: ModelConfig) -> Path:
+        return model.path if model.path.is_absolute() else self.data_dir / model.path
+
+    @property
+    def database_path(self) -> Path:
+        return self.data_dir / "anker.db"
+
+    @property
+    def run_dir(self) -> Path:
+        return self.data_dir / "run"
+
+
+def _coerce_env_value(raw: str) -> Any:
+    # YAML scalars: numbers, booleans and null parse as such; anything else stays a string.
+    return yaml.safe_load(raw) if raw.strip() else raw
+
+
+def _set_path(tree: dict[str, Any], path: list[str], value: Any) -> None:
+    node: Any = tree
+    for i, key in enumerate(path[:-1]):
+        if isinstance(node, list):
+            node = node[int(key)]
+            continue
+        node = node.setdefault(key, {})
+        if not isinstance(node, dict | list):
+            raise ConfigError(f"environment override {'.'.join(path)}: {'.'.join(path[: i + 1])} is not a section")
+    last = path[-1]
+    if isinstance(node, list):
+        node[int(last)] = value
+    else:
+        node[last] = value
+
+
+# Short names for the overrides people use most; anything else is ANKER__SECTION__FIELD (models by index).
+SHORT_OVERRIDES = {
+    "ANKER_DATA_DIR": ["data_dir"],
+    "ANKER_HOST": ["server", "host"],
+    "ANKER_PORT": ["server", "port"],
+    "ANKER_RAY_NUM_CPUS": ["ray", "num_cpus"],
+}
+
+
+def apply_env_overrides(raw: dict[str, Any], environ: dict[str, str]) -> dict[str, Any]:
+    for var, path in SHORT_OVERRIDES.items():
+        if var in environ:
+            _set_path(raw, path, _coerce_env_value(environ[var]))
+    for var, value in sorted(environ.items()):
+        if var.startswith(ENV_PREFIX + "_") and len(var) > len(ENV_PREFIX) + 1:
+            path = [p.lower() for p in var[len(ENV_PREFIX) + 1 :].split("__")]
+            try:
+                _set_path(raw, path, _coerce_env_value(value))
+            except (IndexError, ValueError) as exc:
+                raise ConfigError(f"environment override {var}: no such entry ({exc})") from exc
+    return raw
+
+
+def _describe(exc: ValidationError, source: str) -> str:
+    lines = [f"invalid config {source}:"]
+    for err in exc.errors(include_input=False, include_url=False):
+        where = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        lines.append(f"  {where}: {err['msg']}")
+    return "\n".join(lines)
+
+
+def config_path_from_env(environ: dict[str, str] | None = None) -> Path:
+    env = os.environ if environ is None else environ
+    return Path(env.get("ANKER_CONFIG", str(DEFAULT_PROFILE)))
+
+
+def load_config(path: Path | str | None = None, environ: dict[str, str] | None = None) -> AnkerConfig:
+    """Reads the YAML file, applies ``ANKER_*`` overrides, validates, and makes ``data_dir`` absolute.
+
+    Raises ``ConfigError`` naming the file and each bad field; never returns a half-valid config.
+    """
+    env = dict(os.environ if environ is None else environ)
+    source = Path(path) if path is not None else config_path_from_env(env)
+    try:
+        text = source.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"cannot read config {source}: {exc.strerror}") from exc
+    try:
+        raw = yaml.safe_load(text) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config {source} is not valid YAML: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config {source} must be a mapping at the top level")
+    raw = apply_env_overrides(raw, env)
+    try:
+        config = AnkerConfig.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc, str(source))) from exc
+    return config.model_copy(update={"data_dir": config.data_dir.expanduser().resolve()})
+
+
+def price_nano_dkk_per_token(dkk_per_mtok: Decimal) -> int:
+    """Exact conversion: DKK per 1M tokens to integer nano-DKK per token (6.00 kr -> 6000)."""
+    value = dkk_per_mtok * NANO_PER_UNIT / TOKENS_PER_MILLION
+    if value != value.to_integral_value():
+        raise ValueError(f"price {dkk_per_mtok} DKK/1M tokens is finer than 1 nano-DKK per token")
+    return int(value)
+
+
+def deployment_suffix(model_name: str) -> str:
+    """A Ray Serve deployment name part derived from a served model name."""
+    return re.sub(r"[^A-Za-z0-9_-]", "_", model_name)

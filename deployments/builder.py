@@ -1,0 +1,84 @@
+"""The builder: the only place that knows the whole graph. It turns an ``AnkerConfig`` into a bound Serve app.
+
+Ingress -> Tokenizer, Ingress -> one Engine deployment per model, composed with ``.bind()``; deployments receive
+their specs and handles here and never look each other up by name.
+"""
+
+from __future__ import annotations
+
+import time
+
+from ray import serve
+
+from cluster.config import AnkerConfig, ModelConfig, deployment_suffix
+from cluster.placement import engine_placement
+from deployments.engine import Engine, EngineSpec
+from deployments.ingress import Ingress, IngressSpec
+from deployments.openai.serving import ServedModel
+from deployments.tokenizer import Tokenizer, TokenizerSpec
+
+APP_NAME = "anker"
+
+
+def engine_deployment_name(model: ModelConfig) -> str:
+    return f"Engine-{deployment_suffix(model.name)}"
+
+
+def engine_env(model: ModelConfig) -> dict[str, str]:
+    env = {
+        # vLLM's engine core is a child process of the replica; spawn keeps it clear of Ray's threads.
+        "VLLM_WORKER_MULTIPROC_METHOD": "spawn",
+        "VLLM_CPU_KVCACHE_SPACE": str(model.kv_cache_space_gib),
+        "TOKENIZERS_PARALLELISM": "false",
+    }
+    env.update(model.engine_env)
+    return env
+
+
+def bind_engine(config: AnkerConfig, model: ModelConfig) -> serve.Application:
+    placement = engine_placement(model)
+    spec = EngineSpec(
+        model=model.name,
+        path=config.model_path(model),
+        max_model_len=model.max_model_len,
+        tensor_parallel_size=model.tensor_parallel_size,
+        pipeline_parallel_size=model.pipeline_parallel_size,
+        engine_args=dict(model.engine_args),
+    )
+    return Engine.options(
+        name=engine_deployment_name(model),
+        num_replicas=model.min_replicas if model.min_replicas == model.max_replicas else "auto",
+        autoscaling_config=None
+        if model.min_replicas == model.max_replicas
+        else {"min_replicas": model.min_replicas, "max_replicas": model.max_replicas},
+        max_ongoing_requests=config.stack.engine_max_ongoing_requests,
+        ray_actor_options={
+            "num_cpus": placement.bundles[0].get("CPU", 0.0),
+            "num_gpus": placement.bundles[0].get("GPU", 0.0),
+            "runtime_env": {"env_vars": engine_env(model)},
+        },
+        placement_group_bundles=[dict(b) for b in placement.bundles],
+        placement_group_strategy=placement.strategy,
+    ).bind(spec)
+
+
+def build_app(config: AnkerConfig) -> serve.Application:
+    created = int(time.time())
+    tokenizer = Tokenizer.options(
+        num_replicas=config.stack.tokenizer_replicas,
+        ray_actor_options={"num_cpus": config.stack.tokenizer_num_cpus},
+    ).bind(
+        [TokenizerSpec(m.name, config.model_path(m), m.max_model_len) for m in config.models],
+        config.stack.prefix_block_size,
+    )
+    engines = {m.name: bind_engine(config, m) for m in config.models}
+    spec = IngressSpec(
+        models=tuple(ServedModel(m.name, m.max_model_len, m.owned_by, created) for m in config.models),
+        database=config.database_path,
+        secret_file=config.data_dir / "secrets" / "hmac.key",
+        max_body_bytes=config.server.max_request_bytes,
+    )
+    return Ingress.options(
+        num_replicas=config.stack.ingress_replicas,
+        ray_actor_options={"num_cpus": config.stack.ingress_num_cpus},
+    ).bind(spec, tokenizer, engines)

@@ -1,0 +1,93 @@
+"""The values that cross deployment handles: ingress -> tokenizer -> engine, and back.
+
+Small frozen dataclasses, defined once. No OpenAI wire types and no vLLM types live here: the ingress speaks OpenAI,
+the engine speaks vLLM, and these are what they hand each other.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class ChatTurn:
+    role: str
+    content: str
+    name: str | None = None
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """Sampling parameters in engine-neutral terms; the engine maps them to its own type."""
+
+    max_tokens: int
+    n: int = 1
+    temperature: float | None = None
+    top_p: float | None = None
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    # None: no logprobs. k >= 0: the sampled token's logprob plus the k most likely alternatives.
+    logprobs: int | None = None
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """One prompt, tokenized once, ready for the engine; ``max_tokens`` is resolved against the context."""
+
+    model: str
+    token_ids: tuple[int, ...]
+    block_hashes: tuple[int, ...]
+    max_tokens: int
+
+    @property
+    def prompt_tokens(self) -> int:
+        return len(self.token_ids)
+
+
+@dataclass(frozen=True)
+class TopLogprob:
+    token: str
+    logprob: float
+    token_bytes: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    token: str
+    logprob: float
+    token_bytes: tuple[int, ...]
+    top: tuple[TopLogprob, ...] = ()
+
+
+@dataclass(frozen=True)
+class Delta:
+    """New output of one choice since the last delta of that choice."""
+
+    index: int
+    text: str
+    token_ids: tuple[int, ...]
+    num_cached_tokens: int = 0
+    finish_reason: str | None = None
+    logprobs: tuple[TokenLogprob, ...] | None = None
+
+
+@dataclass(frozen=True)
+class EngineFailure:
+    """Yielded by the engine instead of raising: the engine could not (or can no longer) serve the request."""
+
+    reason: str
+    retry_after_s: int = 5
+
+
+@dataclass(frozen=True)
+class EngineLoad:
+    """What an engine replica reports about its queue (for health, tests and, later, autoscaling)."""
+
+    model: str
+    ready: bool
+    running: int
+    waiting: int
+    aborted_total: int = 0
+    request_ids: tuple[str, ...] = field(default_factory=tuple)

@@ -1,0 +1,197 @@
+"""The engine stage: one vLLM ``AsyncLLM`` per replica, fed token ids, streaming deltas back to the ingress.
+
+vLLM types stop here: callers send ``Sampling`` and token ids and receive ``Delta`` / ``EngineFailure`` values. A
+client's request must never take the engine down, and a request whose caller goes away is aborted in vLLM.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ray import serve
+
+from deployments.contracts import Delta, EngineFailure, EngineLoad, Sampling, TokenLogprob, TopLogprob
+
+logger = logging.getLogger("ray.serve")
+
+
+@dataclass(frozen=True)
+class EngineSpec:
+    """Everything one engine replica needs, resolved from the config by the builder."""
+
+    model: str
+    path: Path
+    max_model_len: int
+    tensor_parallel_size: int
+    pipeline_parallel_size: int
+    engine_args: dict[str, Any]
+
+
+def to_sampling_params(sampling: Sampling, max_tokens: int) -> Any:
+    from vllm import SamplingParams
+    from vllm.sampling_params import RequestOutputKind
+
+    return SamplingParams(
+        n=sampling.n,
+        max_tokens=max_tokens,
+        temperature=1.0 if sampling.temperature is None else sampling.temperature,
+        top_p=1.0 if sampling.top_p is None else sampling.top_p,
+        seed=sampling.seed,
+        stop=list(sampling.stop),
+        presence_penalty=sampling.presence_penalty,
+        frequency_penalty=sampling.frequency_penalty,
+        logprobs=sampling.logprobs,
+        output_kind=RequestOutputKind.DELTA,
+        skip_special_tokens=True,
+    )
+
+
+def _token_bytes(token: str) -> tuple[int, ...]:
+    return tuple(token.encode("utf-8", errors="replace"))
+
+
+def to_logprobs(token_ids: list[int], positions: Any, top_k: int) -> tuple[TokenLogprob, ...]:
+    """vLLM's per-position ``{token_id: Logprob}`` dicts to the contract's values (sampled token + top k)."""
+    result = []
+    for token_id, candidates in zip(token_ids, positions, strict=False):
+        chosen = candidates.get(token_id)
+        if chosen is None:
+            continue
+        ranked = sorted(candidates.values(), key=lambda lp: lp.rank if lp.rank is not None else 1 << 30)
+        top = tuple(
+            TopLogprob(token=lp.decoded_token or "", logprob=float(lp.logprob), token_bytes=_token_bytes(lp.decoded_token or ""))
+            for lp in ranked[:top_k]
+        )
+        token = chosen.decoded_token or ""
+        result.append(
+            TokenLogprob(token=token, logprob=float(chosen.logprob), token_bytes=_token_bytes(token), top=top)
+        )
+    return tuple(result)
+
+
+def to_deltas(output: Any, sampling: Sampling) -> list[Delta]:
+    deltas = []
+    for choice in output.outputs:
+        token_ids = list(choice.token_ids)
+        logprobs = None
+        if sampling.logprobs is not None:
+            logprobs = to_logprobs(token_ids, choice.logprobs or [], sampling.logprobs)
+        deltas.append(
+            Delta(
+                index=choice.index,
+                text=choice.text,
+                token_ids=tuple(token_ids),
+                num_cached_tokens=output.num_cached_tokens or 0,
+                finish_reason=choice.finish_reason if choice.finish_reason in ("stop", "length") else None,
+                logprobs=logprobs,
+            )
+        )
+    return deltas
+
+
+class EngineCore:
+    """The replica's logic around one ``AsyncLLM``; a plain class so the deployment stays a thin shell."""
+
+    def __init__(self, spec: EngineSpec) -> None:
+        from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        self.spec = spec
+        args = AsyncEngineArgs(
+            model=str(spec.path),
+            served_model_name=[spec.model],
+            max_model_len=spec.max_model_len,
+            tensor_parallel_size=spec.tensor_parallel_size,
+            pipeline_parallel_size=spec.pipeline_parallel_size,
+            enable_prefix_caching=True,
+            enable_log_requests=False,  # zero data retention: vLLM's request log can carry prompts
+            **spec.engine_args,
+        )
+        self._llm = AsyncLLM.from_engine_args(args)
+        self._active: set[str] = set()
+        self._aborted_total = 0
+
+    @property
+    def dead(self) -> bool:
+        return bool(self._llm.errored)
+
+    async def generate(
+        self, request_id: str, token_ids: tuple[int, ...], sampling: Sampling, max_tokens: int
+    ) -> AsyncIterator[list[Delta] | EngineFailure]:
+        from vllm.inputs import TokensPrompt
+        from vllm.v1.engine.exceptions import EngineDeadError
+
+        if self.dead:
+            yield EngineFailure("The model's engine is restarting. Please retry shortly.")
+            return
+        params = to_sampling_params(sampling, max_tokens)
+        self._active.add(request_id)
+        finished = False
+        try:
+            async for output in self._llm.generate(
+                TokensPrompt(prompt_token_ids=list(token_ids)), params, request_id=request_id
+            ):
+                finished = output.finished
+                yield to_deltas(output, sampling)
+        except EngineDeadError:
+            logger.error("engine for %s died; failing request %s", self.spec.model, request_id)
+            yield EngineFailure("The model's engine failed and is restarting. Please retry shortly.")
+        except (asyncio.CancelledError, GeneratorExit):
+            # The caller went away (client disconnect): vLLM's generate() aborts on cancellation; make sure.
+            if not finished:
+                self._aborted_total += 1
+                await asyncio.shield(self._llm.abort(request_id))
+            raise
+        except Exception as exc:  # an engine-side failure must reach the client as a clean error, not a hang
+            logger.error("engine for %s failed request %s: %s", self.spec.model, request_id, type(exc).__name__)
+            yield EngineFailure("The model's engine could not complete the request.")
+        finally:
+            self._active.discard(request_id)
+
+    def load(self) -> EngineLoad:
+        return EngineLoad(
+            model=self.spec.model,
+            ready=not self.dead,
+            running=self._llm.output_processor.get_num_unfinished_requests(),
+            waiting=0,
+            aborted_total=self._aborted_total,
+            request_ids=tuple(sorted(self._active)),
+        )
+
+    def shutdown(self) -> None:
+        self._llm.shutdown()
+
+
+@serve.deployment(name="Engine", health_check_period_s=5, health_check_timeout_s=30, graceful_shutdown_timeout_s=30)
+class Engine:
+    """Ray Serve deployment: one engine replica. Options (name, resources, placement) come from the builder."""
+
+    def __init__(self, spec: EngineSpec) -> None:
+        self._core = EngineCore(spec)
+
+    async def generate(
+        self, request_id: str, token_ids: tuple[int, ...], sampling: Sampling, max_tokens: int
+    ) -> AsyncIterator[list[Delta] | EngineFailure]:
+        async for item in self._core.generate(request_id, token_ids, sampling, max_tokens):
+            yield item
+
+    async def ready(self) -> bool:
+        return not self._core.dead
+
+    async def load(self) -> EngineLoad:
+        return self._core.load()
+
+    async def check_health(self) -> None:
+        # A dead engine core makes the replica unhealthy, so Ray Serve replaces it.
+        if self._core.dead:
+            raise RuntimeError(f"vLLM engine for {self._core.spec.model} is dead")
+
+    def __del__(self) -> None:
+        core = getattr(self, "_core", None)
+        if core is not None:
+            core.shutdown()

@@ -1,0 +1,32 @@
+"""The one place where Anker's error values become OpenAI's wire shape and HTTP status.
+
+``{"error": {"message", "type", "param", "code"}}``, with ``Retry-After`` on 429/503. The message is the error's own
+text, which by construction names fields and counts but never quotes request content.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from starlette.responses import JSONResponse
+
+from deployments.errors import AnkerError, EngineUnavailable
+
+
+def error_body(error: AnkerError) -> dict[str, Any]:
+    return {"error": {"message": error.message, "type": error.type, "param": error.param, "code": error.code}}
+
+
+def error_headers(error: AnkerError) -> dict[str, str]:
+    if isinstance(error, EngineUnavailable):
+        return {"Retry-After": str(error.retry_after_s)}
+    if error.status in (429, 503):
+        return {"Retry-After": "1"}
+    return {}
+
+
+def error_response(error: AnkerError, request_id: str | None = None) -> JSONResponse:
+    headers = error_headers(error)
+    if request_id:
+        headers["X-Request-Id"] = request_id
+    return JSONResponse(error_body(error), status_code=error.status, headers=headers)
