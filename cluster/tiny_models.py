@@ -11,7 +11,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 Arch = Literal["qwen3-next", "qwen3-moe"]
 ARCHES: tuple[Arch, ...] = ("qwen3-next", "qwen3-moe")
@@ -101,7 +101,7 @@ def train_tokenizer(out_dir: Path) -> int:
 
 
 def _config(arch: Arch, vocab_size: int, eos_ids: list[int], pad_id: int) -> object:
-    common = dict(
+    common: dict[str, Any] = dict(
         vocab_size=vocab_size,
         hidden_size=128,
         intermediate_size=256,
@@ -182,6 +182,4 @@ def build_model(out: Path, arch: Arch = "qwen3-next") -> BuiltModel:
 
 
 def is_built(path: Path) -> bool:
-    return (path / "config.json").is_file() and (path / "tokenizer.json").is_file() and any(
-        path.glob("*.safetensors")
-    )
+    return (path / "config.json").is_file() and (path / "tokenizer.json").is_file() and any(path.glob("*.safetensors"))

@@ -45,7 +45,7 @@ def bind_engine(config: AnkerConfig, model: ModelConfig) -> serve.Application:
         pipeline_parallel_size=model.pipeline_parallel_size,
         engine_args=dict(model.engine_args),
     )
-    return Engine.options(
+    return Engine.options(  # type: ignore[attr-defined]
         name=engine_deployment_name(model),
         num_replicas=model.min_replicas if model.min_replicas == model.max_replicas else "auto",
         autoscaling_config=None
@@ -64,7 +64,7 @@ def bind_engine(config: AnkerConfig, model: ModelConfig) -> serve.Application:
 
 def build_app(config: AnkerConfig) -> serve.Application:
     created = int(time.time())
-    tokenizer = Tokenizer.options(
+    tokenizer = Tokenizer.options(  # type: ignore[attr-defined]
         num_replicas=config.stack.tokenizer_replicas,
         ray_actor_options={"num_cpus": config.stack.tokenizer_num_cpus},
     ).bind(
@@ -78,7 +78,7 @@ def build_app(config: AnkerConfig) -> serve.Application:
         secret_file=config.data_dir / "secrets" / "hmac.key",
         max_body_bytes=config.server.max_request_bytes,
     )
-    return Ingress.options(
+    return Ingress.options(  # type: ignore[attr-defined]
         num_replicas=config.stack.ingress_replicas,
         ray_actor_options={"num_cpus": config.stack.ingress_num_cpus},
     ).bind(spec, tokenizer, engines)

@@ -64,7 +64,11 @@ def to_logprobs(token_ids: list[int], positions: Any, top_k: int) -> tuple[Token
             continue
         ranked = sorted(candidates.values(), key=lambda lp: lp.rank if lp.rank is not None else 1 << 30)
         top = tuple(
-            TopLogprob(token=lp.decoded_token or "", logprob=float(lp.logprob), token_bytes=_token_bytes(lp.decoded_token or ""))
+            TopLogprob(
+                token=lp.decoded_token or "",
+                logprob=float(lp.logprob),
+                token_bytes=_token_bytes(lp.decoded_token or ""),
+            )
             for lp in ranked[:top_k]
         )
         token = chosen.decoded_token or ""

@@ -7,15 +7,16 @@ and the cached key look-ups. It never tokenizes, never generates, and never logs
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ray import serve
-from ray.serve.handle import DeploymentHandle
+from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 
 from deployments.contracts import ChatTurn, EngineFailure, Prepared, Sampling
 from deployments.errors import AnkerError, EngineUnavailable
@@ -78,8 +79,11 @@ class ServeEngineClient:
     def ready(self) -> bool:
         return self._ready
 
-    async def generate(self, request_id: str, prepared: Prepared, sampling: Sampling) -> AsyncIterator[EngineItem]:
+    async def generate(
+        self, request_id: str, prepared: Prepared, sampling: Sampling
+    ) -> AsyncGenerator[EngineItem, None]:
         responses = self._stream.generate.remote(request_id, prepared.token_ids, sampling, prepared.max_tokens)
+        assert isinstance(responses, DeploymentResponseGenerator)
         complete = False
         try:
             async for item in responses:
@@ -108,10 +112,8 @@ class ServeEngineClient:
                 self._ready = False
             self._wake.clear()
             period = READY_PROBE_PERIOD_S if self._ready else NOT_READY_PROBE_PERIOD_S
-            try:
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), period)
-            except TimeoutError:
-                pass
 
 
 class CachedKeyVerifier:
@@ -149,4 +151,11 @@ class Ingress:
     def __serve_build_asgi_app__(self) -> Any:
         loop = asyncio.get_running_loop()
         self._watchers = [loop.create_task(engine.watch()) for engine in self._engines.values()]
-        return create_app(self._service, self._keys, self._max_body_bytes)
+        return create_app(self._service, self._keys, self._max_body_bytes, _serve_request_id)
+
+
+def _serve_request_id() -> str | None:
+    """Ray Serve's id of the current request: the one in its access log and in the ``X-Request-Id`` it sends."""
+    from ray.serve.context import _get_serve_request_context
+
+    return _get_serve_request_context().request_id or None

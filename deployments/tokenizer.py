@@ -67,9 +67,7 @@ class TokenizerCore:
 
         self._block_size = block_size
         self._specs = {spec.name: spec for spec in specs}
-        self._tokenizers: dict[str, Any] = {
-            spec.name: AutoTokenizer.from_pretrained(str(spec.path)) for spec in specs
-        }
+        self._tokenizers: dict[str, Any] = {spec.name: AutoTokenizer.from_pretrained(str(spec.path)) for spec in specs}
 
     def _spec(self, model: str) -> TokenizerSpec:
         spec = self._specs.get(model)
@@ -91,18 +89,14 @@ class TokenizerCore:
 
     def chat(self, model: str, turns: Sequence[ChatTurn], max_tokens: int | None) -> Prepared:
         spec = self._spec(model)
-        messages = [
-            {"role": t.role, "content": t.content, **({"name": t.name} if t.name else {})} for t in turns
-        ]
+        messages = [{"role": t.role, "content": t.content, **({"name": t.name} if t.name else {})} for t in turns]
         rendered = self._tokenizers[model].apply_chat_template(
             messages, add_generation_prompt=True, tokenize=True, return_dict=False
         )
         token_ids = list(rendered["input_ids"] if isinstance(rendered, dict) else rendered)
         return self._prepared(spec, token_ids, max_tokens, "messages")
 
-    def completion(
-        self, model: str, prompts: Sequence[str | Sequence[int]], max_tokens: int | None
-    ) -> list[Prepared]:
+    def completion(self, model: str, prompts: Sequence[str | Sequence[int]], max_tokens: int | None) -> list[Prepared]:
         spec = self._spec(model)
         tokenizer = self._tokenizers[model]
         vocab = len(tokenizer)

@@ -10,7 +10,7 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any, Protocol
 
 from fastapi import FastAPI, Request
@@ -74,8 +74,22 @@ def _bearer(request: Request) -> str | None:
     return token.strip() if scheme.lower() == "bearer" and token.strip() else None
 
 
-def create_app(service: OpenAIService, keys: KeyVerifier, max_body_bytes: int) -> FastAPI:
+def create_app(
+    service: OpenAIService,
+    keys: KeyVerifier,
+    max_body_bytes: int,
+    server_request_id: Callable[[], str | None] = lambda: None,
+) -> FastAPI:
+    """The app. ``server_request_id`` gives the id the hosting server already assigned (and sends as
+    ``X-Request-Id``), so logs and responses share one id; without one, the app makes and sends its own."""
     app = FastAPI(title="Anker", version="0.1.0", docs_url=None, redoc_url=None)
+
+    def request_id(prefix: str) -> tuple[str, dict[str, str]]:
+        assigned = server_request_id()
+        if assigned:
+            return f"{prefix}-{assigned}", {}
+        own = f"{prefix}-{uuid.uuid4().hex}"
+        return own, {"X-Request-Id": own}
 
     async def authenticate(request: Request) -> KeyRecord:
         key = _bearer(request)
@@ -88,7 +102,7 @@ def create_app(service: OpenAIService, keys: KeyVerifier, max_body_bytes: int) -
 
     @app.exception_handler(AnkerError)
     async def _anker_error(request: Request, error: AnkerError) -> Response:
-        return error_response(error, request.headers.get("x-request-id"))
+        return error_response(error)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, error: StarletteHTTPException) -> Response:
@@ -127,17 +141,16 @@ def create_app(service: OpenAIService, keys: KeyVerifier, max_body_bytes: int) -
 
     async def _serve(request: Request, prefix: str, run: Any) -> Response:
         await authenticate(request)
-        request_id = f"{prefix}-{uuid.uuid4().hex}"
+        rid, headers = request_id(prefix)
         body = await read_body(request, max_body_bytes)
         started = time.monotonic()
         try:
-            result = await run(body, request_id)
+            result = await run(body, rid)
         except AnkerError as error:
-            return error_response(error, request_id)
+            return error_response(error, headers)
         except Exception as error:  # never let a traceback (which could quote input) reach a log or a client
-            logger.error("request %s failed with %s", request_id, type(error).__name__)
-            return error_response(InternalError("The server had an error while processing your request."), request_id)
-        headers = {"X-Request-Id": request_id}
+            logger.error("request %s failed with %s", rid, type(error).__name__)
+            return error_response(InternalError("The server had an error while processing your request."), headers)
         if isinstance(result, dict):
             headers["X-Processing-Ms"] = str(int((time.monotonic() - started) * 1000))
             return JSONResponse(result, headers=headers)

@@ -25,8 +25,7 @@ def error_headers(error: AnkerError) -> dict[str, str]:
     return {}
 
 
-def error_response(error: AnkerError, request_id: str | None = None) -> JSONResponse:
-    headers = error_headers(error)
-    if request_id:
-        headers["X-Request-Id"] = request_id
-    return JSONResponse(error_body(error), status_code=error.status, headers=headers)
+def error_response(error: AnkerError, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse(
+        error_body(error), status_code=error.status, headers={**error_headers(error), **(headers or {})}
+    )

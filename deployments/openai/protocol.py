@@ -110,8 +110,9 @@ class _Common(_Request):
     @model_validator(mode="after")
     def _common_checks(self) -> _Common:
         if self.stream_options is not None and not self.stream:
-            raise InvalidValue("The 'stream_options' parameter is only allowed when 'stream' is enabled.",
-                               "stream_options")
+            raise InvalidValue(
+                "The 'stream_options' parameter is only allowed when 'stream' is enabled.", "stream_options"
+            )
         stops = self.stop_list()
         if len(stops) > MAX_STOP:
             raise InvalidValue(f"'stop' may hold at most {MAX_STOP} sequences.", "stop")
@@ -226,7 +227,7 @@ def parse_request(model_cls: type[_Request], body: bytes, unsupported: tuple[str
         errors = exc.errors(include_input=False, include_url=False, include_context=True)
         first = errors[0]
         kind = first["type"]
-        if kind == "json_invalid" or kind == "json_type" and not first["loc"]:
+        if kind == "json_invalid" or (kind == "json_type" and not first["loc"]):
             raise InvalidJson(
                 "We could not parse the JSON body of your request. The body must be a JSON object. "
                 "(HINT: This likely means you aren't using your HTTP library correctly.)"

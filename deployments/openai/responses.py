@@ -108,9 +108,7 @@ def completion_logprobs(
     }
 
 
-def chat_completion(
-    request_id: str, created: int, model: str, acc: Accumulator, with_logprobs: bool
-) -> dict[str, Any]:
+def chat_completion(request_id: str, created: int, model: str, acc: Accumulator, with_logprobs: bool) -> dict[str, Any]:
     return {
         "id": request_id,
         "object": "chat.completion",
@@ -131,9 +129,7 @@ def chat_completion(
     }
 
 
-def text_completion(
-    request_id: str, created: int, model: str, acc: Accumulator, with_logprobs: bool
-) -> dict[str, Any]:
+def text_completion(request_id: str, created: int, model: str, acc: Accumulator, with_logprobs: bool) -> dict[str, Any]:
     return {
         "id": request_id,
         "object": "text_completion",

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from contextlib import aclosing
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -38,7 +38,7 @@ class EngineClient(Protocol):
     @property
     def ready(self) -> bool: ...
 
-    def generate(self, request_id: str, prepared: Prepared, sampling: Sampling) -> AsyncIterator[EngineItem]: ...
+    def generate(self, request_id: str, prepared: Prepared, sampling: Sampling) -> AsyncGenerator[EngineItem, None]: ...
 
 
 @dataclass(frozen=True)
@@ -106,7 +106,7 @@ class OpenAIService:
 
     async def _merged(
         self, engine: EngineClient, request_id: str, prepared: list[Prepared], sampling: Sampling
-    ) -> AsyncIterator[tuple[int, list[Delta]]]:
+    ) -> AsyncGenerator[tuple[int, list[Delta]], None]:
         """One stream of (prompt index, deltas) over all prompts; an engine failure becomes ``EngineUnavailable``."""
         if len(prepared) == 1:
             async with aclosing(engine.generate(request_id, prepared[0], sampling)) as stream:
@@ -130,13 +130,13 @@ class OpenAIService:
         try:
             remaining = len(tasks)
             while remaining:
-                index, item = await queue.get()
-                if item is None:
+                index, entry = await queue.get()
+                if entry is None:
                     remaining -= 1
-                elif isinstance(item, EngineFailure):
-                    raise EngineUnavailable(item.reason, retry_after_s=item.retry_after_s)
+                elif isinstance(entry, EngineFailure):
+                    raise EngineUnavailable(entry.reason, retry_after_s=entry.retry_after_s)
                 else:
-                    yield index, item
+                    yield index, entry
             for task in tasks:
                 task.result()  # surface an exception a pump may have ended with
         finally:
@@ -145,8 +145,8 @@ class OpenAIService:
             await asyncio.gather(*tasks, return_exceptions=True)
 
     async def _primed(
-        self, stream: AsyncIterator[tuple[int, list[Delta]]]
-    ) -> tuple[tuple[int, list[Delta]] | None, AsyncIterator[tuple[int, list[Delta]]]]:
+        self, stream: AsyncGenerator[tuple[int, list[Delta]], None]
+    ) -> tuple[tuple[int, list[Delta]] | None, AsyncGenerator[tuple[int, list[Delta]], None]]:
         """Waits for the first engine output, so that a request the engine cannot take still gets an HTTP error."""
         try:
             first = await stream.__anext__()
@@ -185,7 +185,7 @@ class OpenAIService:
         header: wire.ChunkHeader,
         acc: wire.Accumulator,
         first: tuple[int, list[Delta]] | None,
-        stream: AsyncIterator[tuple[int, list[Delta]]],
+        stream: AsyncGenerator[tuple[int, list[Delta]], None],
         with_logprobs: bool,
     ) -> AsyncIterator[bytes]:
         status = "cancelled"
@@ -235,7 +235,7 @@ class OpenAIService:
         header: wire.ChunkHeader,
         acc: wire.Accumulator,
         first: tuple[int, list[Delta]] | None,
-        stream: AsyncIterator[tuple[int, list[Delta]]],
+        stream: AsyncGenerator[tuple[int, list[Delta]], None],
         with_logprobs: bool,
     ) -> AsyncIterator[bytes]:
         status = "cancelled"
@@ -262,9 +262,9 @@ class OpenAIService:
 
     @staticmethod
     async def _chained(
-        first: tuple[int, list[Delta]] | None, stream: AsyncIterator[tuple[int, list[Delta]]]
-    ) -> AsyncIterator[tuple[int, list[Delta]]]:
-        async with aclosing(stream):  # type: ignore[type-var]
+        first: tuple[int, list[Delta]] | None, stream: AsyncGenerator[tuple[int, list[Delta]], None]
+    ) -> AsyncGenerator[tuple[int, list[Delta]], None]:
+        async with aclosing(stream):
             if first is not None:
                 yield first
                 async for item in stream:
@@ -275,5 +275,10 @@ class OpenAIService:
         # Counts and ids only: this line is what zero data retention allows to be kept.
         logger.info(
             "usage request_id=%s model=%s status=%s prompt_tokens=%d cached_tokens=%d completion_tokens=%d",
-            request_id, model, status, usage.prompt_tokens, usage.cached_tokens, usage.completion_tokens,
+            request_id,
+            model,
+            status,
+            usage.prompt_tokens,
+            usage.cached_tokens,
+            usage.completion_tokens,
         )

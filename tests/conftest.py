@@ -1,0 +1,101 @@
+"""Shared fixtures: the tiny models (built once) and the real stack (started once per session with `anker up`).
+
+The stack is the product as users run it: a Ray head, Ray Serve, the ingress, the tokenizer and real vLLM engines
+on loopback ports picked for this session, torn down with `anker down`. If it cannot start, the tests fail loudly.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from cluster.tiny_models import build_model
+
+ROOT = Path(__file__).resolve().parent.parent
+ANKER = str(Path(sys.executable).parent / "anker")
+MODELS = {"qwen3-next-tiny": "qwen3-next", "qwen3-moe-tiny": "qwen3-moe"}
+STACK_START_TIMEOUT_S = 900
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass(frozen=True)
+class Stack:
+    base_url: str
+    api_key: str
+    env: dict[str, str]
+    data_dir: Path
+    gcs_address: str
+
+    def anker(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([ANKER, *args], env=self.env, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("tiny-models")
+    return {name: build_model(root / name, arch).path for name, arch in MODELS.items()}
+
+
+def _tail(path: Path, lines: int = 60) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return f"(no {path})"
+
+
+@pytest.fixture(scope="session")
+def stack(tmp_path_factory: pytest.TempPathFactory, tiny_models: dict[str, Path]) -> Iterator[Stack]:
+    data_dir = tmp_path_factory.mktemp("anker-data")
+    for name, path in tiny_models.items():
+        shutil.copytree(path, data_dir / "models" / name)
+    ports = {
+        "ANKER_PORT": free_port(),
+        "ANKER__RAY__GCS_PORT": free_port(),
+        "ANKER__RAY__DASHBOARD_PORT": free_port(),
+        "ANKER__RAY__CLIENT_SERVER_PORT": free_port(),
+        "ANKER__RAY__DASHBOARD_AGENT_LISTEN_PORT": free_port(),
+        "ANKER__RAY__METRICS_EXPORT_PORT": free_port(),
+    }
+    env = {
+        **os.environ,
+        "ANKER_CONFIG": str(ROOT / "cluster" / "profiles" / "local.yaml"),
+        "ANKER_DATA_DIR": str(data_dir),
+        **{k: str(v) for k, v in ports.items()},
+    }
+    up = subprocess.run(
+        [ANKER, "up", "--detach"], env=env, capture_output=True, text=True, timeout=STACK_START_TIMEOUT_S
+    )
+    stack = Stack(
+        base_url=f"http://127.0.0.1:{ports['ANKER_PORT']}",
+        api_key="",
+        env=env,
+        data_dir=data_dir,
+        gcs_address=f"127.0.0.1:{ports['ANKER__RAY__GCS_PORT']}",
+    )
+    try:
+        if up.returncode != 0:
+            pytest.fail(
+                f"`anker up --detach` failed ({up.returncode}); the real stack is required.\n"
+                f"stdout:\n{up.stdout[-4000:]}\nstderr:\n{up.stderr[-4000:]}\n"
+                f"ray head log:\n{_tail(data_dir / 'run' / 'ray-head.log')}"
+            )
+        created = stack.anker("keys", "create", "--tenant", "tests")
+        assert created.returncode == 0, created.stderr
+        yield Stack(stack.base_url, created.stdout.strip().splitlines()[-1], env, data_dir, stack.gcs_address)
+    finally:
+        down = stack.anker("down", timeout=180)
+        if down.returncode != 0:
+            print(f"anker down failed: {down.stdout}\n{down.stderr}", file=sys.stderr)

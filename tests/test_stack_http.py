@@ -1,0 +1,133 @@
+"""Raw HTTP against the real stack: every client mistake is a 4xx in OpenAI's shape, never a 500, and request content
+never reaches a log line of the stack.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from deployments.openai import sse
+from tests.conftest import Stack
+
+pytestmark = pytest.mark.stack
+
+CANARY = "ZDR-CANARY-1b9e4c"
+
+
+@pytest.fixture(scope="module")
+def http(stack: Stack) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=stack.base_url, headers={"Authorization": f"Bearer {stack.api_key}"}, timeout=60) as c:
+        yield c
+
+
+def chat(**extra: object) -> dict[str, object]:
+    return {"model": "qwen3-moe-tiny", "messages": [{"role": "user", "content": f"hej {CANARY}"}], **extra}
+
+
+def expect(response: httpx.Response, status: int, code: str | None, param: str | None = "?") -> None:
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["code"] == code
+    if param != "?":
+        assert error["param"] == param
+    assert CANARY not in response.text
+
+
+def test_healthz_is_open_and_ready(stack: Stack) -> None:
+    r = httpx.get(f"{stack.base_url}/healthz", timeout=10)
+    assert r.status_code == 200 and all(m["ready"] for m in r.json()["models"].values())
+
+
+def test_auth_errors(stack: Stack) -> None:
+    expect(httpx.get(f"{stack.base_url}/v1/models", timeout=10), 401, "invalid_api_key")
+    bad = {"Authorization": "Bearer ank_000000000000_" + "A" * 43}
+    expect(
+        httpx.post(f"{stack.base_url}/v1/chat/completions", json=chat(), headers=bad, timeout=10),
+        401,
+        "invalid_api_key",
+    )
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "code", "param"),
+    [
+        (b"{not json", 400, "invalid_json", None),
+        (b"\xff\xfe\xfd", 400, "invalid_json", None),
+        (b"[" * 10_000, 400, "invalid_json", None),
+        (json.dumps(chat(max_tokens=CANARY)).encode(), 400, None, "max_tokens"),
+        (json.dumps(chat(temperature="hot")).encode(), 400, None, "temperature"),
+        (json.dumps(chat(n=1000)).encode(), 400, None, "n"),
+        (json.dumps(chat(max_tokens=10**9)).encode(), 400, "context_length_exceeded", "messages"),
+        (json.dumps(chat(logprobs=True, top_logprobs=99)).encode(), 400, None, "top_logprobs"),
+        (json.dumps(chat(stop=["a"] * 9)).encode(), 400, "invalid_value", "stop"),
+        (json.dumps(chat(unknown_field=CANARY)).encode(), 400, None, "unknown_field"),
+        (json.dumps(chat(tools=[])).encode(), 400, "unsupported_parameter", "tools"),
+        (json.dumps(chat(store=True)).encode(), 400, "unsupported_value", "store"),
+        (json.dumps(chat(model="no-such-model")).encode(), 404, "model_not_found", "model"),
+        (
+            json.dumps(chat(messages=[{"role": "user", "content": CANARY * 300_000}])).encode(),
+            413,
+            "request_too_large",
+            None,
+        ),
+    ],
+)
+def test_client_mistakes_are_clear_4xx(
+    http: httpx.Client, body: bytes, status: int, code: str | None, param: str | None
+) -> None:
+    expect(http.post("/v1/chat/completions", content=body), status, code, param)
+
+
+def test_completion_mistakes(http: httpx.Client) -> None:
+    base = {"model": "qwen3-next-tiny"}
+    expect(http.post("/v1/completions", json={**base, "prompt": [10**7]}), 400, "invalid_value", "prompt")
+    expect(http.post("/v1/completions", json={**base, "prompt": "x", "echo": True}), 400, "unsupported_value", "echo")
+    expect(http.post("/v1/completions", json={**base, "prompt": list(range(2100))}), 400, "context_length_exceeded")
+    expect(http.post("/v1/completions", json={**base}), 400, None, "prompt")
+
+
+def test_routes_and_methods(http: httpx.Client) -> None:
+    expect(http.get("/v1/models/no-such-model"), 404, "model_not_found")
+    expect(http.get("/v1/embeddings"), 404, "unknown_url")
+    expect(http.put("/v1/chat/completions", json=chat()), 405, "method_not_allowed")
+
+
+def test_stream_ends_with_done(http: httpx.Client) -> None:
+    r = http.post("/v1/chat/completions", json=chat(max_tokens=3, stream=True))
+    events = sse.parse_events(r.content)
+    assert events[-1] == "[DONE]" and events[0]["choices"][0]["delta"]["role"] == "assistant"
+
+
+def test_no_request_content_in_any_stack_log(http: httpx.Client, stack: Stack) -> None:
+    # A successful request, a streamed one and failing ones, all carrying the canary; then every log the stack
+    # writes (Ray session logs, the head's log, the data folder) is searched for it.
+    assert http.post("/v1/chat/completions", json=chat(max_tokens=2)).status_code == 200
+    assert http.post("/v1/chat/completions", json=chat(max_tokens=2, stream=True)).status_code == 200
+    assert http.post("/v1/chat/completions", json=chat(max_tokens=CANARY)).status_code == 400
+    assert (
+        http.post("/v1/completions", json={"model": "qwen3-moe-tiny", "prompt": CANARY, "echo": True}).status_code
+        == 400
+    )
+    hits = []
+    roots = [stack.data_dir, *session_dirs(stack)]
+    for root in roots:
+        for path in root.rglob("*"):
+            if path.is_file() and path.suffix not in (".safetensors",) and path.stat().st_size < 200_000_000:
+                try:
+                    if CANARY.encode() in path.read_bytes():
+                        hits.append(str(path))
+                except OSError:
+                    continue
+    assert hits == [], f"request content found in: {hits}"
+
+
+def session_dirs(stack: Stack) -> list[Path]:
+    state = json.loads((stack.data_dir / "run" / "state.json").read_text())
+    candidates = [Path(state[k]) for k in ("ray_temp_dir", "temp_dir", "session_dir") if state.get(k)]
+    candidates.append(Path("/tmp/ray"))
+    return [p for p in candidates if p.exists()]

@@ -1,0 +1,176 @@
+"""The real stack through the official ``openai`` SDK, unchanged: both models, sync and async, streaming and not.
+
+Everything here runs against `anker up`: Ray Serve, the tokenizer deployment and real vLLM engines on the tiny models.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import openai
+import pytest
+
+from tests.conftest import MODELS, Stack
+
+pytestmark = pytest.mark.stack
+
+LONG_PROMPT = "Kommunen behandler personoplysninger efter databeskyttelsesforordningen. " * 60
+
+
+@pytest.fixture(scope="module")
+def client(stack: Stack) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{stack.base_url}/v1", api_key=stack.api_key, max_retries=0, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def aclient(stack: Stack) -> openai.AsyncOpenAI:
+    return openai.AsyncOpenAI(base_url=f"{stack.base_url}/v1", api_key=stack.api_key, max_retries=0, timeout=120)
+
+
+def test_models_lists_both_tiny_models(client: openai.OpenAI) -> None:
+    assert sorted(m.id for m in client.models.list()) == sorted(MODELS)
+    assert client.models.retrieve("qwen3-moe-tiny").id == "qwen3-moe-tiny"
+
+
+@pytest.mark.parametrize("model", sorted(MODELS))
+def test_chat_non_streaming(client: openai.OpenAI, model: str) -> None:
+    r = client.chat.completions.create(
+        model=model, messages=[{"role": "user", "content": "Hej! Hvad hedder hovedstaden?"}], max_tokens=6
+    )
+    assert r.object == "chat.completion" and r.model == model and r.id.startswith("chatcmpl-")
+    choice = r.choices[0]
+    assert choice.message.role == "assistant" and isinstance(choice.message.content, str)
+    assert choice.finish_reason in ("stop", "length")
+    assert r.usage is not None and 0 < r.usage.completion_tokens <= 6
+    assert r.usage.prompt_tokens > 10 and r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
+    assert r.usage.prompt_tokens_details is not None and r.usage.prompt_tokens_details.cached_tokens is not None
+
+
+@pytest.mark.parametrize("model", sorted(MODELS))
+async def test_chat_streaming_with_usage(aclient: openai.AsyncOpenAI, model: str) -> None:
+    stream = await aclient.chat.completions.create(
+        model=model,
+        messages=[{"role": "user", "content": "Skriv et digt om havet."}],
+        max_tokens=8,
+        n=2,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    text = {0: "", 1: ""}
+    finish = {}
+    usage = None
+    async for chunk in stream:
+        if chunk.usage is not None:
+            usage = chunk.usage
+            assert chunk.choices == []
+            continue
+        for choice in chunk.choices:
+            text[choice.index] += choice.delta.content or ""
+            if choice.finish_reason:
+                finish[choice.index] = choice.finish_reason
+    assert set(finish) == {0, 1}
+    assert usage is not None and 0 < usage.completion_tokens <= 16
+    assert usage.prompt_tokens_details is not None and usage.prompt_tokens_details.cached_tokens is not None
+
+
+async def test_async_concurrent_requests_on_both_models(aclient: openai.AsyncOpenAI) -> None:
+    async def one(model: str, i: int) -> int:
+        r = await aclient.chat.completions.create(
+            model=model, messages=[{"role": "user", "content": f"Spørgsmål nummer {i}"}], max_tokens=4
+        )
+        assert r.usage is not None
+        return r.usage.completion_tokens
+
+    counts = await asyncio.gather(*(one(m, i) for i in range(4) for m in MODELS))
+    assert all(0 < c <= 4 for c in counts)
+
+
+def test_completions_batch_and_token_prompts(client: openai.OpenAI) -> None:
+    r = client.completions.create(model="qwen3-moe-tiny", prompt=["Ræven løb", [10, 11, 12]], max_tokens=3, n=2)
+    assert r.object == "text_completion" and sorted(c.index for c in r.choices) == [0, 1, 2, 3]
+    assert r.usage is not None and r.usage.prompt_tokens > 3 and r.usage.completion_tokens <= 12
+
+
+def test_completions_streaming(client: openai.OpenAI) -> None:
+    stream = client.completions.create(
+        model="qwen3-next-tiny",
+        prompt="Blåbærgrød med fløde",
+        max_tokens=5,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    chunks = list(stream)
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens <= 5
+    assert any(c.choices and c.choices[0].finish_reason for c in chunks[:-1])
+
+
+@pytest.mark.parametrize("model", sorted(MODELS))
+def test_repeated_long_prompt_reports_cached_tokens(client: openai.OpenAI, model: str) -> None:
+    # Hybrid (Gated-DeltaNet) models checkpoint their recurrent state once vLLM has seen a shared prefix, so the
+    # cache can need a second sighting before it is hit; attention-only models hit on the first repeat.
+    messages = [{"role": "system", "content": LONG_PROMPT + model}, {"role": "user", "content": "Opsummer."}]
+    cached = []
+    for _ in range(3):
+        r = client.chat.completions.create(model=model, messages=messages, max_tokens=2)
+        assert r.usage is not None and r.usage.prompt_tokens > 500
+        cached.append(r.usage.prompt_tokens_details.cached_tokens)  # type: ignore[union-attr]
+        assert cached[-1] <= r.usage.prompt_tokens
+    assert cached[0] == 0, "the first sighting of a fresh prompt cannot be cached"
+    assert cached[-1] > 256, f"a repeated long prompt must hit the prefix cache: {cached}"
+
+
+def test_greedy_is_deterministic_and_max_tokens_is_respected(client: openai.OpenAI) -> None:
+    kwargs = dict(
+        model="qwen3-moe-tiny", messages=[{"role": "user", "content": "Tæl til ti."}], max_tokens=7, temperature=0.0
+    )
+    a = client.chat.completions.create(**kwargs)  # type: ignore[call-overload]
+    b = client.chat.completions.create(**kwargs)  # type: ignore[call-overload]
+    assert a.choices[0].message.content == b.choices[0].message.content
+    if a.choices[0].finish_reason == "length":
+        assert a.usage.completion_tokens == 7
+
+
+def test_stop_sequence_ends_the_completion(client: openai.OpenAI) -> None:
+    base = dict(model="qwen3-moe-tiny", prompt=[5, 6, 7, 8], max_tokens=24, temperature=1.0, seed=11)
+    full = client.completions.create(**base).choices[0].text  # type: ignore[call-overload]
+    stop = next((full[i : i + 3] for i in range(4, len(full) - 3) if full[i : i + 3].strip()), None)
+    assert stop is not None, f"the seeded completion is too short to pick a stop string from: {full!r}"
+    cut = client.completions.create(**base, stop=[stop]).choices[0]  # type: ignore[call-overload]
+    assert cut.finish_reason == "stop" and cut.text == full[: full.index(stop)]
+
+
+def test_sampling_parameters_are_accepted(client: openai.OpenAI) -> None:
+    r = client.chat.completions.create(
+        model="qwen3-next-tiny",
+        messages=[{"role": "user", "content": "Hej"}],
+        max_completion_tokens=4,
+        temperature=0.8,
+        top_p=0.9,
+        presence_penalty=0.5,
+        frequency_penalty=0.5,
+        user="end-user-1",
+        logprobs=True,
+        top_logprobs=3,
+    )
+    logprobs = r.choices[0].logprobs
+    assert logprobs is not None and logprobs.content
+    assert all(len(t.top_logprobs) == 3 and t.logprob <= 0.0 for t in logprobs.content)
+
+
+def test_errors_surface_as_the_sdks_exceptions(client: openai.OpenAI, stack: Stack) -> None:
+    with pytest.raises(openai.NotFoundError) as not_found:
+        client.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "x"}])
+    assert not_found.value.code == "model_not_found"
+    with pytest.raises(openai.BadRequestError) as too_long:
+        client.chat.completions.create(model="qwen3-next-tiny", messages=[{"role": "user", "content": LONG_PROMPT * 4}])
+    assert too_long.value.code == "context_length_exceeded"
+    with pytest.raises(openai.BadRequestError) as unsupported:
+        client.chat.completions.create(
+            model="qwen3-next-tiny",
+            messages=[{"role": "user", "content": "x"}],
+            tools=[{"type": "function", "function": {"name": "f", "parameters": {}}}],
+        )
+    assert unsupported.value.code == "unsupported_parameter"
+    bad = openai.OpenAI(base_url=f"{stack.base_url}/v1", api_key="ank_wrong", max_retries=0)
+    with pytest.raises(openai.AuthenticationError):
+        bad.models.list()
