@@ -87,7 +87,9 @@ class EngineLoad:
 
     model: str
     ready: bool
-    running: int
-    waiting: int
+    running: int  # scheduled in vLLM's current batch
+    waiting: int  # queued in vLLM's scheduler
+    in_flight: int = 0  # accepted by this replica and not finished (running + waiting + being detokenized)
+    kv_cache_usage: float = 0.0
     aborted_total: int = 0
     request_ids: tuple[str, ...] = field(default_factory=tuple)

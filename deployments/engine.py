@@ -98,6 +98,37 @@ def to_deltas(output: Any, sampling: Sampling) -> list[Delta]:
     return deltas
 
 
+@dataclass
+class SchedulerGauge:
+    """The latest scheduler figures vLLM reported: queue depth and KV-cache use of this replica."""
+
+    running: int = 0
+    waiting: int = 0
+    kv_cache_usage: float = 0.0
+
+
+def gauge_stat_logger(gauge: SchedulerGauge) -> Any:
+    """A vLLM stat-logger factory that copies each step's scheduler stats into ``gauge``."""
+    from vllm.v1.metrics.loggers import StatLoggerBase
+
+    class _GaugeLogger(StatLoggerBase):
+        def __init__(self, vllm_config: Any, engine_index: int = 0) -> None:
+            pass
+
+        def record(
+            self, scheduler_stats: Any, iteration_stats: Any, mm_cache_stats: Any = None, engine_idx: int = 0
+        ) -> None:
+            if scheduler_stats is not None:
+                gauge.running = scheduler_stats.num_running_reqs
+                gauge.waiting = scheduler_stats.num_waiting_reqs + scheduler_stats.num_skipped_waiting_reqs
+                gauge.kv_cache_usage = scheduler_stats.kv_cache_usage
+
+        def log_engine_initialized(self) -> None:
+            pass
+
+    return _GaugeLogger
+
+
 class EngineCore:
     """The replica's logic around one ``AsyncLLM``; a plain class so the deployment stays a thin shell."""
 
@@ -116,7 +147,8 @@ class EngineCore:
             enable_log_requests=False,  # zero data retention: vLLM's request log can carry prompts
             **spec.engine_args,
         )
-        self._llm = AsyncLLM.from_engine_args(args)
+        self._gauge = SchedulerGauge()
+        self._llm = AsyncLLM.from_engine_args(args, stat_loggers=[gauge_stat_logger(self._gauge)])
         self._active: set[str] = set()
         self._aborted_total = 0
 
@@ -158,11 +190,16 @@ class EngineCore:
             self._active.discard(request_id)
 
     def load(self) -> EngineLoad:
+        in_flight = self._llm.output_processor.get_num_unfinished_requests()
+        # The scheduler reports only when the engine steps; once nothing is in flight its last figures are stale.
+        running = min(self._gauge.running, in_flight)
         return EngineLoad(
             model=self.spec.model,
             ready=not self.dead,
-            running=self._llm.output_processor.get_num_unfinished_requests(),
-            waiting=0,
+            running=running,
+            waiting=min(self._gauge.waiting, in_flight - running),
+            in_flight=in_flight,
+            kv_cache_usage=self._gauge.kv_cache_usage if in_flight else 0.0,
             aborted_total=self._aborted_total,
             request_ids=tuple(sorted(self._active)),
         )

@@ -85,14 +85,14 @@ def test_client_disconnect_aborts_the_engine_request(stack: Stack, engines: dict
             if chunks == 5:
                 break
         during = load(engines, "qwen3-next-tiny")
-        assert during.running >= 1 and len(during.request_ids) >= 1, "the request should be running in the engine"
+        assert during.in_flight >= 1 and len(during.request_ids) >= 1, "the request should be running in the engine"
     # The client is gone: the vLLM request must be aborted long before its 1500 tokens would have been generated.
     deadline = time.monotonic() + 20
     after = load(engines, "qwen3-next-tiny")
-    while time.monotonic() < deadline and (after.running or after.request_ids):
+    while time.monotonic() < deadline and (after.in_flight or after.request_ids):
         time.sleep(0.2)
         after = load(engines, "qwen3-next-tiny")
-    assert after.running == 0 and after.request_ids == ()
+    assert after.in_flight == 0 and after.running == 0 and after.request_ids == ()
     assert after.aborted_total == before + 1
 
 
