@@ -102,6 +102,8 @@ class RayConfig(_Strict):
     client_server_port: Port = 10001
     dashboard_agent_listen_port: Port = 52365
     metrics_export_port: Port = 8080
+    min_worker_port: Port = 10002
+    max_worker_port: Port = 19999
 
     @field_validator("gcs_port")
     @classmethod
@@ -109,6 +111,28 @@ class RayConfig(_Strict):
         if port == 6379:
             raise ValueError("Ray must not use port 6379")
         return port
+
+    @model_validator(mode="after")
+    def _ports_apart(self) -> RayConfig:
+        named = {
+            "gcs_port": self.gcs_port,
+            "dashboard_port": self.dashboard_port,
+            "client_server_port": self.client_server_port,
+            "dashboard_agent_listen_port": self.dashboard_agent_listen_port,
+            "metrics_export_port": self.metrics_export_port,
+        }
+        if self.max_worker_port < self.min_worker_port:
+            raise ValueError("max_worker_port is below min_worker_port")
+        seen: dict[int, str] = {}
+        for name, port in named.items():
+            if port in seen:
+                raise ValueError(f"{name} and {seen[port]} are both {port}")
+            if self.min_worker_port <= port <= self.max_worker_port:
+                raise ValueError(
+                    f"{name} {port} lies in the worker port range {self.min_worker_port}-{self.max_worker_port}"
+                )
+            seen[port] = name
+        return self
 
 
 class StackConfig(_Strict):

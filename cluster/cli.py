@@ -1,0 +1,341 @@
+"""The `anker` command: start and stop the local stack, build tiny models, manage API keys, check a config.
+
+It parses arguments, loads the config once and calls into ``cluster.local``, ``cluster.tiny_models`` and
+``deployments.keys``; it prints a key only when it is created, and never prints request content.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from types import FrameType
+
+from cluster.config import DEFAULT_PROFILE, AnkerConfig, ConfigError, load_config
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+EXIT_NOT_RUNNING = 3
+
+EPILOG = """\
+examples:
+  anker up                              start the local stack in the foreground (Ctrl-C stops it)
+  anker up --detach                     start it in the background; `anker down` stops it
+  anker status                          what runs, and whether every model is ready
+  anker keys create --tenant kommune-x  create an API key (printed once, on the last line)
+  anker model build --out ./m --arch qwen3-moe
+  ANKER_PORT=8001 anker up              any config field can be overridden from the environment
+
+exit codes: 0 ok, 1 failed, 2 bad usage or config, 3 not running (status)
+"""
+
+
+def _say(message: str) -> None:
+    print(message, flush=True)
+
+
+def _config(args: argparse.Namespace) -> AnkerConfig:
+    config = load_config(args.config)
+    overrides: dict[str, object] = {}
+    if getattr(args, "host", None):
+        overrides["host"] = args.host
+    if getattr(args, "port", None):
+        overrides["port"] = args.port
+    if overrides:
+        server = config.server.model_validate({**config.server.model_dump(), **overrides})
+        config = config.model_copy(update={"server": server})
+    return config
+
+
+def _usage_examples(config: AnkerConfig, key: str | None, base_url: str) -> str:
+    model = config.models[0].name
+    shell_key = key or "$ANKER_API_KEY"
+    python_key = f'"{key}"' if key else 'os.environ["ANKER_API_KEY"]'
+    return f"""
+Call it with curl:
+  curl {base_url}/v1/chat/completions \\
+    -H "Authorization: Bearer {shell_key}" -H "Content-Type: application/json" \\
+    -d '{{"model": "{model}", "messages": [{{"role": "user", "content": "Hej!"}}], "max_tokens": 16}}'
+
+or with the openai SDK:
+  import os
+  from openai import OpenAI
+  client = OpenAI(base_url="{base_url}/v1", api_key={python_key})
+  r = client.chat.completions.create(model="{model}", messages=[{{"role": "user", "content": "Hej!"}}])
+  print(r.choices[0].message.content, r.usage)
+"""
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    from cluster import local
+    from deployments.keys import open_key_store
+
+    config = _config(args)
+    store = open_key_store(config.data_dir)
+    first_key = None
+    if store.count_active() == 0:
+        _, first_key = store.create("default")
+    try:
+        state = local.start(config, _say)
+    except local.StackError as exc:
+        print(f"anker up: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+
+    _say(f"\nAnker is serving {', '.join(m.name for m in config.models)} on {state.base_url}")
+    _say(f"Ray dashboard: {state.dashboard_url} (loopback only)")
+    if first_key:
+        _say("\nA first API key was created for tenant `default`. It is shown only now; keep it safe:")
+        _say(f"  export ANKER_API_KEY={first_key}")
+    else:
+        _say("\nAPI keys exist already; create another with `anker keys create --tenant NAME`.")
+    _say(_usage_examples(config, first_key, state.base_url))
+    if args.detach:
+        _say("Running in the background; stop it with `anker down`.")
+        return EXIT_OK
+
+    _say("Press Ctrl-C to stop.")
+    stopping = False
+
+    def _stop(signum: int, frame: FrameType | None) -> None:
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGINT, _stop)
+    signal.signal(signal.SIGTERM, _stop)
+    try:
+        while not stopping:
+            if not local.pid_alive(state.head_pid):
+                print("anker up: the Ray head exited unexpectedly", file=sys.stderr)
+                local.stop(config, _say)
+                return EXIT_FAILED
+            time.sleep(1)
+    finally:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        _say("\nstopping ...")
+        local.stop(config, _say)
+        _say("stopped")
+    return EXIT_OK
+
+
+def cmd_down(args: argparse.Namespace) -> int:
+    from cluster import local
+
+    config = _config(args)
+    if not local.stop(config, _say):
+        _say(f"nothing runs from {config.data_dir}")
+        return EXIT_OK
+    _say("stopped")
+    return EXIT_OK
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from cluster import local
+
+    config = _config(args)
+    state = local.read_state(config)
+    if state is None or not local.pid_alive(state.head_pid):
+        report = {"running": False, "data_dir": str(config.data_dir)}
+        _say(json.dumps(report) if args.json else f"not running (data folder {config.data_dir})")
+        return EXIT_NOT_RUNNING
+    code, body = local.health(state.base_url)
+    models = {name: bool(v.get("ready")) for name, v in body.get("models", {}).items()}
+    healthy = code == 200
+    if args.json:
+        _say(
+            json.dumps(
+                {
+                    "running": True,
+                    "healthy": healthy,
+                    "url": state.base_url,
+                    "head_pid": state.head_pid,
+                    "dashboard": state.dashboard_url,
+                    "models": models,
+                }
+            )
+        )
+    else:
+        _say(f"running: {state.base_url}  (Ray head pid {state.head_pid}, GCS {state.gcs_address})")
+        _say(f"dashboard: {state.dashboard_url}")
+        _say(f"health: {'ok' if healthy else 'NOT READY' if code else 'no answer from /healthz'}")
+        for name in (m.name for m in config.models):
+            _say(f"  {name:<24} {'ready' if models.get(name) else 'not ready'}")
+    return EXIT_OK if healthy else EXIT_FAILED
+
+
+def cmd_model_build(args: argparse.Namespace) -> int:
+    from cluster.tiny_models import build_model
+
+    started = time.monotonic()
+    built = build_model(Path(args.out), args.arch)
+    size = sum(p.stat().st_size for p in built.path.iterdir() if p.is_file())
+    _say(
+        f"built {built.arch} in {built.path}: {built.num_parameters:,} parameters, vocab {built.vocab_size}, "
+        f"{size / 1e6:.1f} MB, {time.monotonic() - started:.1f}s"
+    )
+    return EXIT_OK
+
+
+def cmd_keys_create(args: argparse.Namespace) -> int:
+    from deployments.keys import open_key_store
+
+    config = _config(args)
+    try:
+        record, key = open_key_store(config.data_dir).create(args.tenant)
+    except ValueError as exc:
+        print(f"anker keys create: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    print(f"created key {record.key_id} for tenant {record.tenant}; it is shown once:", file=sys.stderr)
+    print(key)
+    return EXIT_OK
+
+
+def cmd_keys_list(args: argparse.Namespace) -> int:
+    from deployments.keys import open_key_store
+
+    records = open_key_store(_config(args).data_dir).list(args.tenant)
+    _say(f"{'KEY ID':<14}{'TENANT':<24}{'CREATED (UTC)':<22}STATUS")
+    for r in records:
+        created = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(r.created_at))
+        _say(f"{r.key_id:<14}{r.tenant:<24}{created:<22}{'revoked' if r.revoked_at else 'active'}")
+    return EXIT_OK
+
+
+def cmd_keys_revoke(args: argparse.Namespace) -> int:
+    from deployments.keys import open_key_store
+
+    if not open_key_store(_config(args).data_dir).revoke(args.key_id):
+        print(f"anker keys revoke: no active key {args.key_id}", file=sys.stderr)
+        return EXIT_FAILED
+    _say(f"revoked {args.key_id}")
+    return EXIT_OK
+
+
+def cmd_config_check(args: argparse.Namespace) -> int:
+    config = _config(args)
+    _say(f"config ok: data folder {config.data_dir}")
+    _say(f"  server  http://{config.server.host}:{config.server.port}")
+    _say(
+        f"  ray     GCS port {config.ray.gcs_port}, {config.ray.num_cpus} logical CPUs, dashboard "
+        f"{config.ray.dashboard_host}:{config.ray.dashboard_port}"
+    )
+    for m in config.models:
+        _say(
+            f"  model   {m.name}: {config.model_path(m)}  TP {m.tensor_parallel_size} x PP "
+            f"{m.pipeline_parallel_size}, replicas {m.min_replicas}..{m.max_replicas}, context {m.max_model_len}, "
+            f"DKK/1M in {m.prices.input_uncached_dkk_per_mtok} (cached {m.prices.input_cached_dkk_per_mtok}) "
+            f"out {m.prices.output_dkk_per_mtok}"
+        )
+    return EXIT_OK
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="anker",
+        description="Anker: a sovereign, OpenAI-compatible LLM serving platform on Ray Serve and vLLM.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    default_config = (
+        DEFAULT_PROFILE.relative_to(Path.cwd()) if DEFAULT_PROFILE.is_relative_to(Path.cwd()) else DEFAULT_PROFILE
+    )
+
+    def with_config(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        p.add_argument(
+            "--config", metavar="PATH", default=None, help=f"YAML config (default: $ANKER_CONFIG or {default_config})"
+        )
+        return p
+
+    up = with_config(
+        sub.add_parser(
+            "up",
+            help="start the local stack (Ray head, Serve, engines) and wait until it is ready",
+            description="Build missing tiny models, make sure an API key exists, start a local Ray head, deploy "
+            "Anker on Ray Serve and wait until every model is ready.",
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+    )
+    server = up.add_argument_group("server")
+    server.add_argument("--host", help="address the API listens on (default from config: 127.0.0.1)")
+    server.add_argument("--port", type=int, help="port the API listens on (default from config: 8000)")
+    up.add_argument("--detach", action="store_true", help="return once ready, leaving the stack running")
+    up.set_defaults(func=cmd_up)
+
+    down = with_config(
+        sub.add_parser(
+            "down",
+            help="stop the stack that `anker up` started",
+            description="Stop Serve and the Ray head started from this data folder.",
+        )
+    )
+    down.set_defaults(func=cmd_down)
+
+    status = with_config(
+        sub.add_parser(
+            "status",
+            help="say what runs and whether every model is ready",
+            description="Exit 0 when running and healthy, 1 when running but not ready, 3 when not running.",
+        )
+    )
+    status.add_argument("--json", action="store_true", help="print one JSON object")
+    status.set_defaults(func=cmd_status)
+
+    model = sub.add_parser("model", help="build tiny local models").add_subparsers(
+        dest="model_command", metavar="ACTION", required=True
+    )
+    build = model.add_parser(
+        "build",
+        help="write a tiny deterministic random-weight model",
+        description="Write a deterministic random-weight checkpoint of a few MB with a "
+        "locally trained byte-level BPE tokenizer and a ChatML template.",
+    )
+    build.add_argument("--out", required=True, metavar="DIR", help="folder to write the checkpoint to")
+    build.add_argument(
+        "--arch",
+        choices=["qwen3-next", "qwen3-moe"],
+        default="qwen3-next",
+        help="qwen3-next: hybrid Gated-DeltaNet + attention MoE with a shared expert (the family "
+        "of Qwen3.5); qwen3-moe: plain attention MoE (default: qwen3-next)",
+    )
+    build.set_defaults(func=cmd_model_build)
+
+    keys = sub.add_parser("keys", help="create, list and revoke API keys").add_subparsers(
+        dest="keys_command", metavar="ACTION", required=True
+    )
+    create = with_config(keys.add_parser("create", help="create a key; it is printed once, alone on the last line"))
+    create.add_argument("--tenant", required=True, help="tenant (organisation) the key belongs to")
+    create.set_defaults(func=cmd_keys_create)
+    listing = with_config(keys.add_parser("list", help="list keys (ids and tenants, never the keys)"))
+    listing.add_argument("--tenant", help="only this tenant's keys")
+    listing.set_defaults(func=cmd_keys_list)
+    revoke = with_config(keys.add_parser("revoke", help="revoke a key by its id"))
+    revoke.add_argument("key_id", metavar="KEY_ID")
+    revoke.set_defaults(func=cmd_keys_revoke)
+
+    config = sub.add_parser("config", help="check a config file").add_subparsers(
+        dest="config_command", metavar="ACTION", required=True
+    )
+    check = with_config(config.add_parser("check", help="validate the config and print what it describes"))
+    check.set_defaults(func=cmd_config_check)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except ConfigError as exc:
+        print(f"anker: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
