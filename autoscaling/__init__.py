@@ -1,0 +1,1 @@
+"""Queue-depth autoscaling policy for the engine deployments (issue 5); nothing here yet."""

@@ -25,7 +25,10 @@ def engines(stack: Stack) -> Iterator[dict[str, object]]:
     import ray
     from ray import serve
 
-    ray.init(address=stack.gcs_address, namespace="serve", logging_level="ERROR", log_to_driver=False)
+    from cluster.config import load_config
+    from cluster.local import connect
+
+    connect(load_config(environ=stack.env))  # a driver on the stack's cluster, with its Ray auth token
     try:
         yield {
             "qwen3-next-tiny": serve.get_deployment_handle("Engine-qwen3-next-tiny", app_name="anker"),
@@ -61,7 +64,7 @@ async def test_seeded_requests_do_not_kill_the_engine_and_are_reproducible(
     assert first[0] != first[1], "different seeds should give different completions"
     # Once more, now with the prompt in the prefix cache (a different prefill split): still the same output.
     assert await ask(1) == first[0]
-    assert load(engines, "qwen3-next-tiny").ready
+    assert (await engines["qwen3-next-tiny"].load.remote()).ready  # type: ignore[attr-defined]
     assert (await ask(None)) is not None  # the engine still serves unseeded requests
 
 

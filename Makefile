@@ -1,0 +1,34 @@
+# Two commands do everything on a fresh machine: `make run` and `make test`.
+PYTHON ?= python3
+VENV   ?= .venv
+EXTRAS ?= cpu,test
+BIN    := $(VENV)/bin
+
+.PHONY: install run test test-unit lint clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e ".[$(EXTRAS)]"
+	$(BIN)/python -m cluster.venv_repair
+	@touch $@
+
+# Builds the tiny models if missing, starts Ray + Serve + the engines on http://127.0.0.1:8000, stays until Ctrl-C.
+run: install
+	$(BIN)/anker up
+
+# Unit tests first (seconds), then the real stack: anker up on free ports, tests, anker down.
+test: install
+	$(BIN)/python -m pytest
+
+test-unit: install
+	$(BIN)/python -m pytest -m "not stack"
+
+lint: install
+	$(BIN)/ruff check cluster deployments autoscaling observability tests
+	$(BIN)/mypy
+
+clean:
+	rm -rf $(VENV) .anker *.egg-info .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,84 @@
+"""The `anker` command: help texts, exit codes, key creation, tiny model builds (no running stack needed)."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from cluster.tiny_models import build_model, is_built
+from deployments.keys import KEY_PATTERN, open_key_store
+
+ANKER = str(Path(sys.executable).parent / "anker")
+
+
+def anker(*args: str, data_dir: Path | None = None, **env: str) -> subprocess.CompletedProcess[str]:
+    environ = {**os.environ, **env}
+    if data_dir is not None:
+        environ["ANKER_DATA_DIR"] = str(data_dir)
+    return subprocess.run([ANKER, *args], capture_output=True, text=True, env=environ, timeout=120)
+
+
+def test_help_lists_commands_and_examples() -> None:
+    out = anker("--help")
+    assert out.returncode == 0
+    for word in ("up", "down", "status", "keys", "model", "config", "examples:", "exit codes"):
+        assert word in out.stdout
+    up = anker("up", "--help")
+    assert "--detach" in up.stdout and "--port" in up.stdout and "server:" in up.stdout
+
+
+def test_unknown_command_is_a_usage_error() -> None:
+    assert anker("frobnicate").returncode == 2
+
+
+def test_bad_config_exits_2_naming_the_field(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("models:\n  - name: m\n    path: /m\n    max_replicas: 0\n")
+    out = anker("config", "check", "--config", str(bad))
+    assert out.returncode == 2 and "models.0.max_replicas" in out.stderr
+    out = anker("up", "--config", str(bad), data_dir=tmp_path)
+    assert out.returncode == 2 and "models.0.max_replicas" in out.stderr
+
+
+def test_keys_create_list_revoke(tmp_path: Path) -> None:
+    created = anker("keys", "create", "--tenant", "kommune-x", data_dir=tmp_path)
+    assert created.returncode == 0
+    key = created.stdout.strip().splitlines()[-1]
+    assert KEY_PATTERN.match(key)
+    assert open_key_store(tmp_path).verify(key) is not None
+    key_id = key.split("_")[1]
+    listed = anker("keys", "list", data_dir=tmp_path)
+    assert key_id in listed.stdout and "kommune-x" in listed.stdout and key not in listed.stdout
+    assert anker("keys", "revoke", key_id, data_dir=tmp_path).returncode == 0
+    assert open_key_store(tmp_path).verify(key) is None
+    assert anker("keys", "revoke", key_id, data_dir=tmp_path).returncode == 1
+    assert anker("keys", "create", "--tenant", "bad name", data_dir=tmp_path).returncode == 2
+
+
+def test_status_when_nothing_runs(tmp_path: Path) -> None:
+    out = anker("status", data_dir=tmp_path)
+    assert out.returncode == 3 and "not running" in out.stdout
+    assert anker("down", data_dir=tmp_path).returncode == 0
+
+
+def _digests(path: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(path.iterdir()) if p.is_file()}
+
+
+def test_model_build_is_deterministic_and_small(tmp_path: Path) -> None:
+    out = anker("model", "build", "--out", str(tmp_path / "a"))
+    assert out.returncode == 0 and "qwen3-next" in out.stdout
+    build_model(tmp_path / "b", "qwen3-next")
+    assert is_built(tmp_path / "a") and _digests(tmp_path / "a") == _digests(tmp_path / "b")
+    assert sum(p.stat().st_size for p in (tmp_path / "a").iterdir()) < 10_000_000
+    config = (tmp_path / "a" / "config.json").read_text()
+    assert "Qwen3NextForCausalLM" in config and "linear_attention" in config
+
+
+def test_model_build_moe_differs_from_next(tmp_path: Path) -> None:
+    assert anker("model", "build", "--out", str(tmp_path / "moe"), "--arch", "qwen3-moe").returncode == 0
+    assert "Qwen3MoeForCausalLM" in (tmp_path / "moe" / "config.json").read_text()
+    assert anker("model", "build", "--out", str(tmp_path / "x"), "--arch", "qwen3.5").returncode == 2
