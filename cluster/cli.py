@@ -56,19 +56,23 @@ def _usage_examples(config: AnkerConfig, key: str | None, base_url: str) -> str:
     model = config.models[0].name
     shell_key = key or "$ANKER_API_KEY"
     python_key = f'"{key}"' if key else 'os.environ["ANKER_API_KEY"]'
-    return f"""
-Call it with curl:
-  curl {base_url}/v1/chat/completions \\
-    -H "Authorization: Bearer {shell_key}" -H "Content-Type: application/json" \\
-    -d '{{"model": "{model}", "messages": [{{"role": "user", "content": "Hej!"}}], "max_tokens": 16}}'
-
-or with the openai SDK:
-  import os
-  from openai import OpenAI
-  client = OpenAI(base_url="{base_url}/v1", api_key={python_key})
-  r = client.chat.completions.create(model="{model}", messages=[{{"role": "user", "content": "Hej!"}}])
-  print(r.choices[0].message.content, r.usage)
-"""
+    body = f'{{"model": "{model}", "messages": [{{"role": "user", "content": "Hej!"}}], "max_tokens": 16}}'
+    lines = [
+        "",
+        "Call it with curl:",
+        f"  curl {base_url}/v1/chat/completions \\",
+        f'    -H "Authorization: Bearer {shell_key}" -H "Content-Type: application/json" \\',
+        f"    -d '{body}'",
+        "",
+        "or with the openai SDK:",
+        "  import os",
+        "  from openai import OpenAI",
+        f'  client = OpenAI(base_url="{base_url}/v1", api_key={python_key})',
+        f'  r = client.chat.completions.create(model="{model}", messages=[{{"role": "user", "content": "Hej!"}}])',
+        "  print(r.choices[0].message.content, r.usage)",  # zdr-ok: example code shown to the user
+        "",
+    ]
+    return "\n".join(lines)
 
 
 def cmd_up(args: argparse.Namespace) -> int:

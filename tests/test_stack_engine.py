@@ -86,9 +86,10 @@ def test_client_disconnect_aborts_the_engine_request(stack: Stack, engines: dict
         for line in response.iter_lines():
             chunks += line.startswith("data:")
             if chunks == 5:
+                # Still connected (leaving this loop closes the response): the request runs in the engine.
+                during = load(engines, "qwen3-next-tiny")
+                assert during.in_flight >= 1 and len(during.request_ids) >= 1
                 break
-        during = load(engines, "qwen3-next-tiny")
-        assert during.in_flight >= 1 and len(during.request_ids) >= 1, "the request should be running in the engine"
     # The client is gone: the vLLM request must be aborted long before its 1500 tokens would have been generated.
     deadline = time.monotonic() + 20
     after = load(engines, "qwen3-next-tiny")

@@ -87,7 +87,7 @@ def test_completion_mistakes(http: httpx.Client) -> None:
     base = {"model": "qwen3-next-tiny"}
     expect(http.post("/v1/completions", json={**base, "prompt": [10**7]}), 400, "invalid_value", "prompt")
     expect(http.post("/v1/completions", json={**base, "prompt": "x", "echo": True}), 400, "unsupported_value", "echo")
-    expect(http.post("/v1/completions", json={**base, "prompt": list(range(2100))}), 400, "context_length_exceeded")
+    expect(http.post("/v1/completions", json={**base, "prompt": [5] * 2100}), 400, "context_length_exceeded")
     expect(http.post("/v1/completions", json={**base}), 400, None, "prompt")
 
 
