@@ -108,7 +108,7 @@ def ray_auth_env(config: AnkerConfig) -> dict[str, str]:
 def connect(config: AnkerConfig) -> None:
     """Connects this process to the stack's Ray cluster as a driver (token auth included)."""
     import ray
-    from ray._raylet import Config
+    from ray._raylet import Config  # type: ignore[attr-defined]
 
     os.environ.update(ray_auth_env(config))
     logging.getLogger("ray.serve").setLevel(logging.WARNING)  # our own progress lines say what matters

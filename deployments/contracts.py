@@ -18,9 +18,11 @@ class ChatTurn:
 
 @dataclass(frozen=True)
 class Sampling:
-    """Sampling parameters in engine-neutral terms; the engine maps them to its own type."""
+    """Sampling parameters in engine-neutral terms; the engine maps them to its own type.
 
-    max_tokens: int
+    The completion budget is per prompt (``Prepared.max_tokens``), resolved by the tokenizer against the context.
+    """
+
     n: int = 1
     temperature: float | None = None
     top_p: float | None = None

@@ -54,7 +54,6 @@ def _sampling(req: ChatCompletionRequest | CompletionRequest, logprobs: int | No
     if top_p == 0.0:
         top_p = 1e-9  # OpenAI accepts 0 (only the top token); the engine needs a positive value
     return Sampling(
-        max_tokens=0,  # per prompt, resolved by the tokenizer stage against the context
         n=req.n,
         temperature=req.temperature,
         top_p=top_p,
@@ -152,6 +151,9 @@ class OpenAIService:
             first = await stream.__anext__()
         except StopAsyncIteration:
             return None, stream
+        except BaseException:
+            await stream.aclose()  # e.g. the client left while waiting: abort the engine request now
+            raise
         return first, stream
 
     # -- chat ---------------------------------------------------------------------------------------------------
