@@ -19,8 +19,8 @@ $(VENV)/.installed: pyproject.toml
 run: install
 	$(BIN)/anker up
 
-# Unit tests first (seconds), then the real stack: anker up on free ports, tests, anker down.
-test: install
+# Lint and types, then the tests: unit tests (seconds) and the real stack (anker up on free ports, tests, anker down).
+test: install lint
 	$(BIN)/python -m pytest
 
 test-unit: install

@@ -328,14 +328,15 @@ def _terminate_group(pid: int, timeout_s: float) -> None:
         pgid = os.getpgid(pid)
     except ProcessLookupError:
         return
-    # `ray start --block` stops the Ray processes it started when it receives SIGTERM.
-    os.killpg(pgid, signal.SIGTERM)
+    # `ray start --block` drains the node and stops the Ray processes it started when it receives SIGTERM. Only the
+    # head process gets it: signalling the whole group would kill the GCS under the drain, which then waits for it.
+    os.kill(pid, signal.SIGTERM)
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline and pid_alive(pid):
         time.sleep(0.5)
         _reap(pid)
-    if pid_alive(pid):
-        os.killpg(pgid, signal.SIGKILL)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pgid, signal.SIGKILL)  # whatever of the group is still there
     _reap(pid)
 
 
