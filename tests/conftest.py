@@ -11,6 +11,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,12 +33,23 @@ def free_port() -> int:
 
 
 @dataclass(frozen=True)
+class StartupProbe:
+    """What a client saw while `anker up` was starting: (seconds, HTTP status or error name, Retry-After, code)."""
+
+    seconds: float
+    status: int | str
+    retry_after: str | None = None
+    code: str | None = None
+
+
+@dataclass(frozen=True)
 class Stack:
     base_url: str
     api_key: str
     env: dict[str, str]
     data_dir: Path
     gcs_address: str
+    startup: tuple[StartupProbe, ...] = ()
 
     def anker(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
         return subprocess.run([ANKER, *args], env=self.env, capture_output=True, text=True, timeout=timeout)
@@ -47,6 +59,34 @@ class Stack:
 def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("tiny-models")
     return {name: build_model(root / name, arch).path for name, arch in MODELS.items()}
+
+
+def _start_while_probing(
+    env: dict[str, str], base_url: str, key: str
+) -> tuple[subprocess.CompletedProcess[str], list[StartupProbe]]:
+    import httpx
+
+    process = subprocess.Popen(
+        [ANKER, "up", "--detach"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    probes: list[StartupProbe] = []
+    started = time.monotonic()
+    body = {"model": "qwen3-next-tiny", "messages": [{"role": "user", "content": "hej"}], "max_tokens": 1}
+    while process.poll() is None and time.monotonic() - started < STACK_START_TIMEOUT_S:
+        elapsed = round(time.monotonic() - started, 1)
+        try:
+            r = httpx.post(
+                f"{base_url}/v1/chat/completions", json=body, timeout=10, headers={"Authorization": f"Bearer {key}"}
+            )
+            code = r.json().get("error", {}).get("code") if r.status_code != 200 else None
+            probes.append(StartupProbe(elapsed, r.status_code, r.headers.get("retry-after"), code))
+        except (httpx.HTTPError, ValueError) as exc:
+            probes.append(StartupProbe(elapsed, type(exc).__name__))
+        time.sleep(0.5)
+    if process.poll() is None:
+        process.kill()
+    stdout, stderr = process.communicate(timeout=60)
+    return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr), probes
 
 
 def _tail(path: Path, lines: int = 60) -> str:
@@ -75,9 +115,16 @@ def stack(tmp_path_factory: pytest.TempPathFactory, tiny_models: dict[str, Path]
         "ANKER_DATA_DIR": str(data_dir),
         **{k: str(v) for k, v in ports.items()},
     }
-    up = subprocess.run(
-        [ANKER, "up", "--detach"], env=env, capture_output=True, text=True, timeout=STACK_START_TIMEOUT_S
+    # A key made before the stack starts (the key store is a file): with it, a client calls the API all through
+    # start-up, as users' retry loops do, and the tests check what it was told.
+    early_key = (
+        subprocess.run(
+            [ANKER, "keys", "create", "--tenant", "startup-probe"], env=env, capture_output=True, text=True, timeout=120
+        )
+        .stdout.strip()
+        .splitlines()[-1]
     )
+    up, startup = _start_while_probing(env, f"http://127.0.0.1:{ports['ANKER_PORT']}", early_key)
     stack = Stack(
         base_url=f"http://127.0.0.1:{ports['ANKER_PORT']}",
         api_key="",
@@ -94,7 +141,8 @@ def stack(tmp_path_factory: pytest.TempPathFactory, tiny_models: dict[str, Path]
             )
         created = stack.anker("keys", "create", "--tenant", "tests")
         assert created.returncode == 0, created.stderr
-        yield Stack(stack.base_url, created.stdout.strip().splitlines()[-1], env, data_dir, stack.gcs_address)
+        key = created.stdout.strip().splitlines()[-1]
+        yield Stack(stack.base_url, key, env, data_dir, stack.gcs_address, tuple(startup))
     finally:
         down = stack.anker("down", timeout=180)
         if down.returncode != 0:

@@ -38,6 +38,20 @@ def expect(response: httpx.Response, status: int, code: str | None, param: str |
     assert CANARY not in response.text
 
 
+def test_engines_starting_answer_503_with_retry_after(stack: Stack) -> None:
+    # Recorded while `anker up` started: the ingress is up well before the engines, and meanwhile a client gets
+    # 503 engine_unavailable with Retry-After; never a 500, never a hang.
+    seen = stack.startup
+    assert seen, "no start-up probes were recorded"
+    statuses = {p.status for p in seen}
+    assert statuses <= {"ConnectError", "RemoteProtocolError", "ReadError", 503, 200}, seen
+    unavailable = [p for p in seen if p.status == 503]
+    assert unavailable, f"the engines were never seen starting: {seen}"
+    assert all(p.code == "engine_unavailable" and p.retry_after and int(p.retry_after) > 0 for p in unavailable)
+    first_ok = next((p.seconds for p in seen if p.status == 200), None)
+    assert first_ok is None or all(p.status == 200 for p in seen if p.seconds > first_ok)
+
+
 def test_healthz_is_open_and_ready(stack: Stack) -> None:
     r = httpx.get(f"{stack.base_url}/healthz", timeout=10)
     assert r.status_code == 200 and all(m["ready"] for m in r.json()["models"].values())
