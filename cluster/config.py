@@ -169,10 +169,6 @@ class AnkerConfig(_Strict):
         return model.path if model.path.is_absolute() else self.data_dir / model.path
 
     @property
-    def database_path(self) -> Path:
-        return self.data_dir / "anker.db"
-
-    @property
     def run_dir(self) -> Path:
         return self.data_dir / "run"
 

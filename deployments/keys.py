@@ -137,6 +137,11 @@ class KeyStore:
         return int(count)
 
 
+def key_store_paths(data_dir: Path) -> tuple[Path, Path]:
+    """Where a data folder keeps its keys: the SQLite database and the HMAC secret."""
+    return data_dir / "anker.db", data_dir / "secrets" / "hmac.key"
+
+
 def open_key_store(data_dir: Path) -> KeyStore:
-    """The key store of a data folder: ``anker.db`` and ``secrets/hmac.key`` inside it."""
-    return KeyStore(data_dir / "anker.db", load_or_create_secret(data_dir / "secrets" / "hmac.key"))
+    database, secret_file = key_store_paths(data_dir)
+    return KeyStore(database, load_or_create_secret(secret_file))

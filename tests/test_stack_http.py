@@ -119,29 +119,35 @@ def test_stream_ends_with_done(http: httpx.Client) -> None:
 
 def test_no_request_content_in_any_stack_log(http: httpx.Client, stack: Stack) -> None:
     # A successful request, a streamed one and failing ones, all carrying the canary; then every log the stack
-    # writes (Ray session logs, the head's log, the data folder) is searched for it.
-    assert http.post("/v1/chat/completions", json=chat(max_tokens=2)).status_code == 200
+    # writes (the Ray session's logs, the data folder) is searched for it.
+    ok = http.post("/v1/chat/completions", json=chat(max_tokens=2))
+    assert ok.status_code == 200
     assert http.post("/v1/chat/completions", json=chat(max_tokens=2, stream=True)).status_code == 200
     assert http.post("/v1/chat/completions", json=chat(max_tokens=CANARY)).status_code == 400
-    assert (
-        http.post("/v1/completions", json={"model": "qwen3-moe-tiny", "prompt": CANARY, "echo": True}).status_code
-        == 400
-    )
-    hits = []
-    roots = [stack.data_dir, *session_dirs(stack)]
-    for root in roots:
+    echo = {"model": "qwen3-moe-tiny", "prompt": CANARY, "echo": True}
+    assert http.post("/v1/completions", json=echo).status_code == 400
+    request_id = ok.headers["x-request-id"].encode()
+    hits, id_seen_in = [], []
+    for root in [stack.data_dir, *session_dirs(stack)]:
         for path in root.rglob("*"):
-            if path.is_file() and path.suffix not in (".safetensors",) and path.stat().st_size < 200_000_000:
-                try:
-                    if CANARY.encode() in path.read_bytes():
-                        hits.append(str(path))
-                except OSError:
-                    continue
+            if not path.is_file() or path.suffix == ".safetensors":
+                continue
+            try:
+                data = path.read_bytes()
+            except OSError:
+                continue
+            if CANARY.encode() in data:
+                hits.append(str(path))
+            if request_id in data:
+                id_seen_in.append(str(path))
     assert hits == [], f"request content found in: {hits}"
+    # The search did cover the logs of these very requests: their id (metadata, allowed) is in them.
+    assert id_seen_in, "the request's own log lines were not among the searched files"
 
 
 def session_dirs(stack: Stack) -> list[Path]:
+    """The Ray session folder of this stack (all its processes' logs), as `anker up` recorded it."""
     state = json.loads((stack.data_dir / "run" / "state.json").read_text())
-    candidates = [Path(state[k]) for k in ("ray_temp_dir", "temp_dir", "session_dir") if state.get(k)]
-    candidates.append(Path("/tmp/ray"))
-    return [p for p in candidates if p.exists()]
+    session = Path(state["ray_session_dir"])
+    assert (session / "logs").is_dir(), f"the stack's Ray session folder is missing: {session}"
+    return [session]
