@@ -9,7 +9,6 @@ import asyncio
 from collections.abc import AsyncGenerator
 
 from deployments.contracts import ChatTurn, Delta, EngineFailure, Prepared, Sampling, TokenLogprob, TopLogprob
-from deployments.errors import AnkerError
 from deployments.keys import KeyRecord
 from deployments.tokenizer import TokenizerCore
 
@@ -93,4 +92,4 @@ class DictKeyVerifierDouble:
         return None if tenant is None else KeyRecord(key_id=key[:8], tenant=tenant, created_at=0.0)
 
 
-__all__ = ["AnkerError", "DictKeyVerifierDouble", "InstantEngineDouble", "LocalTokenizerClient"]
+__all__ = ["DictKeyVerifierDouble", "InstantEngineDouble", "LocalTokenizerClient"]
