@@ -40,6 +40,7 @@ class StartupProbe:
     status: int | str
     retry_after: str | None = None
     code: str | None = None
+    text: str = ""  # the start of a body that is not JSON
 
 
 @dataclass(frozen=True)
@@ -78,9 +79,13 @@ def _start_while_probing(
             r = httpx.post(
                 f"{base_url}/v1/chat/completions", json=body, timeout=10, headers={"Authorization": f"Bearer {key}"}
             )
-            code = r.json().get("error", {}).get("code") if r.status_code != 200 else None
-            probes.append(StartupProbe(elapsed, r.status_code, r.headers.get("retry-after"), code))
-        except (httpx.HTTPError, ValueError) as exc:
+            try:
+                code = r.json().get("error", {}).get("code") if r.status_code != 200 else None
+                text = ""
+            except ValueError:
+                code, text = None, r.text[:120]
+            probes.append(StartupProbe(elapsed, r.status_code, r.headers.get("retry-after"), code, text))
+        except httpx.HTTPError as exc:
             probes.append(StartupProbe(elapsed, type(exc).__name__))
         time.sleep(0.5)
     if process.poll() is None:

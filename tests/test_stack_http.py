@@ -43,13 +43,20 @@ def test_engines_starting_answer_503_with_retry_after(stack: Stack) -> None:
     # 503 engine_unavailable with Retry-After; never a 500, never a hang.
     seen = stack.startup
     assert seen, "no start-up probes were recorded"
-    statuses = {p.status for p in seen}
-    assert statuses <= {"ConnectError", "RemoteProtocolError", "ReadError", 503, 200}, seen
-    unavailable = [p for p in seen if p.status == 503]
+    assert not [p for p in seen if p.status in ("ReadTimeout", "WriteTimeout", "PoolTimeout")], seen
+    answered = [p for p in seen if isinstance(p.status, int)]
+    first = next(i for i, p in enumerate(answered) if p.status in (200, 503))
+    # Before the ingress has answered once, Ray Serve's proxy may already listen without the app's route: for
+    # a moment it answers its own plain-text 404. Nothing else may come before the ingress.
+    for p in answered[:first]:
+        assert p.status == 404 and p.text.startswith("Path '/v1/chat/completions' not found"), p
+    ours = answered[first:]
+    assert {p.status for p in ours} <= {503, 200}, ours
+    unavailable = [p for p in ours if p.status == 503]
     assert unavailable, f"the engines were never seen starting: {seen}"
     assert all(p.code == "engine_unavailable" and p.retry_after and int(p.retry_after) > 0 for p in unavailable)
-    first_ok = next((p.seconds for p in seen if p.status == 200), None)
-    assert first_ok is None or all(p.status == 200 for p in seen if p.seconds > first_ok)
+    first_ok = next((i for i, p in enumerate(ours) if p.status == 200), len(ours))
+    assert all(p.status == 200 for p in ours[first_ok:]), "once ready, the stack must stay ready"
 
 
 def test_healthz_is_open_and_ready(stack: Stack) -> None:
