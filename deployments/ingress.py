@@ -102,12 +102,18 @@ class ServeEngineClient:
                 responses.cancel()  # the client went away: abort the request in the engine
 
     async def watch(self) -> None:
-        """Keeps ``ready`` current: probes the engine deployment, quickly while it is not ready."""
+        """Keeps ``ready`` current: probes the engine deployment, quickly while it is not ready.
+
+        A probe that times out changes nothing: a saturated replica answers late (the probe queues behind
+        requests) but is not down. Errors, a failed request (``generate``) or a dead engine make it not ready.
+        """
         while True:
             try:
                 self._ready = bool(await asyncio.wait_for(self._handle.ready.remote(), READY_PROBE_TIMEOUT_S))
             except asyncio.CancelledError:
                 raise
+            except TimeoutError:
+                pass
             except Exception:
                 self._ready = False
             self._wake.clear()
