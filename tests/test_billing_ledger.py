@@ -1,0 +1,129 @@
+"""The usage ledger on real databases (SQLite file and a throwaway PostgreSQL): migrations, prices over time,
+idempotent recording, totals, and no content columns.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+
+from deployments.billing.ledger import Ledger, UnknownPrice, UsageEvent, database_url
+from deployments.billing.pricing import TokenPrices
+from tests.postgres import throwaway_postgres
+
+T0 = datetime(2026, 11, 1, tzinfo=UTC)
+DEFAULT = TokenPrices.from_dkk_per_million(Decimal("6.00"), Decimal("3.00"), Decimal("45.00"))
+CHEAPER = TokenPrices.from_dkk_per_million(Decimal("4.00"), Decimal("2.00"), Decimal("30.00"))
+
+
+@pytest.fixture(scope="module")
+def postgres_url() -> Iterator[str]:
+    with throwaway_postgres() as url:
+        yield url
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def ledger(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Ledger]:
+    if request.param == "sqlite":
+        url = database_url(tmp_path, None)
+    else:
+        url = request.getfixturevalue("postgres_url")
+        engine = sa.create_engine(url)
+        with engine.begin() as c:  # a clean schema per test
+            c.execute(sa.text("DROP SCHEMA public CASCADE; CREATE SCHEMA public"))
+        engine.dispose()
+    ledger = Ledger(url)
+    ledger.migrate()
+    ledger.set_price("m", DEFAULT, T0)
+    yield ledger
+    ledger.dispose()
+
+
+def event(request_id: str, at: datetime = T0 + timedelta(days=1), **counts: int) -> UsageEvent:
+    c = {"prompt_tokens": 1000, "cached_tokens": 768, "completion_tokens": 100, **counts}
+    return UsageEvent(
+        request_id, "kommune-x", "k1", "m", started_at=at, finished_at=at + timedelta(seconds=2), status="ok", **c
+    )
+
+
+def test_database_url_choice(tmp_path: Path) -> None:
+    assert database_url(tmp_path, None) == f"sqlite:///{tmp_path / 'ledger.db'}"
+    assert database_url(tmp_path, "postgresql://u@h/db") == "postgresql+psycopg://u@h/db"
+
+
+def test_migrations_are_versioned_and_rerunnable(ledger: Ledger) -> None:
+    assert ledger.schema_revision() == "0001"
+    ledger.migrate()  # at every start: a no-op once at head
+    assert ledger.schema_revision() == "0001"
+
+
+def test_recording_is_idempotent_on_request_id(ledger: Ledger) -> None:
+    assert ledger.record([event("r1"), event("r2")]) == 2
+    assert ledger.record([event("r1"), event("r2"), event("r3")]) == 1  # a retried batch bills only the new one
+    totals = ledger.totals("kommune-x", T0, T0 + timedelta(days=30))
+    assert totals.requests == 3 and totals.cost_nano_dkk == 3 * 8_196_000
+    assert (totals.prompt_tokens, totals.cached_tokens, totals.completion_tokens) == (3000, 2304, 300)
+
+
+def test_concurrent_deliveries_of_the_same_events_bill_once(ledger: Ledger) -> None:
+    batch = [event(f"c{i}") for i in range(50)]
+    results: list[int] = []
+    threads = [threading.Thread(target=lambda: results.append(ledger.record(batch))) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sum(results) == 50 and ledger.totals("kommune-x", T0, T0 + timedelta(days=30)).requests == 50
+
+
+def test_a_price_change_applies_from_its_time_on(ledger: Ledger) -> None:
+    change = T0 + timedelta(days=10)
+    ledger.record([event("before", T0 + timedelta(days=5))])
+    assert ledger.ensure_price("m", CHEAPER, change) and not ledger.ensure_price("m", CHEAPER, change)
+    ledger.record([event("after", change + timedelta(hours=1))])
+    costs = {e["request_id"]: e["cost_nano_dkk"] for e in ledger.events("kommune-x")}
+    assert costs == {"before": 8_196_000, "after": 232 * 4000 + 768 * 2000 + 100 * 30000}
+
+
+def test_unpriced_model_is_refused_and_nothing_is_stored(ledger: Ledger) -> None:
+    unknown = UsageEvent("u1", "kommune-x", "k1", "other", 1, 0, 1, T0, T0, "ok")
+    with pytest.raises(UnknownPrice):
+        ledger.record([event("fine"), unknown])
+    assert ledger.request_ids("kommune-x") == []  # the batch is one transaction
+
+
+def test_totals_are_per_tenant_and_window(ledger: Ledger) -> None:
+    ledger.record([event("in"), event("late", T0 + timedelta(days=40))])
+    other = UsageEvent("o1", "other-tenant", "k2", "m", 10, 0, 10, T0 + timedelta(days=1), T0, "ok")
+    ledger.record([other])
+    assert ledger.totals("kommune-x", T0, T0 + timedelta(days=30)).requests == 1
+    assert ledger.totals("other-tenant", T0, T0 + timedelta(days=30)).cost_nano_dkk == 10 * 6000 + 10 * 45000
+    assert ledger.totals("nobody", T0, T0 + timedelta(days=30)).requests == 0
+
+
+def test_the_schema_has_no_place_for_content(ledger: Ledger) -> None:
+    columns = {c["name"] for c in sa.inspect(ledger.engine).get_columns("usage_events")}
+    assert columns == {
+        "request_id",
+        "tenant",
+        "key_id",
+        "model",
+        "prompt_tokens",
+        "cached_tokens",
+        "completion_tokens",
+        "cost_nano_dkk",
+        "started_at",
+        "finished_at",
+        "status",
+    }
+
+
+def test_impossible_counts_are_refused(ledger: Ledger) -> None:
+    with pytest.raises((ValueError, sa.exc.IntegrityError)):
+        ledger.record([event("bad", cached_tokens=2000)])
