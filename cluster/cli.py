@@ -35,6 +35,15 @@ exit codes: 0 ok, 1 failed, 2 bad usage or config, 3 not running (status)
 """
 
 
+def _version() -> str:
+    from importlib import metadata
+
+    try:
+        return metadata.version("anker")
+    except metadata.PackageNotFoundError:
+        return "unknown"
+
+
 def _say(message: str) -> None:
     print(message, flush=True)
 
@@ -244,6 +253,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    parser.add_argument("--version", action="version", version=f"anker {_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     default_config = (

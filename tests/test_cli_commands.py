@@ -30,6 +30,11 @@ def test_help_lists_commands_and_examples() -> None:
     assert "--detach" in up.stdout and "--port" in up.stdout and "server:" in up.stdout
 
 
+def test_version() -> None:
+    out = anker("--version")
+    assert out.returncode == 0 and out.stdout.startswith("anker 0.")
+
+
 def test_unknown_command_is_a_usage_error() -> None:
     assert anker("frobnicate").returncode == 2
 
