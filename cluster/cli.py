@@ -89,7 +89,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     from deployments.keys import open_key_store
 
     config = _config(args)
-    store = open_key_store(config.data_dir)
+    store = open_key_store(config.data_dir, config.database_url)
     first_key = None
     if store.count_active() == 0:
         _, first_key = store.create("default")
@@ -198,7 +198,7 @@ def cmd_keys_create(args: argparse.Namespace) -> int:
 
     config = _config(args)
     try:
-        record, key = open_key_store(config.data_dir).create(args.tenant)
+        record, key = open_key_store(config.data_dir, config.database_url).create(args.tenant)
     except ValueError as exc:
         print(f"anker keys create: {exc}", file=sys.stderr)
         return EXIT_USAGE
@@ -210,7 +210,8 @@ def cmd_keys_create(args: argparse.Namespace) -> int:
 def cmd_keys_list(args: argparse.Namespace) -> int:
     from deployments.keys import open_key_store
 
-    records = open_key_store(_config(args).data_dir).list(args.tenant)
+    config = _config(args)
+    records = open_key_store(config.data_dir, config.database_url).list(args.tenant)
     _say(f"{'KEY ID':<14}{'TENANT':<24}{'CREATED (UTC)':<22}STATUS")
     for r in records:
         created = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(r.created_at))
@@ -221,7 +222,8 @@ def cmd_keys_list(args: argparse.Namespace) -> int:
 def cmd_keys_revoke(args: argparse.Namespace) -> int:
     from deployments.keys import open_key_store
 
-    if not open_key_store(_config(args).data_dir).revoke(args.key_id):
+    config = _config(args)
+    if not open_key_store(config.data_dir, config.database_url).revoke(args.key_id):
         print(f"anker keys revoke: no active key {args.key_id}", file=sys.stderr)
         return EXIT_FAILED
     _say(f"revoked {args.key_id}")

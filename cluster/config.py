@@ -147,6 +147,10 @@ class StackConfig(_Strict):
 
 class AnkerConfig(_Strict):
     data_dir: Path = Path(".anker")
+    database_url: str | None = Field(
+        default=None,
+        description="postgresql://user@host/db for PostgreSQL; unset: SQLite file anker.db in the data folder.",
+    )
     server: ServerConfig = Field(default_factory=ServerConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
     stack: StackConfig = Field(default_factory=StackConfig)
@@ -195,6 +199,7 @@ def _set_path(tree: dict[str, Any], path: list[str], value: Any) -> None:
 # Short names for the overrides people use most; anything else is ANKER__SECTION__FIELD (models by index).
 SHORT_OVERRIDES = {
     "ANKER_DATA_DIR": ["data_dir"],
+    "ANKER_DATABASE_URL": ["database_url"],
     "ANKER_HOST": ["server", "host"],
     "ANKER_PORT": ["server", "port"],
     "ANKER_RAY_NUM_CPUS": ["ray", "num_cpus"],

@@ -14,7 +14,6 @@ from cluster.config import AnkerConfig, ModelConfig, deployment_suffix
 from cluster.placement import engine_placement
 from deployments.engine import Engine, EngineSpec
 from deployments.ingress import Ingress, IngressSpec
-from deployments.keys import key_store_paths
 from deployments.openai.serving import ServedModel
 from deployments.tokenizer import Tokenizer, TokenizerSpec
 
@@ -73,11 +72,10 @@ def build_app(config: AnkerConfig) -> serve.Application:
         config.stack.prefix_block_size,
     )
     engines = {m.name: bind_engine(config, m) for m in config.models}
-    database, secret_file = key_store_paths(config.data_dir)
     spec = IngressSpec(
         models=tuple(ServedModel(m.name, m.max_model_len, m.owned_by, created) for m in config.models),
-        database=database,
-        secret_file=secret_file,
+        data_dir=config.data_dir,
+        database_url=config.database_url,
         max_body_bytes=config.server.max_request_bytes,
     )
     return Ingress.options(  # type: ignore[attr-defined]

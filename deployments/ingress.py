@@ -20,7 +20,7 @@ from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 
 from deployments.contracts import ChatTurn, EngineFailure, Prepared, Sampling
 from deployments.errors import AnkerError, EngineUnavailable
-from deployments.keys import KeyRecord, KeyStore, load_or_create_secret
+from deployments.keys import KeyRecord, KeyStore, open_key_store
 from deployments.openai.app import create_app
 from deployments.openai.serving import EngineItem, OpenAIService, ServedModel
 
@@ -34,8 +34,8 @@ NOT_READY_PROBE_PERIOD_S = 1.0
 @dataclass(frozen=True)
 class IngressSpec:
     models: tuple[ServedModel, ...]
-    database: Path
-    secret_file: Path
+    data_dir: Path
+    database_url: str | None
     max_body_bytes: int
     key_cache_ttl_s: float = 10.0
 
@@ -149,7 +149,7 @@ class Ingress:
     def __init__(self, spec: IngressSpec, tokenizer: DeploymentHandle, engines: dict[str, DeploymentHandle]) -> None:
         self._engines = {name: ServeEngineClient(name, handle) for name, handle in engines.items()}
         self._watchers: list[asyncio.Task[None]] = []
-        store = KeyStore(spec.database, load_or_create_secret(spec.secret_file))
+        store = open_key_store(spec.data_dir, spec.database_url)
         self._service = OpenAIService(spec.models, ServeTokenizerClient(tokenizer), dict(self._engines))
         self._keys = CachedKeyVerifier(store, spec.key_cache_ttl_s)
         self._max_body_bytes = spec.max_body_bytes

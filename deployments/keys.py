@@ -1,7 +1,8 @@
-"""API keys: creation, keyed-hash storage in the local SQLite database, and constant-time verification.
+"""API keys: creation, keyed-hash storage in Anker's database, and constant-time verification.
 
 The plaintext key is returned once by ``create`` and never stored or logged; only HMAC-SHA256(server secret, key)
-is kept. The next issue (tenants and billing) moves this behind the billing actor; the key format stays.
+is kept, in the ``api_keys`` table that an Alembic migration creates. The next steps of issue 4 move look-ups behind
+the billing actor; the key format stays.
 """
 
 from __future__ import annotations
@@ -11,28 +12,28 @@ import hmac
 import os
 import re
 import secrets
-import sqlite3
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+
+import sqlalchemy as sa
+
+from deployments import database
 
 KEY_PREFIX = "ank"
 # ank_<key id: 12 hex>_<secret: 43 url-safe base64 chars = 256 bits>
 KEY_PATTERN = re.compile(r"^ank_([0-9a-f]{12})_([A-Za-z0-9_-]{43})$")
 TENANT_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS api_keys (
-    key_id      TEXT PRIMARY KEY,
-    tenant      TEXT NOT NULL,
-    key_hmac    BLOB NOT NULL,
-    created_at  REAL NOT NULL,
-    revoked_at  REAL
-);
-CREATE INDEX IF NOT EXISTS api_keys_tenant ON api_keys (tenant);
-"""
+API_KEYS = sa.Table(
+    "api_keys",
+    sa.MetaData(),
+    sa.Column("key_id", sa.String(32), primary_key=True),
+    sa.Column("tenant", sa.String(64), nullable=False),
+    sa.Column("key_hmac", sa.LargeBinary(32), nullable=False),
+    sa.Column("created_at", sa.Float, nullable=False),
+    sa.Column("revoked_at", sa.Float, nullable=True),
+)
 
 
 @dataclass(frozen=True)
@@ -60,24 +61,11 @@ def load_or_create_secret(path: Path) -> bytes:
 
 
 class KeyStore:
-    """Keys in SQLite. Synchronous on purpose: the ingress calls it from a worker thread, the CLI directly."""
+    """Keys in the database. Synchronous on purpose: the ingress calls it from a worker thread, the CLI directly."""
 
-    def __init__(self, database: Path, secret: bytes) -> None:
-        self._database = database
+    def __init__(self, engine: sa.Engine, secret: bytes) -> None:
+        self._engine = engine
         self._secret = secret
-        database.parent.mkdir(parents=True, exist_ok=True)
-        with self._connect() as db:
-            db.executescript(_SCHEMA)
-
-    @contextmanager
-    def _connect(self) -> Iterator[sqlite3.Connection]:
-        db = sqlite3.connect(self._database, timeout=10.0)
-        try:
-            db.execute("PRAGMA journal_mode=WAL")
-            with db:
-                yield db
-        finally:
-            db.close()
 
     def _digest(self, key: str) -> bytes:
         return hmac.new(self._secret, key.encode("ascii"), hashlib.sha256).digest()
@@ -88,10 +76,11 @@ class KeyStore:
         key_id = secrets.token_hex(6)
         key = f"{KEY_PREFIX}_{key_id}_{secrets.token_urlsafe(32)}"
         record = KeyRecord(key_id=key_id, tenant=tenant, created_at=time.time())
-        with self._connect() as db:
+        with self._engine.begin() as db:
             db.execute(
-                "INSERT INTO api_keys (key_id, tenant, key_hmac, created_at) VALUES (?, ?, ?, ?)",
-                (record.key_id, record.tenant, self._digest(key), record.created_at),
+                API_KEYS.insert().values(
+                    key_id=record.key_id, tenant=record.tenant, key_hmac=self._digest(key), created_at=record.created_at
+                )
             )
         return record, key
 
@@ -100,48 +89,48 @@ class KeyStore:
         match = KEY_PATTERN.match(key)
         if match is None:
             return None
-        with self._connect() as db:
-            row = db.execute(
-                "SELECT key_id, tenant, key_hmac, created_at, revoked_at FROM api_keys WHERE key_id = ?",
-                (match.group(1),),
-            ).fetchone()
+        with self._engine.connect() as db:
+            row = db.execute(sa.select(API_KEYS).where(API_KEYS.c.key_id == match.group(1))).first()
         if row is None:
             # Compare anyway, so that an unknown id costs the same as a wrong secret.
             hmac.compare_digest(self._digest(key), bytes(32))
             return None
-        valid = hmac.compare_digest(self._digest(key), bytes(row[2]))
-        if not valid or row[4] is not None:
+        valid = hmac.compare_digest(self._digest(key), bytes(row.key_hmac))
+        if not valid or row.revoked_at is not None:
             return None
-        return KeyRecord(key_id=row[0], tenant=row[1], created_at=row[3], revoked_at=row[4])
+        return KeyRecord(key_id=row.key_id, tenant=row.tenant, created_at=row.created_at, revoked_at=row.revoked_at)
 
     def list(self, tenant: str | None = None) -> list[KeyRecord]:
-        query = "SELECT key_id, tenant, created_at, revoked_at FROM api_keys"
-        params: tuple[str, ...] = ()
+        query = sa.select(API_KEYS.c.key_id, API_KEYS.c.tenant, API_KEYS.c.created_at, API_KEYS.c.revoked_at)
         if tenant is not None:
-            query += " WHERE tenant = ?"
-            params = (tenant,)
-        with self._connect() as db:
-            rows = db.execute(query + " ORDER BY created_at", params).fetchall()
+            query = query.where(API_KEYS.c.tenant == tenant)
+        with self._engine.connect() as db:
+            rows = db.execute(query.order_by(API_KEYS.c.created_at)).all()
         return [KeyRecord(key_id=r[0], tenant=r[1], created_at=r[2], revoked_at=r[3]) for r in rows]
 
     def revoke(self, key_id: str) -> bool:
-        with self._connect() as db:
-            cursor = db.execute(
-                "UPDATE api_keys SET revoked_at = ? WHERE key_id = ? AND revoked_at IS NULL", (time.time(), key_id)
+        with self._engine.begin() as db:
+            result = db.execute(
+                API_KEYS.update()
+                .where(API_KEYS.c.key_id == key_id, API_KEYS.c.revoked_at.is_(None))
+                .values(revoked_at=time.time())
             )
-        return cursor.rowcount == 1
+        return result.rowcount == 1
 
     def count_active(self) -> int:
-        with self._connect() as db:
-            (count,) = db.execute("SELECT COUNT(*) FROM api_keys WHERE revoked_at IS NULL").fetchone()
-        return int(count)
+        with self._engine.connect() as db:
+            count = db.execute(sa.select(sa.func.count()).where(API_KEYS.c.revoked_at.is_(None))).scalar()
+        return int(count or 0)
 
 
-def key_store_paths(data_dir: Path) -> tuple[Path, Path]:
-    """Where a data folder keeps its keys: the SQLite database and the HMAC secret."""
-    return data_dir / "anker.db", data_dir / "secrets" / "hmac.key"
+def secret_path(data_dir: Path) -> Path:
+    return data_dir / "secrets" / "hmac.key"
 
 
-def open_key_store(data_dir: Path) -> KeyStore:
-    database, secret_file = key_store_paths(data_dir)
-    return KeyStore(database, load_or_create_secret(secret_file))
+def open_key_store(data_dir: Path, database_url: str | None = None, migrate: bool = True) -> KeyStore:
+    """The key store of a deployment: Anker's database (the data folder's SQLite file unless ``database_url`` says
+    otherwise) and the HMAC secret in the data folder. Brings the schema up to date first unless told not to."""
+    engine = database.create_engine(database.database_url(data_dir, database_url))
+    if migrate:
+        database.migrate(engine)
+    return KeyStore(engine, load_or_create_secret(secret_path(data_dir)))

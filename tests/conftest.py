@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from cluster.tiny_models import build_model
+from tests.postgres import throwaway_postgres
 
 ROOT = Path(__file__).resolve().parent.parent
 ANKER = str(Path(sys.executable).parent / "anker")
@@ -54,6 +55,13 @@ class Stack:
 
     def anker(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
         return subprocess.run([ANKER, *args], env=self.env, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="session")
+def postgres_url() -> Iterator[str]:
+    """A throwaway PostgreSQL server for the session (tests/postgres.py)."""
+    with throwaway_postgres() as url:
+        yield url
 
 
 @pytest.fixture(scope="session")

@@ -13,19 +13,13 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
-from deployments.billing.ledger import Ledger, UnknownPrice, UsageEvent, database_url
+from deployments.billing.ledger import Ledger, UnknownPrice, UsageEvent
 from deployments.billing.pricing import TokenPrices
-from tests.postgres import throwaway_postgres
+from deployments.database import database_url
 
 T0 = datetime(2026, 11, 1, tzinfo=UTC)
 DEFAULT = TokenPrices.from_dkk_per_million(Decimal("6.00"), Decimal("3.00"), Decimal("45.00"))
 CHEAPER = TokenPrices.from_dkk_per_million(Decimal("4.00"), Decimal("2.00"), Decimal("30.00"))
-
-
-@pytest.fixture(scope="module")
-def postgres_url() -> Iterator[str]:
-    with throwaway_postgres() as url:
-        yield url
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -36,7 +30,8 @@ def ledger(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Ledger]:
         url = request.getfixturevalue("postgres_url")
         engine = sa.create_engine(url)
         with engine.begin() as c:  # a clean schema per test
-            c.execute(sa.text("DROP SCHEMA public CASCADE; CREATE SCHEMA public"))
+            c.execute(sa.text("DROP SCHEMA public CASCADE"))
+            c.execute(sa.text("CREATE SCHEMA public"))
         engine.dispose()
     ledger = Ledger(url)
     ledger.migrate()
@@ -53,14 +48,14 @@ def event(request_id: str, at: datetime = T0 + timedelta(days=1), **counts: int)
 
 
 def test_database_url_choice(tmp_path: Path) -> None:
-    assert database_url(tmp_path, None) == f"sqlite:///{tmp_path / 'ledger.db'}"
+    assert database_url(tmp_path, None) == f"sqlite:///{tmp_path / 'anker.db'}"
     assert database_url(tmp_path, "postgresql://u@h/db") == "postgresql+psycopg://u@h/db"
 
 
 def test_migrations_are_versioned_and_rerunnable(ledger: Ledger) -> None:
-    assert ledger.schema_revision() == "0001"
+    assert ledger.schema_revision() == "0002"
     ledger.migrate()  # at every start: a no-op once at head
-    assert ledger.schema_revision() == "0001"
+    assert ledger.schema_revision() == "0002"
 
 
 def test_recording_is_idempotent_on_request_id(ledger: Ledger) -> None:

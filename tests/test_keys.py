@@ -26,6 +26,7 @@ def test_only_a_keyed_hash_is_stored(tmp_path: Path) -> None:
     store = open_key_store(tmp_path)
     _, key = store.create("t")
     dump = "\n".join(sqlite3.connect(tmp_path / "anker.db").iterdump())
+    assert "api_keys" in dump
     secret_part = key.split("_")[2]
     assert secret_part not in dump and key not in dump
     assert (tmp_path / "secrets" / "hmac.key").stat().st_mode & 0o077 == 0
@@ -41,6 +42,13 @@ def test_keys_are_distinct_and_listed(tmp_path: Path) -> None:
 def test_a_new_store_on_the_same_folder_verifies_old_keys(tmp_path: Path) -> None:
     _, key = open_key_store(tmp_path).create("a")
     assert open_key_store(tmp_path).verify(key) is not None
+
+
+def test_keys_on_postgresql(postgres_url: str, tmp_path: Path) -> None:
+    store = open_key_store(tmp_path, postgres_url.replace("postgresql+psycopg://", "postgresql://"))
+    record, key = store.create("kommune-y")
+    assert store.verify(key) == record and store.count_active() == 1
+    assert store.revoke(record.key_id) and store.verify(key) is None
 
 
 @pytest.mark.parametrize("tenant", ["", "a b", "x" * 65, "../etc"])

@@ -9,14 +9,12 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from pathlib import Path
 
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 
+from deployments import database
 from deployments.billing.pricing import TokenCounts, TokenPrices, cost_nano_dkk
-
-MIGRATIONS = Path(__file__).parent / "migrations"
 
 METADATA = sa.MetaData()
 MODEL_PRICES = sa.Table(
@@ -87,40 +85,15 @@ def _from_db(moment: datetime) -> datetime:
     return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
 
 
-def database_url(data_dir: Path, override: str | None) -> str:
-    """``ANKER_DATABASE_URL`` when set (``postgresql://...``), else the SQLite file in the data folder."""
-    if override:
-        return (
-            override.replace("postgresql://", "postgresql+psycopg://", 1)
-            if override.startswith("postgresql://")
-            else override
-        )
-    return f"sqlite:///{data_dir / 'ledger.db'}"
-
-
 class Ledger:
     def __init__(self, url: str) -> None:
-        self.engine = sa.create_engine(url, pool_pre_ping=True)
-        if self.engine.dialect.name == "sqlite":
-            sa.event.listen(self.engine, "connect", _sqlite_pragmas)
+        self.engine = database.create_engine(url)
 
     def migrate(self) -> None:
-        """Brings the schema to the newest Alembic revision (safe to run at every start)."""
-        from alembic import command
-        from alembic.config import Config
-
-        config = Config()
-        config.set_main_option("script_location", str(MIGRATIONS))
-        with self.engine.begin() as connection:
-            config.attributes["connection"] = connection
-            command.upgrade(config, "head")
+        database.migrate(self.engine)
 
     def schema_revision(self) -> str | None:
-        with self.engine.connect() as connection:
-            try:
-                return connection.execute(sa.text("SELECT version_num FROM alembic_version")).scalar()
-            except sa.exc.DBAPIError:
-                return None
+        return database.schema_revision(self.engine)
 
     def set_price(self, model: str, prices: TokenPrices, effective_from: datetime) -> None:
         with self.engine.begin() as connection:
@@ -235,10 +208,3 @@ def _insert_ignoring_duplicates(dialect: str) -> sa.Insert:
     if dialect == "sqlite":
         return sqlite.insert(USAGE_EVENTS).on_conflict_do_nothing(index_elements=["request_id"])
     raise ValueError(f"the ledger supports SQLite and PostgreSQL, not {dialect}")
-
-
-def _sqlite_pragmas(connection: object, _record: object) -> None:
-    cursor = connection.cursor()  # type: ignore[attr-defined]
-    cursor.execute("PRAGMA journal_mode=WAL")
-    cursor.execute("PRAGMA busy_timeout=10000")
-    cursor.close()

@@ -1,0 +1,58 @@
+"""Anker's database: one SQLAlchemy engine per URL (SQLite file by default, PostgreSQL in production) and its schema,
+brought to the newest Alembic revision by ``migrate``. Tables are defined by their owners (keys, billing ledger).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import sqlalchemy as sa
+
+MIGRATIONS = Path(__file__).parent / "migrations"
+
+
+def database_url(data_dir: Path, override: str | None) -> str:
+    """``ANKER_DATABASE_URL`` when set (``postgresql://...``), else the SQLite file in the data folder."""
+    if override:
+        if override.startswith("postgresql://"):
+            return override.replace("postgresql://", "postgresql+psycopg://", 1)
+        return override
+    return f"sqlite:///{data_dir / 'anker.db'}"
+
+
+def create_engine(url: str) -> sa.Engine:
+    if url.startswith("sqlite:///"):
+        Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    engine = sa.create_engine(url, pool_pre_ping=True)
+    if engine.dialect.name == "sqlite":
+        sa.event.listen(engine, "connect", _sqlite_pragmas)
+    return engine
+
+
+def migrate(engine: sa.Engine) -> None:
+    """Brings the schema to the newest Alembic revision; a no-op when it is there already (run at every start)."""
+    from alembic import command
+    from alembic.config import Config
+
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS))
+    with engine.begin() as connection:
+        config.attributes["connection"] = connection
+        command.upgrade(config, "head")
+
+
+def schema_revision(engine: sa.Engine) -> str | None:
+    with engine.connect() as connection:
+        try:
+            revision: str | None = connection.execute(sa.text("SELECT version_num FROM alembic_version")).scalar()
+        except sa.exc.DBAPIError:
+            return None
+    return revision
+
+
+def _sqlite_pragmas(connection: Any, _record: object) -> None:
+    cursor = connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA busy_timeout=10000")
+    cursor.close()
