@@ -19,12 +19,18 @@ $(VENV)/.installed: pyproject.toml
 run: install
 	$(BIN)/anker up
 
-# Debian packages the tests start as throwaway servers on loopback (PostgreSQL for the ledger).
+# Debian packages the tests use: PostgreSQL (a throwaway server on loopback for the ledger tests) and chromium
+# (headless, driven by Playwright, for the dashboard tests; browsers are never downloaded).
+SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
 system-deps:
-	@ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || { \
-	  echo "installing PostgreSQL (Debian package) for the ledger tests"; \
-	  $(if $(filter 0,$(shell id -u)),,sudo) apt-get update -qq && \
-	  DEBIAN_FRONTEND=noninteractive $(if $(filter 0,$(shell id -u)),,sudo) apt-get install -y -qq postgresql >/dev/null; }
+	@missing=""; \
+	ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing="$$missing postgresql"; \
+	test -x /usr/bin/chromium || missing="$$missing chromium"; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing Debian packages for the tests:$$missing"; \
+	  $(SUDO) apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
+	fi
 
 # Lint and types, then the tests: unit tests (seconds) and the real stack (anker up on free ports, tests, anker down).
 test: install system-deps lint

@@ -1,7 +1,8 @@
-"""The `anker` command: start and stop the local stack, build tiny models, manage API keys, check a config.
+"""The `anker` command: start and stop the local stack, build tiny models, manage organisations, keys, usage and
+invoices, check a config.
 
-It parses arguments, loads the config once and calls into ``cluster.local``, ``cluster.tiny_models`` and
-``deployments.keys``; it prints a key only when it is created, and never prints request content.
+It parses arguments, loads the config once and calls into ``cluster.local``, ``cluster.tiny_models`` and (through
+``cluster.cli_billing``) the billing layer; it prints a key only when it is created, and never request content.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from types import FrameType
 
+from cluster import cli_billing
 from cluster.config import DEFAULT_PROFILE, AnkerConfig, ConfigError, load_config
 
 EXIT_OK = 0
@@ -28,6 +30,10 @@ examples:
   anker up --detach                     start it in the background; `anker down` stops it
   anker status                          what runs, and whether every model is ready
   anker keys create --tenant kommune-x  create an API key (printed once, on the last line)
+  anker keys create --tenant kommune-x --role admin --budget-dkk 500 --rpm 60 --models region:dk
+  anker tenants set kommune-x --plan monthly --monthly-fee-dkk 2000 --discount-percent 10
+  anker usage --tenant kommune-x --month 2026-11
+  anker invoice --tenant kommune-x --month 2026-11 --out invoices/
   anker model build --out ./m --arch qwen3-moe
   ANKER_PORT=8001 anker up              any config field can be overridden from the environment
 
@@ -91,8 +97,8 @@ def cmd_up(args: argparse.Namespace) -> int:
     config = _config(args)
     store = open_key_store(config.data_dir, config.database_url)
     first_key = None
-    if store.count_active() == 0:
-        _, first_key = store.create("default")
+    if store.count_active() == 0:  # the first key runs its organisation: it can call models and manage keys
+        _, first_key = store.create("default", "owner")
     try:
         state = local.start(config, _say)
     except local.StackError as exc:
@@ -193,43 +199,6 @@ def cmd_model_build(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def cmd_keys_create(args: argparse.Namespace) -> int:
-    from deployments.keys import open_key_store
-
-    config = _config(args)
-    try:
-        record, key = open_key_store(config.data_dir, config.database_url).create(args.tenant)
-    except ValueError as exc:
-        print(f"anker keys create: {exc}", file=sys.stderr)
-        return EXIT_USAGE
-    print(f"created key {record.key_id} for tenant {record.tenant}; it is shown once:", file=sys.stderr)
-    print(key)
-    return EXIT_OK
-
-
-def cmd_keys_list(args: argparse.Namespace) -> int:
-    from deployments.keys import open_key_store
-
-    config = _config(args)
-    records = open_key_store(config.data_dir, config.database_url).list(args.tenant)
-    _say(f"{'KEY ID':<14}{'TENANT':<24}{'CREATED (UTC)':<22}STATUS")
-    for r in records:
-        created = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(r.created_at))
-        _say(f"{r.key_id:<14}{r.tenant:<24}{created:<22}{'revoked' if r.revoked_at else 'active'}")
-    return EXIT_OK
-
-
-def cmd_keys_revoke(args: argparse.Namespace) -> int:
-    from deployments.keys import open_key_store
-
-    config = _config(args)
-    if not open_key_store(config.data_dir, config.database_url).revoke(args.key_id):
-        print(f"anker keys revoke: no active key {args.key_id}", file=sys.stderr)
-        return EXIT_FAILED
-    _say(f"revoked {args.key_id}")
-    return EXIT_OK
-
-
 def cmd_config_check(args: argparse.Namespace) -> int:
     config = _config(args)
     _say(f"config ok: data folder {config.data_dir}")
@@ -321,18 +290,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     build.set_defaults(func=cmd_model_build)
 
-    keys = sub.add_parser("keys", help="create, list and revoke API keys").add_subparsers(
-        dest="keys_command", metavar="ACTION", required=True
-    )
-    create = with_config(keys.add_parser("create", help="create a key; it is printed once, alone on the last line"))
-    create.add_argument("--tenant", required=True, help="tenant (organisation) the key belongs to")
-    create.set_defaults(func=cmd_keys_create)
-    listing = with_config(keys.add_parser("list", help="list keys (ids and tenants, never the keys)"))
-    listing.add_argument("--tenant", help="only this tenant's keys")
-    listing.set_defaults(func=cmd_keys_list)
-    revoke = with_config(keys.add_parser("revoke", help="revoke a key by its id"))
-    revoke.add_argument("key_id", metavar="KEY_ID")
-    revoke.set_defaults(func=cmd_keys_revoke)
+    cli_billing.add_commands(sub, with_config, _config)
 
     config = sub.add_parser("config", help="check a config file").add_subparsers(
         dest="config_command", metavar="ACTION", required=True

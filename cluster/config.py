@@ -66,6 +66,11 @@ class ModelConfig(_Strict):
     engine_num_cpus: float = Field(default=1.0, ge=0, description="Ray logical CPUs per engine replica.")
     accelerator: Literal["cpu", "gpu"] = "cpu"
     owned_by: str = "anker"
+    region: str = Field(
+        default="dk",
+        pattern=r"^[a-z0-9-]{1,32}$",
+        description="Where the model's GPUs are; a key's allow-list may admit models by region (region:dk).",
+    )
     prices: Prices = Field(default_factory=Prices)
 
     @model_validator(mode="after")
@@ -145,6 +150,25 @@ class StackConfig(_Strict):
     startup_timeout_s: float = Field(default=600.0, gt=0)
 
 
+class BillingConfig(_Strict):
+    """Rate-limit defaults, invoice VAT and the billing actor's timings."""
+
+    default_rpm: int = Field(default=600, ge=1, description="Requests per minute of a key without its own limit.")
+    default_tpm: int = Field(default=2_000_000, ge=1, description="Tokens per minute of a key without its own limit.")
+    vat_percent: Decimal = Field(default=Decimal("25"), ge=0, description="VAT on invoices (Danish moms: 25 %).")
+    reservation_ttl_s: float = Field(default=900.0, gt=0, description="Budget reservations without usage expire.")
+    key_cache_ttl_s: float = Field(default=10.0, ge=0, description="How long the ingress trusts a verified key.")
+    usage_flush_interval_s: float = Field(default=0.2, gt=0, description="How often the ingress sends usage.")
+    num_cpus: float = Field(default=0.1, ge=0, description="Ray logical CPUs of the billing actor.")
+
+    @field_validator("vat_percent", mode="before")
+    @classmethod
+    def _no_float(cls, value: Any) -> Any:
+        if isinstance(value, float):
+            raise ValueError("write VAT as a string or integer (exact), not a float")
+        return value
+
+
 class AnkerConfig(_Strict):
     data_dir: Path = Path(".anker")
     database_url: str | None = Field(
@@ -154,6 +178,7 @@ class AnkerConfig(_Strict):
     server: ServerConfig = Field(default_factory=ServerConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
     stack: StackConfig = Field(default_factory=StackConfig)
+    billing: BillingConfig = Field(default_factory=BillingConfig)
     models: list[ModelConfig] = Field(min_length=1)
 
     @model_validator(mode="after")

@@ -1,7 +1,7 @@
 """The builder: the only place that knows the whole graph. It turns an ``AnkerConfig`` into a bound Serve app.
 
-Ingress -> Tokenizer, Ingress -> one Engine deployment per model, composed with ``.bind()``; deployments receive
-their specs and handles here and never look each other up by name.
+Ingress -> Tokenizer, Ingress -> one Engine deployment per model, Ingress -> Billing, composed with ``.bind()``;
+deployments receive their specs and handles here and never look each other up by name.
 """
 
 from __future__ import annotations
@@ -12,6 +12,8 @@ from ray import serve
 
 from cluster.config import AnkerConfig, ModelConfig, deployment_suffix
 from cluster.placement import engine_placement
+from deployments.billing.actor import Billing
+from deployments.billing.service import billing_spec
 from deployments.engine import Engine, EngineSpec
 from deployments.ingress import Ingress, IngressSpec
 from deployments.openai.serving import ServedModel
@@ -72,13 +74,16 @@ def build_app(config: AnkerConfig) -> serve.Application:
         config.stack.prefix_block_size,
     )
     engines = {m.name: bind_engine(config, m) for m in config.models}
+    billing = Billing.options(  # type: ignore[attr-defined]
+        ray_actor_options={"num_cpus": config.billing.num_cpus},
+    ).bind(billing_spec(config))
     spec = IngressSpec(
-        models=tuple(ServedModel(m.name, m.max_model_len, m.owned_by, created) for m in config.models),
-        data_dir=config.data_dir,
-        database_url=config.database_url,
+        models=tuple(ServedModel(m.name, m.max_model_len, m.owned_by, created, m.region) for m in config.models),
         max_body_bytes=config.server.max_request_bytes,
+        key_cache_ttl_s=config.billing.key_cache_ttl_s,
+        usage_flush_interval_s=config.billing.usage_flush_interval_s,
     )
     return Ingress.options(  # type: ignore[attr-defined]
         num_replicas=config.stack.ingress_replicas,
         ray_actor_options={"num_cpus": config.stack.ingress_num_cpus},
-    ).bind(spec, tokenizer, engines)
+    ).bind(spec, tokenizer, engines, billing)

@@ -95,3 +95,24 @@ class EngineLoad:
     kv_cache_usage: float = 0.0
     aborted_total: int = 0
     request_ids: tuple[str, ...] = field(default_factory=tuple)
+
+
+@dataclass(frozen=True)
+class AdmissionRequest:
+    """Ingress -> billing, before a request reaches an engine: counts only, never the prompt."""
+
+    billing_id: str
+    key_id: str
+    tenant: str
+    model: str
+    prompt_tokens: int
+    max_output_tokens: int  # max_tokens x n, summed over prompts: the most the request can produce
+
+
+@dataclass(frozen=True)
+class Admission:
+    """Billing -> ingress: the request may run. ``reserved_tokens`` goes back with its usage to refund the rest."""
+
+    rate_limit_headers: dict[str, str]
+    reserved_tokens: int
+    budget_reserved: bool

@@ -27,6 +27,7 @@ def create_engine(url: str) -> sa.Engine:
     engine = sa.create_engine(url, pool_pre_ping=True)
     if engine.dialect.name == "sqlite":
         sa.event.listen(engine, "connect", _sqlite_pragmas)
+        sa.event.listen(engine, "begin", _sqlite_begin_immediate)
     return engine
 
 
@@ -52,7 +53,15 @@ def schema_revision(engine: sa.Engine) -> str | None:
 
 
 def _sqlite_pragmas(connection: Any, _record: object) -> None:
+    # SQLAlchemy, not the driver, starts transactions (see _sqlite_begin_immediate).
+    connection.isolation_level = None
     cursor = connection.cursor()
     cursor.execute("PRAGMA journal_mode=WAL")
     cursor.execute("PRAGMA busy_timeout=10000")
     cursor.close()
+
+
+def _sqlite_begin_immediate(connection: sa.Connection) -> None:
+    """Every SQLite transaction takes the write lock at its start: concurrent writers (the billing actor's threads,
+    the CLI) then wait for each other (busy_timeout) instead of failing when a reader upgrades to a writer."""
+    connection.exec_driver_sql("BEGIN IMMEDIATE")

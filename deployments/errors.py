@@ -56,6 +56,66 @@ class InvalidApiKey(AnkerError):
     code = "invalid_api_key"
 
 
+class PermissionDenied(AnkerError):
+    """The key is valid but its role may not do this (a viewer calling a model, a member managing keys)."""
+
+    status = 403
+    type = "invalid_request_error"
+    code = "permission_denied"
+
+
+class ModelNotAllowed(AnkerError):
+    """The model exists, but the key's allow-list (set by its organisation's admins) does not include it."""
+
+    status = 403
+    type = "invalid_request_error"
+    code = "model_not_allowed"
+
+
+class NotFound(AnkerError):
+    """An administrative object (tenant, member, key) that does not exist or is not the caller's to see."""
+
+    status = 404
+    type = "invalid_request_error"
+    code = "not_found"
+
+
+class Conflict(AnkerError):
+    status = 409
+    type = "invalid_request_error"
+    code = "conflict"
+
+
+class RetryLater(AnkerError):
+    """An error the client should retry after ``retry_after_s`` seconds (sent as ``Retry-After``)."""
+
+    def __init__(self, message: str, param: str | None = None, retry_after_s: int = 5) -> None:
+        Exception.__init__(self, message, param, retry_after_s)
+        self.message = message
+        self.param = param
+        self.retry_after_s = retry_after_s
+
+
+class RateLimited(RetryLater):
+    """Requests or tokens per minute of the key are used up; ``type`` says which, like OpenAI's."""
+
+    status = 429
+    type = "requests"
+    code = "rate_limit_exceeded"
+
+
+class TokenRateLimited(RateLimited):
+    type = "tokens"
+
+
+class InsufficientQuota(AnkerError):
+    """The tenant's or the key's budget (monthly cap or prepaid credit) is used up."""
+
+    status = 429
+    type = "insufficient_quota"
+    code = "insufficient_quota"
+
+
 class ModelNotFound(AnkerError):
     status = 404
     type = "invalid_request_error"
@@ -80,16 +140,18 @@ class RequestTooLarge(AnkerError):
     code = "request_too_large"
 
 
-class EngineUnavailable(AnkerError):
+class EngineUnavailable(RetryLater):
     status = 503
     type = "service_unavailable_error"
     code = "engine_unavailable"
 
-    def __init__(self, message: str, param: str | None = None, retry_after_s: int = 5) -> None:
-        Exception.__init__(self, message, param, retry_after_s)
-        self.message = message
-        self.param = param
-        self.retry_after_s = retry_after_s
+
+class BillingUnavailable(RetryLater):
+    """The billing actor cannot be reached and the request needs it (a budget to reserve, an unknown key)."""
+
+    status = 503
+    type = "service_unavailable_error"
+    code = "billing_unavailable"
 
 
 class InternalError(AnkerError):

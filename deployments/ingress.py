@@ -1,7 +1,9 @@
-"""The ingress deployment: serves the OpenAI app and reaches the tokenizer and engines through deployment handles.
+"""The ingress deployment: serves the OpenAI app and reaches the tokenizer, engines and billing actor through
+deployment handles.
 
-It owns the handle adapters (Ray errors become ``EngineUnavailable``/``EngineFailure`` values), engine readiness,
-and the cached key look-ups. It never tokenizes, never generates, and never logs request content.
+It owns the handle adapters (Ray errors become ``EngineUnavailable``/``EngineFailure``/``BillingUnavailable``
+values), engine readiness, the cached key look-ups and the usage outbox. It never tokenizes, never generates, never
+writes the database itself, and never logs request content.
 """
 
 from __future__ import annotations
@@ -10,19 +12,22 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass
-from pathlib import Path
+from datetime import datetime
 from typing import Any
 
 from ray import serve
 from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 
-from deployments.contracts import ChatTurn, EngineFailure, Prepared, Sampling
-from deployments.errors import AnkerError, EngineUnavailable
-from deployments.keys import KeyRecord, KeyStore, open_key_store
+from deployments.billing.governance import Actor
+from deployments.billing.service import Principal, UsageReport
+from deployments.contracts import Admission, AdmissionRequest, ChatTurn, EngineFailure, Prepared, Sampling
+from deployments.errors import AnkerError, BillingUnavailable, EngineUnavailable
+from deployments.keys import KeyRecord
 from deployments.openai.app import create_app
 from deployments.openai.serving import EngineItem, OpenAIService, ServedModel
+from deployments.usage_outbox import UsageOutbox
 
 logger = logging.getLogger("ray.serve")
 
@@ -34,10 +39,9 @@ NOT_READY_PROBE_PERIOD_S = 1.0
 @dataclass(frozen=True)
 class IngressSpec:
     models: tuple[ServedModel, ...]
-    data_dir: Path
-    database_url: str | None
     max_body_bytes: int
     key_cache_ttl_s: float = 10.0
+    usage_flush_interval_s: float = 0.2
 
 
 class ServeTokenizerClient:
@@ -122,42 +126,119 @@ class ServeEngineClient:
                 await asyncio.wait_for(self._wake.wait(), period)
 
 
-class CachedKeyVerifier:
-    """Key look-ups off the event loop; valid keys are cached briefly, misses never (a new key works at once)."""
+class ServeBillingClient:
+    """The billing actor as the ingress sees it: cached key look-ups, admission, usage through the outbox, and the
+    read and admin calls. Ray errors become ``BillingUnavailable``; error values from the actor are raised.
 
-    def __init__(self, store: KeyStore, ttl_s: float) -> None:
-        self._store = store
-        self._ttl_s = ttl_s
-        self._cache: dict[str, tuple[float, KeyRecord]] = {}
+    If the actor is briefly away (Ray Serve is restarting it), keys cached here keep working, a key without any
+    budget is admitted without a reservation (its usage waits in the outbox), and a key with a budget gets 503:
+    a budget is never spent without its reservation.
+    """
+
+    def __init__(self, handle: DeploymentHandle, key_cache_ttl_s: float, flush_interval_s: float) -> None:
+        self._handle = handle
+        self._ttl_s = key_cache_ttl_s
+        self._cache: dict[str, tuple[float, Principal]] = {}
+        self._has_budget: dict[str, bool] = {}
+        self.outbox = UsageOutbox(self._send, flush_interval_s)
+
+    async def _call(self, method: str, *args: Any) -> Any:
+        try:
+            result = await getattr(self._handle, method).remote(*args)
+        except Exception as exc:
+            logger.error("billing call %s failed with %s", method, type(exc).__name__)
+            raise BillingUnavailable("Billing is briefly unavailable. Please retry shortly.", retry_after_s=2) from None
+        if isinstance(result, AnkerError):
+            raise result
+        return result
+
+    async def _send(self, reports: Sequence[UsageReport]) -> Sequence[str]:
+        acked: Sequence[str] = await self._handle.record.remote(list(reports))
+        return acked
 
     async def verify(self, key: str) -> KeyRecord | None:
+        """Valid keys are cached briefly, misses never (a new key works at once; a revoked one within the TTL)."""
         hit = self._cache.get(key)
         now = time.monotonic()
         if hit is not None and hit[0] > now:
-            return hit[1]
-        record = await asyncio.to_thread(self._store.verify, key)
-        if record is not None:
-            if len(self._cache) > 10_000:
-                self._cache.clear()
-            self._cache[key] = (now + self._ttl_s, record)
-        return record
+            return hit[1].key
+        try:
+            principal: Principal | None = await self._call("authenticate", key)
+        except BillingUnavailable:
+            if hit is not None:  # stale but known: keep serving while billing restarts
+                return hit[1].key
+            raise
+        if principal is None:
+            self._cache.pop(key, None)
+            return None
+        if len(self._cache) > 10_000:
+            self._cache.clear()
+        self._cache[key] = (now + self._ttl_s, principal)
+        self._has_budget[principal.key.key_id] = principal.has_budget
+        return principal.key
+
+    async def is_admin_token(self, token: str) -> bool:
+        return bool(await self._call("is_admin_token", token))
+
+    async def rate_limit_headers(self, key: KeyRecord) -> dict[str, str]:
+        headers: dict[str, str] = await self._call("rate_limit_headers", key)
+        return headers
+
+    async def admit(self, key: KeyRecord, request: AdmissionRequest) -> Admission:
+        try:
+            admission: Admission = await self._call("admit", key, request)
+        except BillingUnavailable:
+            if self._has_budget.get(key.key_id, True):
+                raise
+            logger.warning("billing unavailable: admitting a request of key %s without a budget", key.key_id)
+            return Admission({}, 0, False)
+        return admission
+
+    def submit(self, report: UsageReport) -> None:
+        self.outbox.submit(report)
+
+    async def usage(self, key: KeyRecord, start: datetime, end: datetime, group_by: str | None) -> dict[str, Any]:
+        result: dict[str, Any] = await self._call("usage", key, start, end, group_by)
+        return result
+
+    async def summary(self, key: KeyRecord) -> dict[str, Any]:
+        result: dict[str, Any] = await self._call("summary", key)
+        return result
+
+    async def administer(self, actor: Actor, operation: str, arguments: dict[str, Any]) -> Any:
+        return await self._call("administer", actor, operation, arguments)
 
 
 @serve.deployment(name="Ingress")
 @serve.ingress()
 class Ingress:
-    def __init__(self, spec: IngressSpec, tokenizer: DeploymentHandle, engines: dict[str, DeploymentHandle]) -> None:
+    def __init__(
+        self,
+        spec: IngressSpec,
+        tokenizer: DeploymentHandle,
+        engines: dict[str, DeploymentHandle],
+        billing: DeploymentHandle,
+    ) -> None:
         self._engines = {name: ServeEngineClient(name, handle) for name, handle in engines.items()}
-        self._watchers: list[asyncio.Task[None]] = []
-        store = open_key_store(spec.data_dir, spec.database_url)
-        self._service = OpenAIService(spec.models, ServeTokenizerClient(tokenizer), dict(self._engines))
-        self._keys = CachedKeyVerifier(store, spec.key_cache_ttl_s)
+        self._tasks: list[asyncio.Task[None]] = []
+        self._billing = ServeBillingClient(billing, spec.key_cache_ttl_s, spec.usage_flush_interval_s)
+        self._service = OpenAIService(spec.models, ServeTokenizerClient(tokenizer), dict(self._engines), self._billing)
         self._max_body_bytes = spec.max_body_bytes
 
     def __serve_build_asgi_app__(self) -> Any:
         loop = asyncio.get_running_loop()
-        self._watchers = [loop.create_task(engine.watch()) for engine in self._engines.values()]
-        return create_app(self._service, self._keys, self._max_body_bytes, _serve_request_id)
+        self._tasks = [loop.create_task(engine.watch()) for engine in self._engines.values()]
+        self._tasks.append(loop.create_task(self._billing.outbox.run()))
+        return create_app(self._service, self._billing, self._max_body_bytes, _serve_request_id)
+
+    async def usage_pending(self) -> int:
+        """Usage reports not yet acknowledged by billing (0 in a quiet, healthy stack)."""
+        return self._billing.outbox.pending
+
+    async def __del__(self) -> None:
+        # Ray Serve is stopping this replica: hand over the usage it still holds before it goes.
+        if not await self._billing.outbox.drain(timeout_s=10.0):
+            logger.error("ingress stopping with %d usage reports undelivered", self._billing.outbox.pending)
 
 
 def _serve_request_id() -> str | None:

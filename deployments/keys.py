@@ -1,47 +1,105 @@
 """API keys: creation, keyed-hash storage in Anker's database, and constant-time verification.
 
 The plaintext key is returned once by ``create`` and never stored or logged; only HMAC-SHA256(server secret, key)
-is kept, in the ``api_keys`` table that an Alembic migration creates. The next steps of issue 4 move look-ups behind
-the billing actor; the key format stays.
+is kept, in the ``api_keys`` table that an Alembic migration creates, with the key's role, allow-list, budget and
+rate limits. Permission checks and the audit log are the governance layer's (``deployments/billing/governance.py``).
 """
 
 from __future__ import annotations
 
 import hashlib
 import hmac
+import json
 import os
 import re
 import secrets
 import time
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import sqlalchemy as sa
 
 from deployments import database
+from deployments.billing.tables import API_KEYS, MEMBERS, TENANTS
 
 KEY_PREFIX = "ank"
 # ank_<key id: 12 hex>_<secret: 43 url-safe base64 chars = 256 bits>
 KEY_PATTERN = re.compile(r"^ank_([0-9a-f]{12})_([A-Za-z0-9_-]{43})$")
 TENANT_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
-API_KEYS = sa.Table(
-    "api_keys",
-    sa.MetaData(),
-    sa.Column("key_id", sa.String(32), primary_key=True),
-    sa.Column("tenant", sa.String(64), nullable=False),
-    sa.Column("key_hmac", sa.LargeBinary(32), nullable=False),
-    sa.Column("created_at", sa.Float, nullable=False),
-    sa.Column("revoked_at", sa.Float, nullable=True),
-)
+ROLES = ("owner", "admin", "member", "viewer")
+MAX_ALLOWED_MODELS = 64
 
 
 @dataclass(frozen=True)
 class KeyRecord:
+    """A key's settings (never the key): its tenant, effective role, model allow-list, monthly budget, rate limits.
+
+    ``allowed_models`` holds served names and ``region:<r>`` entries; None means every model. ``role`` is the
+    role of the member the key belongs to, or the key's own role for keys made without a member.
+    """
+
     key_id: str
     tenant: str
     created_at: float
     revoked_at: float | None = None
+    role: str = "member"
+    name: str | None = None
+    member_id: str | None = None
+    allowed_models: tuple[str, ...] | None = None
+    budget_nano_dkk: int | None = None
+    rpm: int | None = None
+    tpm: int | None = None
+
+    def public(self) -> dict[str, Any]:
+        return {
+            "id": self.key_id,
+            "object": "api_key",
+            "tenant": self.tenant,
+            "name": self.name,
+            "member_id": self.member_id,
+            "role": self.role,
+            "allowed_models": list(self.allowed_models) if self.allowed_models is not None else None,
+            "budget_nano_dkk": self.budget_nano_dkk,
+            "rpm": self.rpm,
+            "tpm": self.tpm,
+            "created_at": int(self.created_at),
+            "revoked_at": int(self.revoked_at) if self.revoked_at is not None else None,
+        }
+
+
+def _validate_settings(
+    role: str, allowed_models: Sequence[str] | None, budget_nano_dkk: int | None, rpm: int | None, tpm: int | None
+) -> None:
+    if role not in ROLES:
+        raise ValueError(f"role must be one of {', '.join(ROLES)}")
+    if allowed_models is not None and (
+        len(allowed_models) > MAX_ALLOWED_MODELS
+        or not all(isinstance(m, str) and 0 < len(m) <= 128 for m in allowed_models)
+    ):
+        raise ValueError(f"allowed_models must be up to {MAX_ALLOWED_MODELS} model names or region:<name> entries")
+    for name, value in (("budget", budget_nano_dkk), ("rpm", rpm), ("tpm", tpm)):
+        if value is not None and value < 0:
+            raise ValueError(f"{name} cannot be negative")
+
+
+def _record(row: Any, role: str | None = None) -> KeyRecord:
+    allowed = json.loads(row.allowed_models) if row.allowed_models is not None else None
+    return KeyRecord(
+        key_id=row.key_id,
+        tenant=row.tenant,
+        created_at=row.created_at,
+        revoked_at=row.revoked_at,
+        role=role or row.role,
+        name=row.name,
+        member_id=row.member_id,
+        allowed_models=tuple(allowed) if allowed is not None else None,
+        budget_nano_dkk=row.budget_nano_dkk,
+        rpm=row.rpm,
+        tpm=row.tpm,
+    )
 
 
 def load_or_create_secret(path: Path) -> bytes:
@@ -70,43 +128,135 @@ class KeyStore:
     def _digest(self, key: str) -> bytes:
         return hmac.new(self._secret, key.encode("ascii"), hashlib.sha256).digest()
 
-    def create(self, tenant: str) -> tuple[KeyRecord, str]:
+    def create(
+        self,
+        tenant: str,
+        role: str = "member",
+        *,
+        name: str | None = None,
+        member_id: str | None = None,
+        allowed_models: Sequence[str] | None = None,
+        budget_nano_dkk: int | None = None,
+        rpm: int | None = None,
+        tpm: int | None = None,
+    ) -> tuple[KeyRecord, str]:
+        """A new key for ``tenant`` (created as a pay-as-you-go organisation if it is new); returns it once."""
         if not TENANT_PATTERN.match(tenant):
             raise ValueError("tenant must be 1-64 characters: letters, digits, '.', '_' or '-'")
+        _validate_settings(role, allowed_models, budget_nano_dkk, rpm, tpm)
         key_id = secrets.token_hex(6)
         key = f"{KEY_PREFIX}_{key_id}_{secrets.token_urlsafe(32)}"
-        record = KeyRecord(key_id=key_id, tenant=tenant, created_at=time.time())
+        record = KeyRecord(
+            key_id=key_id,
+            tenant=tenant,
+            created_at=time.time(),
+            role=role,
+            name=name,
+            member_id=member_id,
+            allowed_models=tuple(allowed_models) if allowed_models is not None else None,
+            budget_nano_dkk=budget_nano_dkk,
+            rpm=rpm,
+            tpm=tpm,
+        )
         with self._engine.begin() as db:
+            ensure_tenant(db, tenant)
+            if member_id is not None:
+                member = db.execute(
+                    sa.select(MEMBERS.c.role).where(
+                        MEMBERS.c.member_id == member_id, MEMBERS.c.tenant == tenant, MEMBERS.c.removed_at.is_(None)
+                    )
+                ).first()
+                if member is None:
+                    raise ValueError(f"no member {member_id} in tenant {tenant}")
+                record = replace(record, role=member.role)
             db.execute(
                 API_KEYS.insert().values(
-                    key_id=record.key_id, tenant=record.tenant, key_hmac=self._digest(key), created_at=record.created_at
+                    key_id=record.key_id,
+                    tenant=record.tenant,
+                    key_hmac=self._digest(key),
+                    created_at=record.created_at,
+                    role=role,
+                    name=name,
+                    member_id=member_id,
+                    allowed_models=json.dumps(list(allowed_models)) if allowed_models is not None else None,
+                    budget_nano_dkk=budget_nano_dkk,
+                    rpm=rpm,
+                    tpm=tpm,
                 )
             )
         return record, key
 
     def verify(self, key: str) -> KeyRecord | None:
-        """The key's record if the key is valid and not revoked; None otherwise. Constant time in the secret part."""
+        """The key's record if the key is valid and not revoked (nor its member removed); None otherwise.
+
+        Constant time in the secret part: an unknown id costs the same digest comparison as a wrong secret.
+        """
         match = KEY_PATTERN.match(key)
         if match is None:
             return None
+        query = (
+            sa.select(API_KEYS, MEMBERS.c.role.label("member_role"), MEMBERS.c.removed_at.label("member_removed"))
+            .select_from(API_KEYS.outerjoin(MEMBERS, MEMBERS.c.member_id == API_KEYS.c.member_id))
+            .where(API_KEYS.c.key_id == match.group(1))
+        )
         with self._engine.connect() as db:
-            row = db.execute(sa.select(API_KEYS).where(API_KEYS.c.key_id == match.group(1))).first()
+            row = db.execute(query).first()
         if row is None:
-            # Compare anyway, so that an unknown id costs the same as a wrong secret.
             hmac.compare_digest(self._digest(key), bytes(32))
             return None
         valid = hmac.compare_digest(self._digest(key), bytes(row.key_hmac))
-        if not valid or row.revoked_at is not None:
+        if not valid or row.revoked_at is not None or row.member_removed is not None:
             return None
-        return KeyRecord(key_id=row.key_id, tenant=row.tenant, created_at=row.created_at, revoked_at=row.revoked_at)
+        if row.member_id is not None and row.member_role is None:
+            return None
+        return _record(row, row.member_role)
+
+    def get(self, key_id: str) -> KeyRecord | None:
+        query = (
+            sa.select(API_KEYS, MEMBERS.c.role.label("member_role"))
+            .select_from(API_KEYS.outerjoin(MEMBERS, MEMBERS.c.member_id == API_KEYS.c.member_id))
+            .where(API_KEYS.c.key_id == key_id)
+        )
+        with self._engine.connect() as db:
+            row = db.execute(query).first()
+        return _record(row, row.member_role) if row is not None else None
 
     def list(self, tenant: str | None = None) -> list[KeyRecord]:
-        query = sa.select(API_KEYS.c.key_id, API_KEYS.c.tenant, API_KEYS.c.created_at, API_KEYS.c.revoked_at)
+        query = sa.select(API_KEYS, MEMBERS.c.role.label("member_role")).select_from(
+            API_KEYS.outerjoin(MEMBERS, MEMBERS.c.member_id == API_KEYS.c.member_id)
+        )
         if tenant is not None:
             query = query.where(API_KEYS.c.tenant == tenant)
         with self._engine.connect() as db:
             rows = db.execute(query.order_by(API_KEYS.c.created_at)).all()
-        return [KeyRecord(key_id=r[0], tenant=r[1], created_at=r[2], revoked_at=r[3]) for r in rows]
+        return [_record(r, r.member_role) for r in rows]
+
+    def update(self, key_id: str, **settings: Any) -> KeyRecord | None:
+        """Changes a key's ``role``, ``name``, ``allowed_models``, ``budget_nano_dkk``, ``rpm`` or ``tpm``."""
+        current = self.get(key_id)
+        if current is None:
+            return None
+        unknown = set(settings) - {"role", "name", "allowed_models", "budget_nano_dkk", "rpm", "tpm"}
+        if unknown:
+            raise ValueError(f"cannot change {', '.join(sorted(unknown))}")
+        merged = {
+            "role": current.role,
+            "allowed_models": current.allowed_models,
+            "budget_nano_dkk": current.budget_nano_dkk,
+            "rpm": current.rpm,
+            "tpm": current.tpm,
+            **settings,
+        }
+        _validate_settings(
+            merged["role"], merged["allowed_models"], merged["budget_nano_dkk"], merged["rpm"], merged["tpm"]
+        )
+        values = dict(settings)
+        if "allowed_models" in values:
+            models = values["allowed_models"]
+            values["allowed_models"] = json.dumps(list(models)) if models is not None else None
+        with self._engine.begin() as db:
+            db.execute(API_KEYS.update().where(API_KEYS.c.key_id == key_id).values(**values))
+        return self.get(key_id)
 
     def revoke(self, key_id: str) -> bool:
         with self._engine.begin() as db:
@@ -121,6 +271,28 @@ class KeyStore:
         with self._engine.connect() as db:
             count = db.execute(sa.select(sa.func.count()).where(API_KEYS.c.revoked_at.is_(None))).scalar()
         return int(count or 0)
+
+    @property
+    def engine(self) -> sa.Engine:
+        return self._engine
+
+
+def ensure_tenant(db: sa.Connection, tenant: str) -> None:
+    """Creates ``tenant`` as a pay-as-you-go organisation without a budget unless it exists."""
+    from datetime import UTC, datetime
+
+    exists = db.execute(sa.select(TENANTS.c.tenant).where(TENANTS.c.tenant == tenant)).first()
+    if exists is None:
+        db.execute(
+            TENANTS.insert().values(
+                tenant=tenant,
+                display_name=tenant,
+                plan="payg",
+                plan_fee_ore=0,
+                discount_bp=0,
+                created_at=datetime.now(UTC),
+            )
+        )
 
 
 def secret_path(data_dir: Path) -> Path:

@@ -9,7 +9,6 @@ import asyncio
 from collections.abc import AsyncGenerator
 
 from deployments.contracts import ChatTurn, Delta, EngineFailure, Prepared, Sampling, TokenLogprob, TopLogprob
-from deployments.keys import KeyRecord
 from deployments.tokenizer import TokenizerCore
 
 EngineItem = list[Delta] | EngineFailure
@@ -83,13 +82,30 @@ class LocalTokenizerClient:
         return self._core.completion(model, prompts, max_tokens)
 
 
-class DictKeyVerifierDouble:
-    def __init__(self, keys: dict[str, str]) -> None:
-        self._keys = keys
+class InProcessHandleDouble:
+    """Stands in for a Ray ``DeploymentHandle``: ``handle.method.remote(*args)`` calls the object's method in-process.
 
-    async def verify(self, key: str) -> KeyRecord | None:
-        tenant = self._keys.get(key)
-        return None if tenant is None else KeyRecord(key_id=key[:8], tenant=tenant, created_at=0.0)
+    Only the transport is replaced: the object behind it is the real deployment class. ``down`` makes every call
+    fail the way an unreachable actor does.
+    """
+
+    def __init__(self, target: object) -> None:
+        self._target = target
+        self.down = False
+
+    def __getattr__(self, name: str) -> _RemoteMethod:
+        return _RemoteMethod(self, name)
 
 
-__all__ = ["DictKeyVerifierDouble", "InstantEngineDouble", "LocalTokenizerClient"]
+class _RemoteMethod:
+    def __init__(self, handle: InProcessHandleDouble, name: str) -> None:
+        self._handle = handle
+        self._name = name
+
+    def remote(self, *args: object) -> asyncio.Future[object]:
+        if self._handle.down:
+            raise ConnectionError("actor unavailable (double)")
+        return asyncio.ensure_future(getattr(self._handle._target, self._name)(*args))
+
+
+__all__ = ["InProcessHandleDouble", "InstantEngineDouble", "LocalTokenizerClient"]

@@ -8,20 +8,18 @@ from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import httpx
 import pytest
 
 from deployments.openai import sse
-from deployments.openai.app import create_app
-from deployments.openai.serving import OpenAIService, ServedModel
 from deployments.tokenizer import TokenizerCore, TokenizerSpec
-from tests.doubles import DictKeyVerifierDouble, InstantEngineDouble, LocalTokenizerClient
+from tests.doubles import InstantEngineDouble
+from tests.inprocess import CTX, inprocess_stack
 
-KEY = "ank_test_key"
-AUTH = {"Authorization": f"Bearer {KEY}"}
-CTX = 512
+AUTH: dict[str, str] = {}
 
 
 @pytest.fixture(scope="module")
@@ -29,17 +27,19 @@ def tokenizer_core(tiny_models: dict[str, Path]) -> TokenizerCore:
     return TokenizerCore([TokenizerSpec(n, p, CTX) for n, p in tiny_models.items()], block_size=16)
 
 
-def make_client(core: TokenizerCore, engines: dict[str, InstantEngineDouble]) -> httpx.AsyncClient:
-    models = [ServedModel(name, CTX, "anker", 1) for name in engines]
-    service = OpenAIService(models, LocalTokenizerClient(core), dict(engines))  # type: ignore[arg-type]
-    app = create_app(service, DictKeyVerifierDouble({KEY: "t"}), max_body_bytes=64 * 1024)
-    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://anker")
+@asynccontextmanager
+async def make_client(
+    core: TokenizerCore, engines: dict[str, InstantEngineDouble], data_dir: Path
+) -> AsyncIterator[httpx.AsyncClient]:
+    async with inprocess_stack(core, data_dir, engines) as stack:
+        AUTH["Authorization"] = f"Bearer {stack.key('t')}"
+        yield stack.client
 
 
 @pytest.fixture
-async def client(tokenizer_core: TokenizerCore) -> AsyncIterator[httpx.AsyncClient]:
+async def client(tokenizer_core: TokenizerCore, tmp_path: Path) -> AsyncIterator[httpx.AsyncClient]:
     engines = {"qwen3-next-tiny": InstantEngineDouble(), "qwen3-moe-tiny": InstantEngineDouble()}
-    async with make_client(tokenizer_core, engines) as c:
+    async with make_client(tokenizer_core, engines, tmp_path) as c:
         yield c
 
 
@@ -146,9 +146,9 @@ async def test_client_errors_are_4xx_in_openai_shape(client: httpx.AsyncClient) 
     assert_openai_error(await client.delete("/v1/models", headers=AUTH), 405, "method_not_allowed")
 
 
-async def test_engine_not_ready_is_503_with_retry_after(tokenizer_core: TokenizerCore) -> None:
+async def test_engine_not_ready_is_503_with_retry_after(tokenizer_core: TokenizerCore, tmp_path: Path) -> None:
     engines = {"qwen3-next-tiny": InstantEngineDouble(ready=False)}
-    async with make_client(tokenizer_core, engines) as c:
+    async with make_client(tokenizer_core, engines, tmp_path) as c:
         r = await c.post("/v1/chat/completions", json=chat_body(), headers=AUTH)
         assert_openai_error(r, 503, "engine_unavailable")
         assert int(r.headers["retry-after"]) > 0
@@ -156,16 +156,16 @@ async def test_engine_not_ready_is_503_with_retry_after(tokenizer_core: Tokenize
         assert health.status_code == 503 and health.json()["models"]["qwen3-next-tiny"]["ready"] is False
 
 
-async def test_engine_failure_before_first_token_is_503(tokenizer_core: TokenizerCore) -> None:
+async def test_engine_failure_before_first_token_is_503(tokenizer_core: TokenizerCore, tmp_path: Path) -> None:
     engines = {"qwen3-next-tiny": InstantEngineDouble(fail_after=0)}
-    async with make_client(tokenizer_core, engines) as c:
+    async with make_client(tokenizer_core, engines, tmp_path) as c:
         r = await c.post("/v1/chat/completions", json=chat_body(stream=True), headers=AUTH)
         assert_openai_error(r, 503, "engine_unavailable")
 
 
-async def test_engine_failure_mid_stream_ends_the_stream_cleanly(tokenizer_core: TokenizerCore) -> None:
+async def test_engine_failure_mid_stream_ends_the_stream_cleanly(tokenizer_core: TokenizerCore, tmp_path: Path) -> None:
     engines = {"qwen3-next-tiny": InstantEngineDouble(fail_after=2)}
-    async with make_client(tokenizer_core, engines) as c:
+    async with make_client(tokenizer_core, engines, tmp_path) as c:
         r = await c.post("/v1/chat/completions", json=chat_body(stream=True, max_tokens=5), headers=AUTH)
         events = sse.parse_events(r.content)
         assert events[-1] == "[DONE]" and events[-2]["error"]["code"] == "engine_unavailable"

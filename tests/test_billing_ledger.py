@@ -53,9 +53,9 @@ def test_database_url_choice(tmp_path: Path) -> None:
 
 
 def test_migrations_are_versioned_and_rerunnable(ledger: Ledger) -> None:
-    assert ledger.schema_revision() == "0002"
+    assert ledger.schema_revision() == "0003"
     ledger.migrate()  # at every start: a no-op once at head
-    assert ledger.schema_revision() == "0002"
+    assert ledger.schema_revision() == "0003"
 
 
 def test_recording_is_idempotent_on_request_id(ledger: Ledger) -> None:
@@ -116,9 +116,95 @@ def test_the_schema_has_no_place_for_content(ledger: Ledger) -> None:
         "started_at",
         "finished_at",
         "status",
+        "cost_input_uncached_nano_dkk",
+        "cost_input_cached_nano_dkk",
+        "cost_output_nano_dkk",
+    }
+    # Every text column of every table holds an id, a name, a setting or a code: none could hold a prompt.
+    text_columns = {
+        f"{table}.{c['name']}"
+        for table in sa.inspect(ledger.engine).get_table_names()
+        for c in sa.inspect(ledger.engine).get_columns(table)
+        if isinstance(c["type"], (sa.String, sa.Text)) and table != "alembic_version"
+    }
+    assert text_columns == {
+        "tenants.tenant",
+        "tenants.display_name",
+        "tenants.plan",
+        "tenants.budget_kind",
+        "members.member_id",
+        "members.tenant",
+        "members.name",
+        "members.role",
+        "api_keys.key_id",
+        "api_keys.tenant",
+        "api_keys.name",
+        "api_keys.member_id",
+        "api_keys.role",
+        "api_keys.allowed_models",
+        "model_prices.model",
+        "usage_events.request_id",
+        "usage_events.tenant",
+        "usage_events.key_id",
+        "usage_events.model",
+        "usage_events.status",
+        "budget_spend.scope",
+        "budget_spend.scope_id",
+        "budget_spend.period",
+        "budget_reservations.request_id",
+        "budget_reservations.tenant",
+        "budget_reservations.key_id",
+        "budget_reservations.tenant_period",
+        "budget_reservations.key_period",
+        "audit_log.actor",
+        "audit_log.tenant",
+        "audit_log.action",
+        "audit_log.target",
+        "audit_log.details",
     }
 
 
 def test_impossible_counts_are_refused(ledger: Ledger) -> None:
     with pytest.raises((ValueError, sa.exc.IntegrityError)):
         ledger.record([event("bad", cached_tokens=2000)])
+
+
+def test_concurrent_reservations_stop_at_the_budget(ledger: Ledger) -> None:
+    """16 threads reserve 3 units each against a budget of 10: exactly 4 pass (0, 3, 6, 9 < 10), never more."""
+    from deployments.billing import budgets
+    from deployments.billing.tables import TENANTS
+    from deployments.errors import InsufficientQuota
+    from deployments.keys import ensure_tenant
+
+    with ledger.engine.begin() as db:
+        ensure_tenant(db, "kommune-x")
+        db.execute(TENANTS.update().values(budget_kind="monthly", budget_nano_dkk=10))
+    now = T0 + timedelta(days=3)
+    results: list[bool] = []
+    admitted: list[str] = []
+    start = threading.Barrier(16)
+
+    def attempt(i: int) -> None:
+        start.wait()
+        try:
+            with ledger.engine.begin() as db:
+                budgets.reserve(db, "kommune-x", "k1", f"r{i}", 3, now)
+            results.append(True)
+            admitted.append(f"r{i}")
+        except InsufficientQuota:
+            results.append(False)
+
+    threads = [threading.Thread(target=attempt, args=(i,)) for i in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(results) == 16 and results.count(True) == 4
+    with ledger.engine.begin() as db:
+        [state] = budgets.budget_summary(db, "kommune-x", "k1", now)
+    assert state.reserved_nano_dkk == 12 and state.spent_nano_dkk == 0
+    # Settling one reservation through the ledger moves its amount from reserved to spent (at the real cost).
+    ledger.record([event(admitted[0], now, prompt_tokens=0, cached_tokens=0, completion_tokens=0)])
+    with ledger.engine.begin() as db:
+        [state] = budgets.budget_summary(db, "kommune-x", "k1", now)
+    assert state.reserved_nano_dkk == 9 and state.spent_nano_dkk == 0

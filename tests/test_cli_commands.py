@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import subprocess
 import sys
@@ -87,3 +88,82 @@ def test_model_build_moe_differs_from_next(tmp_path: Path) -> None:
     assert anker("model", "build", "--out", str(tmp_path / "moe"), "--arch", "qwen3-moe").returncode == 0
     assert "Qwen3MoeForCausalLM" in (tmp_path / "moe" / "config.json").read_text()
     assert anker("model", "build", "--out", str(tmp_path / "x"), "--arch", "qwen3.5").returncode == 2
+
+
+def test_organisations_keys_usage_and_invoice(tmp_path: Path) -> None:
+    """Plan and budget by CLI, usage in the ledger, then `anker usage` and `anker invoice` against hand-computed DKK."""
+    import csv
+    from datetime import UTC, datetime
+
+    from deployments.billing.governance import Actor
+    from deployments.billing.ledger import UsageEvent
+    from deployments.billing.service import BillingService, BillingSpec
+    from tests.inprocess import PRICES
+
+    made = anker(
+        "tenants",
+        "create",
+        "aarhus",
+        "--plan",
+        "monthly",
+        "--monthly-fee-dkk",
+        "500",
+        "--discount-percent",
+        "10",
+        data_dir=tmp_path,
+    )
+    assert made.returncode == 0, made.stderr
+    created = anker(
+        "keys",
+        "create",
+        "--tenant",
+        "aarhus",
+        "--role",
+        "admin",
+        "--budget-dkk",
+        "250",
+        "--rpm",
+        "60",
+        "--tpm",
+        "100000",
+        "--models",
+        "region:dk",
+        data_dir=tmp_path,
+    )
+    assert created.returncode == 0, created.stderr
+    key_id = created.stdout.strip().split("_")[1]
+    listed = json.loads(anker("keys", "list", "--tenant", "aarhus", "--json", data_dir=tmp_path).stdout)
+    assert (
+        listed[0]["role"] == "admin"
+        and listed[0]["budget_dkk"] == "250"
+        and listed[0]["allowed_models"] == ["region:dk"]
+    )
+    assert anker("keys", "create", "--tenant", "aarhus", "--rpm", "-5", data_dir=tmp_path).returncode == 2
+
+    # 1M prompt tokens (400k cached) and 100k output: 600k x 6 + 400k x 3 + 100k x 45 per 1M = 3.60 + 1.20 + 4.50
+    service = BillingService(BillingSpec(tmp_path, None, {"qwen3-next-tiny": PRICES}, 600, 2_000_000))
+    at = datetime(2026, 11, 3, 12, tzinfo=UTC)
+    service.ledger.set_price("qwen3-next-tiny", PRICES, datetime(2026, 1, 1, tzinfo=UTC))
+    service.ledger.record(
+        [UsageEvent("r1", "aarhus", key_id, "qwen3-next-tiny", 1_000_000, 400_000, 100_000, at, at, "ok")]
+    )
+
+    usage = json.loads(anker("usage", "--tenant", "aarhus", "--month", "2026-11", "--json", data_dir=tmp_path).stdout)
+    assert usage["totals"]["cost_dkk"] == "9.3" and usage["totals"]["input_cached_tokens"] == 400_000
+    assert usage["data"][0]["cost_input_uncached_dkk"] == "3.6" and usage["data"][0]["cost_output_dkk"] == "4.5"
+
+    out = anker(
+        "invoice", "--tenant", "aarhus", "--month", "2026-11", "--out", str(tmp_path / "inv"), data_dir=tmp_path
+    )
+    assert out.returncode == 0, out.stderr
+    json_path, csv_path = (Path(p) for p in out.stdout.split())
+    invoice = json.loads(json_path.read_text())
+    # usage 9.30, discount 10 % = 0.93, fee 500.00: net 508.37; VAT 25 % = 127.0925 -> 127.09; total 635.46
+    assert (invoice["usage_dkk"], invoice["discount_dkk"], invoice["plan_fee_dkk"]) == ("9.30", "0.93", "500.00")
+    assert (invoice["net_dkk"], invoice["vat_dkk"], invoice["total_dkk"]) == ("508.37", "127.09", "635.46")
+    rows = list(csv.reader(csv_path.open()))
+    assert rows[-1] == ["total", "", "", "", "635.46"] and ["VAT 25 %", "", "", "", "127.09"] in rows
+    assert anker("invoice", "--tenant", "nobody", data_dir=tmp_path).returncode == 1
+    audit = service.governance.audit_log(Actor.operator(), "aarhus")
+    assert {e["action"] for e in audit} >= {"tenant.create", "tenant.update", "key.create"}
+    assert all(e["actor"].startswith("cli:") for e in audit)

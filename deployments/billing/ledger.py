@@ -1,46 +1,27 @@
 """The usage ledger on a real database: SQLite by default, PostgreSQL in production, schema by Alembic migrations.
 
 Records usage events idempotently on ``request_id`` (an event delivered twice is billed once) at the price in effect
-when the request started. Stores counts, ids, model names, timestamps and amounts; never prompt or completion text.
+when the request started, and settles the request's budget reservation in the same transaction. A request cut off
+after producing tokens is billed for what it produced; a failed one that produced nothing costs nothing. Stores
+counts, ids, model names, timestamps and amounts; never prompt or completion text.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 
 from deployments import database
-from deployments.billing.pricing import TokenCounts, TokenPrices, cost_nano_dkk
+from deployments.billing import budgets
+from deployments.billing.pricing import TokenCounts, TokenPrices
+from deployments.billing.tables import MODEL_PRICES, USAGE_EVENTS
 
-METADATA = sa.MetaData()
-MODEL_PRICES = sa.Table(
-    "model_prices",
-    METADATA,
-    sa.Column("model", sa.String(128), primary_key=True),
-    sa.Column("effective_from", sa.DateTime(timezone=True), primary_key=True),
-    sa.Column("input_uncached_nano_dkk", sa.BigInteger, nullable=False),
-    sa.Column("input_cached_nano_dkk", sa.BigInteger, nullable=False),
-    sa.Column("output_nano_dkk", sa.BigInteger, nullable=False),
-)
-USAGE_EVENTS = sa.Table(
-    "usage_events",
-    METADATA,
-    sa.Column("request_id", sa.String(128), primary_key=True),
-    sa.Column("tenant", sa.String(64), nullable=False),
-    sa.Column("key_id", sa.String(32), nullable=False),
-    sa.Column("model", sa.String(128), nullable=False),
-    sa.Column("prompt_tokens", sa.Integer, nullable=False),
-    sa.Column("cached_tokens", sa.Integer, nullable=False),
-    sa.Column("completion_tokens", sa.Integer, nullable=False),
-    sa.Column("cost_nano_dkk", sa.BigInteger, nullable=False),
-    sa.Column("started_at", sa.DateTime(timezone=True), nullable=False),
-    sa.Column("finished_at", sa.DateTime(timezone=True), nullable=False),
-    sa.Column("status", sa.String(32), nullable=False),
-)
+# Statuses of a request that ran to its end; any other status with no output token is not billed.
+COMPLETED = "ok"
 
 
 class UnknownPrice(LookupError):
@@ -72,6 +53,50 @@ class UsageTotals:
     cached_tokens: int
     completion_tokens: int
     cost_nano_dkk: int
+
+
+@dataclass(frozen=True)
+class Charge:
+    """A request's cost split by token kind, in nano-DKK."""
+
+    input_uncached_nano_dkk: int
+    input_cached_nano_dkk: int
+    output_nano_dkk: int
+
+    @property
+    def total_nano_dkk(self) -> int:
+        return self.input_uncached_nano_dkk + self.input_cached_nano_dkk + self.output_nano_dkk
+
+
+def charge(event: UsageEvent, prices: TokenPrices) -> Charge:
+    if event.status != COMPLETED and event.completion_tokens == 0:
+        return Charge(0, 0, 0)  # failed or cut off before any output: nothing was delivered, nothing is billed
+    counts = event.counts
+    return Charge(
+        counts.uncached_tokens * prices.input_uncached_nano_dkk,
+        counts.cached_tokens * prices.input_cached_nano_dkk,
+        counts.completion_tokens * prices.output_nano_dkk,
+    )
+
+
+@dataclass(frozen=True)
+class UsageBucket:
+    """Usage of one day or one model (or a whole range) for ``/v1/usage``, invoices and the dashboard."""
+
+    start: datetime
+    end: datetime
+    model: str | None
+    requests: int
+    prompt_tokens: int
+    cached_tokens: int
+    completion_tokens: int
+    cost_input_uncached_nano_dkk: int
+    cost_input_cached_nano_dkk: int
+    cost_output_nano_dkk: int
+
+    @property
+    def cost_nano_dkk(self) -> int:
+        return self.cost_input_uncached_nano_dkk + self.cost_input_cached_nano_dkk + self.cost_output_nano_dkk
 
 
 def _utc(moment: datetime) -> datetime:
@@ -134,19 +159,27 @@ class Ledger:
         return TokenPrices(row.input_uncached_nano_dkk, row.input_cached_nano_dkk, row.output_nano_dkk)
 
     def record(self, events: Sequence[UsageEvent]) -> int:
-        """Inserts the events not yet in the ledger, in one transaction; returns how many were new.
+        """Like ``record_new``; returns how many events were new."""
+        return len(self.record_new(events))
 
-        Each is priced at the price in effect when it started. Replays of an event (same ``request_id``) change
-        nothing, so a sender may retry until it is acknowledged.
+    def record_new(self, events: Sequence[UsageEvent]) -> set[str]:
+        """Inserts the events not yet in the ledger, in one transaction.
+
+        Each is priced at the price in effect when it started, and its budget reservation is settled in the same
+        transaction. Replays of an event (same ``request_id``) change nothing, so a sender may retry until it is
+        acknowledged. Returns the request ids that were new.
         """
         if not events:
-            return 0
+            return set()
         with self.engine.begin() as connection:
             rows = []
+            charges: list[tuple[UsageEvent, int]] = []
             for event in events:
                 prices = self.price_at(event.model, event.started_at, connection)
                 if prices is None:
                     raise UnknownPrice(f"no price for model {event.model} at {event.started_at.isoformat()}")
+                cost = charge(event, prices)
+                charges.append((event, cost.total_nano_dkk))
                 rows.append(
                     {
                         "request_id": event.request_id,
@@ -156,7 +189,10 @@ class Ledger:
                         "prompt_tokens": event.prompt_tokens,
                         "cached_tokens": event.cached_tokens,
                         "completion_tokens": event.completion_tokens,
-                        "cost_nano_dkk": cost_nano_dkk(event.counts, prices),
+                        "cost_nano_dkk": cost.total_nano_dkk,
+                        "cost_input_uncached_nano_dkk": cost.input_uncached_nano_dkk,
+                        "cost_input_cached_nano_dkk": cost.input_cached_nano_dkk,
+                        "cost_output_nano_dkk": cost.output_nano_dkk,
                         "started_at": _utc(event.started_at),
                         "finished_at": _utc(event.finished_at),
                         "status": event.status,
@@ -164,7 +200,15 @@ class Ledger:
                 )
             insert = _insert_ignoring_duplicates(self.engine.dialect.name)
             result = connection.execute(insert.returning(USAGE_EVENTS.c.request_id), rows)
-            return len(result.fetchall())
+            inserted = {r[0] for r in result.fetchall()}
+            unsettled = set(inserted)
+            for event, cost_nano in charges:
+                if event.request_id in unsettled:
+                    unsettled.discard(event.request_id)  # settle once even if a batch repeats an event
+                    budgets.settle(
+                        connection, event.request_id, event.tenant, event.key_id, cost_nano, _utc(event.started_at)
+                    )
+            return inserted
 
     def totals(self, tenant: str, start: datetime, end: datetime, model: str | None = None) -> UsageTotals:
         conditions = [
@@ -185,6 +229,58 @@ class Ledger:
             row = connection.execute(query).one()
         return UsageTotals(*(int(v) for v in row))
 
+    def usage(
+        self,
+        tenant: str,
+        start: datetime,
+        end: datetime,
+        group_by: str | None = None,
+        key_id: str | None = None,
+    ) -> list[UsageBucket]:
+        """Usage of ``tenant`` (or only of ``key_id``) in [start, end), whole, per UTC ``day`` or per ``model``."""
+        start, end = _utc(start), _utc(end)
+        conditions = [
+            USAGE_EVENTS.c.tenant == tenant,
+            USAGE_EVENTS.c.started_at >= start,
+            USAGE_EVENTS.c.started_at < end,
+        ]
+        if key_id is not None:
+            conditions.append(USAGE_EVENTS.c.key_id == key_id)
+        sums = [
+            sa.func.count(),
+            sa.func.coalesce(sa.func.sum(USAGE_EVENTS.c.prompt_tokens), 0),
+            sa.func.coalesce(sa.func.sum(USAGE_EVENTS.c.cached_tokens), 0),
+            sa.func.coalesce(sa.func.sum(USAGE_EVENTS.c.completion_tokens), 0),
+            sa.func.coalesce(sa.func.sum(USAGE_EVENTS.c.cost_input_uncached_nano_dkk), 0),
+            sa.func.coalesce(sa.func.sum(USAGE_EVENTS.c.cost_input_cached_nano_dkk), 0),
+            sa.func.coalesce(sa.func.sum(USAGE_EVENTS.c.cost_output_nano_dkk), 0),
+        ]
+        group: sa.ColumnElement[str] | None = None
+        if group_by == "day":
+            group = _day(self.engine.dialect.name)
+        elif group_by == "model":
+            group = USAGE_EVENTS.c.model
+        elif group_by is not None:
+            raise ValueError("group_by must be day or model")
+        query = sa.select(*([group] if group is not None else []), *sums).where(*conditions)
+        if group is not None:
+            query = query.group_by(group).order_by(group)
+        with self.engine.connect() as connection:
+            rows = connection.execute(query).all()
+        buckets = []
+        for row in rows:
+            values = [int(v) for v in (row[1:] if group is not None else row)]
+            if group_by is not None and values[0] == 0:
+                continue
+            bucket_start, bucket_end, model = start, end, None
+            if group_by == "day":
+                bucket_start = datetime.strptime(str(row[0]), "%Y-%m-%d").replace(tzinfo=UTC)
+                bucket_end = bucket_start + timedelta(days=1)
+            elif group_by == "model":
+                model = str(row[0])
+            buckets.append(UsageBucket(bucket_start, bucket_end, model, *values))
+        return buckets
+
     def request_ids(self, tenant: str) -> list[str]:
         with self.engine.connect() as connection:
             rows = connection.execute(sa.select(USAGE_EVENTS.c.request_id).where(USAGE_EVENTS.c.tenant == tenant)).all()
@@ -200,6 +296,13 @@ class Ledger:
 
     def dispose(self) -> None:
         self.engine.dispose()
+
+
+def _day(dialect: str) -> sa.ColumnElement[str]:
+    """The UTC calendar day of ``started_at`` as ``YYYY-MM-DD`` (stored in UTC by both databases)."""
+    if dialect == "postgresql":
+        return sa.func.to_char(sa.func.timezone("UTC", USAGE_EVENTS.c.started_at), "YYYY-MM-DD")
+    return sa.func.substr(sa.cast(USAGE_EVENTS.c.started_at, sa.String), 1, 10)
 
 
 def _insert_ignoring_duplicates(dialect: str) -> sa.Insert:

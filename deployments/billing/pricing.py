@@ -95,3 +95,17 @@ def invoice_totals(
     net_ore = usage_ore - discount_ore + plan_fee_ore
     vat_ore = int((Decimal(net_ore) * vat_percent / 100).quantize(Decimal(1), rounding=ROUND_HALF_UP))
     return InvoiceTotals(usage_ore, plan_fee_ore, discount_ore, net_ore, vat_ore, net_ore + vat_ore)
+
+
+def nano_from_dkk(dkk: Decimal) -> int:
+    """An amount in DKK (a ``Decimal``, e.g. a budget) as integer nano-DKK; refuses finer amounts and negatives."""
+    value = dkk * NANO_DKK_PER_DKK
+    if value != value.to_integral_value() or value < 0:
+        raise ValueError(f"amount {dkk} DKK must be non-negative with at most 9 decimals")
+    return int(value)
+
+
+def dkk_string(nano_dkk: int) -> str:
+    """Exact decimal text of a nano-DKK amount, for JSON (``1410000`` -> ``"0.00141"``); never a float."""
+    text = format((Decimal(nano_dkk) / NANO_DKK_PER_DKK).normalize(), "f")
+    return text if text != "-0" else "0"

@@ -1,16 +1,19 @@
-"""The HTTP surface: a FastAPI app with OpenAI's routes, bearer-key auth, body limits and OpenAI-shaped errors.
+"""The HTTP surface: a FastAPI app with OpenAI's routes, usage, administration and the dashboard, bearer-key auth,
+body limits, rate-limit headers and OpenAI-shaped errors.
 
-Built by ``create_app`` from a service and a key verifier, so tests run it in-process; the Ray Serve ingress serves
-the same app. It never logs bodies; unexpected failures are logged by exception type only.
+Built by ``create_app`` from a service and an ``Accounts`` client, so tests run it in-process; the Ray Serve ingress
+serves the same app. It never logs bodies; unexpected failures are logged by exception type only.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
+from datetime import UTC, datetime
 from typing import Any, Protocol
 
 from fastapi import FastAPI, Request
@@ -18,11 +21,16 @@ from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
+from deployments.billing.budgets import month_bounds, month_period
+from deployments.billing.governance import Actor
+from deployments.dashboard import router as dashboard_router
 from deployments.errors import (
     AnkerError,
     InternalError,
     InvalidApiKey,
+    InvalidJson,
     InvalidRequest,
+    InvalidValue,
     MethodNotAllowed,
     RequestTooLarge,
     RouteNotFound,
@@ -37,7 +45,7 @@ from deployments.openai.protocol import (
     CompletionRequest,
     parse_request,
 )
-from deployments.openai.serving import OpenAIService
+from deployments.openai.serving import OpenAIService, RequestContext
 
 logger = logging.getLogger("ray.serve")
 
@@ -48,8 +56,36 @@ NO_KEY = (
 BAD_KEY = "Incorrect API key provided. You can create a key with `anker keys create --tenant NAME`."
 
 
-class KeyVerifier(Protocol):
+ADMIN_NO_TOKEN = "Administration needs the operator's admin token or an owner's or admin's API key (Bearer auth)."
+
+
+class Accounts(Protocol):
+    """Keys, usage and administration as the HTTP layer sees them (the billing actor, through the ingress)."""
+
     async def verify(self, key: str) -> KeyRecord | None: ...
+
+    async def is_admin_token(self, token: str) -> bool: ...
+
+    async def rate_limit_headers(self, key: KeyRecord) -> dict[str, str]: ...
+
+    async def usage(self, key: KeyRecord, start: datetime, end: datetime, group_by: str | None) -> dict[str, Any]: ...
+
+    async def summary(self, key: KeyRecord) -> dict[str, Any]: ...
+
+    async def administer(self, actor: Actor, operation: str, arguments: dict[str, Any]) -> Any: ...
+
+
+def parse_time(value: str | None, field: str) -> datetime | None:
+    """Unix seconds, an ISO date (``2026-11-01``) or an ISO datetime; naive values are UTC."""
+    if value is None or value == "":
+        return None
+    try:
+        if value.lstrip("-").isdigit():
+            return datetime.fromtimestamp(int(value), UTC)
+        moment = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except (ValueError, OverflowError, OSError):
+        raise InvalidValue(f"`{field}` must be unix seconds or an ISO 8601 date or time.", field) from None
+    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
 
 
 async def read_body(request: Request, limit: int) -> bytes:
@@ -76,7 +112,7 @@ def _bearer(request: Request) -> str | None:
 
 def create_app(
     service: OpenAIService,
-    keys: KeyVerifier,
+    accounts: Accounts,
     max_body_bytes: int,
     server_request_id: Callable[[], str | None] = lambda: None,
 ) -> FastAPI:
@@ -95,10 +131,16 @@ def create_app(
         key = _bearer(request)
         if key is None:
             raise InvalidApiKey(NO_KEY)
-        record = await keys.verify(key)
+        record = await accounts.verify(key)
         if record is None:
             raise InvalidApiKey(BAD_KEY)
         return record
+
+    async def limit_headers(record: KeyRecord) -> dict[str, str]:
+        try:
+            return await accounts.rate_limit_headers(record)
+        except AnkerError:
+            return {}  # billing is away: the response goes out without the headers rather than not at all
 
     @app.exception_handler(AnkerError)
     async def _anker_error(request: Request, error: AnkerError) -> Response:
@@ -129,25 +171,69 @@ def create_app(
         body = {"status": "ok" if ready else "starting", "models": {m: {"ready": r} for m, r in models.items()}}
         return JSONResponse(body, status_code=200 if ready else 503, headers={} if ready else {"Retry-After": "5"})
 
+    async def keyed(request: Request, answer: Callable[[KeyRecord], Any]) -> Response:
+        """A keyed read-only route: its answer or error, with the key's rate-limit headers."""
+        record = await authenticate(request)
+        headers = await limit_headers(record)
+        try:
+            return JSONResponse(await answer(record), headers=headers)
+        except AnkerError as error:
+            return error_response(error, headers)
+
     @app.get("/v1/models")
-    async def list_models(request: Request) -> dict[str, Any]:
-        await authenticate(request)
-        return service.list_models()
+    async def list_models(request: Request) -> Response:
+        async def answer(record: KeyRecord) -> Any:
+            return service.list_models(record)
+
+        return await keyed(request, answer)
 
     @app.get("/v1/models/{model_id:path}")
-    async def get_model(model_id: str, request: Request) -> dict[str, Any]:
-        await authenticate(request)
-        return service.get_model(model_id)
+    async def get_model(model_id: str, request: Request) -> Response:
+        async def answer(record: KeyRecord) -> Any:
+            return service.get_model(model_id, record)
+
+        return await keyed(request, answer)
+
+    @app.get("/v1/usage")
+    async def usage(request: Request) -> Response:
+        """Usage of the caller's organisation (a member's: their key's) in [start, end), by day or model."""
+
+        async def answer(record: KeyRecord) -> Any:
+            query = request.query_params
+            unknown = set(query) - {"start", "end", "group_by", "start_time", "end_time"}
+            if unknown:
+                raise InvalidValue(f"Unknown query parameter `{sorted(unknown)[0]}`.", sorted(unknown)[0])
+            default_start, default_end = month_bounds(month_period(datetime.now(UTC)))
+            start = parse_time(query.get("start") or query.get("start_time"), "start") or default_start
+            end = parse_time(query.get("end") or query.get("end_time"), "end") or default_end
+            if end <= start:
+                raise InvalidValue("`end` must be after `start`.", "end")
+            group_by = query.get("group_by") or None
+            if group_by not in (None, "day", "model"):
+                raise InvalidValue("`group_by` must be `day` or `model`.", "group_by")
+            return await accounts.usage(record, start, end, group_by)
+
+        return await keyed(request, answer)
+
+    @app.get("/v1/usage/summary")
+    async def usage_summary(request: Request) -> Response:
+        async def answer(record: KeyRecord) -> Any:
+            return await accounts.summary(record)
+
+        return await keyed(request, answer)
 
     async def _serve(request: Request, prefix: str, run: Any) -> Response:
-        await authenticate(request)
+        record = await authenticate(request)
         rid, headers = request_id(prefix)
+        ctx = RequestContext(record, rid, f"{prefix}-{uuid.uuid4().hex}", headers)
         body = await read_body(request, max_body_bytes)
         started = time.monotonic()
         try:
-            result = await run(body, rid)
+            result = await run(body, ctx)
         except AnkerError as error:
-            return error_response(error, headers)
+            if "x-ratelimit-limit-requests" not in ctx.headers:
+                ctx.headers.update(await limit_headers(record))
+            return error_response(error, ctx.headers)
         except Exception as error:  # never let a traceback (which could quote input) reach a log or a client
             logger.error("request %s failed with %s", rid, type(error).__name__)
             return error_response(InternalError("The server had an error while processing your request."), headers)
@@ -162,21 +248,130 @@ def create_app(
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
-        async def run(body: bytes, request_id: str) -> Any:
+        async def run(body: bytes, ctx: RequestContext) -> Any:
             req = parse_request(ChatCompletionRequest, body, UNSUPPORTED_CHAT)
-            return await service.chat(req, request_id)
+            return await service.chat(req, ctx)
 
         return await _serve(request, "chatcmpl", run)
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
-        async def run(body: bytes, request_id: str) -> Any:
+        async def run(body: bytes, ctx: RequestContext) -> Any:
             req = parse_request(CompletionRequest, body, UNSUPPORTED_COMPLETION)
-            return await service.completion(req, request_id)
+            return await service.completion(req, ctx)
 
         return await _serve(request, "cmpl", run)
 
+    add_admin_routes(app, accounts, max_body_bytes)
+    app.include_router(dashboard_router())
     return app
+
+
+def add_admin_routes(app: FastAPI, accounts: Accounts, max_body_bytes: int) -> None:
+    """``/admin``: the operator (admin token) manages every organisation; an owner or admin key manages its own."""
+
+    async def actor(request: Request) -> Actor:
+        token = _bearer(request)
+        if token is None:
+            raise InvalidApiKey(ADMIN_NO_TOKEN)
+        if await accounts.is_admin_token(token):
+            return Actor.operator("admin-token")
+        record = await accounts.verify(token)
+        if record is None:
+            raise InvalidApiKey(BAD_KEY)
+        return Actor.of_key(record)
+
+    async def body_of(request: Request) -> dict[str, Any]:
+        raw = await read_body(request, max_body_bytes)
+        if not raw.strip():
+            return {}
+        try:
+            body = json.loads(raw)
+        except (ValueError, UnicodeDecodeError):
+            raise InvalidJson("The request body is not valid JSON.") from None
+        if not isinstance(body, dict):
+            raise InvalidRequest("The request body must be a JSON object.")
+        return body
+
+    def only(body: dict[str, Any], allowed: set[str]) -> dict[str, Any]:
+        unknown = set(body) - allowed
+        if unknown:
+            raise InvalidValue(f"Unknown field `{sorted(unknown)[0]}`.", sorted(unknown)[0])
+        return body
+
+    async def run(request: Request, operation: str, arguments: dict[str, Any], status: int = 200) -> Response:
+        result = await accounts.administer(await actor(request), operation, arguments)
+        if isinstance(result, list):
+            result = {"object": "list", "data": result}
+        return JSONResponse(result, status_code=status)
+
+    tenant_fields = {"display_name", "plan", "monthly_fee_dkk", "discount_percent", "budget_kind", "budget_dkk"}
+    key_fields = {"name", "role", "member_id", "allowed_models", "budget_dkk", "rpm", "tpm"}
+
+    @app.get("/admin/tenants")
+    async def list_tenants(request: Request) -> Response:
+        return await run(request, "list_tenants", {})
+
+    @app.post("/admin/tenants")
+    async def create_tenant(request: Request) -> Response:
+        body = only(await body_of(request), tenant_fields | {"id"})
+        tenant = body.pop("id", None)
+        return await run(request, "create_tenant", {"tenant": tenant, **body}, 201)
+
+    @app.get("/admin/tenants/{tenant}")
+    async def get_tenant(tenant: str, request: Request) -> Response:
+        return await run(request, "get_tenant", {"tenant": tenant})
+
+    @app.patch("/admin/tenants/{tenant}")
+    async def update_tenant(tenant: str, request: Request) -> Response:
+        return await run(request, "update_tenant", {"tenant": tenant, **only(await body_of(request), tenant_fields)})
+
+    @app.get("/admin/tenants/{tenant}/members")
+    async def list_members(tenant: str, request: Request) -> Response:
+        return await run(request, "list_members", {"tenant": tenant})
+
+    @app.post("/admin/tenants/{tenant}/members")
+    async def add_member(tenant: str, request: Request) -> Response:
+        body = only(await body_of(request), {"name", "role"})
+        return await run(
+            request, "add_member", {"tenant": tenant, "name": body.get("name"), "role": body.get("role")}, 201
+        )
+
+    @app.patch("/admin/tenants/{tenant}/members/{member_id}")
+    async def set_member_role(tenant: str, member_id: str, request: Request) -> Response:
+        body = only(await body_of(request), {"role"})
+        return await run(
+            request, "set_member_role", {"tenant": tenant, "member_id": member_id, "role": body.get("role")}
+        )
+
+    @app.delete("/admin/tenants/{tenant}/members/{member_id}")
+    async def remove_member(tenant: str, member_id: str, request: Request) -> Response:
+        return await run(request, "remove_member", {"tenant": tenant, "member_id": member_id})
+
+    @app.get("/admin/tenants/{tenant}/keys")
+    async def list_keys(tenant: str, request: Request) -> Response:
+        return await run(request, "list_keys", {"tenant": tenant})
+
+    @app.post("/admin/tenants/{tenant}/keys")
+    async def create_key(tenant: str, request: Request) -> Response:
+        return await run(request, "create_key", {"tenant": tenant, **only(await body_of(request), key_fields)}, 201)
+
+    @app.patch("/admin/keys/{key_id}")
+    async def update_key(key_id: str, request: Request) -> Response:
+        body = only(await body_of(request), key_fields - {"member_id"})
+        return await run(request, "update_key", {"key_id": key_id, **body})
+
+    @app.delete("/admin/keys/{key_id}")
+    async def revoke_key(key_id: str, request: Request) -> Response:
+        return await run(request, "revoke_key", {"key_id": key_id})
+
+    @app.get("/admin/tenants/{tenant}/audit")
+    async def tenant_audit(tenant: str, request: Request) -> Response:
+        return await run(request, "audit_log", {"tenant": tenant})
+
+    @app.get("/admin/audit")
+    async def audit(request: Request) -> Response:
+        return await run(request, "audit_log", {"tenant": None})
 
 
 async def _guard_stream(events: AsyncIterator[bytes]) -> AsyncIterator[bytes]:

@@ -10,7 +10,7 @@ from typing import Any
 
 from starlette.responses import JSONResponse
 
-from deployments.errors import AnkerError, EngineUnavailable
+from deployments.errors import AnkerError, RetryLater
 
 
 def error_body(error: AnkerError) -> dict[str, Any]:
@@ -18,10 +18,10 @@ def error_body(error: AnkerError) -> dict[str, Any]:
 
 
 def error_headers(error: AnkerError) -> dict[str, str]:
-    if isinstance(error, EngineUnavailable):
+    if isinstance(error, RetryLater):
         return {"Retry-After": str(error.retry_after_s)}
     if error.status in (429, 503):
-        return {"Retry-After": "1"}
+        return {"Retry-After": "60" if error.status == 429 else "1"}
     return {}
 
 

@@ -1,7 +1,10 @@
 """Serving logic of the OpenAI routes: validated request in, tokenizer and engine calls, response or SSE stream out.
 
-It talks to the other stages only through the ``TokenizerClient`` / ``EngineClient`` protocols (real deployment
-handles in production, named doubles in tests) and never keeps or logs prompt or completion text.
+It talks to the other stages only through the ``TokenizerClient`` / ``EngineClient`` / ``BillingGate`` protocols
+(real deployment handles in production, named doubles in tests) and never keeps or logs prompt or completion text.
+Billing is on the request path: a request is admitted (rate limits, budget reservation) after tokenization and
+before the engine, and its usage report is queued in a ``finally`` that every ending passes through, streams cut
+off by the client included.
 """
 
 from __future__ import annotations
@@ -9,13 +12,19 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import weakref
 from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from contextlib import aclosing
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any, Protocol
 
-from deployments.contracts import ChatTurn, Delta, EngineFailure, Prepared, Sampling
-from deployments.errors import AnkerError, EngineUnavailable, ModelNotFound
+from deployments.billing.governance import can_call_models, model_allowed
+from deployments.billing.ledger import UsageEvent
+from deployments.billing.service import UsageReport
+from deployments.contracts import Admission, AdmissionRequest, ChatTurn, Delta, EngineFailure, Prepared, Sampling
+from deployments.errors import AnkerError, EngineUnavailable, ModelNotAllowed, ModelNotFound, PermissionDenied
+from deployments.keys import KeyRecord
 from deployments.openai import responses as wire
 from deployments.openai import sse
 from deployments.openai.errors import error_body
@@ -41,12 +50,78 @@ class EngineClient(Protocol):
     def generate(self, request_id: str, prepared: Prepared, sampling: Sampling) -> AsyncGenerator[EngineItem, None]: ...
 
 
+class BillingGate(Protocol):
+    """Billing as the request path sees it: admission before the engine, a usage report after."""
+
+    async def admit(self, key: KeyRecord, request: AdmissionRequest) -> Admission: ...
+
+    def submit(self, report: UsageReport) -> None: ...
+
+
 @dataclass(frozen=True)
 class ServedModel:
     name: str
     max_model_len: int
     owned_by: str
     created: int
+    region: str = "dk"
+
+
+@dataclass
+class RequestContext:
+    """One HTTP request: the caller's key, the id clients see, the id billing uses, and headers to send back.
+
+    ``billing_id`` is made here and never taken from the client, so no client can make two requests share one
+    ledger row (the ledger is idempotent on it).
+    """
+
+    key: KeyRecord
+    request_id: str
+    billing_id: str
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+class UsageTracker:
+    """Sends one usage report for an admitted request, however it ends; later calls do nothing."""
+
+    def __init__(
+        self, gate: BillingGate, ctx: RequestContext, model: str, acc: wire.Accumulator, admission: Admission
+    ) -> None:
+        self._gate = gate
+        self._ctx = ctx
+        self._model = model
+        self._acc = acc
+        self._admission = admission
+        self._started_at = datetime.now(UTC)
+        self._done = False
+
+    def finish(self, status: str) -> None:
+        if self._done:
+            return
+        self._done = True
+        usage = self._acc.usage
+        event = UsageEvent(
+            request_id=self._ctx.billing_id,
+            tenant=self._ctx.key.tenant,
+            key_id=self._ctx.key.key_id,
+            model=self._model,
+            prompt_tokens=usage.prompt_tokens,
+            cached_tokens=usage.cached_tokens,
+            completion_tokens=usage.completion_tokens,
+            started_at=self._started_at,
+            finished_at=datetime.now(UTC),
+            status=status,
+        )
+        self._gate.submit(UsageReport(event, self._admission.reserved_tokens))
+        _log_usage(self._ctx.request_id, self._model, usage, status)
+
+
+def _status(error: BaseException) -> str:
+    if isinstance(error, AnkerError):
+        return error.code or "error"
+    if isinstance(error, (asyncio.CancelledError, GeneratorExit)):
+        return "cancelled"
+    return "error"
 
 
 def _sampling(req: ChatCompletionRequest | CompletionRequest, logprobs: int | None) -> Sampling:
@@ -67,23 +142,62 @@ def _sampling(req: ChatCompletionRequest | CompletionRequest, logprobs: int | No
 
 class OpenAIService:
     def __init__(
-        self, models: Sequence[ServedModel], tokenizer: TokenizerClient, engines: dict[str, EngineClient]
+        self,
+        models: Sequence[ServedModel],
+        tokenizer: TokenizerClient,
+        engines: dict[str, EngineClient],
+        billing: BillingGate,
     ) -> None:
         self._models = {m.name: m for m in models}
         self._tokenizer = tokenizer
         self._engines = engines
+        self._billing = billing
 
     # -- models -------------------------------------------------------------------------------------------------
 
-    def list_models(self) -> dict[str, Any]:
+    def list_models(self, key: KeyRecord) -> dict[str, Any]:
+        """The models this key may call (all of them unless its allow-list says otherwise)."""
         return {
             "object": "list",
-            "data": [wire.model_card(m.name, m.created, m.owned_by, m.max_model_len) for m in self._models.values()],
+            "data": [
+                wire.model_card(m.name, m.created, m.owned_by, m.max_model_len)
+                for m in self._models.values()
+                if model_allowed(key.allowed_models, m.name, m.region)
+            ],
         }
 
-    def get_model(self, name: str) -> dict[str, Any]:
-        m = self._model(name)
+    def get_model(self, name: str, key: KeyRecord) -> dict[str, Any]:
+        m = self._allowed_model(name, key)
         return wire.model_card(m.name, m.created, m.owned_by, m.max_model_len)
+
+    def _allowed_model(self, name: str, key: KeyRecord) -> ServedModel:
+        model = self._model(name)
+        if not model_allowed(key.allowed_models, model.name, model.region):
+            raise ModelNotAllowed(
+                f"This API key may not use the model `{name}`. Your organisation's admin sets which models it may use.",
+                "model",
+            )
+        return model
+
+    def _authorize(self, name: str, key: KeyRecord) -> None:
+        if not can_call_models(key.role):
+            raise PermissionDenied(f"A key with the role `{key.role}` can read usage but cannot call models.")
+        self._allowed_model(name, key)
+
+    async def _admit(self, ctx: RequestContext, model: str, prepared: Sequence[Prepared], n: int) -> Admission:
+        admission = await self._billing.admit(
+            ctx.key,
+            AdmissionRequest(
+                billing_id=ctx.billing_id,
+                key_id=ctx.key.key_id,
+                tenant=ctx.key.tenant,
+                model=model,
+                prompt_tokens=sum(p.prompt_tokens for p in prepared),
+                max_output_tokens=sum(p.max_tokens for p in prepared) * n,
+            ),
+        )
+        ctx.headers.update(admission.rate_limit_headers)
+        return admission
 
     def readiness(self) -> dict[str, bool]:
         return {name: engine.ready for name, engine in self._engines.items()}
@@ -158,7 +272,8 @@ class OpenAIService:
 
     # -- chat ---------------------------------------------------------------------------------------------------
 
-    async def chat(self, req: ChatCompletionRequest, request_id: str) -> dict[str, Any] | AsyncIterator[bytes]:
+    async def chat(self, req: ChatCompletionRequest, ctx: RequestContext) -> dict[str, Any] | AsyncIterator[bytes]:
+        self._authorize(req.model, ctx.key)
         engine = self._engine(req.model)
         turns = [
             ChatTurn(role="system" if m.role == "developer" else m.role, content=m.text(i), name=m.name)
@@ -167,20 +282,27 @@ class OpenAIService:
         prepared = await self._tokenizer.prepare_chat(req.model, turns, req.requested_max_tokens)
         sampling = _sampling(req, req.logprobs_k)
         acc = wire.Accumulator([prepared.prompt_tokens], req.n)
-        stream = self._merged(engine, request_id, [prepared], sampling)
+        admission = await self._admit(ctx, req.model, [prepared], req.n)
+        tracker = UsageTracker(self._billing, ctx, req.model, acc, admission)
         created = int(time.time())
         with_logprobs = req.logprobs_k is not None
-        if not req.stream:
-            async with aclosing(stream):
-                async for prompt_index, deltas in stream:
-                    for delta in deltas:
-                        acc.add(prompt_index, delta)
-            self._log_usage(request_id, req.model, acc.usage, "ok")
-            return wire.chat_completion(request_id, created, req.model, acc, with_logprobs)
-
-        first, stream = await self._primed(stream)
-        header = wire.ChunkHeader(request_id, created, req.model, req.include_usage)
-        return self._chat_events(header, acc, first, stream, with_logprobs)
+        try:
+            stream = self._merged(engine, ctx.request_id, [prepared], sampling)
+            if not req.stream:
+                async with aclosing(stream):
+                    async for prompt_index, deltas in stream:
+                        for delta in deltas:
+                            acc.add(prompt_index, delta)
+                tracker.finish("ok")
+                return wire.chat_completion(ctx.request_id, created, req.model, acc, with_logprobs)
+            first, stream = await self._primed(stream)
+        except BaseException as error:
+            tracker.finish(_status(error))
+            raise
+        header = wire.ChunkHeader(ctx.request_id, created, req.model, req.include_usage)
+        events = self._chat_events(header, acc, first, stream, with_logprobs, tracker)
+        weakref.finalize(events, tracker.finish, "cancelled")  # a stream the server never started still reports
+        return events
 
     async def _chat_events(
         self,
@@ -189,6 +311,7 @@ class OpenAIService:
         first: tuple[int, list[Delta]] | None,
         stream: AsyncGenerator[tuple[int, list[Delta]], None],
         with_logprobs: bool,
+        tracker: UsageTracker,
     ) -> AsyncIterator[bytes]:
         status = "cancelled"
         try:
@@ -207,30 +330,38 @@ class OpenAIService:
             status = error.code or "error"
             yield sse.event(error_body(error))
         finally:
-            self._log_usage(header.request_id, header.model, acc.usage, status)
+            tracker.finish(status)
         yield sse.DONE
 
     # -- completions --------------------------------------------------------------------------------------------
 
-    async def completion(self, req: CompletionRequest, request_id: str) -> dict[str, Any] | AsyncIterator[bytes]:
+    async def completion(self, req: CompletionRequest, ctx: RequestContext) -> dict[str, Any] | AsyncIterator[bytes]:
+        self._authorize(req.model, ctx.key)
         engine = self._engine(req.model)
         prepared = await self._tokenizer.prepare_completion(req.model, req.prompts(), req.max_tokens)
         sampling = _sampling(req, req.logprobs)
         acc = wire.Accumulator([p.prompt_tokens for p in prepared], req.n)
-        stream = self._merged(engine, request_id, prepared, sampling)
+        admission = await self._admit(ctx, req.model, prepared, req.n)
+        tracker = UsageTracker(self._billing, ctx, req.model, acc, admission)
         created = int(time.time())
         with_logprobs = req.logprobs is not None
-        if not req.stream:
-            async with aclosing(stream):
-                async for prompt_index, deltas in stream:
-                    for delta in deltas:
-                        acc.add(prompt_index, delta)
-            self._log_usage(request_id, req.model, acc.usage, "ok")
-            return wire.text_completion(request_id, created, req.model, acc, with_logprobs)
-
-        first, stream = await self._primed(stream)
-        header = wire.ChunkHeader(request_id, created, req.model, req.include_usage)
-        return self._completion_events(header, acc, first, stream, with_logprobs)
+        try:
+            stream = self._merged(engine, ctx.request_id, prepared, sampling)
+            if not req.stream:
+                async with aclosing(stream):
+                    async for prompt_index, deltas in stream:
+                        for delta in deltas:
+                            acc.add(prompt_index, delta)
+                tracker.finish("ok")
+                return wire.text_completion(ctx.request_id, created, req.model, acc, with_logprobs)
+            first, stream = await self._primed(stream)
+        except BaseException as error:
+            tracker.finish(_status(error))
+            raise
+        header = wire.ChunkHeader(ctx.request_id, created, req.model, req.include_usage)
+        events = self._completion_events(header, acc, first, stream, with_logprobs, tracker)
+        weakref.finalize(events, tracker.finish, "cancelled")
+        return events
 
     async def _completion_events(
         self,
@@ -239,6 +370,7 @@ class OpenAIService:
         first: tuple[int, list[Delta]] | None,
         stream: AsyncGenerator[tuple[int, list[Delta]], None],
         with_logprobs: bool,
+        tracker: UsageTracker,
     ) -> AsyncIterator[bytes]:
         status = "cancelled"
         offsets = [0] * len(acc.choices)
@@ -257,7 +389,7 @@ class OpenAIService:
             status = error.code or "error"
             yield sse.event(error_body(error))
         finally:
-            self._log_usage(header.request_id, header.model, acc.usage, status)
+            tracker.finish(status)
         yield sse.DONE
 
     # -- shared -------------------------------------------------------------------------------------------------
@@ -272,15 +404,15 @@ class OpenAIService:
                 async for item in stream:
                     yield item
 
-    @staticmethod
-    def _log_usage(request_id: str, model: str, usage: wire.Usage, status: str) -> None:
-        # Counts and ids only: this line is what zero data retention allows to be kept.
-        logger.info(
-            "usage request_id=%s model=%s status=%s prompt_tokens=%d cached_tokens=%d completion_tokens=%d",
-            request_id,
-            model,
-            status,
-            usage.prompt_tokens,
-            usage.cached_tokens,
-            usage.completion_tokens,
-        )
+
+def _log_usage(request_id: str, model: str, usage: wire.Usage, status: str) -> None:
+    # Counts and ids only: this line is what zero data retention allows to be kept.
+    logger.info(
+        "usage request_id=%s model=%s status=%s prompt_tokens=%d cached_tokens=%d completion_tokens=%d",
+        request_id,
+        model,
+        status,
+        usage.prompt_tokens,
+        usage.cached_tokens,
+        usage.completion_tokens,
+    )

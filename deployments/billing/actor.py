@@ -1,0 +1,80 @@
+"""The billing actor: a single-replica Ray Serve deployment owning the ledger (Ray Serve restarts it on failure).
+
+A thin shell over ``BillingService``: errors travel back as values (``AnkerError``), never as crashes, and a sweep
+releases budget reservations whose usage never arrived. All state that matters is in the database.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Any
+
+from ray import serve
+
+from deployments.billing.governance import Actor
+from deployments.billing.service import BillingService, BillingSpec, Principal, UsageReport
+from deployments.contracts import Admission, AdmissionRequest
+from deployments.errors import AnkerError
+from deployments.keys import KeyRecord
+
+logger = logging.getLogger("ray.serve")
+
+SWEEP_PERIOD_S = 60.0
+
+
+@serve.deployment(name="Billing", num_replicas=1, max_ongoing_requests=1024, health_check_period_s=10)
+class Billing:
+    def __init__(self, spec: BillingSpec) -> None:
+        self._service = BillingService(spec)
+        self._sweeper = asyncio.get_running_loop().create_task(self._sweep())
+
+    async def _sweep(self) -> None:
+        while True:
+            await asyncio.sleep(SWEEP_PERIOD_S)
+            with contextlib.suppress(Exception):
+                released = await self._service.release_expired()
+                if released:
+                    logger.warning("billing: released %d expired budget reservations", released)
+
+    async def authenticate(self, key: str) -> Principal | None:
+        return await self._service.authenticate(key)
+
+    async def is_admin_token(self, token: str) -> bool:
+        return self._service.is_admin_token(token)
+
+    async def rate_limit_headers(self, key: KeyRecord) -> dict[str, str]:
+        return self._service.rate_limit_headers(key)
+
+    async def admit(self, key: KeyRecord, request: AdmissionRequest) -> Admission | AnkerError:
+        try:
+            return await self._service.admit(key, request)
+        except AnkerError as error:
+            return error
+
+    async def record(self, reports: Sequence[UsageReport]) -> list[str]:
+        return await self._service.record(reports)
+
+    async def usage(
+        self, key: KeyRecord, start: datetime, end: datetime, group_by: str | None
+    ) -> dict[str, Any] | AnkerError:
+        try:
+            return await self._service.usage(key, start, end, group_by)
+        except AnkerError as error:
+            return error
+
+    async def summary(self, key: KeyRecord) -> dict[str, Any]:
+        return await self._service.summary(key)
+
+    async def administer(self, actor: Actor, operation: str, arguments: dict[str, Any]) -> Any:
+        try:
+            return await self._service.administer(actor, operation, arguments)
+        except AnkerError as error:
+            return error
+
+    async def check_health(self) -> None:
+        if self._sweeper.done():
+            raise RuntimeError("billing sweeper stopped")

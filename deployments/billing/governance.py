@@ -1,0 +1,443 @@
+"""Governance: organisations (tenants) with plans and budgets, members in roles, and their keys, changed only by
+callers whose role allows it, every change written to the audit log (who, what, when; never content, never a key).
+
+Roles: ``owner`` and ``admin`` manage their organisation's members, keys, allow-lists and budgets (only an owner
+grants ``owner``); ``member`` calls models; ``viewer`` sees usage only. The operator (admin token, CLI) may do all.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from decimal import Decimal
+from typing import Any
+
+import sqlalchemy as sa
+
+from deployments.billing.pricing import dkk_string, format_dkk, nano_from_dkk
+from deployments.billing.tables import AUDIT_LOG, MEMBERS, TENANTS
+from deployments.errors import Conflict, InvalidValue, NotFound, PermissionDenied
+from deployments.keys import ROLES, TENANT_PATTERN, KeyRecord, KeyStore
+
+OPERATOR = "operator"
+MANAGERS = ("owner", "admin")
+CALLERS = ("owner", "admin", "member")
+PLANS = ("payg", "monthly")
+BUDGET_KINDS = ("monthly", "prepaid")
+
+
+@dataclass(frozen=True)
+class Actor:
+    """Who makes a change: the operator (``tenant`` None, any organisation) or a key acting in its role."""
+
+    name: str
+    role: str
+    tenant: str | None = None
+
+    @classmethod
+    def operator(cls, name: str = OPERATOR) -> Actor:
+        return cls(name=name, role=OPERATOR)
+
+    @classmethod
+    def of_key(cls, record: KeyRecord) -> Actor:
+        return cls(name=f"key:{record.key_id}", role=record.role, tenant=record.tenant)
+
+    @property
+    def is_operator(self) -> bool:
+        return self.role == OPERATOR
+
+
+def can_call_models(role: str) -> bool:
+    return role in CALLERS
+
+
+def model_allowed(allowed: Sequence[str] | None, model: str, region: str) -> bool:
+    """A key's allow-list admits a model by served name or by the region it is hosted in (``region:dk``)."""
+    return allowed is None or model in allowed or f"region:{region}" in allowed
+
+
+def _grantable(actor: Actor, role: str) -> bool:
+    if actor.is_operator or actor.role == "owner":
+        return True
+    return actor.role == "admin" and role != "owner"
+
+
+def _dkk(value: Any, field: str) -> int | None:
+    if value is None:
+        return None
+    try:
+        return nano_from_dkk(Decimal(str(value)))
+    except (ArithmeticError, ValueError):
+        raise InvalidValue(f"`{field}` must be a non-negative amount in DKK.", field) from None
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+class Governance:
+    def __init__(self, keys: KeyStore) -> None:
+        self._keys = keys
+        self._engine = keys.engine
+
+    # -- checks -------------------------------------------------------------------------------------------------
+
+    def _manage(self, actor: Actor, tenant: str) -> None:
+        """The actor may manage ``tenant``; someone else's organisation looks like one that does not exist."""
+        if actor.is_operator:
+            if self._tenant_row(tenant) is None:
+                raise NotFound(f"No organisation `{tenant}`.", "tenant")
+            return
+        if actor.tenant != tenant:
+            raise NotFound(f"No organisation `{tenant}`.", "tenant")
+        if actor.role not in MANAGERS:
+            raise PermissionDenied("Only an owner or admin of the organisation can do this.")
+
+    def _audit(self, actor: Actor, tenant: str | None, action: str, target: str, details: dict[str, Any]) -> None:
+        with self._engine.begin() as db:
+            db.execute(
+                AUDIT_LOG.insert().values(
+                    at=_now(),
+                    actor=actor.name,
+                    tenant=tenant,
+                    action=action,
+                    target=target,
+                    details=json.dumps(details),
+                )
+            )
+
+    def _tenant_row(self, tenant: str) -> Any:
+        with self._engine.connect() as db:
+            return db.execute(sa.select(TENANTS).where(TENANTS.c.tenant == tenant)).first()
+
+    # -- tenants ------------------------------------------------------------------------------------------------
+
+    def create_tenant(
+        self, actor: Actor, tenant: str, display_name: str | None = None, **settings: Any
+    ) -> dict[str, Any]:
+        if not actor.is_operator:
+            raise PermissionDenied("Only the operator can create organisations.")
+        if not isinstance(tenant, str) or not TENANT_PATTERN.match(tenant):
+            raise InvalidValue("`tenant` must be 1-64 characters: letters, digits, '.', '_' or '-'.", "tenant")
+        if self._tenant_row(tenant) is not None:
+            raise Conflict(f"The organisation `{tenant}` exists already.", "tenant")
+        with self._engine.begin() as db:
+            db.execute(
+                TENANTS.insert().values(
+                    tenant=tenant,
+                    display_name=display_name or tenant,
+                    plan="payg",
+                    plan_fee_ore=0,
+                    discount_bp=0,
+                    created_at=_now(),
+                )
+            )
+        self._audit(actor, tenant, "tenant.create", tenant, {"display_name": display_name or tenant})
+        return self.update_tenant(actor, tenant, **settings) if settings else self.get_tenant(actor, tenant)
+
+    def update_tenant(self, actor: Actor, tenant: str, **settings: Any) -> dict[str, Any]:
+        """Plan settings (``plan``, ``monthly_fee_dkk``, ``discount_percent``, ``display_name``) are the operator's;
+        the budget (``budget_kind``, ``budget_dkk``) also an owner's or admin's."""
+        self._manage(actor, tenant)
+        commercial = {"plan", "monthly_fee_dkk", "discount_percent", "display_name"}
+        allowed = commercial | {"budget_kind", "budget_dkk"}
+        unknown = set(settings) - allowed
+        if unknown:
+            raise InvalidValue(f"Unknown organisation setting `{sorted(unknown)[0]}`.", sorted(unknown)[0])
+        if not actor.is_operator and commercial & set(settings):
+            raise PermissionDenied("Plans, fees and discounts are set by the operator.")
+        values: dict[str, Any] = {}
+        if "display_name" in settings:
+            name = settings["display_name"]
+            if not isinstance(name, str) or not 0 < len(name) <= 128:
+                raise InvalidValue("`display_name` must be 1-128 characters.", "display_name")
+            values["display_name"] = name
+        if "plan" in settings:
+            if settings["plan"] not in PLANS:
+                raise InvalidValue("`plan` must be `payg` or `monthly`.", "plan")
+            values["plan"] = settings["plan"]
+        if "monthly_fee_dkk" in settings:
+            fee = _dkk(settings["monthly_fee_dkk"], "monthly_fee_dkk") or 0
+            if fee % 10**7:
+                raise InvalidValue("`monthly_fee_dkk` must be whole øre.", "monthly_fee_dkk")
+            values["plan_fee_ore"] = fee // 10**7
+        if "discount_percent" in settings:
+            try:
+                discount = Decimal(str(settings["discount_percent"]))
+            except ArithmeticError:
+                discount = Decimal(-1)
+            if not Decimal(0) <= discount <= Decimal(100) or (discount * 100) % 1:
+                raise InvalidValue("`discount_percent` must be 0-100 with at most 2 decimals.", "discount_percent")
+            values["discount_bp"] = int(discount * 100)
+        if "budget_kind" in settings or "budget_dkk" in settings:
+            kind = settings.get("budget_kind")
+            amount = _dkk(settings.get("budget_dkk"), "budget_dkk")
+            if kind is None and amount is not None:
+                kind = "monthly"
+            if kind is not None and kind not in BUDGET_KINDS:
+                raise InvalidValue(
+                    "`budget_kind` must be `monthly` or `prepaid` (or null for no budget).", "budget_kind"
+                )
+            if kind is not None and amount is None:
+                raise InvalidValue("A budget needs `budget_dkk`.", "budget_dkk")
+            values["budget_kind"], values["budget_nano_dkk"] = kind, amount
+        with self._engine.begin() as db:
+            db.execute(TENANTS.update().where(TENANTS.c.tenant == tenant).values(**values))
+        self._audit(actor, tenant, "tenant.update", tenant, {k: str(v) for k, v in settings.items()})
+        return self.get_tenant(actor, tenant)
+
+    def get_tenant(self, actor: Actor, tenant: str) -> dict[str, Any]:
+        if not actor.is_operator and actor.tenant != tenant:
+            raise NotFound(f"No organisation `{tenant}`.", "tenant")
+        row = self._tenant_row(tenant)
+        if row is None:
+            raise NotFound(f"No organisation `{tenant}`.", "tenant")
+        return tenant_json(row)
+
+    def list_tenants(self, actor: Actor) -> list[dict[str, Any]]:
+        if not actor.is_operator:
+            raise PermissionDenied("Only the operator can list organisations.")
+        with self._engine.connect() as db:
+            return [tenant_json(r) for r in db.execute(sa.select(TENANTS).order_by(TENANTS.c.tenant))]
+
+    # -- members ------------------------------------------------------------------------------------------------
+
+    def add_member(self, actor: Actor, tenant: str, name: str, role: str) -> dict[str, Any]:
+        self._manage(actor, tenant)
+        if role not in ROLES:
+            raise InvalidValue(f"`role` must be one of {', '.join(ROLES)}.", "role")
+        if not _grantable(actor, role):
+            raise PermissionDenied(f"An {actor.role} cannot grant the role `{role}`.")
+        if not isinstance(name, str) or not 0 < len(name) <= 128:
+            raise InvalidValue("`name` must be 1-128 characters.", "name")
+        member_id = f"mem_{secrets.token_hex(8)}"
+        with self._engine.begin() as db:
+            db.execute(
+                MEMBERS.insert().values(member_id=member_id, tenant=tenant, name=name, role=role, created_at=_now())
+            )
+        self._audit(actor, tenant, "member.add", member_id, {"role": role})
+        return self._member(tenant, member_id)
+
+    def set_member_role(self, actor: Actor, tenant: str, member_id: str, role: str) -> dict[str, Any]:
+        self._manage(actor, tenant)
+        current = self._member(tenant, member_id)
+        if role not in ROLES:
+            raise InvalidValue(f"`role` must be one of {', '.join(ROLES)}.", "role")
+        if not _grantable(actor, role) or not _grantable(actor, current["role"]):
+            raise PermissionDenied(f"An {actor.role} cannot change an {current['role']} to {role}.")
+        with self._engine.begin() as db:
+            db.execute(MEMBERS.update().where(MEMBERS.c.member_id == member_id).values(role=role))
+        self._audit(actor, tenant, "member.role", member_id, {"from": current["role"], "to": role})
+        return self._member(tenant, member_id)
+
+    def remove_member(self, actor: Actor, tenant: str, member_id: str) -> dict[str, Any]:
+        """Removes a member; their keys stop working at once (verification joins the member)."""
+        self._manage(actor, tenant)
+        current = self._member(tenant, member_id)
+        if not _grantable(actor, current["role"]):
+            raise PermissionDenied(f"An {actor.role} cannot remove an {current['role']}.")
+        with self._engine.begin() as db:
+            db.execute(MEMBERS.update().where(MEMBERS.c.member_id == member_id).values(removed_at=_now()))
+        self._audit(actor, tenant, "member.remove", member_id, {})
+        return self._member(tenant, member_id)
+
+    def list_members(self, actor: Actor, tenant: str) -> list[dict[str, Any]]:
+        self._manage(actor, tenant)
+        with self._engine.connect() as db:
+            rows = db.execute(sa.select(MEMBERS).where(MEMBERS.c.tenant == tenant).order_by(MEMBERS.c.created_at))
+            return [member_json(r) for r in rows]
+
+    def _member(self, tenant: str, member_id: str) -> dict[str, Any]:
+        with self._engine.connect() as db:
+            row = db.execute(
+                sa.select(MEMBERS).where(MEMBERS.c.member_id == member_id, MEMBERS.c.tenant == tenant)
+            ).first()
+        if row is None:
+            raise NotFound(f"No member `{member_id}` in this organisation.", "member_id")
+        return member_json(row)
+
+    # -- keys ---------------------------------------------------------------------------------------------------
+
+    def create_key(
+        self,
+        actor: Actor,
+        tenant: str,
+        *,
+        role: str = "member",
+        member_id: str | None = None,
+        name: str | None = None,
+        allowed_models: Sequence[str] | None = None,
+        budget_dkk: Any = None,
+        rpm: int | None = None,
+        tpm: int | None = None,
+    ) -> tuple[KeyRecord, str]:
+        """A new key, returned once. The operator may create a key for a new organisation (it is created)."""
+        if not (actor.is_operator and self._tenant_row(tenant) is None):
+            self._manage(actor, tenant)
+        if member_id is not None:
+            role = self._member(tenant, member_id)["role"]
+        if role not in ROLES:
+            raise InvalidValue(f"`role` must be one of {', '.join(ROLES)}.", "role")
+        if not _grantable(actor, role):
+            raise PermissionDenied(f"An {actor.role} cannot create a key with the role `{role}`.")
+        _check_limits(rpm, tpm)
+        try:
+            record, key = self._keys.create(
+                tenant,
+                role,
+                name=name,
+                member_id=member_id,
+                allowed_models=_models(allowed_models),
+                budget_nano_dkk=_dkk(budget_dkk, "budget_dkk"),
+                rpm=rpm,
+                tpm=tpm,
+            )
+        except ValueError as exc:
+            raise InvalidValue(str(exc)) from None
+        self._audit(actor, tenant, "key.create", record.key_id, _key_details(record))
+        return record, key
+
+    def update_key(self, actor: Actor, key_id: str, **settings: Any) -> KeyRecord:
+        record = self._own_key(actor, key_id)
+        changes: dict[str, Any] = {}
+        for field, value in settings.items():
+            if field == "budget_dkk":
+                changes["budget_nano_dkk"] = _dkk(value, "budget_dkk")
+            elif field == "allowed_models":
+                changes["allowed_models"] = _models(value)
+            elif field in ("rpm", "tpm"):
+                _check_limits(value, None)
+                changes[field] = value
+            elif field == "name":
+                changes["name"] = value
+            elif field == "role":
+                if record.member_id is not None:
+                    raise InvalidValue("This key acts in its member's role: change the member's role.", "role")
+                if value not in ROLES or not _grantable(actor, value) or not _grantable(actor, record.role):
+                    raise PermissionDenied(f"An {actor.role} cannot give this key the role `{value}`.")
+                changes["role"] = value
+            else:
+                raise InvalidValue(f"Unknown key setting `{field}`.", field)
+        try:
+            updated = self._keys.update(key_id, **changes)
+        except ValueError as exc:
+            raise InvalidValue(str(exc)) from None
+        assert updated is not None
+        self._audit(actor, record.tenant, "key.update", key_id, _key_details(updated))
+        return updated
+
+    def revoke_key(self, actor: Actor, key_id: str) -> KeyRecord:
+        record = self._own_key(actor, key_id)
+        if not self._keys.revoke(key_id):
+            raise NotFound(f"The key `{key_id}` is revoked already.", "key_id")
+        self._audit(actor, record.tenant, "key.revoke", key_id, {})
+        revoked = self._keys.get(key_id)
+        assert revoked is not None
+        return revoked
+
+    def list_keys(self, actor: Actor, tenant: str | None) -> list[KeyRecord]:
+        if tenant is None:
+            if not actor.is_operator:
+                raise PermissionDenied("Only the operator can list every organisation's keys.")
+            return self._keys.list(None)
+        self._manage(actor, tenant)
+        return self._keys.list(tenant)
+
+    def _own_key(self, actor: Actor, key_id: str) -> KeyRecord:
+        record = self._keys.get(key_id)
+        if record is None or (not actor.is_operator and record.tenant != actor.tenant):
+            raise NotFound(f"No key `{key_id}`.", "key_id")
+        self._manage(actor, record.tenant)
+        if not _grantable(actor, record.role):
+            raise PermissionDenied(f"An {actor.role} cannot change an {record.role}'s key.")
+        return record
+
+    # -- audit --------------------------------------------------------------------------------------------------
+
+    def audit_log(self, actor: Actor, tenant: str | None, limit: int = 100) -> list[dict[str, Any]]:
+        if tenant is None and not actor.is_operator:
+            raise PermissionDenied("Only the operator can read every organisation's audit log.")
+        if tenant is not None:
+            self._manage(actor, tenant)
+        query = sa.select(AUDIT_LOG).order_by(AUDIT_LOG.c.id.desc()).limit(max(1, min(limit, 1000)))
+        if tenant is not None:
+            query = query.where(AUDIT_LOG.c.tenant == tenant)
+        with self._engine.connect() as db:
+            return [
+                {
+                    "id": r.id,
+                    "object": "audit_log.entry",
+                    "at": _iso(r.at),
+                    "actor": r.actor,
+                    "tenant": r.tenant,
+                    "action": r.action,
+                    "target": r.target,
+                    "details": json.loads(r.details),
+                }
+                for r in db.execute(query)
+            ]
+
+
+def _models(value: Any) -> list[str] | None:
+    if value is None:
+        return None
+    if not isinstance(value, list) or not all(isinstance(m, str) and m for m in value):
+        raise InvalidValue(
+            "`allowed_models` must be a list of model names or `region:<name>` entries.", "allowed_models"
+        )
+    return value
+
+
+def _check_limits(rpm: Any, tpm: Any) -> None:
+    for name, value in (("rpm", rpm), ("tpm", tpm)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise InvalidValue(f"`{name}` must be a positive integer (or null for no limit).", name)
+
+
+def _key_details(record: KeyRecord) -> dict[str, Any]:
+    details = record.public()
+    return {k: details[k] for k in ("role", "member_id", "allowed_models", "budget_nano_dkk", "rpm", "tpm")}
+
+
+def _iso(moment: datetime) -> str:
+    moment = moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
+    return moment.astimezone(UTC).isoformat().replace("+00:00", "Z")
+
+
+def tenant_json(row: Any) -> dict[str, Any]:
+    return {
+        "id": row.tenant,
+        "object": "organization",
+        "display_name": row.display_name,
+        "plan": {
+            "name": row.plan,
+            "monthly_fee_dkk": format_dkk(row.plan_fee_ore),
+            "discount_percent": dkk_string(row.discount_bp * 10**7),
+        },
+        "budget": None
+        if row.budget_kind is None
+        else {"kind": row.budget_kind, "limit_dkk": dkk_string(row.budget_nano_dkk)},
+        "created_at": _iso(row.created_at),
+    }
+
+
+def member_json(row: Any) -> dict[str, Any]:
+    return {
+        "id": row.member_id,
+        "object": "organization.member",
+        "tenant": row.tenant,
+        "name": row.name,
+        "role": row.role,
+        "created_at": _iso(row.created_at),
+        "removed_at": _iso(row.removed_at) if row.removed_at is not None else None,
+    }
+
+
+def key_json(record: KeyRecord) -> dict[str, Any]:
+    body = record.public()
+    budget = body.pop("budget_nano_dkk")
+    body["budget_dkk"] = dkk_string(budget) if budget is not None else None
+    return body

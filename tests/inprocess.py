@@ -1,0 +1,75 @@
+"""The whole HTTP path in one process for fast tests: the real ASGI app, the real tokenizer logic, the real billing
+deployment class on a real SQLite database, and engine doubles (generation is not what these tests measure).
+
+Only transports are replaced: handles by ``InProcessHandleDouble``, engines by ``InstantEngineDouble``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from deployments.billing.actor import Billing
+from deployments.billing.governance import Actor
+from deployments.billing.pricing import TokenPrices
+from deployments.billing.service import BillingService, BillingSpec
+from deployments.ingress import ServeBillingClient
+from deployments.openai.app import create_app
+from deployments.openai.serving import OpenAIService, ServedModel
+from deployments.tokenizer import TokenizerCore
+from tests.doubles import InProcessHandleDouble, InstantEngineDouble, LocalTokenizerClient
+
+CTX = 512
+PRICES = TokenPrices.from_dkk_per_million(Decimal("6.00"), Decimal("3.00"), Decimal("45.00"))
+REGIONS = {"qwen3-next-tiny": "dk", "qwen3-moe-tiny": "dk", "elsewhere-tiny": "us"}
+
+
+@dataclass
+class InProcessStack:
+    client: httpx.AsyncClient
+    service: BillingService
+    accounts: ServeBillingClient
+    handle: InProcessHandleDouble
+    engines: dict[str, InstantEngineDouble]
+    openai: OpenAIService
+
+    def key(self, tenant: str = "t", **settings: Any) -> str:
+        """A new key made by the operator (``role``, ``allowed_models``, ``budget_dkk``, ``rpm``, ``tpm`` ...)."""
+        _, key = self.service.governance.create_key(Actor.operator("test"), tenant, **settings)
+        return key
+
+    async def deliver_usage(self) -> None:
+        """Waits until the ingress's outbox has handed every usage report to billing."""
+        assert await self.accounts.outbox.drain(timeout_s=10.0), "usage reports were not acknowledged"
+
+
+@asynccontextmanager
+async def inprocess_stack(
+    core: TokenizerCore,
+    data_dir: Path,
+    engines: dict[str, InstantEngineDouble] | None = None,
+    default_rpm: int = 600,
+    default_tpm: int = 2_000_000,
+) -> AsyncIterator[InProcessStack]:
+    engines = engines or {"qwen3-next-tiny": InstantEngineDouble(), "qwen3-moe-tiny": InstantEngineDouble()}
+    spec = BillingSpec(
+        data_dir=data_dir,
+        database_url=None,
+        prices={name: PRICES for name in engines},
+        default_rpm=default_rpm,
+        default_tpm=default_tpm,
+    )
+    billing = Billing.func_or_class(spec)  # the deployment's own class, outside Ray
+    handle = InProcessHandleDouble(billing)
+    accounts = ServeBillingClient(handle, key_cache_ttl_s=0.0, flush_interval_s=0.05)  # type: ignore[arg-type]
+    models = [ServedModel(name, CTX, "anker", 1, REGIONS.get(name, "dk")) for name in engines]
+    service = OpenAIService(models, LocalTokenizerClient(core), dict(engines), accounts)  # type: ignore[arg-type]
+    app = create_app(service, accounts, max_body_bytes=64 * 1024)
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://anker") as client:
+        yield InProcessStack(client, billing._service, accounts, handle, engines, service)
