@@ -82,6 +82,7 @@ def build_app(config: AnkerConfig) -> serve.Application:
         max_body_bytes=config.server.max_request_bytes,
         key_cache_ttl_s=config.billing.key_cache_ttl_s,
         usage_flush_interval_s=config.billing.usage_flush_interval_s,
+        usage_spool_dir=config.data_dir.resolve() / "outbox",
     )
     return Ingress.options(  # type: ignore[attr-defined]
         num_replicas=config.stack.ingress_replicas,

@@ -15,6 +15,7 @@ import time
 from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 
 from ray import serve
@@ -42,6 +43,7 @@ class IngressSpec:
     max_body_bytes: int
     key_cache_ttl_s: float = 10.0
     usage_flush_interval_s: float = 0.2
+    usage_spool_dir: Path | None = None  # this node's folder of usage spool files (see usage_outbox.Spool)
 
 
 class ServeTokenizerClient:
@@ -135,12 +137,18 @@ class ServeBillingClient:
     a budget is never spent without its reservation.
     """
 
-    def __init__(self, handle: DeploymentHandle, key_cache_ttl_s: float, flush_interval_s: float) -> None:
+    def __init__(
+        self,
+        handle: DeploymentHandle,
+        key_cache_ttl_s: float,
+        flush_interval_s: float,
+        spool_dir: Path | None = None,
+    ) -> None:
         self._handle = handle
         self._ttl_s = key_cache_ttl_s
         self._cache: dict[str, tuple[float, Principal]] = {}
         self._has_budget: dict[str, bool] = {}
-        self.outbox = UsageOutbox(self._send, flush_interval_s)
+        self.outbox = UsageOutbox(self._send, flush_interval_s, spool_dir=spool_dir)
 
     async def _call(self, method: str, *args: Any) -> Any:
         try:
@@ -221,7 +229,9 @@ class Ingress:
     ) -> None:
         self._engines = {name: ServeEngineClient(name, handle) for name, handle in engines.items()}
         self._tasks: list[asyncio.Task[None]] = []
-        self._billing = ServeBillingClient(billing, spec.key_cache_ttl_s, spec.usage_flush_interval_s)
+        self._billing = ServeBillingClient(
+            billing, spec.key_cache_ttl_s, spec.usage_flush_interval_s, spec.usage_spool_dir
+        )
         self._service = OpenAIService(spec.models, ServeTokenizerClient(tokenizer), dict(self._engines), self._billing)
         self._max_body_bytes = spec.max_body_bytes
 
@@ -238,7 +248,11 @@ class Ingress:
     async def __del__(self) -> None:
         # Ray Serve is stopping this replica: hand over the usage it still holds before it goes.
         if not await self._billing.outbox.drain(timeout_s=10.0):
-            logger.error("ingress stopping with %d usage reports undelivered", self._billing.outbox.pending)
+            logger.error(
+                "ingress stopping with %d usage reports undelivered; they stay in its spool file for the next replica",
+                self._billing.outbox.pending,
+            )
+        self._billing.outbox.close()
 
 
 def _serve_request_id() -> str | None:

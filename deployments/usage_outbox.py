@@ -2,16 +2,26 @@
 acknowledged it (the ledger committed it), and is re-sent until then: at-least-once delivery.
 
 Reports are keyed by billing id, so a report never leaves twice in one batch and a replay is harmless (the ledger
-ignores ids it has). It holds counts and ids only. It must never drop a report to make room.
+ignores ids it has). With a spool folder, every report and acknowledgement is also appended to this replica's
+spool file (counts and ids only, never content), locked while the replica lives; a new replica adopts the files of
+replicas that died and sends what they held. It must never drop a report to make room.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
+import json
 import logging
+import os
+import uuid
 from collections.abc import Awaitable, Callable, Sequence
+from datetime import datetime
+from pathlib import Path
+from typing import IO, Any
 
+from deployments.billing.ledger import UsageEvent
 from deployments.billing.service import UsageReport
 
 logger = logging.getLogger("ray.serve")
@@ -19,9 +29,110 @@ logger = logging.getLogger("ray.serve")
 Send = Callable[[Sequence[UsageReport]], Awaitable[Sequence[str]]]
 
 
+COMPACT_BYTES = 1 << 20
+
+
+def report_to_json(report: UsageReport) -> dict[str, Any]:
+    e = report.event
+    return {
+        "id": e.request_id,
+        "tenant": e.tenant,
+        "key": e.key_id,
+        "model": e.model,
+        "prompt": e.prompt_tokens,
+        "cached": e.cached_tokens,
+        "completion": e.completion_tokens,
+        "started": e.started_at.isoformat(),
+        "finished": e.finished_at.isoformat(),
+        "status": e.status,
+        "reserved": report.reserved_tokens,
+    }
+
+
+def report_from_json(d: dict[str, Any]) -> UsageReport:
+    event = UsageEvent(
+        request_id=d["id"],
+        tenant=d["tenant"],
+        key_id=d["key"],
+        model=d["model"],
+        prompt_tokens=d["prompt"],
+        cached_tokens=d["cached"],
+        completion_tokens=d["completion"],
+        started_at=datetime.fromisoformat(d["started"]),
+        finished_at=datetime.fromisoformat(d["finished"]),
+        status=d["status"],
+    )
+    return UsageReport(event, d["reserved"])
+
+
+class Spool:
+    """This replica's append-only spool file, locked for its lifetime, and the adoption of dead replicas' files.
+
+    Lines are ``{"r": report}`` and ``{"a": [ids]}``; what is reported and not acknowledged is pending. Appends are
+    flushed to the OS at once, so they survive the process (not the machine); compaction truncates an empty file.
+    """
+
+    def __init__(self, folder: Path) -> None:
+        folder.mkdir(parents=True, exist_ok=True)
+        self.folder = folder
+        self.path = folder / f"{uuid.uuid4().hex}.jsonl"
+        self._file: IO[str] = self.path.open("a", encoding="utf-8")
+        fcntl.flock(self._file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+    def _append(self, record: dict[str, Any]) -> None:
+        self._file.write(json.dumps(record, separators=(",", ":")) + "\n")
+        self._file.flush()
+
+    def reported(self, report: UsageReport) -> None:
+        self._append({"r": report_to_json(report)})
+
+    def acknowledged(self, ids: Sequence[str], nothing_pending: bool) -> None:
+        if nothing_pending and self._file.tell() > COMPACT_BYTES:
+            self._file.truncate(0)
+            self._file.seek(0)
+            return
+        self._append({"a": list(ids)})
+
+    def adopt_orphans(self) -> list[UsageReport]:
+        """Reports pending in the spool files of replicas that are gone (their lock is free); their files go."""
+        adopted: dict[str, UsageReport] = {}
+        for path in sorted(self.folder.glob("*.jsonl")):
+            if path == self.path:
+                continue
+            with path.open("r+", encoding="utf-8") as fh:
+                try:
+                    fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    continue  # a live replica's
+                pending: dict[str, UsageReport] = {}
+                for line in fh:
+                    try:
+                        record = json.loads(line)
+                    except ValueError:
+                        continue  # a line cut short when its writer died
+                    if "r" in record:
+                        report = report_from_json(record["r"])
+                        pending[report.event.request_id] = report
+                    for acked in record.get("a", ()):
+                        pending.pop(acked, None)
+                for report in pending.values():
+                    self.reported(report)  # durable in our file before the orphan's goes
+                adopted.update(pending)
+                path.unlink()
+        return list(adopted.values())
+
+    def close(self) -> None:
+        self._file.close()
+
+
 class UsageOutbox:
     def __init__(
-        self, send: Send, flush_interval_s: float = 0.2, max_batch: int = 256, max_backoff_s: float = 5.0
+        self,
+        send: Send,
+        flush_interval_s: float = 0.2,
+        max_batch: int = 256,
+        max_backoff_s: float = 5.0,
+        spool_dir: Path | None = None,
     ) -> None:
         self._send = send
         self._flush_interval_s = flush_interval_s
@@ -31,6 +142,13 @@ class UsageOutbox:
         self._wake = asyncio.Event()
         self.sent_batches = 0
         self.failed_sends = 0
+        self._spool = Spool(spool_dir) if spool_dir is not None else None
+        if self._spool is not None:
+            adopted = self._spool.adopt_orphans()
+            for report in adopted:
+                self._pending[report.event.request_id] = report
+            if adopted:
+                logger.warning("usage outbox: adopted %d undelivered reports of a stopped replica", len(adopted))
 
     @property
     def pending(self) -> int:
@@ -39,6 +157,11 @@ class UsageOutbox:
     def submit(self, report: UsageReport) -> None:
         """Queues a report; never blocks and never fails, so the request path can always call it."""
         self._pending[report.event.request_id] = report
+        if self._spool is not None:
+            try:
+                self._spool.reported(report)
+            except OSError as exc:  # a full disk must not fail the request: the report is still in memory
+                logger.error("usage outbox: spool write failed (%s)", type(exc).__name__)
         if len(self._pending) >= self._max_batch:
             self._wake.set()
 
@@ -51,6 +174,9 @@ class UsageOutbox:
         self.sent_batches += 1
         for billing_id in acked:
             self._pending.pop(billing_id, None)
+        if self._spool is not None and acked:
+            with contextlib.suppress(OSError):
+                self._spool.acknowledged(list(acked), not self._pending)
         return len(acked)
 
     async def run(self) -> None:
@@ -86,3 +212,11 @@ class UsageOutbox:
             except Exception:
                 await asyncio.sleep(0.2)
         return not self._pending
+
+    def close(self) -> None:
+        """Releases the spool file: kept if reports are pending (a later replica adopts them), removed if not."""
+        if self._spool is not None:
+            self._spool.close()
+            if not self._pending:
+                with contextlib.suppress(OSError):
+                    os.unlink(self._spool.path)

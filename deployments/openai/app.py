@@ -148,11 +148,13 @@ def create_app(
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, error: StarletteHTTPException) -> Response:
+        headers = dict(error.headers or {})  # e.g. the dashboard's security headers on its 404s
         if error.status_code == 404:
-            return error_response(RouteNotFound(f"Unknown request URL: {request.method} {request.url.path}."))
+            return error_response(RouteNotFound(f"Unknown request URL: {request.method} {request.url.path}."), headers)
         if error.status_code == 405:
-            return error_response(MethodNotAllowed(f"Method {request.method} is not allowed on {request.url.path}."))
-        return error_response(InvalidRequest(str(error.detail)))
+            message = f"Method {request.method} is not allowed on {request.url.path}."
+            return error_response(MethodNotAllowed(message), headers)
+        return error_response(InvalidRequest(str(error.detail)), headers)
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, error: RequestValidationError) -> Response:
