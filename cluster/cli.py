@@ -95,10 +95,10 @@ def cmd_up(args: argparse.Namespace) -> int:
     from deployments.keys import open_key_store
 
     config = _config(args)
-    store = open_key_store(config.data_dir, config.database_url)
     first_key = None
-    if store.count_active() == 0:  # the first key runs its organisation: it can call models and manage keys
-        _, first_key = store.create("default", "owner")
+    if open_key_store(config.data_dir, config.database_url).count_active() == 0:
+        # The first key runs its organisation: it calls models and manages keys. Made (and audited) like any other.
+        _, first_key = cli_billing.service(config).governance.create_key(cli_billing.actor(), "default", role="owner")
     try:
         state = local.start(config, _say)
     except local.StackError as exc:

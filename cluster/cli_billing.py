@@ -28,13 +28,13 @@ EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 ConfigLoader = Callable[[argparse.Namespace], AnkerConfig]
 
 
-def _service(config: AnkerConfig) -> BillingService:
+def service(config: AnkerConfig) -> BillingService:
     from deployments.billing.service import BillingService, billing_spec
 
     return BillingService(billing_spec(config))
 
 
-def _actor() -> Actor:
+def actor() -> Actor:
     from deployments.billing.governance import Actor
 
     return Actor.operator(f"cli:{getpass.getuser()}")
@@ -176,11 +176,11 @@ def add_commands(
 
 
 def _keys_create(args: argparse.Namespace, config: AnkerConfig) -> int:
-    service = _service(config)
+    billing = service(config)
 
     def action() -> int:
-        record, key = service.governance.create_key(
-            _actor(),
+        record, key = billing.governance.create_key(
+            actor(),
             args.tenant,
             role=args.role,
             member_id=args.member,
@@ -203,7 +203,7 @@ def _keys_create(args: argparse.Namespace, config: AnkerConfig) -> int:
 def _keys_list(args: argparse.Namespace, config: AnkerConfig) -> int:
     from deployments.billing.governance import key_json
 
-    records = _service(config).governance.list_keys(_actor(), args.tenant)
+    records = service(config).governance.list_keys(actor(), args.tenant)
     if args.json:
         print(json.dumps([key_json(r) for r in records], indent=2))
         return EXIT_OK
@@ -243,10 +243,10 @@ def _keys_set(args: argparse.Namespace, config: AnkerConfig) -> int:
         return _fail("keys set", "--rpm and --tpm take whole numbers or none")
     if not changes:
         return _fail("keys set", "nothing to change: give --budget-dkk, --rpm, --tpm or --models")
-    service = _service(config)
+    billing = service(config)
 
     def action() -> int:
-        record = service.governance.update_key(_actor(), args.key_id, **changes)
+        record = billing.governance.update_key(actor(), args.key_id, **changes)
         print(json.dumps(record.public(), indent=2))
         return EXIT_OK
 
@@ -254,10 +254,10 @@ def _keys_set(args: argparse.Namespace, config: AnkerConfig) -> int:
 
 
 def _keys_revoke(args: argparse.Namespace, config: AnkerConfig) -> int:
-    service = _service(config)
+    billing = service(config)
 
     def action() -> int:
-        service.governance.revoke_key(_actor(), args.key_id)
+        billing.governance.revoke_key(actor(), args.key_id)
         print(f"revoked {args.key_id}")
         return EXIT_OK
 
@@ -273,16 +273,16 @@ def _tenants_change(args: argparse.Namespace, config: AnkerConfig, action_name: 
         settings["budget_kind"] = None if args.budget_kind == "none" else args.budget_kind
         if args.budget_kind == "none":
             settings["budget_dkk"] = None
-    service = _service(config)
+    billing = service(config)
 
     def action() -> int:
         if action_name == "create":
             display = settings.pop("display_name", None)
-            result = service.governance.create_tenant(_actor(), args.tenant, display, **settings)
+            result = billing.governance.create_tenant(actor(), args.tenant, display, **settings)
         else:
             if not settings:
                 return _fail("tenants set", "nothing to change")
-            result = service.governance.update_tenant(_actor(), args.tenant, **settings)
+            result = billing.governance.update_tenant(actor(), args.tenant, **settings)
         print(json.dumps(result, indent=2))
         return EXIT_OK
 
@@ -290,10 +290,10 @@ def _tenants_change(args: argparse.Namespace, config: AnkerConfig, action_name: 
 
 
 def _print_json(args: argparse.Namespace, config: AnkerConfig, operation: str, arguments: dict[str, Any]) -> int:
-    service = _service(config)
+    billing = service(config)
 
     def action() -> int:
-        print(json.dumps(getattr(service.governance, operation)(_actor(), **arguments), indent=2))
+        print(json.dumps(getattr(billing.governance, operation)(actor(), **arguments), indent=2))
         return EXIT_OK
 
     return _run(operation.replace("_", " "), action)
@@ -305,7 +305,7 @@ def _usage(args: argparse.Namespace, config: AnkerConfig) -> int:
 
     month = args.month or _month(None)
     start, end = month_bounds(month)
-    ledger = _service(config).ledger
+    ledger = service(config).ledger
     buckets = ledger.usage(args.tenant, start, end, args.group_by)
     [whole] = ledger.usage(args.tenant, start, end, None)
     if args.json:
@@ -344,7 +344,7 @@ def _invoice(args: argparse.Namespace, config: AnkerConfig) -> int:
 
     month = args.month or _month(None)
     try:
-        invoice = build_invoice(_service(config).ledger, args.tenant, month, Decimal(config.billing.vat_percent))
+        invoice = build_invoice(service(config).ledger, args.tenant, month, Decimal(config.billing.vat_percent))
     except LookupError:
         return _fail("invoice", f"no tenant {args.tenant}", EXIT_FAILED)
     json_path, csv_path = write_invoice(invoice, Path(args.out))

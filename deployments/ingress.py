@@ -241,10 +241,6 @@ class Ingress:
         self._tasks.append(loop.create_task(self._billing.outbox.run()))
         return create_app(self._service, self._billing, self._max_body_bytes, _serve_request_id)
 
-    async def usage_pending(self) -> int:
-        """Usage reports not yet acknowledged by billing (0 in a quiet, healthy stack)."""
-        return self._billing.outbox.pending
-
     async def __del__(self) -> None:
         # Ray Serve is stopping this replica: hand over the usage it still holds before it goes.
         if not await self._billing.outbox.drain(timeout_s=10.0):

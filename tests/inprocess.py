@@ -56,11 +56,12 @@ async def inprocess_stack(
     engines: dict[str, InstantEngineDouble] | None = None,
     default_rpm: int = 600,
     default_tpm: int = 2_000_000,
+    database_url: str | None = None,
 ) -> AsyncIterator[InProcessStack]:
     engines = engines or {"qwen3-next-tiny": InstantEngineDouble(), "qwen3-moe-tiny": InstantEngineDouble()}
     spec = BillingSpec(
         data_dir=data_dir,
-        database_url=None,
+        database_url=database_url,
         prices={name: PRICES for name in engines},
         default_rpm=default_rpm,
         default_tpm=default_tpm,
@@ -71,5 +72,21 @@ async def inprocess_stack(
     models = [ServedModel(name, CTX, "anker", 1, REGIONS.get(name, "dk")) for name in engines]
     service = OpenAIService(models, LocalTokenizerClient(core), dict(engines), accounts)  # type: ignore[arg-type]
     app = create_app(service, accounts, max_body_bytes=64 * 1024)
-    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://anker") as client:
-        yield InProcessStack(client, billing._service, accounts, handle, engines, service)
+    try:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://anker") as client:
+            yield InProcessStack(client, billing._service, accounts, handle, engines, service)
+    finally:
+        billing._sweeper.cancel()
+        billing._service.ledger.dispose()
+
+
+def clean_postgres(url: str) -> str:
+    """Empties the throwaway server's database (a fresh schema for one test) and returns the URL."""
+    import sqlalchemy as sa
+
+    engine = sa.create_engine(url)
+    with engine.begin() as c:
+        c.execute(sa.text("DROP SCHEMA public CASCADE"))
+        c.execute(sa.text("CREATE SCHEMA public"))
+    engine.dispose()
+    return url

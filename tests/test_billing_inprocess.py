@@ -20,7 +20,7 @@ from deployments.openai.protocol import ChatCompletionRequest, parse_request
 from deployments.openai.serving import RequestContext
 from deployments.tokenizer import TokenizerCore, TokenizerSpec
 from tests.doubles import InstantEngineDouble
-from tests.inprocess import CTX, InProcessStack, inprocess_stack
+from tests.inprocess import CTX, InProcessStack, clean_postgres, inprocess_stack
 
 RATE_HEADERS = {
     f"x-ratelimit-{kind}-{what}" for kind in ("limit", "remaining", "reset") for what in ("requests", "tokens")
@@ -35,14 +35,22 @@ def core(tiny_models: dict[str, Path]) -> TokenizerCore:
     return TokenizerCore(specs, block_size=16)
 
 
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db(request: pytest.FixtureRequest) -> str | None:
+    """The same tests on the embedded SQLite file and on a throwaway PostgreSQL server."""
+    if request.param == "sqlite":
+        return None
+    return clean_postgres(request.getfixturevalue("postgres_url"))
+
+
 @pytest.fixture
-async def stack(core: TokenizerCore, tmp_path: Path) -> AsyncIterator[InProcessStack]:
+async def stack(core: TokenizerCore, tmp_path: Path, db: str | None) -> AsyncIterator[InProcessStack]:
     engines = {
         MODEL: InstantEngineDouble(),
         "qwen3-moe-tiny": InstantEngineDouble(),
         "elsewhere-tiny": InstantEngineDouble(),
     }
-    async with inprocess_stack(core, tmp_path, engines) as s:
+    async with inprocess_stack(core, tmp_path, engines, database_url=db) as s:
         yield s
 
 
@@ -136,12 +144,12 @@ async def test_a_replayed_report_is_billed_once(stack: InProcessStack) -> None:
 
 
 async def test_a_stream_cut_off_by_the_client_is_billed_for_the_tokens_produced(
-    core: TokenizerCore, tmp_path: Path
+    core: TokenizerCore, tmp_path: Path, db: str | None
 ) -> None:
     # httpx's in-process transport cannot hang up mid-body, so this drives the stream the way Starlette does when
     # the client goes: it stops iterating and closes the generator. (The stack tests hang up over real HTTP.)
     engine = InstantEngineDouble(delay_s=0.01)
-    async with inprocess_stack(core, tmp_path, {MODEL: engine}) as stack:
+    async with inprocess_stack(core, tmp_path, {MODEL: engine}, database_url=db) as stack:
         key = stack.key("t")
         record = await stack.accounts.verify(key)
         assert record is not None
@@ -164,8 +172,10 @@ async def test_a_stream_cut_off_by_the_client_is_billed_for_the_tokens_produced(
         assert engine.cancelled == ["chatcmpl-cut"]
 
 
-async def test_a_request_that_failed_before_any_output_costs_nothing(core: TokenizerCore, tmp_path: Path) -> None:
-    async with inprocess_stack(core, tmp_path, {MODEL: InstantEngineDouble(fail_after=0)}) as stack:
+async def test_a_request_that_failed_before_any_output_costs_nothing(
+    core: TokenizerCore, tmp_path: Path, db: str | None
+) -> None:
+    async with inprocess_stack(core, tmp_path, {MODEL: InstantEngineDouble(fail_after=0)}, database_url=db) as stack:
         key = stack.key("t", budget_dkk="1")
         r = await stack.client.post("/v1/chat/completions", json=chat(max_tokens=5), headers=auth(key))
         assert_error(r, 503, "engine_unavailable")
@@ -185,8 +195,10 @@ async def test_a_used_up_budget_answers_429_insufficient_quota(stack: InProcessS
     assert ledger_rows(stack) == []
 
 
-async def test_concurrent_requests_overspend_by_at_most_one_request(core: TokenizerCore, tmp_path: Path) -> None:
-    async with inprocess_stack(core, tmp_path, {MODEL: InstantEngineDouble(delay_s=0.01)}) as stack:
+async def test_concurrent_requests_overspend_by_at_most_one_request(
+    core: TokenizerCore, tmp_path: Path, db: str | None
+) -> None:
+    async with inprocess_stack(core, tmp_path, {MODEL: InstantEngineDouble(delay_s=0.01)}, database_url=db) as stack:
         # A request's maximum cost: prompt (< 40 tokens, uncached) + 20 output tokens; the budget fits about 3.
         max_cost_nano = 40 * 6000 + 20 * 45000
         budget_nano = 3 * max_cost_nano

@@ -208,3 +208,37 @@ def test_concurrent_reservations_stop_at_the_budget(ledger: Ledger) -> None:
     with ledger.engine.begin() as db:
         [state] = budgets.budget_summary(db, "kommune-x", "k1", now)
     assert state.reserved_nano_dkk == 9 and state.spent_nano_dkk == 0
+
+
+def test_usage_by_day_and_model_with_costs_split_by_kind(ledger: Ledger) -> None:
+    ledger.set_price("m2", CHEAPER, T0)
+    day1, day2 = T0 + timedelta(days=1, hours=23, minutes=59), T0 + timedelta(days=2, minutes=1)
+    ledger.record([event("a", day1), event("b", day2), event("c", day2)])
+    ledger.record([UsageEvent("d", "kommune-x", "k2", "m2", 100, 0, 10, day2, day2, "ok")])
+    end = T0 + timedelta(days=30)
+    by_day = ledger.usage("kommune-x", T0, end, "day")
+    assert [(b.start.day, b.requests) for b in by_day] == [(2, 1), (3, 3)]
+    assert by_day[0].end - by_day[0].start == timedelta(days=1)
+    by_model = {b.model: b for b in ledger.usage("kommune-x", T0, end, "model")}
+    # m: 232 uncached x 6000 + 768 cached x 3000 + 100 output x 45000 per request
+    m = by_model["m"]
+    assert (m.requests, m.cost_input_uncached_nano_dkk, m.cost_input_cached_nano_dkk, m.cost_output_nano_dkk) == (
+        3,
+        3 * 232 * 6000,
+        3 * 768 * 3000,
+        3 * 100 * 45000,
+    )
+    assert by_model["m2"].cost_nano_dkk == 100 * 4000 + 10 * 30000
+    [whole] = ledger.usage("kommune-x", T0, end)
+    assert whole.cost_nano_dkk == m.cost_nano_dkk + by_model["m2"].cost_nano_dkk
+    assert ledger.usage("kommune-x", T0, end, None, key_id="k2")[0].requests == 1
+
+
+def test_failed_requests_without_output_cost_nothing_cut_off_ones_pay_what_they_produced(ledger: Ledger) -> None:
+    at = T0 + timedelta(days=1)
+    failed = UsageEvent("f", "kommune-x", "k1", "m", 500, 0, 0, at, at, "engine_unavailable")
+    cut = UsageEvent("c", "kommune-x", "k1", "m", 500, 0, 7, at, at, "cancelled")
+    ledger.record([failed, cut])
+    rows = {r["request_id"]: r for r in ledger.events("kommune-x")}
+    assert rows["f"]["cost_nano_dkk"] == 0
+    assert rows["c"]["cost_nano_dkk"] == 500 * 6000 + 7 * 45000

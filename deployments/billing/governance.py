@@ -65,13 +65,35 @@ def _grantable(actor: Actor, role: str) -> bool:
     return actor.role == "admin" and role != "owner"
 
 
+MAX_DKK = Decimal(10**9)  # far above any real budget, far below what the database's 64-bit nano-DKK can hold
+MAX_PER_MINUTE = 10**9
+MAX_NAME = 64
+
+
 def _dkk(value: Any, field: str) -> int | None:
     if value is None:
         return None
     try:
-        return nano_from_dkk(Decimal(str(value)))
+        amount = Decimal(str(value)) if not isinstance(value, (bool, float)) else Decimal(-1)
+        if amount > MAX_DKK:
+            raise ValueError(field)
+        return nano_from_dkk(amount)
     except (ArithmeticError, ValueError):
-        raise InvalidValue(f"`{field}` must be a non-negative amount in DKK.", field) from None
+        raise InvalidValue(
+            f"`{field}` must be an amount in DKK from 0 to {MAX_DKK} with at most 9 decimals, written as a string "
+            "or an integer.",
+            field,
+        ) from None
+
+
+def _percent(basis_points: int) -> str:
+    return format((Decimal(basis_points) / 100).normalize(), "f")
+
+
+def _name(value: Any) -> str | None:
+    if value is not None and (not isinstance(value, str) or not 0 < len(value) <= MAX_NAME):
+        raise InvalidValue(f"`name` must be 1-{MAX_NAME} characters.", "name")
+    return value
 
 
 def _now() -> datetime:
@@ -288,7 +310,7 @@ class Governance:
             record, key = self._keys.create(
                 tenant,
                 role,
-                name=name,
+                name=_name(name),
                 member_id=member_id,
                 allowed_models=_models(allowed_models),
                 budget_nano_dkk=_dkk(budget_dkk, "budget_dkk"),
@@ -312,7 +334,7 @@ class Governance:
                 _check_limits(value, None)
                 changes[field] = value
             elif field == "name":
-                changes["name"] = value
+                changes["name"] = _name(value)
             elif field == "role":
                 if record.member_id is not None:
                     raise InvalidValue("This key acts in its member's role: change the member's role.", "role")
@@ -393,8 +415,10 @@ def _models(value: Any) -> list[str] | None:
 
 def _check_limits(rpm: Any, tpm: Any) -> None:
     for name, value in (("rpm", rpm), ("tpm", tpm)):
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-            raise InvalidValue(f"`{name}` must be a positive integer (or null for no limit).", name)
+        if value is not None and (
+            isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_PER_MINUTE
+        ):
+            raise InvalidValue(f"`{name}` must be an integer from 1 to {MAX_PER_MINUTE} (or null for no limit).", name)
 
 
 def _key_details(record: KeyRecord) -> dict[str, Any]:
@@ -415,7 +439,7 @@ def tenant_json(row: Any) -> dict[str, Any]:
         "plan": {
             "name": row.plan,
             "monthly_fee_dkk": format_dkk(row.plan_fee_ore),
-            "discount_percent": dkk_string(row.discount_bp * 10**7),
+            "discount_percent": _percent(row.discount_bp),
         },
         "budget": None
         if row.budget_kind is None

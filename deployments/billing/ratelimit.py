@@ -117,8 +117,12 @@ class RateLimiter:
         budget.level -= tokens
         return self._state(requests, budget)
 
-    def refund(self, key_id: str, tokens: int) -> None:
-        """Gives back tokens reserved at admission but not used (the output was shorter than max_tokens)."""
+    def refund(self, key_id: str, tokens: int, request: bool = False) -> None:
+        """Gives back tokens taken at admission but not used (the output was shorter than max_tokens), and the
+        request itself when it was refused after all (its budget was used up)."""
         bucket = self._tokens.get(key_id)
         if bucket is not None and tokens > 0:
             bucket.level = min(bucket.capacity, bucket.level + tokens)
+        requests = self._requests.get(key_id)
+        if requests is not None and request:
+            requests.level = min(requests.capacity, requests.level + 1)

@@ -14,6 +14,7 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from decimal import Decimal
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -134,7 +135,7 @@ class BillingService:
         try:
             reserved = await asyncio.to_thread(self._reserve, request)
         except BaseException:
-            self.limiter.refund(key.key_id, tokens)
+            self.limiter.refund(key.key_id, tokens, request=True)  # a refused request uses no limit
             raise
         return Admission(state.headers(), tokens, reserved)
 
@@ -220,7 +221,7 @@ class BillingService:
             plan = {
                 "name": tenant.plan,
                 "monthly_fee_dkk": dkk_string(tenant.plan_fee_ore * 10**7),
-                "discount_percent": dkk_string(tenant.discount_bp * 10**7),
+                "discount_percent": format((Decimal(tenant.discount_bp) / 100).normalize(), "f"),
             }
         if not states:
             return None, plan
