@@ -13,7 +13,7 @@ import asyncio
 import logging
 import time
 import weakref
-from collections.abc import AsyncGenerator, AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
 from contextlib import aclosing
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -280,29 +280,9 @@ class OpenAIService:
             for i, m in enumerate(req.messages)
         ]
         prepared = await self._tokenizer.prepare_chat(req.model, turns, req.requested_max_tokens)
-        sampling = _sampling(req, req.logprobs_k)
-        acc = wire.Accumulator([prepared.prompt_tokens], req.n)
-        admission = await self._admit(ctx, req.model, [prepared], req.n)
-        tracker = UsageTracker(self._billing, ctx, req.model, acc, admission)
-        created = int(time.time())
-        with_logprobs = req.logprobs_k is not None
-        try:
-            stream = self._merged(engine, ctx.request_id, [prepared], sampling)
-            if not req.stream:
-                async with aclosing(stream):
-                    async for prompt_index, deltas in stream:
-                        for delta in deltas:
-                            acc.add(prompt_index, delta)
-                tracker.finish("ok")
-                return wire.chat_completion(ctx.request_id, created, req.model, acc, with_logprobs)
-            first, stream = await self._primed(stream)
-        except BaseException as error:
-            tracker.finish(_status(error))
-            raise
-        header = wire.ChunkHeader(ctx.request_id, created, req.model, req.include_usage)
-        events = self._chat_events(header, acc, first, stream, with_logprobs, tracker)
-        weakref.finalize(events, tracker.finish, "cancelled")  # a stream the server never started still reports
-        return events
+        return await self._run(
+            req, ctx, engine, [prepared], _sampling(req, req.logprobs_k), wire.chat_completion, self._chat_events
+        )
 
     async def _chat_events(
         self,
@@ -312,7 +292,7 @@ class OpenAIService:
         stream: AsyncGenerator[tuple[int, list[Delta]], None],
         with_logprobs: bool,
         tracker: UsageTracker,
-    ) -> AsyncIterator[bytes]:
+    ) -> AsyncGenerator[bytes, None]:
         status = "cancelled"
         try:
             for index in range(len(acc.choices)):
@@ -339,29 +319,9 @@ class OpenAIService:
         self._authorize(req.model, ctx.key)
         engine = self._engine(req.model)
         prepared = await self._tokenizer.prepare_completion(req.model, req.prompts(), req.max_tokens)
-        sampling = _sampling(req, req.logprobs)
-        acc = wire.Accumulator([p.prompt_tokens for p in prepared], req.n)
-        admission = await self._admit(ctx, req.model, prepared, req.n)
-        tracker = UsageTracker(self._billing, ctx, req.model, acc, admission)
-        created = int(time.time())
-        with_logprobs = req.logprobs is not None
-        try:
-            stream = self._merged(engine, ctx.request_id, prepared, sampling)
-            if not req.stream:
-                async with aclosing(stream):
-                    async for prompt_index, deltas in stream:
-                        for delta in deltas:
-                            acc.add(prompt_index, delta)
-                tracker.finish("ok")
-                return wire.text_completion(ctx.request_id, created, req.model, acc, with_logprobs)
-            first, stream = await self._primed(stream)
-        except BaseException as error:
-            tracker.finish(_status(error))
-            raise
-        header = wire.ChunkHeader(ctx.request_id, created, req.model, req.include_usage)
-        events = self._completion_events(header, acc, first, stream, with_logprobs, tracker)
-        weakref.finalize(events, tracker.finish, "cancelled")
-        return events
+        return await self._run(
+            req, ctx, engine, prepared, _sampling(req, req.logprobs), wire.text_completion, self._completion_events
+        )
 
     async def _completion_events(
         self,
@@ -371,7 +331,7 @@ class OpenAIService:
         stream: AsyncGenerator[tuple[int, list[Delta]], None],
         with_logprobs: bool,
         tracker: UsageTracker,
-    ) -> AsyncIterator[bytes]:
+    ) -> AsyncGenerator[bytes, None]:
         status = "cancelled"
         offsets = [0] * len(acc.choices)
         try:
@@ -393,6 +353,40 @@ class OpenAIService:
         yield sse.DONE
 
     # -- shared -------------------------------------------------------------------------------------------------
+
+    async def _run(
+        self,
+        req: ChatCompletionRequest | CompletionRequest,
+        ctx: RequestContext,
+        engine: EngineClient,
+        prepared: list[Prepared],
+        sampling: Sampling,
+        respond: Callable[[str, int, str, wire.Accumulator, bool], dict[str, Any]],
+        events: Callable[..., AsyncGenerator[bytes, None]],
+    ) -> dict[str, Any] | AsyncIterator[bytes]:
+        """Admission, then generation into a response or an SSE stream; the usage report leaves however it ends."""
+        acc = wire.Accumulator([p.prompt_tokens for p in prepared], req.n)
+        admission = await self._admit(ctx, req.model, prepared, req.n)
+        tracker = UsageTracker(self._billing, ctx, req.model, acc, admission)
+        created = int(time.time())
+        with_logprobs = sampling.logprobs is not None
+        try:
+            stream = self._merged(engine, ctx.request_id, prepared, sampling)
+            if not req.stream:
+                async with aclosing(stream):
+                    async for prompt_index, deltas in stream:
+                        for delta in deltas:
+                            acc.add(prompt_index, delta)
+                tracker.finish("ok")
+                return respond(ctx.request_id, created, req.model, acc, with_logprobs)
+            first, stream = await self._primed(stream)
+        except BaseException as error:
+            tracker.finish(_status(error))
+            raise
+        header = wire.ChunkHeader(ctx.request_id, created, req.model, req.include_usage)
+        generator = events(header, acc, first, stream, with_logprobs, tracker)
+        weakref.finalize(generator, tracker.finish, "cancelled")  # a stream the server never started still reports
+        return generator
 
     @staticmethod
     async def _chained(
