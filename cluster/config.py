@@ -45,6 +45,16 @@ class Prices(_Strict):
         return Decimal(repr(value)) if isinstance(value, float) else value
 
 
+class AutoscalingSettings(_Strict):
+    """Queue-depth autoscaling of a model's engine replicas (used when min_replicas < max_replicas)."""
+
+    target_queue_per_replica: float = Field(default=8.0, gt=0, description="vLLM waiting + running per replica.")
+    max_kv_cache_usage: float = Field(default=0.90, gt=0, le=1, description="A replica this full asks for one more.")
+    upscale_delay_s: float = Field(default=10.0, ge=0, description="How long more load must last before scaling up.")
+    downscale_delay_s: float = Field(default=120.0, ge=0, description="How long less load must last to scale down.")
+    look_back_period_s: float = Field(default=10.0, gt=0, description="Window over which replica metrics average.")
+
+
 class ModelConfig(_Strict):
     """One served model: where its weights are, how its engine is shaped, how many replicas, what it costs."""
 
@@ -58,6 +68,7 @@ class ModelConfig(_Strict):
     max_model_len: int = Field(default=2048, ge=16)
     min_replicas: int = Field(default=1, ge=1, description="Floor of engine replicas; never 0, the service is 24/7.")
     max_replicas: int = Field(default=1, ge=1)
+    autoscaling: AutoscalingSettings = Field(default_factory=AutoscalingSettings)
     engine_args: dict[str, Any] = Field(
         default_factory=dict, description="Extra vLLM engine arguments (AsyncEngineArgs fields)."
     )

@@ -7,9 +7,11 @@ deployments receive their specs and handles here and never look each other up by
 from __future__ import annotations
 
 import time
+from typing import Any
 
 from ray import serve
 
+from autoscaling.queue_policy import QueuePolicyConfig, serve_autoscaling_config
 from cluster.config import AnkerConfig, ModelConfig, deployment_suffix
 from cluster.placement import engine_placement
 from deployments.billing.actor import Billing
@@ -37,6 +39,20 @@ def engine_env(model: ModelConfig) -> dict[str, str]:
     return env
 
 
+def engine_autoscaling(model: ModelConfig) -> dict[str, Any]:
+    """Serve's autoscaling config of a model's engine deployment: the queue-depth policy, floor >= 1."""
+    a = model.autoscaling
+    policy = QueuePolicyConfig(
+        target_queue_per_replica=a.target_queue_per_replica,
+        max_kv_cache_usage=a.max_kv_cache_usage,
+        upscale_delay_s=a.upscale_delay_s,
+        downscale_delay_s=a.downscale_delay_s,
+        min_replicas=model.min_replicas,
+        max_replicas=model.max_replicas,
+    )
+    return serve_autoscaling_config(policy, a.look_back_period_s)
+
+
 def bind_engine(config: AnkerConfig, model: ModelConfig) -> serve.Application:
     placement = engine_placement(model)
     spec = EngineSpec(
@@ -47,12 +63,14 @@ def bind_engine(config: AnkerConfig, model: ModelConfig) -> serve.Application:
         pipeline_parallel_size=model.pipeline_parallel_size,
         engine_args=dict(model.engine_args),
     )
+    scaling: dict[str, Any] = (
+        {"num_replicas": model.min_replicas}
+        if model.min_replicas == model.max_replicas
+        else {"autoscaling_config": engine_autoscaling(model)}
+    )
     return Engine.options(  # type: ignore[attr-defined]
         name=engine_deployment_name(model),
-        num_replicas=model.min_replicas if model.min_replicas == model.max_replicas else "auto",
-        autoscaling_config=None
-        if model.min_replicas == model.max_replicas
-        else {"min_replicas": model.min_replicas, "max_replicas": model.max_replicas},
+        **scaling,
         max_ongoing_requests=config.stack.engine_max_ongoing_requests,
         ray_actor_options={
             "num_cpus": placement.bundles[0].get("CPU", 0.0),

@@ -15,6 +15,7 @@ from typing import Any
 
 from ray import serve
 
+from autoscaling.queue_policy import KV_CACHE_METRIC, QUEUE_METRIC
 from deployments.contracts import Delta, EngineFailure, EngineLoad, Sampling, TokenLogprob, TopLogprob
 
 logger = logging.getLogger("ray.serve")
@@ -226,6 +227,11 @@ class Engine:
 
     async def load(self) -> EngineLoad:
         return self._core.load()
+
+    async def record_autoscaling_stats(self) -> dict[str, float]:
+        """Serve's hook for custom autoscaling metrics: this replica's vLLM queue and KV-cache use."""
+        load = self._core.load()
+        return {QUEUE_METRIC: float(load.running + load.waiting), KV_CACHE_METRIC: float(load.kv_cache_usage)}
 
     async def check_health(self) -> None:
         # A dead engine core makes the replica unhealthy, so Ray Serve replaces it.
