@@ -25,6 +25,16 @@ ROOT = Path(__file__).resolve().parent.parent
 ANKER = str(Path(sys.executable).parent / "anker")
 MODELS = {"qwen3-next-tiny": "qwen3-next", "qwen3-moe-tiny": "qwen3-moe"}
 STACK_START_TIMEOUT_S = 900
+# The second model autoscales 1..2 in the test stack, with delays short enough for a test to see both changes
+# (tests/test_stack_autoscaling.py); a queue of 4 per replica is far above what the other tests send.
+AUTOSCALED_MODEL = "qwen3-moe-tiny"
+AUTOSCALING_ENV = {
+    "ANKER__MODELS__1__MAX_REPLICAS": "2",
+    "ANKER__MODELS__1__AUTOSCALING__TARGET_QUEUE_PER_REPLICA": "4",
+    "ANKER__MODELS__1__AUTOSCALING__UPSCALE_DELAY_S": "3",
+    "ANKER__MODELS__1__AUTOSCALING__DOWNSCALE_DELAY_S": "15",
+    "ANKER__MODELS__1__AUTOSCALING__LOOK_BACK_PERIOD_S": "4",
+}
 
 
 def free_port() -> int:
@@ -127,6 +137,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory, tiny_models: dict[str, Path]
         "ANKER_CONFIG": str(ROOT / "cluster" / "profiles" / "local.yaml"),
         "ANKER_DATA_DIR": str(data_dir),
         **{k: str(v) for k, v in ports.items()},
+        **AUTOSCALING_ENV,
     }
     # A key made before the stack starts (the key store is a file): with it, a client calls the API all through
     # start-up, as users' retry loops do, and the tests check what it was told.
