@@ -55,6 +55,24 @@ class AutoscalingSettings(_Strict):
     look_back_period_s: float = Field(default=10.0, gt=0, description="Window over which replica metrics average.")
 
 
+class Hardware(_Strict):
+    """The node shape a GPU model's replicas run on: for placement, capacity plans and cluster definitions."""
+
+    gpu_type: str = Field(default="H200", description="Accelerator name, also the node label `anker/gpu`.")
+    gpu_memory_gib: float = Field(default=141.0, gt=0, description="Memory of one GPU.")
+    gpus_per_node: int = Field(default=8, ge=1, le=64)
+    cpus_per_node: int = Field(default=96, ge=1)
+    memory_gib_per_node: int = Field(default=1536, ge=1)
+    gpu_hour_price_dkk: Decimal = Field(default=Decimal("25.00"), ge=0, description="For `anker plan`.")
+
+
+class ServingOptions(_Strict):
+    """vLLM's OpenAI-server options the checkpoint needs (names checked against vLLM's parser registries)."""
+
+    reasoning_parser: str | None = None
+    tool_call_parser: str | None = None
+
+
 class ModelConfig(_Strict):
     """One served model: where its weights are, how its engine is shaped, how many replicas, what it costs."""
 
@@ -65,6 +83,10 @@ class ModelConfig(_Strict):
     )
     tensor_parallel_size: int = Field(default=1, ge=1, le=64)
     pipeline_parallel_size: int = Field(default=1, ge=1, le=64)
+    data_parallel_size: int = Field(
+        default=1, ge=1, le=64, description="vLLM data-parallel ranks inside one replica (attention DP for MoE)."
+    )
+    enable_expert_parallel: bool = Field(default=False, description="Shard MoE experts over the DP x TP ranks.")
     max_model_len: int = Field(default=2048, ge=16)
     min_replicas: int = Field(default=1, ge=1, description="Floor of engine replicas; never 0, the service is 24/7.")
     max_replicas: int = Field(default=1, ge=1)
@@ -82,21 +104,43 @@ class ModelConfig(_Strict):
         pattern=r"^[a-z0-9-]{1,32}$",
         description="Where the model's GPUs are; a key's allow-list may admit models by region (region:dk).",
     )
+    residency: str | None = Field(
+        default=None,
+        pattern=r"^[a-z0-9-]{1,32}$",
+        description="If set, engine replicas run only on nodes labelled `anker/region=<residency>` (data residency).",
+    )
+    hardware: Hardware = Field(default_factory=Hardware)
+    serving: ServingOptions = Field(default_factory=ServingOptions)
     prices: Prices = Field(default_factory=Prices)
 
     @model_validator(mode="after")
     def _replica_bounds(self) -> ModelConfig:
         if self.max_replicas < self.min_replicas:
             raise ValueError(f"max_replicas ({self.max_replicas}) is below min_replicas ({self.min_replicas})")
-        reserved = {"model", "tokenizer", "tensor_parallel_size", "pipeline_parallel_size", "max_model_len"}
+        if self.residency is not None and self.residency != self.region:
+            raise ValueError(f"residency {self.residency} must be the model's region ({self.region})")
+        reserved = {
+            "model",
+            "tokenizer",
+            "tensor_parallel_size",
+            "pipeline_parallel_size",
+            "data_parallel_size",
+            "enable_expert_parallel",
+            "max_model_len",
+        }
         clash = sorted(reserved & set(self.engine_args))
         if clash:
             raise ValueError(f"engine_args may not set {', '.join(clash)}: use the model's own fields")
         return self
 
     @property
+    def workers_per_replica(self) -> int:
+        """vLLM worker processes of one replica: one per GPU on GPU engines."""
+        return self.tensor_parallel_size * self.pipeline_parallel_size * self.data_parallel_size
+
+    @property
     def gpus_per_replica(self) -> int:
-        return self.tensor_parallel_size * self.pipeline_parallel_size
+        return self.workers_per_replica if self.accelerator == "gpu" else 0
 
 
 class ServerConfig(_Strict):

@@ -53,33 +53,54 @@ def engine_autoscaling(model: ModelConfig) -> dict[str, Any]:
     return serve_autoscaling_config(policy, a.look_back_period_s)
 
 
-def bind_engine(config: AnkerConfig, model: ModelConfig) -> serve.Application:
-    placement = engine_placement(model)
-    spec = EngineSpec(
+def engine_spec(config: AnkerConfig, model: ModelConfig) -> EngineSpec:
+    engine_args = dict(model.engine_args)
+    if model.data_parallel_size > 1:
+        engine_args["data_parallel_size"] = model.data_parallel_size
+    if model.enable_expert_parallel:
+        engine_args["enable_expert_parallel"] = True
+    if model.accelerator == "gpu" and model.workers_per_replica > 1:
+        # vLLM's workers become Ray actors in the replica's placement group (its bundles, made below).
+        engine_args.setdefault("distributed_executor_backend", "ray")
+        if model.data_parallel_size > 1:
+            engine_args.setdefault("data_parallel_backend", "ray")
+    return EngineSpec(
         model=model.name,
         path=config.model_path(model),
         max_model_len=model.max_model_len,
         tensor_parallel_size=model.tensor_parallel_size,
         pipeline_parallel_size=model.pipeline_parallel_size,
-        engine_args=dict(model.engine_args),
+        engine_args=engine_args,
     )
+
+
+def engine_options(config: AnkerConfig, model: ModelConfig) -> dict[str, Any]:
+    """The Serve deployment options of a model's engine: name, replicas or autoscaling, resources, placement."""
+    placement = engine_placement(model)
     scaling: dict[str, Any] = (
         {"num_replicas": model.min_replicas}
         if model.min_replicas == model.max_replicas
         else {"autoscaling_config": engine_autoscaling(model)}
     )
-    return Engine.options(  # type: ignore[attr-defined]
-        name=engine_deployment_name(model),
+    options: dict[str, Any] = {
+        "name": engine_deployment_name(model),
         **scaling,
-        max_ongoing_requests=config.stack.engine_max_ongoing_requests,
-        ray_actor_options={
+        "max_ongoing_requests": config.stack.engine_max_ongoing_requests,
+        "ray_actor_options": {
             "num_cpus": placement.bundles[0].get("CPU", 0.0),
             "num_gpus": placement.bundles[0].get("GPU", 0.0),
             "runtime_env": {"env_vars": engine_env(model)},
         },
-        placement_group_bundles=[dict(b) for b in placement.bundles],
-        placement_group_strategy=placement.strategy,
-    ).bind(spec)
+        "placement_group_bundles": [dict(b) for b in placement.bundles],
+        "placement_group_strategy": placement.strategy,
+    }
+    if placement.label_selector is not None:
+        options["placement_group_bundle_label_selector"] = [dict(placement.label_selector)]
+    return options
+
+
+def bind_engine(config: AnkerConfig, model: ModelConfig) -> serve.Application:
+    return Engine.options(**engine_options(config, model)).bind(engine_spec(config, model))  # type: ignore[attr-defined]
 
 
 def build_app(config: AnkerConfig) -> serve.Application:

@@ -270,7 +270,7 @@ async def test_allow_lists_by_model_and_region(stack: InProcessStack) -> None:
     ok = await stack.client.post(
         "/v1/chat/completions", json=chat(model="qwen3-moe-tiny", max_tokens=1), headers=auth(only_moe)
     )
-    assert ok.status_code == 200
+    assert ok.status_code == 200 and ok.headers["x-anker-processing-region"] == "dk"
 
 
 async def test_a_viewer_sees_usage_but_cannot_call_models(stack: InProcessStack) -> None:

@@ -33,6 +33,7 @@ from deployments.openai.protocol import ChatCompletionRequest, CompletionRequest
 logger = logging.getLogger("ray.serve")
 
 EngineItem = list[Delta] | EngineFailure
+REGION_HEADER = "x-anker-processing-region"
 
 
 class TokenizerClient(Protocol):
@@ -365,6 +366,7 @@ class OpenAIService:
         events: Callable[..., AsyncGenerator[bytes, None]],
     ) -> dict[str, Any] | AsyncIterator[bytes]:
         """Admission, then generation into a response or an SSE stream; the usage report leaves however it ends."""
+        ctx.headers[REGION_HEADER] = self._models[req.model].region  # where the request is processed
         acc = wire.Accumulator([p.prompt_tokens for p in prepared], req.n)
         admission = await self._admit(ctx, req.model, prepared, req.n)
         tracker = UsageTracker(self._billing, ctx, req.model, acc, admission)
