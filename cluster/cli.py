@@ -34,6 +34,7 @@ examples:
   anker tenants set kommune-x --plan monthly --monthly-fee-dkk 2000 --discount-percent 10
   anker usage --tenant kommune-x --month 2026-11
   anker invoice --tenant kommune-x --month 2026-11 --out invoices/
+  anker plan --profile cluster/profiles/qwen35-397b-fp8-h200-tp8.yaml --input-tokens-per-s 20000
   anker model build --out ./m --arch qwen3-moe
   ANKER_PORT=8001 anker up              any config field can be overridden from the environment
 
@@ -199,6 +200,50 @@ def cmd_model_build(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_plan(args: argparse.Namespace) -> int:
+    from decimal import Decimal, InvalidOperation
+
+    from cluster.capacity import cost_plan, figures, replica_plan
+
+    config = _config(args)
+    try:
+        load = [Decimal(v) for v in (args.input_tokens_per_s, args.output_tokens_per_s, args.cached_share)]
+    except InvalidOperation:
+        print("anker plan: token rates and --cached-share must be numbers", file=sys.stderr)
+        return EXIT_USAGE
+    if not Decimal(0) <= load[2] <= Decimal(1) or min(load) < 0:
+        print("anker plan: rates must be >= 0 and --cached-share within 0..1", file=sys.stderr)
+        return EXIT_USAGE
+    planned = 0
+    for model in config.models:
+        if model.facts is None or model.accelerator != "gpu":
+            _say(f"{model.name}: a CPU model without checkpoint figures; nothing to plan")
+            continue
+        planned += 1
+        replica = replica_plan(model)
+        _say(f"{model.name} ({model.hardware.gpu_type}, {model.hardware.gpus_per_node} GPUs per node)")
+        _say(
+            f"  per replica: {replica.gpus} GPUs on {replica.nodes} node(s), TP {model.tensor_parallel_size} x "
+            f"PP {model.pipeline_parallel_size} x DP {model.data_parallel_size}"
+            f"{' + expert parallel' if model.enable_expert_parallel else ''}"
+            f"{f', only in region {model.residency}' if model.residency else ''}"
+        )
+        for line in figures(model)[1:]:
+            _say("  " + line.removeprefix("#   "))
+        for label, replicas in (("floor", model.min_replicas), ("ceiling", model.max_replicas)):
+            cost = cost_plan(model, replicas, *load)
+            _say(
+                f"  {label:<7} {replicas} replica(s): {cost.gpus} GPUs on {cost.nodes} node(s), "
+                f"{cost.cost_per_hour_dkk} DKK/hour at {model.hardware.gpu_hour_price_dkk} DKK per GPU-hour"
+            )
+        revenue = cost_plan(model, model.min_replicas, *load).revenue_per_hour_dkk
+        _say(
+            f"  revenue at {load[0]} input tokens/s ({load[2] * 100:g} % cached) and {load[1]} output tokens/s: "
+            f"{revenue} DKK/hour"
+        )
+    return EXIT_OK if planned else EXIT_FAILED
+
+
 def cmd_config_check(args: argparse.Namespace) -> int:
     config = _config(args)
     _say(f"config ok: data folder {config.data_dir}")
@@ -291,6 +336,18 @@ def build_parser() -> argparse.ArgumentParser:
     build.set_defaults(func=cmd_model_build)
 
     cli_billing.add_commands(sub, with_config, _config)
+
+    plan = sub.add_parser(
+        "plan",
+        help="capacity plan of a GPU profile: GPUs, nodes, replicas, cost per hour against token revenue",
+        description="GPUs and nodes per replica and at the replica floor and ceiling, memory figures, cost per hour "
+        "from the profile's GPU-hour price, and the token revenue per hour at a given load.",
+    )
+    plan.add_argument("--profile", "--config", dest="config", metavar="PATH", help="the profile (a config YAML)")
+    plan.add_argument("--input-tokens-per-s", default="5000", metavar="N", help="prompt tokens per second (5000)")
+    plan.add_argument("--output-tokens-per-s", default="500", metavar="N", help="output tokens per second (500)")
+    plan.add_argument("--cached-share", default="0.5", metavar="F", help="share of prompt tokens cached (0.5)")
+    plan.set_defaults(func=cmd_plan)
 
     config = sub.add_parser("config", help="check a config file").add_subparsers(
         dest="config_command", metavar="ACTION", required=True

@@ -73,6 +73,23 @@ class ServingOptions(_Strict):
     tool_call_parser: str | None = None
 
 
+class ModelFacts(_Strict):
+    """Figures of the checkpoint that memory plans rest on (from its config.json), for `anker plan`."""
+
+    parameters_b: float = Field(gt=0, description="Total parameters, in billions.")
+    expert_parameters_b: float = Field(default=0.0, ge=0, description="Of which routed-expert weights.")
+    bytes_per_parameter: float = Field(gt=0, description="2 for BF16, about 1 for FP8 (scales included).")
+    full_attention_layers: int = Field(ge=0, description="Layers that keep a KV cache per token.")
+    kv_heads: int = Field(ge=1)
+    head_dim: int = Field(ge=1)
+    kv_cache_bytes_per_element: float = Field(default=2.0, gt=0, description="2 for BF16 KV, 1 for FP8 KV.")
+    linear_attention_layers: int = Field(default=0, ge=0, description="Gated DeltaNet layers: state per sequence.")
+    linear_value_heads: int = Field(default=0, ge=0)
+    linear_key_head_dim: int = Field(default=0, ge=0)
+    linear_value_head_dim: int = Field(default=0, ge=0)
+    linear_state_bytes_per_element: float = Field(default=2.0, gt=0)
+
+
 class ModelConfig(_Strict):
     """One served model: where its weights are, how its engine is shaped, how many replicas, what it costs."""
 
@@ -110,6 +127,7 @@ class ModelConfig(_Strict):
         description="If set, engine replicas run only on nodes labelled `anker/region=<residency>` (data residency).",
     )
     hardware: Hardware = Field(default_factory=Hardware)
+    facts: ModelFacts | None = Field(default=None, description="Checkpoint figures for capacity plans.")
     serving: ServingOptions = Field(default_factory=ServingOptions)
     prices: Prices = Field(default_factory=Prices)
 
