@@ -108,4 +108,18 @@ class _RemoteMethod:
         return asyncio.ensure_future(getattr(self._handle._target, self._name)(*args))
 
 
-__all__ = ["InProcessHandleDouble", "InstantEngineDouble", "LocalTokenizerClient"]
+__all__ = ["InProcessHandleDouble", "InstantEngineDouble", "LocalTokenizerClient", "PlacementProbeDouble"]
+
+
+class PlacementProbeDouble:
+    """Stands in for the engine deployment in placement tests: it takes the engine's exact Serve options (resources,
+    placement-group bundles and strategy, label selectors) but loads no model; it only says where it landed."""
+
+    def __init__(self, spec: object) -> None:
+        self._spec = spec
+
+    async def where(self) -> dict[str, object]:
+        import ray
+
+        context = ray.get_runtime_context()
+        return {"node_id": context.get_node_id(), "gpu_ids": context.get_accelerator_ids().get("GPU", [])}
