@@ -244,6 +244,29 @@ def cmd_plan(args: argparse.Namespace) -> int:
     return EXIT_OK if planned else EXIT_FAILED
 
 
+def cmd_cluster_defs(args: argparse.Namespace) -> int:
+    from cluster import kuberay
+
+    profile = Path(args.config) if args.config else DEFAULT_PROFILE
+    config = _config(args)
+    if not any(m.accelerator == "gpu" for m in config.models):
+        print(f"anker cluster-defs: {profile} has no GPU model to run on a cluster", file=sys.stderr)
+        return EXIT_USAGE
+    out_dir = Path(args.out)
+    if args.check:
+        stale = [
+            relative
+            for relative, content in kuberay.definitions(config, profile).items()
+            if not (out_dir / relative).exists() or (out_dir / relative).read_text(encoding="utf-8") != content
+        ]
+        for relative in stale:
+            print(f"out of date: {out_dir / relative} (run `anker cluster-defs --profile {profile}`)", file=sys.stderr)
+        return EXIT_FAILED if stale else EXIT_OK
+    for path in kuberay.write(config, profile, out_dir):
+        _say(f"wrote {path}")
+    return EXIT_OK
+
+
 def cmd_config_check(args: argparse.Namespace) -> int:
     config = _config(args)
     _say(f"config ok: data folder {config.data_dir}")
@@ -348,6 +371,17 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--output-tokens-per-s", default="500", metavar="N", help="output tokens per second (500)")
     plan.add_argument("--cached-share", default="0.5", metavar="F", help="share of prompt tokens cached (0.5)")
     plan.set_defaults(func=cmd_plan)
+
+    defs = sub.add_parser(
+        "cluster-defs",
+        help="write the KubeRay RayService and Ray cluster launcher config generated from a GPU profile",
+        description="Generate the cluster definitions of a profile (so they cannot drift from it): a KubeRay "
+        "RayService with the profile as a ConfigMap and a NetworkPolicy, and a Ray cluster launcher config.",
+    )
+    defs.add_argument("--profile", "--config", dest="config", metavar="PATH", required=True, help="a GPU profile")
+    defs.add_argument("--out", default=str(DEFAULT_PROFILE.parent.parent), metavar="DIR", help="default: cluster/")
+    defs.add_argument("--check", action="store_true", help="exit 1 if the files on disk differ from the profile")
+    defs.set_defaults(func=cmd_cluster_defs)
 
     config = sub.add_parser("config", help="check a config file").add_subparsers(
         dest="config_command", metavar="ACTION", required=True

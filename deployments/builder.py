@@ -127,3 +127,13 @@ def build_app(config: AnkerConfig) -> serve.Application:
         num_replicas=config.stack.ingress_replicas,
         ray_actor_options={"num_cpus": config.stack.ingress_num_cpus},
     ).bind(spec, tokenizer, engines, billing)
+
+
+def app_from_args(args: dict[str, str]) -> serve.Application:
+    """Serve's application builder for config files (a KubeRay RayService's serveConfigV2):
+    ``import_path: deployments.builder:app_from_args`` with ``args: {config: /etc/anker/profile.yaml}``."""
+    import os
+
+    from cluster.config import load_config
+
+    return build_app(load_config(args.get("config"), dict(os.environ)))

@@ -1,0 +1,123 @@
+"""Cluster definitions generated from the production profiles: the committed files are what the profiles generate
+(no drift), the RayService has what production needs (GPU-less head, autoscaler, GCS fault tolerance in Redis, token
+auth, a dashboard closed to the outside, residency labels, multi-host replicas), and the launcher config passes
+Ray's own schema.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import pytest
+import yaml
+
+from cluster import kuberay
+from cluster.config import load_config
+from cluster.placement import REGION_LABEL, engine_placement
+
+ROOT = Path(__file__).resolve().parent.parent
+PROFILES = sorted((ROOT / "cluster" / "profiles").glob("qwen35-397b-*.yaml"))
+ANKER = str(Path(sys.executable).parent / "anker")
+# Field names of KubeRay's ray.io/v1 API (RayServiceSpec, RayClusterSpec, HeadGroupSpec, WorkerGroupSpec) that the
+# generator may use: a typo here would be silently ignored by Kubernetes, so the test refuses anything else.
+RAYSERVICE_FIELDS = {"serveConfigV2", "rayClusterConfig"}
+CLUSTER_FIELDS = {
+    "rayVersion",
+    "enableInTreeAutoscaling",
+    "autoscalerOptions",
+    "authOptions",
+    "gcsFaultToleranceOptions",
+    "headGroupSpec",
+    "workerGroupSpecs",
+}
+HEAD_FIELDS = {"serviceType", "rayStartParams", "labels", "template"}
+WORKER_FIELDS = {
+    "groupName",
+    "numOfHosts",
+    "replicas",
+    "minReplicas",
+    "maxReplicas",
+    "rayStartParams",
+    "labels",
+    "template",
+}
+
+
+def documents(profile: Path) -> dict[str, dict[str, Any]]:
+    text = (ROOT / "cluster" / "kuberay" / f"{profile.stem}.rayservice.yaml").read_text()
+    return {d["kind"]: d for d in yaml.safe_load_all(text)}
+
+
+@pytest.mark.parametrize("profile", PROFILES, ids=lambda p: p.stem)
+def test_committed_definitions_are_what_the_profile_generates(profile: Path) -> None:
+    for relative, content in kuberay.definitions(load_config(profile, {}), profile).items():
+        assert (ROOT / "cluster" / relative).read_text() == content, f"{relative} drifted: run anker cluster-defs"
+    check = subprocess.run(
+        [ANKER, "cluster-defs", "--profile", str(profile), "--check"], capture_output=True, text=True, timeout=120
+    )
+    assert check.returncode == 0, check.stderr
+
+
+@pytest.mark.parametrize("profile", PROFILES, ids=lambda p: p.stem)
+def test_rayservice_has_what_production_needs(profile: Path) -> None:
+    config = load_config(profile, {})
+    model = config.models[0]
+    docs = documents(profile)
+    service = docs["RayService"]
+    assert service["apiVersion"] == "ray.io/v1" and set(service["spec"]) <= RAYSERVICE_FIELDS
+    cluster = service["spec"]["rayClusterConfig"]
+    assert set(cluster) <= CLUSTER_FIELDS and cluster["rayVersion"] == "2.60.0"
+    assert cluster["enableInTreeAutoscaling"] is True
+    assert cluster["authOptions"] == {"mode": "token"}
+    assert cluster["gcsFaultToleranceOptions"]["redisAddress"].startswith("redis://")
+    assert "secretKeyRef" in cluster["gcsFaultToleranceOptions"]["redisPassword"]["valueFrom"]
+
+    head = cluster["headGroupSpec"]
+    assert set(head) <= HEAD_FIELDS and head["serviceType"] == "ClusterIP"
+    assert head["rayStartParams"]["num-gpus"] == "0" and head["rayStartParams"]["port"] != "6379"
+    assert all("nvidia.com/gpu" not in c["resources"]["limits"] for c in head["template"]["spec"]["containers"])
+
+    [workers] = cluster["workerGroupSpecs"]
+    assert set(workers) <= WORKER_FIELDS
+    assert workers["numOfHosts"] == engine_placement(model).nodes
+    assert (workers["minReplicas"], workers["maxReplicas"]) == (model.min_replicas, model.max_replicas)
+    assert workers["labels"][REGION_LABEL] == "dk" == workers["template"]["spec"]["nodeSelector"][REGION_LABEL]
+    [container] = workers["template"]["spec"]["containers"]
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == str(model.hardware.gpus_per_node)
+
+    serve_config = yaml.safe_load(service["spec"]["serveConfigV2"])
+    [app] = serve_config["applications"]
+    assert app["import_path"] == "deployments.builder:app_from_args"
+    assert docs["ConfigMap"]["data"][profile.name] == profile.read_text()  # the cluster runs this very profile
+
+    policy = docs["NetworkPolicy"]["spec"]
+    dashboard_rule = next(r for r in policy["ingress"] if {"port": 8265} in r["ports"])
+    [source] = dashboard_rule["from"]
+    assert source == {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "kuberay-system"}}}
+    assert all({"port": 8265} not in r["ports"] for r in policy["ingress"] if r is not dashboard_rule)
+
+
+@pytest.mark.parametrize("profile", PROFILES, ids=lambda p: p.stem)
+def test_launcher_config_passes_rays_schema(profile: Path) -> None:
+    import ray.autoscaler
+
+    launcher = yaml.safe_load((ROOT / "cluster" / "launcher" / f"{profile.stem}.yaml").read_text())
+    schema = json.loads((Path(ray.autoscaler.__file__).parent / "ray-schema.json").read_text())
+    jsonschema.validate(launcher, schema)
+    head_start = " ".join(launcher["head_start_ray_commands"])
+    assert "--port=6380" in head_start and "6379" not in head_start
+    assert "--dashboard-host=127.0.0.1" in head_start and "RAY_AUTH_MODE=token" in head_start
+    assert f"{REGION_LABEL}=dk" in " ".join(launcher["worker_start_ray_commands"])
+
+
+def test_the_serve_config_import_path_builds_the_app() -> None:
+    from ray.serve import Application
+
+    from deployments.builder import app_from_args
+
+    assert isinstance(app_from_args({"config": str(ROOT / "cluster" / "profiles" / "local.yaml")}), Application)
