@@ -53,13 +53,17 @@ def engine_autoscaling(model: ModelConfig) -> dict[str, Any]:
     return serve_autoscaling_config(policy, a.look_back_period_s)
 
 
+def _ray_executor(model: ModelConfig) -> bool:
+    return model.accelerator == "gpu" and model.workers_per_replica > 1
+
+
 def engine_spec(config: AnkerConfig, model: ModelConfig) -> EngineSpec:
     engine_args = dict(model.engine_args)
     if model.data_parallel_size > 1:
         engine_args["data_parallel_size"] = model.data_parallel_size
     if model.enable_expert_parallel:
         engine_args["enable_expert_parallel"] = True
-    if model.accelerator == "gpu" and model.workers_per_replica > 1:
+    if _ray_executor(model):
         # vLLM's workers become Ray actors in the replica's placement group (its bundles, made below).
         engine_args.setdefault("distributed_executor_backend", "ray")
         if model.data_parallel_size > 1:
@@ -88,7 +92,9 @@ def engine_options(config: AnkerConfig, model: ModelConfig) -> dict[str, Any]:
         "max_ongoing_requests": config.stack.engine_max_ongoing_requests,
         "ray_actor_options": {
             "num_cpus": placement.bundles[0].get("CPU", 0.0),
-            "num_gpus": placement.bundles[0].get("GPU", 0.0),
+            # With vLLM's Ray executor every GPU belongs to a worker actor (the first bundle's GPU to worker 0);
+            # the replica only holds CPUs. A single-GPU engine runs inside the replica and holds its GPU.
+            "num_gpus": 0.0 if _ray_executor(model) else placement.bundles[0].get("GPU", 0.0),
             "runtime_env": {"env_vars": engine_env(model)},
         },
         "placement_group_bundles": [dict(b) for b in placement.bundles],

@@ -129,6 +129,7 @@ def test_tp8_pp2_spans_two_nodes_of_its_region(cluster: Any) -> None:
     config = profile("bf16-h100x2-tp8-pp2")
     options = engine_options(config, config.models[0])
     assert options["placement_group_strategy"] == "PACK" and len(options["placement_group_bundles"]) == 16
+    assert options["ray_actor_options"]["num_gpus"] == 0  # every GPU goes to a vLLM worker of the Ray executor
     assert engine_spec(config, config.models[0]).engine_args["distributed_executor_backend"] == "ray"
     deploy(config, "tp8pp2")
     wait_until(lambda: replica_states("tp8pp2").get("RUNNING", 0) == 1)
