@@ -50,6 +50,7 @@ class Observation:
     queues: tuple[float, ...]
     kv_cache_usages: tuple[float, ...] = ()
     unassigned: float = 0.0  # requests waiting in Serve's handles for a replica (all replicas at their limit)
+    running_replicas: int | None = None  # replicas up and serving; fewer than target while new ones start
 
 
 def desired_replicas(config: QueuePolicyConfig, seen: Observation) -> int:
@@ -74,7 +75,10 @@ def decide(config: QueuePolicyConfig, seen: Observation, state: dict[str, Any]) 
     wish = desired_replicas(config, seen)
     current = min(config.max_replicas, max(config.min_replicas, 1, seen.target_replicas))
     kept = {k: v for k, v in state.items() if k not in (_UP_SINCE, _DOWN_SINCE)}
-    if wish == current:
+    starting = seen.running_replicas is not None and seen.running_replicas < current
+    if wish == current or (wish < current and starting):
+        # A scale-up in progress is not cancelled by a dip: an engine takes a minute to start, and the load that
+        # asked for it is usually queued in front of the engines meanwhile.
         return current, kept
     clock, delay_s = (_UP_SINCE, config.upscale_delay_s) if wish > current else (_DOWN_SINCE, config.downscale_delay_s)
     since = state.get(clock)
@@ -122,6 +126,7 @@ class QueueDepthPolicy:
             unassigned=float(unassigned() if callable(unassigned) else unassigned or 0.0),
             target_replicas=ctx.target_num_replicas,
             queues=tuple(float(v) for r, v in queues.items() if r in running),
+            running_replicas=len(running),
             kv_cache_usages=tuple(float(v) for r, v in usages.items() if r in running),
         )
         return decide(self.config, seen, dict(ctx.policy_state or {}))

@@ -220,6 +220,9 @@ class StackConfig(_Strict):
     tokenizer_replicas: int = Field(default=1, ge=1)
     prefix_block_size: int = Field(default=16, ge=1, description="Tokens per block hash handed to the router.")
     engine_max_ongoing_requests: int = Field(default=64, ge=1)
+    # Serve's default of 5 would cap each ingress replica at 5 concurrent streams: the ingress only waits on I/O.
+    ingress_max_ongoing_requests: int = Field(default=1000, ge=1)
+    tokenizer_max_ongoing_requests: int = Field(default=256, ge=1)
     startup_timeout_s: float = Field(default=600.0, gt=0)
 
 

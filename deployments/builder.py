@@ -113,6 +113,7 @@ def build_app(config: AnkerConfig) -> serve.Application:
     created = int(time.time())
     tokenizer = Tokenizer.options(  # type: ignore[attr-defined]
         num_replicas=config.stack.tokenizer_replicas,
+        max_ongoing_requests=config.stack.tokenizer_max_ongoing_requests,
         ray_actor_options={"num_cpus": config.stack.tokenizer_num_cpus},
     ).bind(
         [TokenizerSpec(m.name, config.model_path(m), m.max_model_len) for m in config.models],
@@ -131,6 +132,7 @@ def build_app(config: AnkerConfig) -> serve.Application:
     )
     return Ingress.options(  # type: ignore[attr-defined]
         num_replicas=config.stack.ingress_replicas,
+        max_ongoing_requests=config.stack.ingress_max_ongoing_requests,
         ray_actor_options={"num_cpus": config.stack.ingress_num_cpus},
     ).bind(spec, tokenizer, engines, billing)
 

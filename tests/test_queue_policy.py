@@ -80,6 +80,19 @@ def test_a_full_kv_cache_asks_for_one_more_replica_even_with_a_short_queue() -> 
     assert decisions[9] == 1 and decisions[10] == 2 and decisions[-1] == 3  # +1 per full delay while still full
 
 
+def test_a_dip_does_not_cancel_a_replica_that_is_still_starting() -> None:
+    starting = Observation(0.0, 2, (1.0,), running_replicas=1)  # target 2, one up, a short queue
+    replicas, state = decide(CONFIG, starting, {})
+    for t in range(1, 200):
+        replicas, state = decide(CONFIG, Observation(float(t), replicas, (1.0,), running_replicas=1), state)
+    assert replicas == 2  # held while the second replica starts
+    up = Observation(200.0, 2, (0.5, 0.5), running_replicas=2)
+    replicas, state = decide(CONFIG, up, state)
+    for t in range(201, 262):
+        replicas, state = decide(CONFIG, Observation(float(t), replicas, (0.5, 0.5), running_replicas=2), state)
+    assert replicas == 1  # once it runs, the usual down delay applies
+
+
 def test_no_reports_holds_the_current_target() -> None:
     assert desired_replicas(CONFIG, Observation(0.0, 3, ())) == 3
 
