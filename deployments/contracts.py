@@ -107,6 +107,7 @@ class AdmissionRequest:
     model: str
     prompt_tokens: int
     max_output_tokens: int  # max_tokens x n, summed over prompts: the most the request can produce
+    trace: dict[str, str] = field(default_factory=dict)  # W3C trace context of the caller
 
 
 @dataclass(frozen=True)

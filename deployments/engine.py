@@ -8,15 +8,18 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from opentelemetry.trace import SpanKind, set_span_in_context
 from ray import serve
 
 from autoscaling.queue_policy import KV_CACHE_METRIC, QUEUE_METRIC
 from deployments.contracts import Delta, EngineFailure, EngineLoad, Sampling, TokenLogprob, TopLogprob
+from observability import tracing
 
 logger = logging.getLogger("ray.serve")
 
@@ -130,6 +133,34 @@ def gauge_stat_logger(gauge: SchedulerGauge) -> Any:
     return _GaugeLogger
 
 
+class EngineTimings:
+    """Where a request's time went in vLLM (queue, prefill, decode), from vLLM's per-request stats; engine-core
+    timestamps are monotonic and are turned into wall-clock nanoseconds for spans."""
+
+    def __init__(self) -> None:
+        self.queued_s = self.scheduled_s = self.first_token_s = self.last_token_s = 0.0
+
+    def observe(self, stats: Any) -> None:
+        self.queued_s = stats.queued_ts or self.queued_s
+        self.scheduled_s = stats.scheduled_ts or self.scheduled_s
+        self.first_token_s = stats.first_token_ts or self.first_token_s
+        self.last_token_s = stats.last_token_ts or self.last_token_s
+
+    def phases_ns(self) -> list[tuple[str, int, int]]:
+        """(phase, start, end) in wall-clock ns for the phases that happened."""
+        offset = time.time() - time.monotonic()
+        marks = [
+            ("engine.queue", self.queued_s, self.scheduled_s),
+            ("engine.prefill", self.scheduled_s, self.first_token_s),
+            ("engine.decode", self.first_token_s, self.last_token_s),
+        ]
+        return [
+            (name, int((start + offset) * 1e9), int((end + offset) * 1e9))
+            for name, start, end in marks
+            if start and end and end >= start
+        ]
+
+
 class EngineCore:
     """The replica's logic around one ``AsyncLLM``; a plain class so the deployment stays a thin shell."""
 
@@ -158,7 +189,12 @@ class EngineCore:
         return bool(self._llm.errored)
 
     async def generate(
-        self, request_id: str, token_ids: tuple[int, ...], sampling: Sampling, max_tokens: int
+        self,
+        request_id: str,
+        token_ids: tuple[int, ...],
+        sampling: Sampling,
+        max_tokens: int,
+        timings: EngineTimings | None = None,
     ) -> AsyncIterator[list[Delta] | EngineFailure]:
         from vllm.inputs import TokensPrompt
         from vllm.v1.engine.exceptions import EngineDeadError
@@ -174,6 +210,8 @@ class EngineCore:
                 TokensPrompt(prompt_token_ids=list(token_ids)), params, request_id=request_id
             ):
                 finished = output.finished
+                if timings is not None and output.metrics is not None:
+                    timings.observe(output.metrics)
                 yield to_deltas(output, sampling)
         except EngineDeadError:
             logger.error("engine for %s died; failing request %s", self.spec.model, request_id)
@@ -214,13 +252,31 @@ class Engine:
     """Ray Serve deployment: one engine replica. Options (name, resources, placement) come from the builder."""
 
     def __init__(self, spec: EngineSpec) -> None:
+        tracing.configure(f"anker-engine-{spec.model}")
         self._core = EngineCore(spec)
 
     async def generate(
-        self, request_id: str, token_ids: tuple[int, ...], sampling: Sampling, max_tokens: int
+        self,
+        request_id: str,
+        token_ids: tuple[int, ...],
+        sampling: Sampling,
+        max_tokens: int,
+        trace: tracing.Carrier | None = None,
     ) -> AsyncIterator[list[Delta] | EngineFailure]:
-        async for item in self._core.generate(request_id, token_ids, sampling, max_tokens):
-            yield item
+        timings = EngineTimings()
+        with tracing.span(
+            "engine.generate",
+            trace,
+            SpanKind.SERVER,
+            {"anker.model": self._core.spec.model, "anker.request_id": request_id, "anker.max_tokens": max_tokens},
+        ) as current:
+            try:
+                async for item in self._core.generate(request_id, token_ids, sampling, max_tokens, timings):
+                    yield item
+            finally:
+                for name, start_ns, end_ns in timings.phases_ns():
+                    child = tracing.tracer().start_span(name, context=set_span_in_context(current), start_time=start_ns)
+                    child.end(end_time=end_ns)
 
     async def ready(self) -> bool:
         return not self._core.dead

@@ -29,6 +29,7 @@ from deployments.keys import KeyRecord
 from deployments.openai.app import create_app
 from deployments.openai.serving import EngineItem, OpenAIService, ServedModel
 from deployments.usage_outbox import UsageOutbox
+from observability import tracing
 
 logger = logging.getLogger("ray.serve")
 
@@ -52,7 +53,7 @@ class ServeTokenizerClient:
 
     async def _call(self, method: str, *args: Any) -> Any:
         try:
-            result = await getattr(self._handle, method).remote(*args)
+            result = await getattr(self._handle, method).remote(*args, tracing.inject())
         except Exception as exc:
             logger.error("tokenizer call failed with %s", type(exc).__name__)
             raise EngineUnavailable("The tokenizer stage is unavailable. Please retry shortly.") from None
@@ -86,9 +87,11 @@ class ServeEngineClient:
         return self._ready
 
     async def generate(
-        self, request_id: str, prepared: Prepared, sampling: Sampling
+        self, request_id: str, prepared: Prepared, sampling: Sampling, trace: tracing.Carrier | None = None
     ) -> AsyncGenerator[EngineItem, None]:
-        responses = self._stream.generate.remote(request_id, prepared.token_ids, sampling, prepared.max_tokens)
+        responses = self._stream.generate.remote(
+            request_id, prepared.token_ids, sampling, prepared.max_tokens, trace or {}
+        )
         assert isinstance(responses, DeploymentResponseGenerator)
         complete = False
         try:
@@ -227,6 +230,7 @@ class Ingress:
         engines: dict[str, DeploymentHandle],
         billing: DeploymentHandle,
     ) -> None:
+        tracing.configure("anker-ingress")
         self._engines = {name: ServeEngineClient(name, handle) for name, handle in engines.items()}
         self._tasks: list[asyncio.Task[None]] = []
         self._billing = ServeBillingClient(

@@ -12,10 +12,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from opentelemetry.trace import SpanKind
 from ray import serve
 
 from deployments.contracts import ChatTurn, Prepared
 from deployments.errors import AnkerError, ContextLengthExceeded, InvalidValue, ModelNotFound
+from observability import tracing
 
 
 @dataclass(frozen=True)
@@ -120,18 +122,33 @@ class Tokenizer:
     """Ray Serve deployment around ``TokenizerCore``. Returns errors as values: a client's mistake is not a crash."""
 
     def __init__(self, specs: list[TokenizerSpec], block_size: int) -> None:
+        tracing.configure("anker-tokenizer")
         self._core = TokenizerCore(specs, block_size)
 
-    def prepare_chat(self, model: str, turns: list[ChatTurn], max_tokens: int | None) -> Prepared | AnkerError:
-        try:
-            return self._core.chat(model, turns, max_tokens)
-        except AnkerError as error:
-            return error
+    def prepare_chat(
+        self, model: str, turns: list[ChatTurn], max_tokens: int | None, trace: tracing.Carrier | None = None
+    ) -> Prepared | AnkerError:
+        with tracing.span("tokenizer.prepare", trace, SpanKind.SERVER, {"anker.model": model}) as current:
+            try:
+                prepared = self._core.chat(model, turns, max_tokens)
+            except AnkerError as error:
+                current.set_attribute("anker.error_code", error.code or "error")
+                return error
+            tracing.set_attributes(current, {"anker.prompt_tokens": prepared.prompt_tokens})
+            return prepared
 
     def prepare_completion(
-        self, model: str, prompts: list[str | list[int]], max_tokens: int | None
+        self,
+        model: str,
+        prompts: list[str | list[int]],
+        max_tokens: int | None,
+        trace: tracing.Carrier | None = None,
     ) -> list[Prepared] | AnkerError:
-        try:
-            return self._core.completion(model, prompts, max_tokens)
-        except AnkerError as error:
-            return error
+        with tracing.span("tokenizer.prepare", trace, SpanKind.SERVER, {"anker.model": model}) as current:
+            try:
+                prepared = self._core.completion(model, prompts, max_tokens)
+            except AnkerError as error:
+                current.set_attribute("anker.error_code", error.code or "error")
+                return error
+            tracing.set_attributes(current, {"anker.prompt_tokens": sum(p.prompt_tokens for p in prepared)})
+            return prepared

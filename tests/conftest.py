@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from cluster.tiny_models import build_model
+from tests.otlp import OtlpReceiver
 from tests.postgres import throwaway_postgres
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -120,7 +121,17 @@ def _tail(path: Path, lines: int = 60) -> str:
 
 
 @pytest.fixture(scope="session")
-def stack(tmp_path_factory: pytest.TempPathFactory, tiny_models: dict[str, Path]) -> Iterator[Stack]:
+def otlp() -> Iterator[OtlpReceiver]:
+    """The stack's OpenTelemetry collector: every deployment exports its spans here over OTLP/HTTP."""
+    receiver = OtlpReceiver()
+    yield receiver
+    receiver.close()
+
+
+@pytest.fixture(scope="session")
+def stack(
+    tmp_path_factory: pytest.TempPathFactory, tiny_models: dict[str, Path], otlp: OtlpReceiver
+) -> Iterator[Stack]:
     data_dir = tmp_path_factory.mktemp("anker-data")
     for name, path in tiny_models.items():
         shutil.copytree(path, data_dir / "models" / name)
@@ -138,6 +149,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory, tiny_models: dict[str, Path]
         "ANKER_DATA_DIR": str(data_dir),
         **{k: str(v) for k, v in ports.items()},
         **AUTOSCALING_ENV,
+        **otlp.env(),
     }
     # A key made before the stack starts (the key store is a file): with it, a client calls the API all through
     # start-up, as users' retry loops do, and the tests check what it was told.

@@ -6,6 +6,8 @@ They replace only what a test does not measure (token generation); the default p
 from __future__ import annotations
 
 import asyncio
+import contextvars
+import inspect
 from collections.abc import AsyncGenerator
 
 from deployments.contracts import ChatTurn, Delta, EngineFailure, Prepared, Sampling, TokenLogprob, TopLogprob
@@ -29,7 +31,7 @@ class InstantEngineDouble:
         return self._ready
 
     async def generate(
-        self, request_id: str, prepared: Prepared, sampling: Sampling
+        self, request_id: str, prepared: Prepared, sampling: Sampling, trace: dict[str, str] | None = None
     ) -> AsyncGenerator[EngineItem, None]:
         self.requests.append((request_id, prepared, sampling))
         emitted = 0
@@ -105,7 +107,14 @@ class _RemoteMethod:
     def remote(self, *args: object) -> asyncio.Future[object]:
         if self._handle.down:
             raise ConnectionError("actor unavailable (double)")
-        return asyncio.ensure_future(getattr(self._handle._target, self._name)(*args))
+        method = getattr(self._handle._target, self._name)
+
+        async def call() -> object:
+            result = method(*args)
+            return await result if inspect.isawaitable(result) else result
+
+        # A fresh context, as in another process: nothing of the caller's (trace context included) leaks across.
+        return asyncio.get_running_loop().create_task(call(), context=contextvars.Context())
 
 
 __all__ = ["InProcessHandleDouble", "InstantEngineDouble", "LocalTokenizerClient", "PlacementProbeDouble"]

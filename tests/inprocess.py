@@ -19,10 +19,10 @@ from deployments.billing.actor import Billing
 from deployments.billing.governance import Actor
 from deployments.billing.pricing import TokenPrices
 from deployments.billing.service import BillingService, BillingSpec
-from deployments.ingress import ServeBillingClient
+from deployments.ingress import ServeBillingClient, ServeTokenizerClient
 from deployments.openai.app import create_app
 from deployments.openai.serving import OpenAIService, ServedModel
-from deployments.tokenizer import TokenizerCore
+from deployments.tokenizer import Tokenizer, TokenizerCore
 from tests.doubles import InProcessHandleDouble, InstantEngineDouble, LocalTokenizerClient
 
 CTX = 512
@@ -57,7 +57,10 @@ async def inprocess_stack(
     default_rpm: int = 600,
     default_tpm: int = 2_000_000,
     database_url: str | None = None,
+    tokenizer_deployment: bool = False,
 ) -> AsyncIterator[InProcessStack]:
+    """``tokenizer_deployment`` runs the real Tokenizer deployment class behind a handle double (as the ingress
+    reaches it in production) instead of calling the tokenizer logic directly."""
     engines = engines or {"qwen3-next-tiny": InstantEngineDouble(), "qwen3-moe-tiny": InstantEngineDouble()}
     spec = BillingSpec(
         data_dir=data_dir,
@@ -70,7 +73,12 @@ async def inprocess_stack(
     handle = InProcessHandleDouble(billing)
     accounts = ServeBillingClient(handle, key_cache_ttl_s=0.0, flush_interval_s=0.05)  # type: ignore[arg-type]
     models = [ServedModel(name, CTX, "anker", 1, REGIONS.get(name, "dk")) for name in engines]
-    service = OpenAIService(models, LocalTokenizerClient(core), dict(engines), accounts)  # type: ignore[arg-type]
+    tokenizer: Any = LocalTokenizerClient(core)
+    if tokenizer_deployment:
+        instance = Tokenizer.func_or_class.__new__(Tokenizer.func_or_class)
+        instance._core = core  # the deployment class around the already-loaded tokenizers
+        tokenizer = ServeTokenizerClient(InProcessHandleDouble(instance))  # type: ignore[arg-type]
+    service = OpenAIService(models, tokenizer, dict(engines), accounts)  # type: ignore[arg-type]
     app = create_app(service, accounts, max_body_bytes=64 * 1024)
     try:
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://anker") as client:

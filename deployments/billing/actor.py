@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
+from opentelemetry.trace import SpanKind
 from ray import serve
 
 from deployments.billing.governance import Actor
@@ -20,6 +21,7 @@ from deployments.billing.service import BillingService, BillingSpec, Principal, 
 from deployments.contracts import Admission, AdmissionRequest
 from deployments.errors import AnkerError
 from deployments.keys import KeyRecord
+from observability import tracing
 
 logger = logging.getLogger("ray.serve")
 
@@ -29,6 +31,7 @@ SWEEP_PERIOD_S = 60.0
 @serve.deployment(name="Billing", num_replicas=1, max_ongoing_requests=1024, health_check_period_s=10)
 class Billing:
     def __init__(self, spec: BillingSpec) -> None:
+        tracing.configure("anker-billing")
         self._service = BillingService(spec)
         self._sweeper = asyncio.get_running_loop().create_task(self._sweep())
 
@@ -50,10 +53,15 @@ class Billing:
         return self._service.rate_limit_headers(key)
 
     async def admit(self, key: KeyRecord, request: AdmissionRequest) -> Admission | AnkerError:
-        try:
-            return await self._service.admit(key, request)
-        except AnkerError as error:
-            return error
+        attrs = {"anker.billing_id": request.billing_id, "anker.tenant": key.tenant, "anker.key_id": key.key_id}
+        with tracing.span("billing.admit", request.trace, SpanKind.SERVER, attrs) as current:
+            try:
+                admission = await self._service.admit(key, request)
+            except AnkerError as error:
+                current.set_attribute("anker.error_code", error.code or "error")
+                return error
+            current.set_attribute("anker.budget_reserved", admission.budget_reserved)
+            return admission
 
     async def record(self, reports: Sequence[UsageReport]) -> list[str]:
         return await self._service.record(reports)

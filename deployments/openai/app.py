@@ -46,6 +46,7 @@ from deployments.openai.protocol import (
     parse_request,
 )
 from deployments.openai.serving import OpenAIService, RequestContext
+from observability.tracing import TracingMiddleware
 
 logger = logging.getLogger("ray.serve")
 
@@ -266,6 +267,7 @@ def create_app(
 
     add_admin_routes(app, accounts, max_body_bytes)
     app.include_router(dashboard_router())
+    app.add_middleware(TracingMiddleware)
     return app
 
 

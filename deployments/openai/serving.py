@@ -13,11 +13,14 @@ import asyncio
 import logging
 import time
 import weakref
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
-from contextlib import aclosing
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator, Sequence
+from contextlib import aclosing, contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Protocol
+
+from opentelemetry import propagate, trace
+from opentelemetry.trace import SpanKind
 
 from deployments.billing.governance import can_call_models, model_allowed
 from deployments.billing.ledger import UsageEvent
@@ -29,6 +32,7 @@ from deployments.openai import responses as wire
 from deployments.openai import sse
 from deployments.openai.errors import error_body
 from deployments.openai.protocol import ChatCompletionRequest, CompletionRequest
+from observability import tracing
 
 logger = logging.getLogger("ray.serve")
 
@@ -48,7 +52,9 @@ class EngineClient(Protocol):
     @property
     def ready(self) -> bool: ...
 
-    def generate(self, request_id: str, prepared: Prepared, sampling: Sampling) -> AsyncGenerator[EngineItem, None]: ...
+    def generate(
+        self, request_id: str, prepared: Prepared, sampling: Sampling, trace: tracing.Carrier | None = None
+    ) -> AsyncGenerator[EngineItem, None]: ...
 
 
 class BillingGate(Protocol):
@@ -113,7 +119,15 @@ class UsageTracker:
             finished_at=datetime.now(UTC),
             status=status,
         )
-        self._gate.submit(UsageReport(event, self._admission.reserved_tokens))
+        counts = {
+            "anker.prompt_tokens": usage.prompt_tokens,
+            "anker.cached_tokens": usage.cached_tokens,
+            "anker.completion_tokens": usage.completion_tokens,
+            "anker.status": status,
+        }
+        tracing.set_attributes(trace.get_current_span(), counts)  # on the request's own span
+        with tracing.span("billing.usage_report", attrs={"anker.billing_id": self._ctx.billing_id, **counts}):
+            self._gate.submit(UsageReport(event, self._admission.reserved_tokens))
         _log_usage(self._ctx.request_id, self._model, usage, status)
 
 
@@ -186,17 +200,19 @@ class OpenAIService:
         self._allowed_model(name, key)
 
     async def _admit(self, ctx: RequestContext, model: str, prepared: Sequence[Prepared], n: int) -> Admission:
-        admission = await self._billing.admit(
-            ctx.key,
-            AdmissionRequest(
-                billing_id=ctx.billing_id,
-                key_id=ctx.key.key_id,
-                tenant=ctx.key.tenant,
-                model=model,
-                prompt_tokens=sum(p.prompt_tokens for p in prepared),
-                max_output_tokens=sum(p.max_tokens for p in prepared) * n,
-            ),
-        )
+        with tracing.span("admission", kind=SpanKind.CLIENT, attrs={"anker.billing_id": ctx.billing_id}):
+            admission = await self._billing.admit(
+                ctx.key,
+                AdmissionRequest(
+                    billing_id=ctx.billing_id,
+                    key_id=ctx.key.key_id,
+                    tenant=ctx.key.tenant,
+                    model=model,
+                    prompt_tokens=sum(p.prompt_tokens for p in prepared),
+                    max_output_tokens=sum(p.max_tokens for p in prepared) * n,
+                    trace=tracing.inject(),
+                ),
+            )
         ctx.headers.update(admission.rate_limit_headers)
         return admission
 
@@ -219,24 +235,27 @@ class OpenAIService:
     # -- engine streams -----------------------------------------------------------------------------------------
 
     async def _merged(
-        self, engine: EngineClient, request_id: str, prepared: list[Prepared], sampling: Sampling
+        self, engine_model: str, request_id: str, prepared: list[Prepared], sampling: Sampling
     ) -> AsyncGenerator[tuple[int, list[Delta]], None]:
         """One stream of (prompt index, deltas) over all prompts; an engine failure becomes ``EngineUnavailable``."""
+        engine = self._engines[engine_model]
         if len(prepared) == 1:
-            async with aclosing(engine.generate(request_id, prepared[0], sampling)) as stream:
-                async for item in stream:
-                    if isinstance(item, EngineFailure):
-                        raise EngineUnavailable(item.reason, retry_after_s=item.retry_after_s)
-                    yield 0, item
+            with _route(engine_model, request_id) as carrier:
+                async with aclosing(engine.generate(request_id, prepared[0], sampling, carrier)) as stream:
+                    async for item in stream:
+                        if isinstance(item, EngineFailure):
+                            raise EngineUnavailable(item.reason, retry_after_s=item.retry_after_s)
+                        yield 0, item
             return
 
         queue: asyncio.Queue[tuple[int, EngineItem | None]] = asyncio.Queue()
 
         async def pump(index: int, p: Prepared) -> None:
             try:
-                async with aclosing(engine.generate(f"{request_id}-{index}", p, sampling)) as stream:
-                    async for item in stream:
-                        await queue.put((index, item))
+                with _route(engine_model, f"{request_id}-{index}") as carrier:
+                    async with aclosing(engine.generate(f"{request_id}-{index}", p, sampling, carrier)) as stream:
+                        async for item in stream:
+                            await queue.put((index, item))
             finally:
                 await queue.put((index, None))
 
@@ -275,14 +294,14 @@ class OpenAIService:
 
     async def chat(self, req: ChatCompletionRequest, ctx: RequestContext) -> dict[str, Any] | AsyncIterator[bytes]:
         self._authorize(req.model, ctx.key)
-        engine = self._engine(req.model)
+        self._engine(req.model)  # 503 now if the model's engine is not ready
         turns = [
             ChatTurn(role="system" if m.role == "developer" else m.role, content=m.text(i), name=m.name)
             for i, m in enumerate(req.messages)
         ]
         prepared = await self._tokenizer.prepare_chat(req.model, turns, req.requested_max_tokens)
         return await self._run(
-            req, ctx, engine, [prepared], _sampling(req, req.logprobs_k), wire.chat_completion, self._chat_events
+            req, ctx, [prepared], _sampling(req, req.logprobs_k), wire.chat_completion, self._chat_events
         )
 
     async def _chat_events(
@@ -318,10 +337,10 @@ class OpenAIService:
 
     async def completion(self, req: CompletionRequest, ctx: RequestContext) -> dict[str, Any] | AsyncIterator[bytes]:
         self._authorize(req.model, ctx.key)
-        engine = self._engine(req.model)
+        self._engine(req.model)  # 503 now if the model's engine is not ready
         prepared = await self._tokenizer.prepare_completion(req.model, req.prompts(), req.max_tokens)
         return await self._run(
-            req, ctx, engine, prepared, _sampling(req, req.logprobs), wire.text_completion, self._completion_events
+            req, ctx, prepared, _sampling(req, req.logprobs), wire.text_completion, self._completion_events
         )
 
     async def _completion_events(
@@ -359,7 +378,6 @@ class OpenAIService:
         self,
         req: ChatCompletionRequest | CompletionRequest,
         ctx: RequestContext,
-        engine: EngineClient,
         prepared: list[Prepared],
         sampling: Sampling,
         respond: Callable[[str, int, str, wire.Accumulator, bool], dict[str, Any]],
@@ -367,13 +385,25 @@ class OpenAIService:
     ) -> dict[str, Any] | AsyncIterator[bytes]:
         """Admission, then generation into a response or an SSE stream; the usage report leaves however it ends."""
         ctx.headers[REGION_HEADER] = self._models[req.model].region  # where the request is processed
+        tracing.set_attributes(
+            trace.get_current_span(),
+            {
+                "anker.request_id": ctx.request_id,
+                "anker.billing_id": ctx.billing_id,
+                "anker.model": req.model,
+                "anker.tenant": ctx.key.tenant,
+                "anker.key_id": ctx.key.key_id,
+                "anker.stream": bool(req.stream),
+                "anker.n": req.n,
+            },
+        )
         acc = wire.Accumulator([p.prompt_tokens for p in prepared], req.n)
         admission = await self._admit(ctx, req.model, prepared, req.n)
         tracker = UsageTracker(self._billing, ctx, req.model, acc, admission)
         created = int(time.time())
         with_logprobs = sampling.logprobs is not None
         try:
-            stream = self._merged(engine, ctx.request_id, prepared, sampling)
+            stream = self._merged(req.model, ctx.request_id, prepared, sampling)
             if not req.stream:
                 async with aclosing(stream):
                     async for prompt_index, deltas in stream:
@@ -399,6 +429,28 @@ class OpenAIService:
                 yield first
                 async for item in stream:
                     yield item
+
+
+@contextmanager
+def _route(model: str, request_id: str) -> Iterator[tracing.Carrier]:
+    """The routing decision (the model's engine deployment) as a client span; yields the carrier for the engine.
+
+    Not made current: it lives across the stream's yields, which may resume in other contexts.
+    """
+    span = tracing.tracer().start_span(
+        "engine.route",
+        kind=SpanKind.CLIENT,
+        attributes=tracing.checked({"anker.engine_deployment": model, "anker.request_id": request_id}),
+    )
+    carrier: tracing.Carrier = {}
+    propagate.inject(carrier, context=trace.set_span_in_context(span))
+    try:
+        yield carrier
+    except (asyncio.CancelledError, GeneratorExit):
+        span.set_attribute("anker.status", "cancelled")
+        raise
+    finally:
+        span.end()
 
 
 def _log_usage(request_id: str, model: str, usage: wire.Usage, status: str) -> None:

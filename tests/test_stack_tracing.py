@@ -1,0 +1,84 @@
+"""Tracing on the real stack: one streaming request is one trace across the ingress, billing, tokenizer and engine
+processes (with the engine's queue, prefill and decode phases), exported over OTLP by every deployment, joined to
+the client's ``traceparent``, and free of prompt and completion text.
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+
+import httpx
+import pytest
+
+from tests.conftest import Stack
+from tests.otlp import OtlpReceiver, ReceivedSpan
+
+pytestmark = pytest.mark.stack
+
+CANARY = "Fyrtårnet ved Skagen tæller skibe"
+
+
+def wait_for_trace(otlp: OtlpReceiver, trace_id: str, names: set[str], timeout_s: float = 60) -> list[ReceivedSpan]:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        spans = otlp.trace(trace_id)
+        if names <= {s.name for s in spans}:
+            return spans
+        time.sleep(0.5)
+    raise AssertionError(f"spans missing: {sorted(names - {s.name for s in otlp.trace(trace_id)})}")
+
+
+def test_a_streaming_request_is_one_trace_across_the_deployments(stack: Stack, otlp: OtlpReceiver) -> None:
+    trace_id, parent_id = secrets.token_hex(16), secrets.token_hex(8)
+    body = {
+        "model": "qwen3-next-tiny",
+        "messages": [{"role": "user", "content": CANARY}],
+        "max_tokens": 6,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    headers = {"Authorization": f"Bearer {stack.api_key}", "traceparent": f"00-{trace_id}-{parent_id}-01"}
+    with httpx.stream("POST", f"{stack.base_url}/v1/chat/completions", json=body, headers=headers, timeout=120) as r:
+        assert r.status_code == 200
+        completion = "".join(r.iter_lines())
+    names = {
+        "POST /v1/chat/completions",
+        "admission",
+        "billing.admit",
+        "tokenizer.prepare",
+        "engine.route",
+        "engine.generate",
+        "engine.queue",
+        "engine.prefill",
+        "engine.decode",
+        "billing.usage_report",
+    }
+    spans = wait_for_trace(otlp, trace_id, names)
+    by_name = {s.name: s for s in spans}
+    server = by_name["POST /v1/chat/completions"]
+    assert server.parent_span_id == parent_id and server.service == "anker-ingress"
+    assert by_name["tokenizer.prepare"].service == "anker-tokenizer"
+    assert by_name["billing.admit"].service == "anker-billing"
+    assert by_name["engine.generate"].service == "anker-engine-qwen3-next-tiny"
+    parents = {
+        "tokenizer.prepare": "POST /v1/chat/completions",
+        "admission": "POST /v1/chat/completions",
+        "billing.admit": "admission",
+        "engine.route": "POST /v1/chat/completions",
+        "engine.generate": "engine.route",
+        "engine.queue": "engine.generate",
+        "engine.prefill": "engine.generate",
+        "engine.decode": "engine.generate",
+        "billing.usage_report": "POST /v1/chat/completions",
+    }
+    for child, parent in parents.items():
+        assert by_name[child].parent_span_id == by_name[parent].span_id, (child, parent)
+    assert server.attributes["anker.completion_tokens"] >= 1
+    assert server.attributes["http.response.status_code"] == 200
+    # Zero data retention: neither the prompt nor any of the completion's text is in any span.
+    pieces = [p for p in completion.split('"content":"')[1:]]
+    for s in spans:
+        text = s.name + repr(s.attributes)
+        assert CANARY not in text and "Skagen" not in text
+        assert not any(len(p.split('"')[0]) > 3 and p.split('"')[0] in text for p in pieces)
