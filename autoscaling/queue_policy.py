@@ -129,7 +129,18 @@ class QueueDepthPolicy:
             running_replicas=len(running),
             kv_cache_usages=tuple(float(v) for r, v in usages.items() if r in running),
         )
-        return decide(self.config, seen, dict(ctx.policy_state or {}))
+        wanted, state = decide(self.config, seen, dict(ctx.policy_state or {}))
+        _report(getattr(ctx, "deployment_name", "?"), wanted, len(running))
+        return wanted, state
+
+
+def _report(deployment: str, wanted: int, running: int) -> None:
+    """Replicas wanted vs running, as metrics (the policy runs in Serve's controller, where Ray metrics work)."""
+    try:
+        from observability import metrics
+    except ImportError:  # the policy must decide even where Anker's package is not importable
+        return
+    metrics.replicas(deployment, wanted, running)
 
 
 def serve_autoscaling_config(config: QueuePolicyConfig, look_back_period_s: float = 10.0) -> dict[str, Any]:

@@ -19,7 +19,9 @@ from ray import serve
 
 from autoscaling.queue_policy import KV_CACHE_METRIC, QUEUE_METRIC
 from deployments.contracts import Delta, EngineFailure, EngineLoad, Sampling, TokenLogprob, TopLogprob
-from observability import tracing
+from observability import metrics, tracing
+
+METRICS_PERIOD_S = 2.0
 
 logger = logging.getLogger("ray.serve")
 
@@ -254,6 +256,15 @@ class Engine:
     def __init__(self, spec: EngineSpec) -> None:
         tracing.configure(f"anker-engine-{spec.model}")
         self._core = EngineCore(spec)
+        self._replica = serve.get_replica_context().replica_id.unique_id
+        self._reporter = asyncio.get_running_loop().create_task(self._report_load())
+
+    async def _report_load(self) -> None:
+        """Queue depth and KV-cache use of this replica, for dashboards (and whatever the autoscaler does)."""
+        while True:
+            load = self._core.load()
+            metrics.engine_load(self._core.spec.model, self._replica, load.running + load.waiting, load.kv_cache_usage)
+            await asyncio.sleep(METRICS_PERIOD_S)
 
     async def generate(
         self,

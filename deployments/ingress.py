@@ -29,7 +29,7 @@ from deployments.keys import KeyRecord
 from deployments.openai.app import create_app
 from deployments.openai.serving import EngineItem, OpenAIService, ServedModel
 from deployments.usage_outbox import UsageOutbox
-from observability import tracing
+from observability import metrics, tracing
 
 logger = logging.getLogger("ray.serve")
 
@@ -243,7 +243,14 @@ class Ingress:
         loop = asyncio.get_running_loop()
         self._tasks = [loop.create_task(engine.watch()) for engine in self._engines.values()]
         self._tasks.append(loop.create_task(self._billing.outbox.run()))
+        self._tasks.append(loop.create_task(self._report_pending()))
         return create_app(self._service, self._billing, self._max_body_bytes, _serve_request_id)
+
+    async def _report_pending(self) -> None:
+        replica = serve.get_replica_context().replica_id.unique_id
+        while True:
+            metrics.usage_pending(replica, self._billing.outbox.pending)
+            await asyncio.sleep(2.0)
 
     async def __del__(self) -> None:
         # Ray Serve is stopping this replica: hand over the usage it still holds before it goes.

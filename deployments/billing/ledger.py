@@ -162,15 +162,15 @@ class Ledger:
         """Like ``record_new``; returns how many events were new."""
         return len(self.record_new(events))
 
-    def record_new(self, events: Sequence[UsageEvent]) -> set[str]:
+    def record_new(self, events: Sequence[UsageEvent]) -> dict[str, int]:
         """Inserts the events not yet in the ledger, in one transaction.
 
         Each is priced at the price in effect when it started, and its budget reservation is settled in the same
         transaction. Replays of an event (same ``request_id``) change nothing, so a sender may retry until it is
-        acknowledged. Returns the request ids that were new.
+        acknowledged. Returns the request ids that were new, with the nano-DKK each was billed.
         """
         if not events:
-            return set()
+            return {}
         with self.engine.begin() as connection:
             rows = []
             charges: list[tuple[UsageEvent, int]] = []
@@ -201,14 +201,14 @@ class Ledger:
             insert = _insert_ignoring_duplicates(self.engine.dialect.name)
             result = connection.execute(insert.returning(USAGE_EVENTS.c.request_id), rows)
             inserted = {r[0] for r in result.fetchall()}
-            unsettled = set(inserted)
+            new: dict[str, int] = {}
             for event, cost_nano in charges:
-                if event.request_id in unsettled:
-                    unsettled.discard(event.request_id)  # settle once even if a batch repeats an event
+                if event.request_id in inserted and event.request_id not in new:  # once, even if a batch repeats
+                    new[event.request_id] = cost_nano
                     budgets.settle(
                         connection, event.request_id, event.tenant, event.key_id, cost_nano, _utc(event.started_at)
                     )
-            return inserted
+            return new
 
     def totals(self, tenant: str, start: datetime, end: datetime, model: str | None = None) -> UsageTotals:
         conditions = [

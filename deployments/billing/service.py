@@ -28,6 +28,7 @@ from deployments.billing.tables import TENANTS
 from deployments.contracts import Admission, AdmissionRequest
 from deployments.errors import InvalidValue
 from deployments.keys import KeyRecord, KeyStore, load_or_create_secret, secret_path
+from observability import metrics
 
 if TYPE_CHECKING:
     from cluster.config import AnkerConfig, ModelConfig
@@ -154,9 +155,17 @@ class BillingService:
         """Stores the reports' events (replays change nothing); returns the billing ids now safe in the ledger."""
         new = await asyncio.to_thread(self.ledger.record_new, [r.event for r in reports])
         for report in reports:
-            if report.event.request_id in new:
-                used = report.event.prompt_tokens + report.event.completion_tokens
-                self.limiter.refund(report.event.key_id, report.reserved_tokens - used)
+            event = report.event
+            cost_nano = new.pop(event.request_id, None)
+            if cost_nano is None:
+                continue  # a replay, or a repeat within the batch: counted once
+            used = event.prompt_tokens + event.completion_tokens
+            self.limiter.refund(event.key_id, report.reserved_tokens - used)
+            if cost_nano or event.status == "ok":  # what was billed (a request that produced nothing was not)
+                metrics.tokens(
+                    event.model, event.prompt_tokens - event.cached_tokens, event.cached_tokens, event.completion_tokens
+                )
+                metrics.billed(event.model, cost_nano)
         return [r.event.request_id for r in reports]
 
     async def release_expired(self) -> int:

@@ -46,6 +46,7 @@ from deployments.openai.protocol import (
     parse_request,
 )
 from deployments.openai.serving import OpenAIService, RequestContext
+from observability import metrics
 from observability.tracing import TracingMiddleware
 
 logger = logging.getLogger("ray.serve")
@@ -231,20 +232,27 @@ def create_app(
         ctx = RequestContext(record, rid, f"{prefix}-{uuid.uuid4().hex}", headers)
         body = await read_body(request, max_body_bytes)
         started = time.monotonic()
+
+        def done(status: int) -> None:
+            metrics.request_done(ctx.model or "-", status, time.monotonic() - ctx.started_s)
+
         try:
             result = await run(body, ctx)
         except AnkerError as error:
             if "x-ratelimit-limit-requests" not in ctx.headers:
                 ctx.headers.update(await limit_headers(record))
+            done(error.status)
             return error_response(error, ctx.headers)
         except Exception as error:  # never let a traceback (which could quote input) reach a log or a client
             logger.error("request %s failed with %s", rid, type(error).__name__)
+            done(500)
             return error_response(InternalError("The server had an error while processing your request."), headers)
         if isinstance(result, dict):
             headers["X-Processing-Ms"] = str(int((time.monotonic() - started) * 1000))
+            done(200)
             return JSONResponse(result, headers=headers)
         return StreamingResponse(
-            _guard_stream(result),
+            _guard_stream(result, lambda: done(200)),
             media_type="text/event-stream",
             headers={**headers, "Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )
@@ -378,8 +386,9 @@ def add_admin_routes(app: FastAPI, accounts: Accounts, max_body_bytes: int) -> N
         return await run(request, "audit_log", {"tenant": None})
 
 
-async def _guard_stream(events: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
-    """Passes events through; an unexpected failure mid-stream ends the stream cleanly instead of hanging it."""
+async def _guard_stream(events: AsyncIterator[bytes], on_done: Callable[[], None]) -> AsyncIterator[bytes]:
+    """Passes events through; an unexpected failure mid-stream ends the stream cleanly instead of hanging it.
+    ``on_done`` runs once the stream has ended, however it ended (its status line went out as 200)."""
     try:
         async for chunk in events:
             yield chunk
@@ -390,6 +399,7 @@ async def _guard_stream(events: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
         yield sse.event(error_body(InternalError("The server had an error while streaming the response.")))
         yield sse.DONE
     finally:
+        on_done()
         aclose = getattr(events, "aclose", None)
         if aclose is not None:
             await aclose()

@@ -32,7 +32,7 @@ from deployments.openai import responses as wire
 from deployments.openai import sse
 from deployments.openai.errors import error_body
 from deployments.openai.protocol import ChatCompletionRequest, CompletionRequest
-from observability import tracing
+from observability import metrics, tracing
 
 logger = logging.getLogger("ray.serve")
 
@@ -86,6 +86,9 @@ class RequestContext:
     request_id: str
     billing_id: str
     headers: dict[str, str] = field(default_factory=dict)
+    model: str | None = None  # a served model's name once the request names one (a bounded metric label)
+    started_s: float = field(default_factory=time.monotonic)
+    first_token_s: float | None = None
 
 
 class UsageTracker:
@@ -126,6 +129,11 @@ class UsageTracker:
             "anker.status": status,
         }
         tracing.set_attributes(trace.get_current_span(), counts)  # on the request's own span
+        if self._ctx.first_token_s is not None:
+            metrics.first_token(self._model, self._ctx.first_token_s - self._ctx.started_s)
+            if usage.completion_tokens > 1:
+                per_token = (time.monotonic() - self._ctx.first_token_s) / (usage.completion_tokens - 1)
+                metrics.inter_token(self._model, per_token)
         with tracing.span("billing.usage_report", attrs={"anker.billing_id": self._ctx.billing_id, **counts}):
             self._gate.submit(UsageReport(event, self._admission.reserved_tokens))
         _log_usage(self._ctx.request_id, self._model, usage, status)
@@ -277,6 +285,17 @@ class OpenAIService:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
 
+    @staticmethod
+    async def _timed(
+        ctx: RequestContext, stream: AsyncGenerator[tuple[int, list[Delta]], None]
+    ) -> AsyncGenerator[tuple[int, list[Delta]], None]:
+        """Notes when the first output token arrived (time to first token)."""
+        async with aclosing(stream):
+            async for item in stream:
+                if ctx.first_token_s is None and any(d.token_ids for d in item[1]):
+                    ctx.first_token_s = time.monotonic()
+                yield item
+
     async def _primed(
         self, stream: AsyncGenerator[tuple[int, list[Delta]], None]
     ) -> tuple[tuple[int, list[Delta]] | None, AsyncGenerator[tuple[int, list[Delta]], None]]:
@@ -385,6 +404,7 @@ class OpenAIService:
     ) -> dict[str, Any] | AsyncIterator[bytes]:
         """Admission, then generation into a response or an SSE stream; the usage report leaves however it ends."""
         ctx.headers[REGION_HEADER] = self._models[req.model].region  # where the request is processed
+        ctx.model = req.model
         tracing.set_attributes(
             trace.get_current_span(),
             {
@@ -403,7 +423,7 @@ class OpenAIService:
         created = int(time.time())
         with_logprobs = sampling.logprobs is not None
         try:
-            stream = self._merged(req.model, ctx.request_id, prepared, sampling)
+            stream = self._timed(ctx, self._merged(req.model, ctx.request_id, prepared, sampling))
             if not req.stream:
                 async with aclosing(stream):
                     async for prompt_index, deltas in stream:

@@ -1,0 +1,83 @@
+"""Metrics on the real stack: after some traffic, Ray's metrics agent exports Anker's metrics in Prometheus format
+(latency histograms, requests by status, tokens by kind, DKK billed, engine queue and KV cache per replica, replicas
+wanted vs running, usage reports pending), with bounded labels that never carry a tenant, a key or text.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+
+import httpx
+import openai
+import pytest
+
+from tests.conftest import AUTOSCALED_MODEL, Stack
+
+pytestmark = pytest.mark.stack
+
+FAMILIES = (
+    "ray_anker_time_to_first_token_seconds_bucket",
+    "ray_anker_inter_token_latency_seconds_bucket",
+    "ray_anker_request_duration_seconds_bucket",
+    "ray_anker_requests_total",
+    "ray_anker_tokens_total",
+    "ray_anker_billed_dkk_total",
+    "ray_anker_engine_queue",
+    "ray_anker_engine_kv_cache_usage",
+    "ray_anker_replicas_wanted",
+    "ray_anker_replicas_running",
+    "ray_anker_usage_reports_pending",
+)
+
+
+def scrape(stack: Stack) -> str:
+    port = stack.env["ANKER__RAY__METRICS_EXPORT_PORT"]
+    return httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+
+
+def samples(text: str, family: str) -> list[tuple[dict[str, str], float]]:
+    found = []
+    for line in text.splitlines():
+        match = re.match(rf"^{family}{{(.*)}} (\S+)$", line)
+        if match:
+            labels = dict(re.findall(r'(\w+)="([^"]*)"', match.group(1)))
+            found.append((labels, float(match.group(2))))
+    return found
+
+
+def test_anker_metrics_are_exported_with_bounded_labels(stack: Stack) -> None:
+    client = openai.OpenAI(base_url=f"{stack.base_url}/v1", api_key=stack.api_key, max_retries=0, timeout=120)
+    for model in ("qwen3-next-tiny", AUTOSCALED_MODEL):
+        stream = client.chat.completions.create(
+            model=model, messages=[{"role": "user", "content": "Metrikker, tak"}], max_tokens=6, stream=True
+        )
+        assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) is not None
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(model="no-such-model", messages=[{"role": "user", "content": "x"}])
+
+    deadline = time.monotonic() + 90
+    text = scrape(stack)
+    while time.monotonic() < deadline and not all(samples(text, f) for f in FAMILIES):
+        time.sleep(2)
+        text = scrape(stack)
+    missing = [f for f in FAMILIES if not samples(text, f)]
+    assert not missing, f"not exported: {missing}"
+
+    requests = samples(text, "ray_anker_requests_total")
+    assert any(
+        labels["status_code"] == "200" and labels["model"] == "qwen3-next-tiny" and v >= 1 for labels, v in requests
+    )
+    assert any(
+        labels["status_code"] == "404" and labels["model"] == "-" for labels, _ in requests
+    )  # unknown names never a label
+    output = [v for labels, v in samples(text, "ray_anker_tokens_total") if labels["kind"] == "output"]
+    assert sum(output) >= 12
+    assert sum(v for _, v in samples(text, "ray_anker_billed_dkk_total")) > 0
+    engines = {labels["model"] for labels, _ in samples(text, "ray_anker_engine_queue")}
+    assert engines >= {"qwen3-next-tiny", AUTOSCALED_MODEL}
+    wanted = {labels["deployment"]: v for labels, v in samples(text, "ray_anker_replicas_wanted")}
+    assert wanted.get(f"Engine-{AUTOSCALED_MODEL}", 0) >= 1  # the floor
+    for line in text.splitlines():
+        if line.startswith("ray_anker_"):
+            assert "tenant" not in line and "ank_" not in line and "Metrikker" not in line
