@@ -267,6 +267,50 @@ def cmd_cluster_defs(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_alerts(args: argparse.Namespace) -> int:
+    from observability.alerts import render
+
+    text = render(_config(args))
+    if args.out:
+        Path(args.out).write_text(text, encoding="utf-8")
+        _say(f"wrote {args.out}")
+    else:
+        print(text, end="")
+    return EXIT_OK
+
+
+def cmd_grafana_export(args: argparse.Namespace) -> int:
+    from observability.dashboards import dashboards
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    for uid, model in dashboards().items():
+        (out / f"{uid}.json").write_text(json.dumps(model, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        _say(f"wrote {out / f'{uid}.json'}")
+    return EXIT_OK
+
+
+def cmd_grafana_push(args: argparse.Namespace) -> int:
+    import os
+
+    from observability.grafana import push
+
+    token = args.token or os.environ.get("GRAFANA_TOKEN")
+    if not token:
+        print(
+            "anker grafana push: give --token or set GRAFANA_TOKEN (a Grafana service-account token)", file=sys.stderr
+        )
+        return EXIT_USAGE
+    try:
+        urls = push(args.url, token, verify=not args.insecure)
+    except Exception as exc:  # the HTTP client's errors: say which, never the token
+        print(f"anker grafana push: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    for url in urls:
+        _say(f"pushed {url}")
+    return EXIT_OK
+
+
 def cmd_config_check(args: argparse.Namespace) -> int:
     config = _config(args)
     _say(f"config ok: data folder {config.data_dir}")
@@ -382,6 +426,29 @@ def build_parser() -> argparse.ArgumentParser:
     defs.add_argument("--out", default=str(DEFAULT_PROFILE.parent.parent), metavar="DIR", help="default: cluster/")
     defs.add_argument("--check", action="store_true", help="exit 1 if the files on disk differ from the profile")
     defs.set_defaults(func=cmd_cluster_defs)
+
+    alerts = with_config(
+        sub.add_parser(
+            "alerts",
+            help="print the Prometheus alert rules generated from the config",
+            description="SLO burn rates (first token, 5xx), engine queues above target, replicas below floor, usage "
+            "pending: Prometheus rule groups, checked with promtool by the tests.",
+        )
+    )
+    alerts.add_argument("--out", metavar="FILE", help="write them to FILE instead of stdout")
+    alerts.set_defaults(func=cmd_alerts)
+
+    grafana = sub.add_parser("grafana", help="Anker's Grafana dashboards (SRE, business)").add_subparsers(
+        dest="grafana_command", metavar="ACTION", required=True
+    )
+    push = grafana.add_parser("push", help="provision the dashboards into a Grafana (folder Anker)")
+    push.add_argument("--url", required=True, help="Grafana's base URL, e.g. https://grafana.example.dk")
+    push.add_argument("--token", help="a service-account token (default: $GRAFANA_TOKEN)")
+    push.add_argument("--insecure", action="store_true", help="do not verify TLS certificates")
+    push.set_defaults(func=cmd_grafana_push)
+    export = grafana.add_parser("export", help="write the dashboards' JSON models to a folder")
+    export.add_argument("--out", required=True, metavar="DIR")
+    export.set_defaults(func=cmd_grafana_export)
 
     config = sub.add_parser("config", help="check a config file").add_subparsers(
         dest="config_command", metavar="ACTION", required=True

@@ -245,6 +245,30 @@ class BillingConfig(_Strict):
         return value
 
 
+class ObservabilityConfig(_Strict):
+    """Service-level objectives the alert rules watch, and where the Ray dashboard finds Prometheus and Grafana."""
+
+    ttft_slo_s: float = Field(
+        default=2.5, gt=0, description="A first token later than this is slow (a latency-histogram bucket boundary)."
+    )
+    ttft_slo_target: float = Field(default=0.99, gt=0, lt=1, description="Share of requests with a fast first token.")
+    availability_target: float = Field(default=0.999, gt=0, lt=1, description="Share of requests without a 5xx.")
+    queue_alert_for_minutes: int = Field(default=10, ge=1)
+    pending_usage_alert_for_minutes: int = Field(default=10, ge=1)
+    prometheus_host: str | None = Field(default=None, description="RAY_PROMETHEUS_HOST for the Ray dashboard.")
+    grafana_host: str | None = Field(default=None, description="RAY_GRAFANA_HOST for the Ray dashboard.")
+    grafana_iframe_host: str | None = Field(default=None, description="RAY_GRAFANA_IFRAME_HOST (browser's view).")
+
+    @field_validator("ttft_slo_s")
+    @classmethod
+    def _a_bucket(cls, value: float) -> float:
+        from observability.metrics import LATENCY_S
+
+        if value not in LATENCY_S:
+            raise ValueError(f"must be one of the latency buckets {LATENCY_S}")
+        return value
+
+
 class AnkerConfig(_Strict):
     data_dir: Path = Path(".anker")
     database_url: str | None = Field(
@@ -255,6 +279,7 @@ class AnkerConfig(_Strict):
     ray: RayConfig = Field(default_factory=RayConfig)
     stack: StackConfig = Field(default_factory=StackConfig)
     billing: BillingConfig = Field(default_factory=BillingConfig)
+    observability: ObservabilityConfig = Field(default_factory=ObservabilityConfig)
     models: list[ModelConfig] = Field(min_length=1)
 
     @model_validator(mode="after")

@@ -150,6 +150,19 @@ def head_command(config: AnkerConfig) -> list[str]:
     ]
 
 
+def ray_dashboard_env(config: AnkerConfig) -> dict[str, str]:
+    """Where the Ray dashboard finds Prometheus and Grafana, so that its Metrics view embeds the Grafana panels."""
+    o = config.observability
+    env = {}
+    if o.prometheus_host:
+        env["RAY_PROMETHEUS_HOST"] = o.prometheus_host
+    if o.grafana_host:
+        env["RAY_GRAFANA_HOST"] = o.grafana_host
+    if o.grafana_iframe_host:
+        env["RAY_GRAFANA_IFRAME_HOST"] = o.grafana_iframe_host
+    return env
+
+
 def _start_head(config: AnkerConfig, say: Say) -> subprocess.Popen[bytes]:
     config.run_dir.mkdir(parents=True, exist_ok=True)
     log = (config.run_dir / HEAD_LOG).open("ab")
@@ -158,7 +171,7 @@ def _start_head(config: AnkerConfig, say: Say) -> subprocess.Popen[bytes]:
         f"starting Ray head (GCS 127.0.0.1:{config.ray.gcs_port}, dashboard "
         f"http://{config.ray.dashboard_host}:{config.ray.dashboard_port}) ..."
     )
-    env = {**os.environ, **ray_auth_env(config), "RAY_USAGE_STATS_ENABLED": "0"}
+    env = {**os.environ, **ray_auth_env(config), **ray_dashboard_env(config), "RAY_USAGE_STATS_ENABLED": "0"}
     return subprocess.Popen(
         command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True, env=env
     )

@@ -1,1 +1,2 @@
-"""Tracing, metrics, dashboards and alert rules (issue 6); nothing here yet."""
+"""Observability: tracing (OpenTelemetry), metrics (Ray metrics, Prometheus format), Grafana dashboards and alert rules
+as code. Nothing here ever records prompt or completion text."""
