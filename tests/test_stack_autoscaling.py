@@ -40,27 +40,37 @@ def serve_status(stack: Stack) -> Iterator[object]:
 
 
 async def stream_one(client: httpx.AsyncClient, key: str, max_tokens: int) -> str:
-    """One streaming chat request; returns "ok" or what went wrong (status, error code, or a missing [DONE])."""
+    """One streaming chat request; returns "ok", "ok after a retry", or what went wrong.
+
+    Like the official SDK, a connection error before any response arrived is retried once (the server never
+    started the answer, so nothing was produced or billed); anything after the response started is a failure.
+    """
     body = {
         "model": AUTOSCALED_MODEL,
         "messages": [{"role": "user", "content": "Fortæl en lang historie om havnen i Esbjerg."}],
         "max_tokens": max_tokens,
         "stream": True,
     }
-    try:
-        async with client.stream(
-            "POST", "/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {key}"}
-        ) as r:
-            if r.status_code != 200:
-                return f"http {r.status_code}"
-            lines = [line async for line in r.aiter_lines() if line.startswith("data: ")]
-    except httpx.HTTPError as exc:
-        return type(exc).__name__
-    if lines[-1] != "data: [DONE]":
-        return "no [DONE]"
-    if any('"error"' in line for line in lines):
-        return "error event"
-    return "ok"
+    for attempt in range(2):
+        started = False
+        try:
+            async with client.stream(
+                "POST", "/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {key}"}
+            ) as r:
+                started = True
+                if r.status_code != 200:
+                    return f"http {r.status_code}"
+                lines = [line async for line in r.aiter_lines() if line.startswith("data: ")]
+        except httpx.TransportError as exc:
+            if started or attempt == 1:
+                return f"{type(exc).__name__} {'mid-stream' if started else 'before the response'}"
+            continue
+        if lines[-1] != "data: [DONE]":
+            return "no [DONE]"
+        if any('"error"' in line for line in lines):
+            return "error event"
+        return "ok" if attempt == 0 else "ok after a retry"
+    return "unreachable"
 
 
 async def load(
@@ -108,5 +118,6 @@ async def test_a_burst_scales_the_engine_out_and_back_in_without_failing_a_reque
     print(
         f"scaled out after {up_s:.0f}s of burst, back in {down_s:.0f}s after it; {burst_outcomes}, {trickle_outcomes}"
     )
-    assert set(burst_outcomes) == {"ok"} and burst_outcomes["ok"] >= BURST
-    assert set(trickle_outcomes) == {"ok"} and trickle_outcomes["ok"] >= 1
+    fine = {"ok", "ok after a retry"}
+    assert set(burst_outcomes) <= fine and burst_outcomes["ok"] >= BURST, burst_outcomes
+    assert set(trickle_outcomes) <= fine and trickle_outcomes["ok"] >= 1, trickle_outcomes
