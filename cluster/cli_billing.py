@@ -301,13 +301,14 @@ def _print_json(args: argparse.Namespace, config: AnkerConfig, operation: str, a
 
 def _usage(args: argparse.Namespace, config: AnkerConfig) -> int:
     from deployments.billing.budgets import month_bounds
+    from deployments.billing.ledger import usage_total
     from deployments.billing.service import bucket_json
 
     month = args.month or _month(None)
     start, end = month_bounds(month)
     ledger = service(config).ledger
     buckets = ledger.usage(args.tenant, start, end, args.group_by)
-    [whole] = ledger.usage(args.tenant, start, end, None)
+    whole = usage_total(buckets, start, end)
     if args.json:
         print(
             json.dumps(

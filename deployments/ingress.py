@@ -47,19 +47,25 @@ class IngressSpec:
     usage_spool_dir: Path | None = None  # this node's folder of usage spool files (see usage_outbox.Spool)
 
 
+async def call_deployment(handle: DeploymentHandle, method: str, args: tuple[Any, ...], unavailable: AnkerError) -> Any:
+    """A handle call whose Ray failure becomes ``unavailable`` and whose returned error value is raised."""
+    try:
+        result = await getattr(handle, method).remote(*args)
+    except Exception as exc:
+        logger.error("%s call failed with %s", method, type(exc).__name__)
+        raise unavailable from None
+    if isinstance(result, AnkerError):
+        raise result
+    return result
+
+
 class ServeTokenizerClient:
     def __init__(self, handle: DeploymentHandle) -> None:
         self._handle = handle
 
     async def _call(self, method: str, *args: Any) -> Any:
-        try:
-            result = await getattr(self._handle, method).remote(*args, tracing.inject())
-        except Exception as exc:
-            logger.error("tokenizer call failed with %s", type(exc).__name__)
-            raise EngineUnavailable("The tokenizer stage is unavailable. Please retry shortly.") from None
-        if isinstance(result, AnkerError):
-            raise result
-        return result
+        unavailable = EngineUnavailable("The tokenizer stage is unavailable. Please retry shortly.")
+        return await call_deployment(self._handle, method, (*args, tracing.inject()), unavailable)
 
     async def prepare_chat(self, model: str, turns: list[ChatTurn], max_tokens: int | None) -> Prepared:
         prepared: Prepared = await self._call("prepare_chat", model, turns, max_tokens)
@@ -154,14 +160,8 @@ class ServeBillingClient:
         self.outbox = UsageOutbox(self._send, flush_interval_s, spool_dir=spool_dir)
 
     async def _call(self, method: str, *args: Any) -> Any:
-        try:
-            result = await getattr(self._handle, method).remote(*args)
-        except Exception as exc:
-            logger.error("billing call %s failed with %s", method, type(exc).__name__)
-            raise BillingUnavailable("Billing is briefly unavailable. Please retry shortly.", retry_after_s=2) from None
-        if isinstance(result, AnkerError):
-            raise result
-        return result
+        unavailable = BillingUnavailable("Billing is briefly unavailable. Please retry shortly.", retry_after_s=2)
+        return await call_deployment(self._handle, method, args, unavailable)
 
     async def _send(self, reports: Sequence[UsageReport]) -> Sequence[str]:
         acked: Sequence[str] = await self._handle.record.remote(list(reports))

@@ -85,6 +85,13 @@ def _validate_settings(
             raise ValueError(f"{name} cannot be negative")
 
 
+def _with_member() -> sa.Select[Any]:
+    """Keys with their member's current role and removal (a key acts in its member's role)."""
+    return sa.select(
+        API_KEYS, MEMBERS.c.role.label("member_role"), MEMBERS.c.removed_at.label("member_removed")
+    ).select_from(API_KEYS.outerjoin(MEMBERS, MEMBERS.c.member_id == API_KEYS.c.member_id))
+
+
 def _record(row: Any, role: str | None = None) -> KeyRecord:
     allowed = json.loads(row.allowed_models) if row.allowed_models is not None else None
     return KeyRecord(
@@ -194,11 +201,7 @@ class KeyStore:
         match = KEY_PATTERN.match(key)
         if match is None:
             return None
-        query = (
-            sa.select(API_KEYS, MEMBERS.c.role.label("member_role"), MEMBERS.c.removed_at.label("member_removed"))
-            .select_from(API_KEYS.outerjoin(MEMBERS, MEMBERS.c.member_id == API_KEYS.c.member_id))
-            .where(API_KEYS.c.key_id == match.group(1))
-        )
+        query = _with_member().where(API_KEYS.c.key_id == match.group(1))
         with self._engine.connect() as db:
             row = db.execute(query).first()
         if row is None:
@@ -212,19 +215,13 @@ class KeyStore:
         return _record(row, row.member_role)
 
     def get(self, key_id: str) -> KeyRecord | None:
-        query = (
-            sa.select(API_KEYS, MEMBERS.c.role.label("member_role"))
-            .select_from(API_KEYS.outerjoin(MEMBERS, MEMBERS.c.member_id == API_KEYS.c.member_id))
-            .where(API_KEYS.c.key_id == key_id)
-        )
+        query = _with_member().where(API_KEYS.c.key_id == key_id)
         with self._engine.connect() as db:
             row = db.execute(query).first()
         return _record(row, row.member_role) if row is not None else None
 
     def list(self, tenant: str | None = None) -> list[KeyRecord]:
-        query = sa.select(API_KEYS, MEMBERS.c.role.label("member_role")).select_from(
-            API_KEYS.outerjoin(MEMBERS, MEMBERS.c.member_id == API_KEYS.c.member_id)
-        )
+        query = _with_member()
         if tenant is not None:
             query = query.where(API_KEYS.c.tenant == tenant)
         with self._engine.connect() as db:

@@ -7,7 +7,7 @@ and never logs or returns any text of the prompt (errors carry counts and field 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -128,14 +128,8 @@ class Tokenizer:
     def prepare_chat(
         self, model: str, turns: list[ChatTurn], max_tokens: int | None, trace: tracing.Carrier | None = None
     ) -> Prepared | AnkerError:
-        with tracing.span("tokenizer.prepare", trace, SpanKind.SERVER, {"anker.model": model}) as current:
-            try:
-                prepared = self._core.chat(model, turns, max_tokens)
-            except AnkerError as error:
-                current.set_attribute("anker.error_code", error.code or "error")
-                return error
-            tracing.set_attributes(current, {"anker.prompt_tokens": prepared.prompt_tokens})
-            return prepared
+        result = self._traced(model, trace, lambda: [self._core.chat(model, turns, max_tokens)])
+        return result if isinstance(result, AnkerError) else result[0]
 
     def prepare_completion(
         self,
@@ -144,9 +138,16 @@ class Tokenizer:
         max_tokens: int | None,
         trace: tracing.Carrier | None = None,
     ) -> list[Prepared] | AnkerError:
+        return self._traced(model, trace, lambda: self._core.completion(model, prompts, max_tokens))
+
+    @staticmethod
+    def _traced(
+        model: str, trace: tracing.Carrier | None, prepare: Callable[[], list[Prepared]]
+    ) -> list[Prepared] | AnkerError:
+        """Runs ``prepare`` in the request's ``tokenizer.prepare`` span; a client's mistake comes back as a value."""
         with tracing.span("tokenizer.prepare", trace, SpanKind.SERVER, {"anker.model": model}) as current:
             try:
-                prepared = self._core.completion(model, prompts, max_tokens)
+                prepared = prepare()
             except AnkerError as error:
                 current.set_attribute("anker.error_code", error.code or "error")
                 return error

@@ -1,5 +1,5 @@
 """Governance: organisations (tenants) with plans and budgets, members in roles, and their keys, changed only by
-callers whose role allows it, every change written to the audit log (who, what, when; never content, never a key).
+callers whose role allows it; the audit log keeps who, what, when of each change, never a key.  # zdr-ok
 
 Roles: ``owner`` and ``admin`` manage their organisation's members, keys, allow-lists and budgets (only an owner
 grants ``owner``); ``member`` calls models; ``viewer`` sees usage only. The operator (admin token, CLI) may do all.
@@ -431,16 +431,26 @@ def _iso(moment: datetime) -> str:
     return moment.astimezone(UTC).isoformat().replace("+00:00", "Z")
 
 
+PAYG_PLAN = {"name": "payg", "monthly_fee_dkk": "0.00", "discount_percent": "0"}
+
+
+def plan_json(row: Any) -> dict[str, Any]:
+    """A tenant's plan as the admin API and the usage summary show it (None: a tenant without a row pays as it goes)."""
+    if row is None:
+        return dict(PAYG_PLAN)
+    return {
+        "name": row.plan,
+        "monthly_fee_dkk": format_dkk(row.plan_fee_ore),
+        "discount_percent": _percent(row.discount_bp),
+    }
+
+
 def tenant_json(row: Any) -> dict[str, Any]:
     return {
         "id": row.tenant,
         "object": "organization",
         "display_name": row.display_name,
-        "plan": {
-            "name": row.plan,
-            "monthly_fee_dkk": format_dkk(row.plan_fee_ore),
-            "discount_percent": _percent(row.discount_bp),
-        },
+        "plan": plan_json(row),
         "budget": None
         if row.budget_kind is None
         else {"kind": row.budget_kind, "limit_dkk": dkk_string(row.budget_nano_dkk)},

@@ -16,7 +16,7 @@ from typing import Any
 import sqlalchemy as sa
 
 from deployments.billing.budgets import month_bounds
-from deployments.billing.ledger import Ledger
+from deployments.billing.ledger import Ledger, usage_total
 from deployments.billing.pricing import format_dkk, invoice_totals, to_ore
 from deployments.billing.tables import TENANTS
 
@@ -37,8 +37,9 @@ def build_invoice(ledger: Ledger, tenant: str, month: str, vat_percent: Decimal)
     monthly = row.plan == "monthly"
     discount_percent = Decimal(row.discount_bp) / 100 if monthly else Decimal(0)
     lines = []
-    usage_nano = 0
-    for bucket in ledger.usage(tenant, start, end, "model"):
+    by_model = ledger.usage(tenant, start, end, "model")
+    usage_nano = usage_total(by_model, start, end).cost_nano_dkk
+    for bucket in by_model:
         tokens = {
             "input_uncached": bucket.prompt_tokens - bucket.cached_tokens,
             "input_cached": bucket.cached_tokens,
@@ -49,7 +50,6 @@ def build_invoice(ledger: Ledger, tenant: str, month: str, vat_percent: Decimal)
             "input_cached": bucket.cost_input_cached_nano_dkk,
             "output": bucket.cost_output_nano_dkk,
         }
-        usage_nano += bucket.cost_nano_dkk
         for kind, label in KINDS:
             lines.append(
                 {

@@ -110,6 +110,22 @@ def _from_db(moment: datetime) -> datetime:
     return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
 
 
+def usage_total(buckets: Sequence[UsageBucket], start: datetime, end: datetime) -> UsageBucket:
+    """The sum of buckets that partition [start, end) (by day or by model): the whole range's usage."""
+    return UsageBucket(
+        start,
+        end,
+        None,
+        sum(b.requests for b in buckets),
+        sum(b.prompt_tokens for b in buckets),
+        sum(b.cached_tokens for b in buckets),
+        sum(b.completion_tokens for b in buckets),
+        sum(b.cost_input_uncached_nano_dkk for b in buckets),
+        sum(b.cost_input_cached_nano_dkk for b in buckets),
+        sum(b.cost_output_nano_dkk for b in buckets),
+    )
+
+
 class Ledger:
     def __init__(self, url: str) -> None:
         self.engine = database.create_engine(url)

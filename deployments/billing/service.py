@@ -14,14 +14,13 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from decimal import Decimal
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from deployments import database
 from deployments.billing import budgets
-from deployments.billing.governance import Actor, Governance, key_json
-from deployments.billing.ledger import Ledger, UsageBucket, UsageEvent
+from deployments.billing.governance import Actor, Governance, key_json, plan_json
+from deployments.billing.ledger import Ledger, UsageBucket, UsageEvent, usage_total
 from deployments.billing.pricing import TokenPrices, dkk_string
 from deployments.billing.ratelimit import RateLimiter
 from deployments.billing.tables import TENANTS
@@ -199,8 +198,7 @@ class BillingService:
         self, tenant: str, start: datetime, end: datetime, group_by: str | None, key_id: str | None
     ) -> tuple[list[UsageBucket], UsageBucket]:
         buckets = self.ledger.usage(tenant, start, end, group_by, key_id)
-        whole = self.ledger.usage(tenant, start, end, None, key_id)
-        return buckets, whole[0]
+        return buckets, usage_total(buckets, start, end)
 
     async def summary(self, key: KeyRecord) -> dict[str, Any]:
         now = datetime.now(UTC)
@@ -225,13 +223,7 @@ class BillingService:
         with self.ledger.engine.begin() as db:
             states = budgets.budget_summary(db, key.tenant, key.key_id, now)
             tenant = db.execute(TENANTS.select().where(TENANTS.c.tenant == key.tenant)).first()
-        plan = {"name": "payg", "monthly_fee_dkk": "0.00", "discount_percent": "0"}
-        if tenant is not None:
-            plan = {
-                "name": tenant.plan,
-                "monthly_fee_dkk": dkk_string(tenant.plan_fee_ore * 10**7),
-                "discount_percent": format((Decimal(tenant.discount_bp) / 100).normalize(), "f"),
-            }
+        plan = plan_json(tenant)
         if not states:
             return None, plan
         tightest = min(states, key=lambda s: s.left_nano_dkk)
