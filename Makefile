@@ -1,7 +1,7 @@
 # Two commands do everything on a fresh machine: `make run` and `make test`.
 PYTHON ?= python3
 VENV   ?= .venv
-EXTRAS ?= cpu,test
+EXTRAS ?= cpu,test,bench
 BIN    := $(VENV)/bin
 
 .PHONY: install system-deps run test test-unit lint clean
@@ -42,7 +42,7 @@ test-unit: install
 	$(BIN)/python -m pytest -m "not stack"
 
 lint: install
-	$(BIN)/ruff check cluster deployments autoscaling observability tests
+	$(BIN)/ruff check cluster deployments autoscaling observability tests loadtests
 	$(BIN)/mypy
 
 clean:

@@ -55,6 +55,25 @@ class AutoscalingSettings(_Strict):
     look_back_period_s: float = Field(default=10.0, gt=0, description="Window over which replica metrics average.")
 
 
+class RouterSettings(_Strict):
+    """How the ingress picks an engine replica for a request (deployments/router.py)."""
+
+    policy: Literal["prefix_aware", "power_of_two"] = Field(
+        default="prefix_aware",
+        description="prefix_aware: the replica that already holds the longest prefix of the prompt in its KV cache; "
+        "power_of_two: Ray Serve's default (the less loaded of two random replicas).",
+    )
+    max_imbalance: int = Field(
+        default=8,
+        ge=0,
+        description="A prefix match is ignored when its replica has this many more requests in flight than the "
+        "least loaded replica.",
+    )
+    max_blocks: int = Field(
+        default=200_000, ge=1, description="Prefix blocks the router remembers (least recently used are forgotten)."
+    )
+
+
 class Hardware(_Strict):
     """The node shape a GPU model's replicas run on: for placement, capacity plans and cluster definitions."""
 
@@ -108,6 +127,7 @@ class ModelConfig(_Strict):
     min_replicas: int = Field(default=1, ge=1, description="Floor of engine replicas; never 0, the service is 24/7.")
     max_replicas: int = Field(default=1, ge=1)
     autoscaling: AutoscalingSettings = Field(default_factory=AutoscalingSettings)
+    router: RouterSettings = Field(default_factory=RouterSettings)
     engine_args: dict[str, Any] = Field(
         default_factory=dict, description="Extra vLLM engine arguments (AsyncEngineArgs fields)."
     )
