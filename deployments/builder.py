@@ -109,7 +109,9 @@ def bind_engine(config: AnkerConfig, model: ModelConfig) -> serve.Application:
     return Engine.options(**engine_options(config, model)).bind(engine_spec(config, model))  # type: ignore[attr-defined]
 
 
-def build_app(config: AnkerConfig) -> serve.Application:
+def build_app(config: AnkerConfig, engines: dict[str, serve.Application] | None = None) -> serve.Application:
+    """The whole graph from one config. ``engines`` replaces engine deployments by model name: only the
+    control-plane benchmark does that, with an engine double that answers at once (loadtests/control_plane.py)."""
     created = int(time.time())
     tokenizer = Tokenizer.options(  # type: ignore[attr-defined]
         num_replicas=config.stack.tokenizer_replicas,
@@ -119,7 +121,7 @@ def build_app(config: AnkerConfig) -> serve.Application:
         [TokenizerSpec(m.name, config.model_path(m), m.max_model_len) for m in config.models],
         config.stack.prefix_block_size,
     )
-    engines = {m.name: bind_engine(config, m) for m in config.models}
+    engines = {m.name: (engines or {}).get(m.name) or bind_engine(config, m) for m in config.models}
     billing = Billing.options(  # type: ignore[attr-defined]
         ray_actor_options={"num_cpus": config.billing.num_cpus},
     ).bind(billing_spec(config))

@@ -273,7 +273,10 @@ class Engine:
         sampling: Sampling,
         max_tokens: int,
         trace: tracing.Carrier | None = None,
+        block_hashes: tuple[int, ...] = (),
     ) -> AsyncIterator[list[Delta] | EngineFailure]:
+        """``block_hashes`` are not used here: the prefix-aware request router (deployments/router.py) reads them in
+        the caller's process to pick this replica."""
         timings = EngineTimings()
         with tracing.span(
             "engine.generate",
