@@ -96,7 +96,12 @@ class ServeEngineClient:
         self, request_id: str, prepared: Prepared, sampling: Sampling, trace: tracing.Carrier | None = None
     ) -> AsyncGenerator[EngineItem, None]:
         responses = self._stream.generate.remote(
-            request_id, prepared.token_ids, sampling, prepared.max_tokens, trace or {}, block_hashes=prepared.block_hashes
+            request_id,
+            prepared.token_ids,
+            sampling,
+            prepared.max_tokens,
+            trace or {},
+            block_hashes=prepared.block_hashes,
         )
         assert isinstance(responses, DeploymentResponseGenerator)
         complete = False
