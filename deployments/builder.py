@@ -10,6 +10,7 @@ import time
 from typing import Any
 
 from ray import serve
+from ray.serve.config import RequestRouterConfig
 
 from autoscaling.queue_policy import QueuePolicyConfig, serve_autoscaling_config
 from cluster.config import AnkerConfig, ModelConfig, deployment_suffix
@@ -22,6 +23,8 @@ from deployments.openai.serving import ServedModel
 from deployments.tokenizer import Tokenizer, TokenizerSpec
 
 APP_NAME = "anker"
+# The engine deployments' request router (Ray Serve's extension point); it runs in the ingress, which holds the handles.
+PREFIX_AWARE_ROUTER = "deployments.router.PrefixAwareRouter"
 
 
 def engine_deployment_name(model: ModelConfig) -> str:
@@ -102,6 +105,15 @@ def engine_options(config: AnkerConfig, model: ModelConfig) -> dict[str, Any]:
     }
     if placement.label_selector is not None:
         options["placement_group_bundle_label_selector"] = [dict(placement.label_selector)]
+    if model.router.policy == "prefix_aware":
+        options["request_router_config"] = RequestRouterConfig(
+            request_router_class=PREFIX_AWARE_ROUTER,  # type: ignore[arg-type]
+            request_router_kwargs={
+                "model": model.name,
+                "max_imbalance": model.router.max_imbalance,
+                "max_blocks": model.router.max_blocks,
+            },
+        )
     return options
 
 

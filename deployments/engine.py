@@ -282,7 +282,12 @@ class Engine:
             "engine.generate",
             trace,
             SpanKind.SERVER,
-            {"anker.model": self._core.spec.model, "anker.request_id": request_id, "anker.max_tokens": max_tokens},
+            {
+                "anker.model": self._core.spec.model,
+                "anker.request_id": request_id,
+                "anker.max_tokens": max_tokens,
+                "anker.engine_replica": self._replica,
+            },
         ) as current:
             try:
                 async for item in self._core.generate(request_id, token_ids, sampling, max_tokens, timings):

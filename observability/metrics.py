@@ -2,7 +2,8 @@
 
 Latency histograms by model (time to first token, inter-token, end to end), requests by status code, tokens by kind,
 DKK billed, engine queue depth and KV-cache use per replica, replicas wanted and running, usage reports pending.
-Labels are bounded: model, status code, token kind, deployment, replica id; never a tenant, a key or any text.
+Engine routing decisions and prefix blocks matched. Labels are bounded: model, status code, token kind, deployment,
+replica id, routing decision; never a tenant, a key or any text.
 """
 
 from __future__ import annotations
@@ -99,3 +100,24 @@ def usage_pending(replica: str, pending: int) -> None:
         "Usage reports not yet in the ledger (per ingress replica).",
         ("replica",),
     ).set(pending, tags={"replica": replica})
+
+
+def routed(model: str, decision: str, matched_blocks: int, blocks: int) -> None:
+    """One routing decision of the engine request router (deployments/router.py): why the replica was chosen, and
+    how many of the prompt's blocks the preferred replica already held."""
+    _metric(
+        "counter",
+        "anker_router_decisions",
+        "Engine routing decisions: prefix (longest cached prefix), no_match, overloaded, other_call.",
+        ("model", "decision"),
+    ).inc(1, tags={"model": model, "decision": decision})
+    counter = _metric(
+        "counter",
+        "anker_router_prompt_blocks",
+        "Prompt blocks routed, and those matched on a replica.",
+        ("model", "kind"),
+    )
+    if blocks:
+        counter.inc(blocks, tags={"model": model, "kind": "prompt"})
+    if matched_blocks:
+        counter.inc(matched_blocks, tags={"model": model, "kind": "matched"})

@@ -38,6 +38,7 @@ ALLOWED_ATTRIBUTES = frozenset(
         "anker.completion_tokens",
         "anker.max_tokens",
         "anker.engine_deployment",
+        "anker.engine_replica",
         "anker.budget_reserved",
         "anker.error_code",
         "http.request.method",

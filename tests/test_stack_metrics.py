@@ -28,6 +28,8 @@ FAMILIES = (
     "ray_anker_replicas_wanted",
     "ray_anker_replicas_running",
     "ray_anker_usage_reports_pending",
+    "ray_anker_router_decisions_total",
+    "ray_anker_router_prompt_blocks_total",
 )
 
 
@@ -72,6 +74,9 @@ def test_anker_metrics_are_exported_with_bounded_labels(stack: Stack) -> None:
         engines = {labels["model"] for labels, _ in samples(text, "ray_anker_engine_queue")}
         if not engines >= {"qwen3-next-tiny", AUTOSCALED_MODEL}:
             found.append("an engine's queue is missing")
+        decisions = {labels["decision"] for labels, _ in samples(text, "ray_anker_router_decisions_total")}
+        if not decisions >= {"no_match", "other_call"}:  # a new prompt, and the ingress's readiness probes
+            found.append(f"routing decisions missing: {decisions}")
         wanted = {labels["deployment"]: v for labels, v in samples(text, "ray_anker_replicas_wanted")}
         if wanted.get(f"Engine-{AUTOSCALED_MODEL}", 0) < 1:
             found.append("replicas wanted below the floor")

@@ -1,0 +1,192 @@
+"""Prefix-aware request routing for the engine deployments, plugged into Ray Serve's request-router extension point.
+
+A prompt whose beginning a replica has already computed is cheaper there: vLLM serves those blocks from its prefix
+cache, which halves their price for the client (cached input) and cuts the time to the first token. The tokenizer
+hands every prompt's chained block hashes to the engine call (``generate(..., block_hashes=...)``); the router in the
+caller's process (the ingress) reads them, remembers which replica it sent which blocks to, and sends a request to
+the replica holding the longest prefix of it, unless that replica has ``max_imbalance`` more requests in flight than
+the least loaded one. Otherwise, and for every other engine call, it does what Ray Serve's default router does: the
+less loaded of two random replicas (Serve probes their queues and skips a full one).
+
+``PrefixRouting`` is the policy, plain Python so that unit tests drive its decisions; ``PrefixAwareRouter`` is the
+thin shell Serve calls. The memory is per ingress replica and approximate: vLLM may have evicted what the router
+still remembers (then the request is merely uncached), and a second ingress replica learns on its own.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections import OrderedDict
+from collections.abc import Hashable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Generic, Literal, TypeVar
+
+from ray.serve.request_router import PendingRequest, ReplicaID, RequestRouter, RunningReplica
+
+from observability import metrics
+
+logger = logging.getLogger("ray.serve")
+
+K = TypeVar("K", bound=Hashable)
+Decision = Literal["prefix", "no_match", "overloaded", "other_call"]
+ROUTED_METHOD = "generate"
+
+
+class PrefixTable(Generic[K]):
+    """Which replicas were sent which prompt blocks; at most ``max_blocks`` blocks, least recently used forgotten.
+
+    Block hashes are chained (a block's hash covers every token before it), so a block on a replica implies its whole
+    prefix was computed there: a match walks the prompt's hashes from the first while some replica holds them all.
+    """
+
+    def __init__(self, max_blocks: int) -> None:
+        if max_blocks < 1:
+            raise ValueError("max_blocks must be at least 1")
+        self._max_blocks = max_blocks
+        self._blocks: OrderedDict[int, set[K]] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._blocks)
+
+    def longest_match(self, hashes: Sequence[int], among: set[K]) -> tuple[int, set[K]]:
+        """(blocks matched, replicas among ``among`` that hold all of them); (0, empty) when none holds the first."""
+        holders = set(among)
+        matched = 0
+        for block in hashes:
+            narrowed = holders & self._blocks.get(block, set())
+            if not narrowed:
+                break
+            holders, matched = narrowed, matched + 1
+        return (matched, holders) if matched else (0, set())
+
+    def insert(self, hashes: Sequence[int], replica: K) -> None:
+        for block in hashes:
+            holders = self._blocks.get(block)
+            if holders is None:
+                self._blocks[block] = {replica}
+            else:
+                holders.add(replica)
+                self._blocks.move_to_end(block)
+        while len(self._blocks) > self._max_blocks:
+            self._blocks.popitem(last=False)
+
+    def forget(self, replica: K) -> None:
+        """Drops a replica that is gone (its cache went with it)."""
+        for block in [b for b, holders in self._blocks.items() if replica in holders]:
+            holders = self._blocks[block]
+            holders.discard(replica)
+            if not holders:
+                del self._blocks[block]
+
+
+@dataclass(frozen=True)
+class Route(Generic[K]):
+    """Replicas in order of preference (Serve tries a rank, then the next), and why; ``matched_blocks`` of the
+    prompt's ``blocks`` the preferred replica already holds."""
+
+    ranks: list[list[K]]
+    decision: Decision
+    matched_blocks: int = 0
+    blocks: int = 0
+
+
+class PrefixRouting(Generic[K]):
+    """The policy: longest cached prefix unless overloaded, else the less loaded of two random replicas."""
+
+    def __init__(self, max_imbalance: int, max_blocks: int, rng: random.Random | None = None) -> None:
+        self.max_imbalance = max_imbalance
+        self.table: PrefixTable[K] = PrefixTable(max_blocks)
+        self._rng = rng or random.Random()
+        self._in_flight: dict[K, int] = {}
+        self._requests: dict[str, K] = {}
+
+    def in_flight(self, replica: K) -> int:
+        return self._in_flight.get(replica, 0)
+
+    def _two_random(self, candidates: Sequence[K], exclude: K | None = None) -> list[K]:
+        pool = [c for c in candidates if c != exclude]
+        return self._rng.sample(pool, min(2, len(pool)))
+
+    def choose(self, candidates: Sequence[K], hashes: Sequence[int] | None) -> Route[K]:
+        """Where to send a request; ``hashes`` None for a call that is not a generation."""
+        if not candidates:
+            return Route([], "no_match")
+        if hashes is None:
+            return Route([self._two_random(candidates)], "other_call")
+        matched, holders = self.table.longest_match(hashes, set(candidates))
+        if not matched:
+            return Route([self._two_random(candidates)], "no_match", 0, len(hashes))
+        best = min(holders, key=self.in_flight)
+        least = min(self.in_flight(c) for c in candidates)
+        if self.in_flight(best) - least > self.max_imbalance:
+            return Route([self._two_random(candidates)], "overloaded", 0, len(hashes))
+        fallback = self._two_random(candidates, exclude=best)
+        return Route([[best], fallback] if fallback else [[best]], "prefix", matched, len(hashes))
+
+    def routed(self, request_id: str, replica: K, hashes: Sequence[int] | None) -> None:
+        """A replica accepted a request: it holds the prompt's blocks from now on, and one more request in flight."""
+        if hashes:
+            self.table.insert(hashes, replica)
+        if request_id not in self._requests:
+            self._requests[request_id] = replica
+            self._in_flight[replica] = self.in_flight(replica) + 1
+
+    def completed(self, request_id: str) -> None:
+        replica = self._requests.pop(request_id, None)
+        if replica is not None:
+            remaining = self.in_flight(replica) - 1
+            if remaining > 0:
+                self._in_flight[replica] = remaining
+            else:
+                self._in_flight.pop(replica, None)
+
+    def forget(self, replica: K) -> None:
+        self.table.forget(replica)
+        self._in_flight.pop(replica, None)
+        for request_id in [r for r, holder in self._requests.items() if holder == replica]:
+            del self._requests[request_id]
+
+
+def block_hashes_of(pending: PendingRequest | None) -> tuple[int, ...] | None:
+    """The prompt's block hashes of an engine ``generate`` call; None for any other call."""
+    if pending is None or pending.metadata.call_method != ROUTED_METHOD:
+        return None
+    hashes = pending.kwargs.get("block_hashes", ())
+    return tuple(hashes) if isinstance(hashes, (tuple, list)) else ()
+
+
+class PrefixAwareRouter(RequestRouter):
+    """Ray Serve's side: ``RequestRouterConfig(request_router_class=PrefixAwareRouter, request_router_kwargs={...})``
+    on an engine deployment (deployments/builder.py); Serve builds one in every process that holds its handle."""
+
+    def initialize_state(self, model: str = "", max_imbalance: int = 8, max_blocks: int = 200_000, **_: Any) -> None:
+        self._model = model
+        self._policy: PrefixRouting[ReplicaID] = PrefixRouting(max_imbalance, max_blocks)
+
+    async def choose_replicas(
+        self, candidate_replicas: list[RunningReplica], pending_request: PendingRequest | None = None
+    ) -> list[list[RunningReplica]]:
+        by_id: Mapping[ReplicaID, RunningReplica] = {r.replica_id: r for r in candidate_replicas}
+        route = self._policy.choose(list(by_id), block_hashes_of(pending_request))
+        if pending_request is not None:
+            # Every rank was tried: Serve backs off before asking again instead of spinning.
+            pending_request.routing_context.should_backoff = True
+        metrics.routed(self._model, route.decision, route.matched_blocks, route.blocks)
+        return [[by_id[r] for r in rank] for rank in route.ranks]
+
+    def on_request_routed(self, pending_request: PendingRequest, replica_id: ReplicaID, result: Any) -> None:
+        self._policy.routed(pending_request.metadata.internal_request_id, replica_id, block_hashes_of(pending_request))
+
+    def on_request_completed(self, replica_id: ReplicaID, internal_request_id: str) -> None:
+        self._policy.completed(internal_request_id)
+
+    def on_replica_actor_died(self, replica_id: ReplicaID) -> None:
+        super().on_replica_actor_died(replica_id)
+        self._policy.forget(replica_id)
+
+    def update_replicas(self, replicas: list[RunningReplica]) -> None:
+        before = set(self.curr_replicas)
+        super().update_replicas(replicas)
+        for gone in before - set(self.curr_replicas):
+            self._policy.forget(gone)
