@@ -239,7 +239,19 @@ class StackConfig(_Strict):
     tokenizer_num_cpus: float = Field(default=0.25, ge=0)
     tokenizer_replicas: int = Field(default=1, ge=1)
     prefix_block_size: int = Field(default=16, ge=1, description="Tokens per block hash handed to the router.")
-    engine_max_ongoing_requests: int = Field(default=64, ge=1)
+    engine_max_ongoing_requests: int = Field(default=64, ge=1, description="Requests one engine replica takes at once.")
+    engine_max_queued_requests: int = Field(
+        default=256,
+        ge=1,
+        description="Requests an ingress replica holds for a model while every engine replica is at "
+        "engine_max_ongoing_requests; beyond that, clients get 503 engine_overloaded with Retry-After at once.",
+    )
+    overload_retry_after_s: int = Field(default=2, ge=1, description="Retry-After of an engine_overloaded answer.")
+    drain_timeout_s: float = Field(
+        default=60.0,
+        gt=0,
+        description="On shutdown or scale-in, how long the ingress and engine replicas let running streams finish.",
+    )
     # Serve's default of 5 would cap each ingress replica at 5 concurrent streams: the ingress only waits on I/O.
     ingress_max_ongoing_requests: int = Field(default=1000, ge=1)
     tokenizer_max_ongoing_requests: int = Field(default=256, ge=1)
@@ -256,6 +268,12 @@ class BillingConfig(_Strict):
     key_cache_ttl_s: float = Field(default=10.0, ge=0, description="How long the ingress trusts a verified key.")
     usage_flush_interval_s: float = Field(default=0.2, gt=0, description="How often the ingress sends usage.")
     num_cpus: float = Field(default=0.1, ge=0, description="Ray logical CPUs of the billing actor.")
+    retention_months: int = Field(
+        default=60,
+        ge=1,
+        description="How long the ledger, prices, plans and audit log are kept (bookkeeping records: the Danish "
+        "bogføringslov asks for 5 years from the end of the financial year). Stated in `anker compliance report`.",
+    )
 
     @field_validator("vat_percent", mode="before")
     @classmethod

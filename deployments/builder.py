@@ -93,6 +93,8 @@ def engine_options(config: AnkerConfig, model: ModelConfig) -> dict[str, Any]:
         "name": engine_deployment_name(model),
         **scaling,
         "max_ongoing_requests": config.stack.engine_max_ongoing_requests,
+        "max_queued_requests": config.stack.engine_max_queued_requests,
+        "graceful_shutdown_timeout_s": config.stack.drain_timeout_s,
         "ray_actor_options": {
             "num_cpus": placement.bundles[0].get("CPU", 0.0),
             # With vLLM's Ray executor every GPU belongs to a worker actor (the first bundle's GPU to worker 0);
@@ -143,10 +145,12 @@ def build_app(config: AnkerConfig, engines: dict[str, serve.Application] | None 
         key_cache_ttl_s=config.billing.key_cache_ttl_s,
         usage_flush_interval_s=config.billing.usage_flush_interval_s,
         usage_spool_dir=config.data_dir.resolve() / "outbox",
+        overload_retry_after_s=config.stack.overload_retry_after_s,
     )
     return Ingress.options(  # type: ignore[attr-defined]
         num_replicas=config.stack.ingress_replicas,
         max_ongoing_requests=config.stack.ingress_max_ongoing_requests,
+        graceful_shutdown_timeout_s=config.stack.drain_timeout_s,
         ray_actor_options={"num_cpus": config.stack.ingress_num_cpus},
     ).bind(spec, tokenizer, engines, billing)
 

@@ -42,6 +42,9 @@ class Prepared:
     token_ids: tuple[int, ...]
     block_hashes: tuple[int, ...]
     max_tokens: int
+    # Whose prefix cache the prompt may use (one per organisation): vLLM mixes it into its block hashes, so no
+    # organisation can hit, or time, another's cached prompts. Set by the ingress (tokenizer.isolated).
+    cache_salt: str | None = None
 
     @property
     def prompt_tokens(self) -> int:
@@ -81,6 +84,7 @@ class EngineFailure:
 
     reason: str
     retry_after_s: int = 5
+    overloaded: bool = False  # every replica and the caller's queue are full: retry, nothing is wrong
 
 
 @dataclass(frozen=True)

@@ -197,6 +197,7 @@ class EngineCore:
         sampling: Sampling,
         max_tokens: int,
         timings: EngineTimings | None = None,
+        cache_salt: str | None = None,
     ) -> AsyncIterator[list[Delta] | EngineFailure]:
         from vllm.inputs import TokensPrompt
         from vllm.v1.engine.exceptions import EngineDeadError
@@ -205,12 +206,13 @@ class EngineCore:
             yield EngineFailure("The model's engine is restarting. Please retry shortly.")
             return
         params = to_sampling_params(sampling, max_tokens)
+        prompt = TokensPrompt(prompt_token_ids=list(token_ids))
+        if cache_salt:
+            prompt["cache_salt"] = cache_salt
         self._active.add(request_id)
         finished = False
         try:
-            async for output in self._llm.generate(
-                TokensPrompt(prompt_token_ids=list(token_ids)), params, request_id=request_id
-            ):
+            async for output in self._llm.generate(prompt, params, request_id=request_id):
                 finished = output.finished
                 if timings is not None and output.metrics is not None:
                     timings.observe(output.metrics)
@@ -274,9 +276,11 @@ class Engine:
         max_tokens: int,
         trace: tracing.Carrier | None = None,
         block_hashes: tuple[int, ...] = (),
+        cache_salt: str | None = None,
     ) -> AsyncIterator[list[Delta] | EngineFailure]:
         """``block_hashes`` are not used here: the prefix-aware request router (deployments/router.py) reads them in
-        the caller's process to pick this replica."""
+        the caller's process to pick this replica. ``cache_salt`` keeps the prompt in its organisation's own prefix
+        cache."""
         timings = EngineTimings()
         with tracing.span(
             "engine.generate",
@@ -290,7 +294,7 @@ class Engine:
             },
         ) as current:
             try:
-                async for item in self._core.generate(request_id, token_ids, sampling, max_tokens, timings):
+                async for item in self._core.generate(request_id, token_ids, sampling, max_tokens, timings, cache_salt):
                     yield item
             finally:
                 for name, start_ns, end_ns in timings.phases_ns():

@@ -146,6 +146,14 @@ class EngineUnavailable(RetryLater):
     code = "engine_unavailable"
 
 
+class EngineOverloaded(RetryLater):
+    """Every engine replica of the model is busy and the queue in front of them is full (back-pressure)."""
+
+    status = 503
+    type = "service_unavailable_error"
+    code = "engine_overloaded"
+
+
 class BillingUnavailable(RetryLater):
     """The billing actor cannot be reached and the request needs it (a budget to reserve, an unknown key)."""
 

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from ray import serve
+from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 
 from deployments.billing.governance import Actor
@@ -45,6 +46,7 @@ class IngressSpec:
     key_cache_ttl_s: float = 10.0
     usage_flush_interval_s: float = 0.2
     usage_spool_dir: Path | None = None  # this node's folder of usage spool files (see usage_outbox.Spool)
+    overload_retry_after_s: int = 2
 
 
 async def call_deployment(handle: DeploymentHandle, method: str, args: tuple[Any, ...], unavailable: AnkerError) -> Any:
@@ -81,9 +83,10 @@ class ServeTokenizerClient:
 class ServeEngineClient:
     """One model's engine deployment as seen by the ingress: streaming calls plus a readiness watch."""
 
-    def __init__(self, model: str, handle: DeploymentHandle) -> None:
+    def __init__(self, model: str, handle: DeploymentHandle, overload_retry_after_s: int = 2) -> None:
         self._model = model
         self._handle = handle
+        self._overload_retry_after_s = overload_retry_after_s
         self._stream = handle.options(stream=True)
         self._ready = False
         self._wake = asyncio.Event()
@@ -95,30 +98,43 @@ class ServeEngineClient:
     async def generate(
         self, request_id: str, prepared: Prepared, sampling: Sampling, trace: tracing.Carrier | None = None
     ) -> AsyncGenerator[EngineItem, None]:
-        responses = self._stream.generate.remote(
-            request_id,
-            prepared.token_ids,
-            sampling,
-            prepared.max_tokens,
-            trace or {},
-            block_hashes=prepared.block_hashes,
-        )
-        assert isinstance(responses, DeploymentResponseGenerator)
+        responses: DeploymentResponseGenerator | None = None
         complete = False
         try:
+            # Serve may refuse at once (back-pressure), before the first item.
+            call = self._stream.generate.remote(
+                request_id,
+                prepared.token_ids,
+                sampling,
+                prepared.max_tokens,
+                trace or {},
+                block_hashes=prepared.block_hashes,
+                cache_salt=prepared.cache_salt,
+            )
+            assert isinstance(call, DeploymentResponseGenerator)
+            responses = call
             async for item in responses:
                 yield item
             complete = True
         except (asyncio.CancelledError, GeneratorExit):
             raise
+        # The Serve call is over in both cases below (nothing to cancel: cancelling a refused call raises its error
+        # again), whether or not the caller reads the failure.
+        except BackPressureError:  # Serve's queue for this model is full: back-pressure, the engine is fine
+            complete = True
+            yield EngineFailure(
+                f"The model `{self._model}` is at capacity. Please retry shortly.",
+                retry_after_s=self._overload_retry_after_s,
+                overloaded=True,
+            )
         except Exception as exc:  # replica died mid-request, or could not be reached
+            complete = True
             logger.error("engine %s failed request %s with %s", self._model, request_id, type(exc).__name__)
             self._ready = False
             self._wake.set()
             yield EngineFailure("The model's engine is unavailable. Please retry shortly.")
-            complete = True
         finally:
-            if not complete:
+            if not complete and responses is not None:
                 responses.cancel()  # the client went away: abort the request in the engine
 
     async def watch(self) -> None:
@@ -236,7 +252,9 @@ class Ingress:
         billing: DeploymentHandle,
     ) -> None:
         tracing.configure("anker-ingress")
-        self._engines = {name: ServeEngineClient(name, handle) for name, handle in engines.items()}
+        self._engines = {
+            name: ServeEngineClient(name, handle, spec.overload_retry_after_s) for name, handle in engines.items()
+        }
         self._tasks: list[asyncio.Task[None]] = []
         self._billing = ServeBillingClient(
             billing, spec.key_cache_ttl_s, spec.usage_flush_interval_s, spec.usage_spool_dir

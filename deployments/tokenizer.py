@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +39,14 @@ def block_hashes(token_ids: Sequence[int], block_size: int) -> tuple[int, ...]:
         hashes.append(int.from_bytes(digest, "little"))
         parent = digest
     return tuple(hashes)
+
+
+def isolated(prepared: Prepared, owner: str) -> Prepared:
+    """The prompt in ``owner``'s own prefix cache: vLLM's ``cache_salt`` and block hashes mixed with the same salt,
+    so that the request router follows the salted cache. The salt is a digest of the owner, not its name."""
+    digest = hashlib.blake2b(owner.encode("utf-8"), digest_size=16, person=b"anker-cache-salt").digest()
+    mix = int.from_bytes(digest[:8], "little")
+    return replace(prepared, cache_salt=digest.hex(), block_hashes=tuple(h ^ mix for h in prepared.block_hashes))
 
 
 def resolve_max_tokens(prompt_tokens: int, max_tokens: int | None, max_model_len: int, param: str) -> int:

@@ -20,7 +20,7 @@ import pytest
 
 from cluster.tiny_models import build_model
 from tests.otlp import OtlpReceiver
-from tests.postgres import throwaway_postgres
+from tests.postgres import PostgresServer, postgres_server, throwaway_postgres
 
 ROOT = Path(__file__).resolve().parent.parent
 ANKER = str(Path(sys.executable).parent / "anker")
@@ -36,6 +36,11 @@ AUTOSCALING_ENV = {
     "ANKER__MODELS__1__AUTOSCALING__DOWNSCALE_DELAY_S": "15",
     "ANKER__MODELS__1__AUTOSCALING__LOOK_BACK_PERIOD_S": "4",
 }
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Tests that restart the session's stack run last, so that nothing else sees the restart."""
+    items.sort(key=lambda item: item.get_closest_marker("restarts_stack") is not None)
 
 
 def free_port() -> int:
@@ -183,3 +188,127 @@ def stack(
         down = stack.anker("down", timeout=180)
         if down.returncode != 0:
             print(f"anker down failed: {down.stdout}\n{down.stderr}", file=sys.stderr)
+
+
+SECOND_APP, SECOND_PREFIX, SECOND_MODEL = "second", "/second", "qwen3-next-tiny"
+SECOND_READY_TIMEOUT_S = 600
+# Small engine queues, so that a test can fill them: 2 replicas x 4 running + 4 waiting in the ingress.
+SECOND_ENV = {
+    "ANKER__MODELS__0__MIN_REPLICAS": "2",
+    "ANKER__MODELS__0__MAX_REPLICAS": "2",
+    "ANKER__STACK__ENGINE_MAX_ONGOING_REQUESTS": "4",
+    "ANKER__STACK__ENGINE_MAX_QUEUED_REQUESTS": "4",
+}
+
+
+@dataclass(frozen=True)
+class SecondApp:
+    """A second Anker application on the stack's Ray cluster (see the ``second_app`` fixture)."""
+
+    base_url: str
+    api_key: str
+    env: dict[str, str]  # the `anker` CLI's environment for this app: its data folder and database
+    stack_env: dict[str, str]
+    data_dir: Path
+    postgres: PostgresServer
+
+    def anker(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([ANKER, *args], env=self.env, capture_output=True, text=True, timeout=timeout)
+
+    def connect(self) -> None:
+        """This process as a driver on the stack's cluster (again, if a test module disconnected it)."""
+        from cluster.config import load_config
+        from cluster.local import connect
+
+        connect(load_config(environ=self.stack_env))
+
+    def alive_replicas(self, deployment: str) -> list[str]:
+        """Actor names of the deployment's live replicas."""
+        from ray.util.state import list_actors
+
+        prefix = f"SERVE_REPLICA::{SECOND_APP}#{deployment}#"
+        return [
+            str(a["name"])
+            for a in list_actors(filters=[("state", "=", "ALIVE")], limit=10_000)
+            if str(a.get("name") or "").startswith(prefix)
+        ]
+
+    def running_replicas(self, deployment: str) -> int:
+        from ray import serve
+
+        status = serve.status().applications[SECOND_APP].deployments[deployment]
+        return int(status.replica_states.get("RUNNING", 0))
+
+    def kill_replica(self, deployment: str, replicas: int, timeout_s: float = SECOND_READY_TIMEOUT_S) -> None:
+        """Kills one replica of ``deployment`` and waits until Serve has replaced it (``replicas`` running)."""
+        import ray
+
+        self.connect()
+        victim = self.alive_replicas(deployment)[0]
+        ray.kill(ray.get_actor(victim, namespace="serve"), no_restart=True)
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            alive = self.alive_replicas(deployment)
+            if victim not in alive and len(alive) == replicas and self.running_replicas(deployment) == replicas:
+                return
+            time.sleep(1)
+        raise AssertionError(f"{deployment} did not recover within {timeout_s} s")
+
+    def wait_until_serving(self, timeout_s: float = SECOND_READY_TIMEOUT_S) -> None:
+        import httpx
+
+        deadline = time.monotonic() + timeout_s
+        last = ""
+        while time.monotonic() < deadline:
+            try:
+                r = httpx.post(
+                    f"{self.base_url}/v1/chat/completions",
+                    json={"model": SECOND_MODEL, "messages": [{"role": "user", "content": "hej"}], "max_tokens": 1},
+                    headers={"Authorization": f"Bearer {self.api_key}"},
+                    timeout=30,
+                )
+                if r.status_code == 200:
+                    return
+                last = f"{r.status_code} {r.text[:200]}"
+            except httpx.HTTPError as exc:
+                last = type(exc).__name__
+            time.sleep(2)
+        raise AssertionError(f"the second app did not serve within {timeout_s} s: {last}")
+
+
+@pytest.fixture(scope="session")
+def second_app(stack: Stack, tmp_path_factory: pytest.TempPathFactory) -> Iterator[SecondApp]:
+    """The application `anker up` deploys, built from the same config but with one model at two engine replicas,
+    small engine queues, its own data folder and its ledger on a PostgreSQL server of its own (which fault tests stop
+    and start), deployed beside the stack's under ``/second``: for routing, back-pressure and fault tests."""
+    from ray import serve
+
+    from cluster.config import load_config
+    from deployments.builder import build_app
+
+    data_dir = tmp_path_factory.mktemp("second-data")
+    shutil.copytree(stack.data_dir / "models" / SECOND_MODEL, data_dir / "models" / SECOND_MODEL)
+    with postgres_server() as postgres:
+        env = {**stack.env, **SECOND_ENV, "ANKER_DATA_DIR": str(data_dir), "ANKER_DATABASE_URL": postgres.url}
+        created = subprocess.run(
+            [ANKER, "keys", "create", "--tenant", "second"], env=env, capture_output=True, text=True, timeout=120
+        )
+        assert created.returncode == 0, created.stderr
+        config = load_config(environ=env)
+        config = config.model_copy(update={"models": [m for m in config.models if m.name == SECOND_MODEL]})
+        app = SecondApp(
+            f"{stack.base_url}{SECOND_PREFIX}",
+            created.stdout.strip().splitlines()[-1],
+            env,
+            dict(stack.env),
+            data_dir,
+            postgres,
+        )
+        app.connect()
+        serve.run(build_app(config), name=SECOND_APP, route_prefix=SECOND_PREFIX)
+        try:
+            app.wait_until_serving()
+            yield app
+        finally:
+            app.connect()
+            serve.delete(SECOND_APP)

@@ -29,6 +29,7 @@ def _value(v: Any) -> Any:
 class OtlpReceiver:
     def __init__(self) -> None:
         self.spans: list[ReceivedSpan] = []
+        self.payloads: list[bytes] = []  # every export request as received, for searches of all it carried
         self._lock = threading.Lock()
         receiver = self
 
@@ -59,6 +60,7 @@ class OtlpReceiver:
                             )
                 with receiver._lock:
                     receiver.spans.extend(received)
+                    receiver.payloads.append(body)
                 payload = ExportTraceServiceResponse().SerializeToString()
                 self.send_response(200)
                 self.send_header("Content-Type", "application/x-protobuf")

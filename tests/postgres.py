@@ -35,39 +35,57 @@ def _as_postgres(command: list[str]) -> list[str]:
     return ["runuser", "-u", "postgres", "--", *command] if os.geteuid() == 0 else command
 
 
+class PostgresServer:
+    """A throwaway server that a fault test may stop and start again (same data, same port)."""
+
+    def __init__(self, bindir: Path, root: Path, port: int) -> None:
+        self.url = f"postgresql+psycopg://postgres@127.0.0.1:{port}/postgres"
+        self._bindir, self._root, self._port = bindir, root, port
+
+    def _pg_ctl(self, *args: str, check: bool = True) -> None:
+        data, log = self._root / "pgdata", self._root / "pg.log"
+        options = f"-p {self._port} -k {self._root / 'pgsock'} -c listen_addresses=127.0.0.1 -c fsync=off"
+        command = [str(self._bindir / "pg_ctl"), "-D", str(data), "-o", options, "-l", str(log), *args]
+        subprocess.run(_as_postgres(command), check=check, capture_output=True, timeout=120)
+
+    def start(self) -> None:
+        self._pg_ctl("-w", "start")
+
+    def stop(self, mode: str = "fast") -> None:
+        """``fast`` disconnects clients and shuts down cleanly; ``immediate`` is a crash."""
+        self._pg_ctl("-m", mode, "-w", "stop")
+
+
 @contextmanager
-def throwaway_postgres() -> Iterator[str]:
-    """Yields a SQLAlchemy URL of a fresh server; stops it and deletes its files afterwards."""
+def postgres_server() -> Iterator[PostgresServer]:
+    """A fresh, started server; stopped and its files deleted afterwards."""
     bindir = postgres_bin()
     # Directly under /tmp: pytest's own temp folders are private to root, and the server runs as `postgres`.
     root = Path(tempfile.mkdtemp(prefix="anker-pg-"))
-    data, sockets = root / "pgdata", root / "pgsock"
+    sockets = root / "pgsock"
     sockets.mkdir(parents=True)
     if os.geteuid() == 0:
         shutil.chown(root, "postgres")
         shutil.chown(sockets, "postgres")
-    port = _free_port()
-    subprocess.run(
-        _as_postgres([str(bindir / "initdb"), "-D", str(data), "-U", "postgres", "--auth=trust", "-E", "UTF8"]),
-        check=True,
-        capture_output=True,
-        timeout=120,
-    )
-    options = f"-p {port} -k {sockets} -c listen_addresses=127.0.0.1 -c fsync=off"
+    server = PostgresServer(bindir, root, _free_port())
     subprocess.run(
         _as_postgres(
-            [str(bindir / "pg_ctl"), "-D", str(data), "-o", options, "-l", str(root / "pg.log"), "-w", "start"]
+            [str(bindir / "initdb"), "-D", str(root / "pgdata"), "-U", "postgres", "--auth=trust", "-E", "UTF8"]
         ),
         check=True,
         capture_output=True,
         timeout=120,
     )
+    server.start()
     try:
-        yield f"postgresql+psycopg://postgres@127.0.0.1:{port}/postgres"
+        yield server
     finally:
-        subprocess.run(
-            _as_postgres([str(bindir / "pg_ctl"), "-D", str(data), "-m", "immediate", "stop"]),
-            capture_output=True,
-            timeout=60,
-        )
+        server._pg_ctl("-m", "immediate", "stop", check=False)
         shutil.rmtree(root, ignore_errors=True)
+
+
+@contextmanager
+def throwaway_postgres() -> Iterator[str]:
+    """Yields a SQLAlchemy URL of a fresh server; stops it and deletes its files afterwards."""
+    with postgres_server() as server:
+        yield server.url

@@ -14,6 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from deployments.contracts import EngineFailure
 from deployments.openai import sse
 from deployments.tokenizer import TokenizerCore, TokenizerSpec
 from tests.doubles import InstantEngineDouble
@@ -163,9 +164,25 @@ async def test_engine_failure_before_first_token_is_503(tokenizer_core: Tokenize
         assert_openai_error(r, 503, "engine_unavailable")
 
 
+async def test_a_full_engine_queue_is_503_engine_overloaded_with_retry_after(
+    tokenizer_core: TokenizerCore, tmp_path: Path
+) -> None:
+    overloaded = EngineFailure("The model is at capacity.", retry_after_s=2, overloaded=True)
+    engines = {"qwen3-next-tiny": InstantEngineDouble(fail_after=0, failure=overloaded)}
+    async with make_client(tokenizer_core, engines, tmp_path) as c:
+        for stream in (False, True):
+            r = await c.post("/v1/chat/completions", json=chat_body(stream=stream), headers=AUTH)
+            assert_openai_error(r, 503, "engine_overloaded")
+            assert r.headers["retry-after"] == "2"
+
+
 async def test_engine_failure_mid_stream_ends_the_stream_cleanly(tokenizer_core: TokenizerCore, tmp_path: Path) -> None:
     engines = {"qwen3-next-tiny": InstantEngineDouble(fail_after=2)}
     async with make_client(tokenizer_core, engines, tmp_path) as c:
         r = await c.post("/v1/chat/completions", json=chat_body(stream=True, max_tokens=5), headers=AUTH)
         events = sse.parse_events(r.content)
         assert events[-1] == "[DONE]" and events[-2]["error"]["code"] == "engine_unavailable"
+        body = chat_body(stream=True, max_tokens=5, stream_options={"include_usage": True})
+        events = sse.parse_events((await c.post("/v1/chat/completions", json=body, headers=AUTH)).content)
+        # The client is told what the cut-off stream is billed for: the 2 tokens it got.
+        assert events[-3]["usage"]["completion_tokens"] == 2 and events[-2]["error"]["code"] == "engine_unavailable"

@@ -153,7 +153,11 @@ def test_a_killed_billing_actor_is_restarted_and_no_usage_is_lost(stack: Stack) 
     config = load_config(None, dict(stack.env))
     connect(config)
     try:
-        [billing] = [a for a in list_actors(filters=[("state", "=", "ALIVE")]) if "Billing" in (a.get("name") or "")]
+        [billing] = [
+            a
+            for a in list_actors(filters=[("state", "=", "ALIVE")])
+            if (a.get("name") or "").startswith("SERVE_REPLICA::anker#Billing#")
+        ]
         ray.kill(ray.get_actor(billing["name"], namespace="serve"), no_restart=True)
         answered = 0
         deadline = time.monotonic() + 120

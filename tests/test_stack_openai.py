@@ -122,6 +122,27 @@ def test_repeated_long_prompt_reports_cached_tokens(client: openai.OpenAI, model
     assert cached[-1] > 256, f"a repeated long prompt must hit the prefix cache: {cached}"
 
 
+def test_one_organisation_cannot_hit_anothers_prefix_cache(client: openai.OpenAI, stack: Stack) -> None:
+    """The prefix cache is per organisation: another one sending the very same prompt is never told (by cached
+    tokens, or by a faster first token) that it was cached, while the first keeps hitting its own cache."""
+    created = stack.anker("keys", "create", "--tenant", "other-kommune")
+    assert created.returncode == 0, created.stderr
+    other = openai.OpenAI(
+        base_url=f"{stack.base_url}/v1", api_key=created.stdout.strip().splitlines()[-1], max_retries=0, timeout=120
+    )
+    model = "qwen3-moe-tiny"  # attention only: a repeat hits the cache at once
+    messages = [{"role": "system", "content": LONG_PROMPT + "isolation"}, {"role": "user", "content": "Opsummer."}]
+
+    def cached(c: openai.OpenAI) -> int:
+        r = c.chat.completions.create(model=model, messages=messages, max_tokens=2)
+        return r.usage.prompt_tokens_details.cached_tokens  # type: ignore[union-attr,return-value]
+
+    first = [cached(client) for _ in range(3)]
+    assert first[-1] > 256, f"the first organisation's repeats must hit its cache: {first}"
+    assert cached(other) == 0, "another organisation's identical prompt was served from the first one's cache"
+    assert cached(client) > 256
+
+
 def test_greedy_is_deterministic_and_max_tokens_is_respected(client: openai.OpenAI) -> None:
     kwargs = dict(
         model="qwen3-moe-tiny", messages=[{"role": "user", "content": "Tæl til ti."}], max_tokens=7, temperature=0.0

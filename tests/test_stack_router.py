@@ -1,91 +1,27 @@
-"""Prefix-aware routing on the local cluster: a second Anker application on the stack's Ray cluster serves
-qwen3-next-tiny from two engine replicas; each turn of a multi-turn conversation lands on the replica that served the
-turns before it (read from the engine span of the request's trace) and reports cached prompt tokens.
+"""Prefix-aware routing on the local cluster: the second Anker application on the stack's Ray cluster (conftest's
+``second_app``) serves qwen3-next-tiny from two engine replicas; each turn of a multi-turn conversation lands on the
+replica that served the turns before it (read from the engine span of the request's trace) and reports cached prompt
+tokens.
 """
 
 from __future__ import annotations
 
 import secrets
-import shutil
-import subprocess
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 import httpx
 import pytest
 
-from tests.conftest import ANKER, Stack
+from tests.conftest import SECOND_MODEL, SecondApp
 from tests.otlp import OtlpReceiver
 
 pytestmark = pytest.mark.stack
 
-APP, PREFIX, MODEL = "routing", "/routing", "qwen3-next-tiny"
-READY_TIMEOUT_S = 600
 SYSTEM = (
     "Du er en hjælpsom assistent for en dansk kommune. Svar kort og præcist, og henvis til de relevante regler, "
     "når borgeren spørger om affald, parkering, byggetilladelser eller åbningstider. "
 ) * 6
-
-
-@dataclass(frozen=True)
-class RoutedApp:
-    base_url: str
-    api_key: str
-
-
-@pytest.fixture(scope="module")
-def routed(stack: Stack, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RoutedApp]:
-    """The application of `anker up`, built from the same config with one model at two replicas and its own data
-    folder (ledger, outbox), deployed beside the stack's under ``/routing``."""
-    from ray import serve
-
-    from cluster.config import load_config
-    from cluster.local import connect
-    from deployments.builder import build_app
-
-    data_dir = tmp_path_factory.mktemp("routing-data")
-    shutil.copytree(stack.data_dir / "models" / MODEL, data_dir / "models" / MODEL)
-    env = {
-        **stack.env,
-        "ANKER_DATA_DIR": str(data_dir),
-        "ANKER__MODELS__0__MIN_REPLICAS": "2",
-        "ANKER__MODELS__0__MAX_REPLICAS": "2",
-    }
-    created = subprocess.run([ANKER, "keys", "create", "--tenant", "routing"], env=env, capture_output=True, text=True)
-    assert created.returncode == 0, created.stderr
-    config = load_config(environ=env)
-    config = config.model_copy(update={"models": [m for m in config.models if m.name == MODEL]})
-    assert config.models[0].router.policy == "prefix_aware" and config.models[0].min_replicas == 2
-
-    connect(load_config(environ=stack.env))  # a driver on the stack's cluster (its Ray auth token)
-    serve.run(build_app(config), name=APP, route_prefix=PREFIX)
-    app = RoutedApp(f"{stack.base_url}{PREFIX}", created.stdout.strip().splitlines()[-1])
-    try:
-        wait_until_serving(app)
-        yield app
-    finally:
-        serve.delete(APP)
-
-
-def wait_until_serving(app: RoutedApp) -> None:
-    deadline = time.monotonic() + READY_TIMEOUT_S
-    last = ""
-    while time.monotonic() < deadline:
-        try:
-            r = httpx.post(
-                f"{app.base_url}/v1/chat/completions",
-                json={"model": MODEL, "messages": [{"role": "user", "content": "hej"}], "max_tokens": 1},
-                headers={"Authorization": f"Bearer {app.api_key}"},
-                timeout=30,
-            )
-            if r.status_code == 200:
-                return
-            last = f"{r.status_code} {r.text[:200]}"
-        except httpx.HTTPError as exc:
-            last = type(exc).__name__
-        time.sleep(2)
-    raise AssertionError(f"the routing app did not serve within {READY_TIMEOUT_S} s: {last}")
 
 
 @dataclass(frozen=True)
@@ -96,11 +32,11 @@ class Turn:
     cached_tokens: int
 
 
-def ask(app: RoutedApp, messages: list[dict[str, str]]) -> Turn:
+def ask(app: SecondApp, messages: list[dict[str, str]]) -> Turn:
     trace_id = secrets.token_hex(16)
     r = httpx.post(
         f"{app.base_url}/v1/chat/completions",
-        json={"model": MODEL, "messages": messages, "max_tokens": 8, "temperature": 0},
+        json={"model": SECOND_MODEL, "messages": messages, "max_tokens": 8, "temperature": 0},
         headers={
             "Authorization": f"Bearer {app.api_key}",
             "traceparent": f"00-{trace_id}-{secrets.token_hex(8)}-01",
@@ -129,7 +65,7 @@ def engine_replica(otlp: OtlpReceiver, trace_id: str, timeout_s: float = 60) -> 
 
 
 def test_a_multi_turn_conversation_keeps_landing_on_the_replica_that_holds_its_prefix(
-    routed: RoutedApp, otlp: OtlpReceiver
+    second_app: SecondApp, otlp: OtlpReceiver
 ) -> None:
     conversations: list[list[Turn]] = []
     for number in range(4):
@@ -137,7 +73,7 @@ def test_a_multi_turn_conversation_keeps_landing_on_the_replica_that_holds_its_p
         turns = []
         for question in ("Hvornår tømmes skraldespanden?", "Og papircontaineren?", "Hvad med storskrald?"):
             messages.append({"role": "user", "content": question})
-            turn = ask(routed, messages)
+            turn = ask(second_app, messages)
             turns.append(turn)
             messages.append({"role": "assistant", "content": turn.reply})
         conversations.append(turns)

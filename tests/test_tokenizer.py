@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from deployments.contracts import ChatTurn
+from deployments.contracts import ChatTurn, Prepared
 from deployments.errors import ContextLengthExceeded, InvalidValue, ModelNotFound
-from deployments.tokenizer import TokenizerCore, TokenizerSpec, block_hashes, resolve_max_tokens
+from deployments.tokenizer import TokenizerCore, TokenizerSpec, block_hashes, isolated, resolve_max_tokens
 
 
 @pytest.fixture(scope="module")
@@ -76,3 +76,16 @@ def test_resolve_max_tokens_bounds() -> None:
         resolve_max_tokens(20, None, 20, "prompt")
     with pytest.raises(ContextLengthExceeded):
         resolve_max_tokens(10, 11, 20, "prompt")
+
+
+def test_each_organisation_gets_its_own_prefix_cache_and_routing_keys() -> None:
+    def prompt(last: int, owner: str) -> Prepared:
+        tokens = [*range(100, 164), last]  # four shared blocks, then one token of its own
+        return isolated(Prepared("m", tuple(tokens), block_hashes(tokens, 16), 8), owner)
+
+    a1, a2, b = prompt(1, "org-a"), prompt(2, "org-a"), prompt(1, "org-b")
+    assert a1.cache_salt == a2.cache_salt != b.cache_salt
+    assert a1.cache_salt is not None and "org-a" not in a1.cache_salt  # a digest, not the organisation's name
+    assert a1.block_hashes == a2.block_hashes  # one organisation's shared prefix still routes to one replica
+    assert not set(a1.block_hashes) & set(b.block_hashes)  # another's identical prompt never matches it
+    assert a1.token_ids == b.token_ids and a1.max_tokens == b.max_tokens

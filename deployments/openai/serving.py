@@ -26,17 +26,33 @@ from deployments.billing.governance import can_call_models, model_allowed
 from deployments.billing.ledger import UsageEvent
 from deployments.billing.service import UsageReport
 from deployments.contracts import Admission, AdmissionRequest, ChatTurn, Delta, EngineFailure, Prepared, Sampling
-from deployments.errors import AnkerError, EngineUnavailable, ModelNotAllowed, ModelNotFound, PermissionDenied
+from deployments.errors import (
+    AnkerError,
+    EngineOverloaded,
+    EngineUnavailable,
+    ModelNotAllowed,
+    ModelNotFound,
+    PermissionDenied,
+)
 from deployments.keys import KeyRecord
 from deployments.openai import responses as wire
 from deployments.openai import sse
 from deployments.openai.errors import error_body
 from deployments.openai.protocol import ChatCompletionRequest, CompletionRequest
+from deployments.tokenizer import isolated
 from observability import metrics, tracing
 
 logger = logging.getLogger("ray.serve")
 
 EngineItem = list[Delta] | EngineFailure
+
+
+def engine_error(failure: EngineFailure) -> EngineUnavailable | EngineOverloaded:
+    """The client's error for an engine's failure: 503 with Retry-After either way."""
+    kind = EngineOverloaded if failure.overloaded else EngineUnavailable
+    return kind(failure.reason, retry_after_s=failure.retry_after_s)
+
+
 REGION_HEADER = "x-anker-processing-region"
 
 
@@ -252,7 +268,7 @@ class OpenAIService:
                 async with aclosing(engine.generate(request_id, prepared[0], sampling, carrier)) as stream:
                     async for item in stream:
                         if isinstance(item, EngineFailure):
-                            raise EngineUnavailable(item.reason, retry_after_s=item.retry_after_s)
+                            raise engine_error(item)
                         yield 0, item
             return
 
@@ -275,7 +291,7 @@ class OpenAIService:
                 if entry is None:
                     remaining -= 1
                 elif isinstance(entry, EngineFailure):
-                    raise EngineUnavailable(entry.reason, retry_after_s=entry.retry_after_s)
+                    raise engine_error(entry)
                 else:
                     yield index, entry
             for task in tasks:
@@ -347,6 +363,8 @@ class OpenAIService:
             status = "ok"
         except AnkerError as error:
             status = error.code or "error"
+            if header.include_usage:  # what the cut-off stream is billed for, so that the client can reconcile
+                yield sse.event(wire.usage_chunk(wire.chat_chunk(header, []), acc.usage))
             yield sse.event(error_body(error))
         finally:
             tracker.finish(status)
@@ -386,6 +404,8 @@ class OpenAIService:
             status = "ok"
         except AnkerError as error:
             status = error.code or "error"
+            if header.include_usage:
+                yield sse.event(wire.usage_chunk(wire.completion_chunk(header, []), acc.usage))
             yield sse.event(error_body(error))
         finally:
             tracker.finish(status)
@@ -403,6 +423,7 @@ class OpenAIService:
         events: Callable[..., AsyncGenerator[bytes, None]],
     ) -> dict[str, Any] | AsyncIterator[bytes]:
         """Admission, then generation into a response or an SSE stream; the usage report leaves however it ends."""
+        prepared = [isolated(p, ctx.key.tenant) for p in prepared]  # each organisation its own prefix cache
         ctx.headers[REGION_HEADER] = self._models[req.model].region  # where the request is processed
         ctx.model = req.model
         tracing.set_attributes(
