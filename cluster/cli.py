@@ -311,6 +311,18 @@ def cmd_grafana_push(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_compliance_report(args: argparse.Namespace) -> int:
+    import os
+
+    from cluster import compliance
+    from cluster.config import config_path_from_env
+
+    source = Path(args.config) if args.config else config_path_from_env()
+    for path in compliance.write(_config(args), os.environ, str(source), Path(args.out)):
+        _say(f"wrote {path}")
+    return EXIT_OK
+
+
 def cmd_config_check(args: argparse.Namespace) -> int:
     config = _config(args)
     _say(f"config ok: data folder {config.data_dir}")
@@ -449,6 +461,21 @@ def build_parser() -> argparse.ArgumentParser:
     export = grafana.add_parser("export", help="write the dashboards' JSON models to a folder")
     export.add_argument("--out", required=True, metavar="DIR")
     export.set_defaults(func=cmd_grafana_export)
+
+    compliance = sub.add_parser("compliance", help="GDPR and NIS2 documents generated from the config").add_subparsers(
+        dest="compliance_command", metavar="ACTION", required=True
+    )
+    report = with_config(
+        compliance.add_parser(
+            "report",
+            help="write the GDPR Art. 30 record, the data flows and the NIS2 incident runbook (Markdown)",
+            description="Generate, from the running configuration (environment overrides included): the record of "
+            "processing activities (GDPR Art. 30) with the data the database retains, the data flows between every "
+            "component and port, and the NIS2 incident runbook for every alert rule. Credentials never appear.",
+        )
+    )
+    report.add_argument("--out", default="compliance", metavar="DIR", help="folder to write to (default: compliance)")
+    report.set_defaults(func=cmd_compliance_report)
 
     config = sub.add_parser("config", help="check a config file").add_subparsers(
         dest="config_command", metavar="ACTION", required=True

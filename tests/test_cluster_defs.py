@@ -49,8 +49,10 @@ WORKER_FIELDS = {
 
 
 def documents(profile: Path) -> dict[str, dict[str, Any]]:
+    """The profile's generated documents by kind (network policies by name)."""
     text = (ROOT / "cluster" / "kuberay" / f"{profile.stem}.rayservice.yaml").read_text()
-    return {d["kind"]: d for d in yaml.safe_load_all(text)}
+    docs = list(yaml.safe_load_all(text))
+    return {d["metadata"]["name"] if d["kind"] == "NetworkPolicy" else d["kind"]: d for d in docs}
 
 
 @pytest.mark.parametrize("profile", PROFILES, ids=lambda p: p.stem)
@@ -95,11 +97,20 @@ def test_rayservice_has_what_production_needs(profile: Path) -> None:
     assert app["import_path"] == "deployments.builder:app_from_args"
     assert docs["ConfigMap"]["data"][profile.name] == profile.read_text()  # the cluster runs this very profile
 
-    policy = docs["NetworkPolicy"]["spec"]
-    dashboard_rule = next(r for r in policy["ingress"] if {"port": 8265} in r["ports"])
+    name = service["metadata"]["name"]
+    deny = docs[f"{name}-default-deny"]["spec"]
+    assert deny == {"podSelector": {}, "policyTypes": ["Ingress"], "ingress": []}  # what is not admitted is denied
+    ray_pods = docs[f"{name}-ray"]["spec"]
+    assert ray_pods["podSelector"] == {"matchLabels": {"anker/service": name}}
+    for group in [head, *cluster["workerGroupSpecs"]]:  # every Ray pod is one of them, so Ray's ports work
+        assert group["template"]["metadata"]["labels"]["anker/service"] == name
+    from_outside = [r for r in ray_pods["ingress"] if r["from"] != [{"podSelector": ray_pods["podSelector"]}]]
+    assert all(r["ports"] == [{"port": config.ray.metrics_export_port}] for r in from_outside)
+    head_policy = docs[f"{name}-head"]["spec"]
+    dashboard_rule = next(r for r in head_policy["ingress"] if {"port": 8265} in r["ports"])
     [source] = dashboard_rule["from"]
     assert source == {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "kuberay-system"}}}
-    assert all({"port": 8265} not in r["ports"] for r in policy["ingress"] if r is not dashboard_rule)
+    assert all({"port": 8265} not in r["ports"] for r in head_policy["ingress"] if r is not dashboard_rule)
 
 
 @pytest.mark.parametrize("profile", PROFILES, ids=lambda p: p.stem)

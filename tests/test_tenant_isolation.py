@@ -1,0 +1,319 @@
+"""Tenant isolation in-process (OWASP API1 broken object-level and API5 broken function-level authorization): every
+route of the app is classified, and for each one another organisation's key finds nothing (404) and changes nothing,
+a member's or viewer's key cannot manage, no key at all is a 401, and operator-only routes need the admin token.
+
+The route table below must list every route of the app: a new route without a row fails the first test.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from starlette.routing import Route as StarletteRoute
+
+from deployments.billing.governance import Actor
+from deployments.billing.service import load_or_create_admin_token
+from deployments.keys import ROLES
+from deployments.openai.app import create_app
+from deployments.tokenizer import TokenizerCore, TokenizerSpec
+from tests.doubles import InstantEngineDouble
+from tests.inprocess import CTX, InProcessStack, inprocess_stack
+
+MODEL = "qwen3-next-tiny"
+OPERATOR = Actor.operator("isolation-test")
+
+
+@dataclass
+class Org:
+    """An organisation with a member (and that member's key) in every role, plus a spare member and a spare key
+    that routes changing one member or key act on."""
+
+    tenant: str
+    keys: dict[str, str] = field(default_factory=dict)  # role -> API key
+    spare_member: str = ""
+    spare_key_id: str = ""
+
+
+@dataclass(frozen=True)
+class RouteCase:
+    """How a route is guarded, and a valid request to it aimed at an organisation's objects."""
+
+    access: str  # public | keyed (any key, own data) | caller (may call models) | tenant | manager | operator
+    path: Callable[[Org], str]
+    body: dict[str, Any] | None = None
+
+
+def _fixed(path: str) -> Callable[[Org], str]:
+    return lambda org: path
+
+
+ROUTES: dict[tuple[str, str], RouteCase] = {
+    ("GET", "/healthz"): RouteCase("public", _fixed("/healthz")),
+    ("GET", "/openapi.json"): RouteCase("public", _fixed("/openapi.json")),
+    ("GET", "/dashboard"): RouteCase("public", _fixed("/dashboard")),
+    ("GET", "/dashboard/"): RouteCase("public", _fixed("/dashboard/")),
+    ("GET", "/dashboard/{name:path}"): RouteCase("public", _fixed("/dashboard/app.js")),
+    ("GET", "/v1/models"): RouteCase("keyed", _fixed("/v1/models")),
+    ("GET", "/v1/models/{model_id:path}"): RouteCase("keyed", _fixed(f"/v1/models/{MODEL}")),
+    ("GET", "/v1/usage"): RouteCase("keyed", _fixed("/v1/usage")),
+    ("GET", "/v1/usage/summary"): RouteCase("keyed", _fixed("/v1/usage/summary")),
+    ("POST", "/v1/chat/completions"): RouteCase(
+        "caller",
+        _fixed("/v1/chat/completions"),
+        {"model": MODEL, "messages": [{"role": "user", "content": "hej"}], "max_tokens": 2},
+    ),
+    ("POST", "/v1/completions"): RouteCase(
+        "caller", _fixed("/v1/completions"), {"model": MODEL, "prompt": "hej", "max_tokens": 2}
+    ),
+    ("GET", "/admin/tenants"): RouteCase("operator", _fixed("/admin/tenants")),
+    ("POST", "/admin/tenants"): RouteCase("operator", _fixed("/admin/tenants"), {"id": "brand-new-org"}),
+    ("GET", "/admin/audit"): RouteCase("operator", _fixed("/admin/audit")),
+    ("GET", "/admin/tenants/{tenant}"): RouteCase("tenant", lambda o: f"/admin/tenants/{o.tenant}"),
+    ("PATCH", "/admin/tenants/{tenant}"): RouteCase(
+        "manager", lambda o: f"/admin/tenants/{o.tenant}", {"budget_dkk": "5"}
+    ),
+    ("GET", "/admin/tenants/{tenant}/members"): RouteCase("manager", lambda o: f"/admin/tenants/{o.tenant}/members"),
+    ("POST", "/admin/tenants/{tenant}/members"): RouteCase(
+        "manager", lambda o: f"/admin/tenants/{o.tenant}/members", {"name": "Eve", "role": "member"}
+    ),
+    ("PATCH", "/admin/tenants/{tenant}/members/{member_id}"): RouteCase(
+        "manager", lambda o: f"/admin/tenants/{o.tenant}/members/{o.spare_member}", {"role": "viewer"}
+    ),
+    ("DELETE", "/admin/tenants/{tenant}/members/{member_id}"): RouteCase(
+        "manager", lambda o: f"/admin/tenants/{o.tenant}/members/{o.spare_member}"
+    ),
+    ("GET", "/admin/tenants/{tenant}/keys"): RouteCase("manager", lambda o: f"/admin/tenants/{o.tenant}/keys"),
+    ("POST", "/admin/tenants/{tenant}/keys"): RouteCase("manager", lambda o: f"/admin/tenants/{o.tenant}/keys", {}),
+    ("PATCH", "/admin/keys/{key_id}"): RouteCase("manager", lambda o: f"/admin/keys/{o.spare_key_id}", {"rpm": 7}),
+    ("DELETE", "/admin/keys/{key_id}"): RouteCase("manager", lambda o: f"/admin/keys/{o.spare_key_id}"),
+    ("GET", "/admin/tenants/{tenant}/audit"): RouteCase("manager", lambda o: f"/admin/tenants/{o.tenant}/audit"),
+}
+ROUTES_BY_ACCESS = {case.access for case in ROUTES.values()}
+GUARDED = {name: case for name, case in ROUTES.items() if case.access != "public"}
+OBJECT_ROUTES = {name: case for name, case in ROUTES.items() if case.access in ("tenant", "manager")}
+
+
+@pytest.fixture(scope="module")
+def core(tiny_models: dict[str, Path]) -> TokenizerCore:
+    return TokenizerCore([TokenizerSpec(n, p, CTX) for n, p in tiny_models.items()], block_size=16)
+
+
+@pytest.fixture
+async def stack(core: TokenizerCore, tmp_path: Path) -> AsyncIterator[InProcessStack]:
+    engines = {MODEL: InstantEngineDouble(), "qwen3-moe-tiny": InstantEngineDouble()}
+    async with inprocess_stack(core, tmp_path, engines) as s:
+        yield s
+
+
+def make_org(stack: InProcessStack, tenant: str) -> Org:
+    governance = stack.service.governance
+    governance.create_tenant(OPERATOR, tenant, budget_kind="monthly", budget_dkk="100")
+    org = Org(tenant)
+    for role in ROLES:
+        member = governance.add_member(OPERATOR, tenant, f"{role} of {tenant}", role)
+        _, org.keys[role] = governance.create_key(OPERATOR, tenant, member_id=member["id"])
+    org.spare_member = governance.add_member(OPERATOR, tenant, "spare", "member")["id"]
+    org.spare_key_id = governance.create_key(OPERATOR, tenant, name="spare")[0].key_id
+    return org
+
+
+def snapshot(stack: InProcessStack, org: Org) -> dict[str, Any]:
+    """Everything the operator can see of an organisation, to show that a refused call changed nothing."""
+    governance = stack.service.governance
+    return {
+        "tenant": governance.get_tenant(OPERATOR, org.tenant),
+        "members": governance.list_members(OPERATOR, org.tenant),
+        "keys": [k.public() for k in governance.list_keys(OPERATOR, org.tenant)],
+        "audit": governance.audit_log(OPERATOR, org.tenant, limit=1000),
+        "usage": list(stack.service.ledger.events(org.tenant)),
+    }
+
+
+def bearer(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
+async def call(stack: InProcessStack, route: tuple[str, str], target: Org, headers: dict[str, str]) -> httpx.Response:
+    case = ROUTES[route]
+    return await stack.client.request(route[0], case.path(target), json=case.body, headers=headers)
+
+
+def expect(r: httpx.Response, status: int, code: str | None, what: str, failures: list[str]) -> None:
+    got_code = r.json().get("error", {}).get("code") if r.headers.get("content-type", "").startswith("app") else None
+    if r.status_code != status or (code is not None and got_code != code):
+        failures.append(f"{what}: expected {status} {code or ''}, got {r.status_code} {got_code or r.text[:80]}")
+
+
+async def test_every_route_of_the_app_is_classified(stack: InProcessStack) -> None:
+    app = create_app(stack.openai, stack.accounts, max_body_bytes=64 * 1024)  # the same factory the stack serves
+    served = {
+        (method, route.path)
+        for route in app.routes
+        if isinstance(route, StarletteRoute)
+        for method in (route.methods or set()) - {"HEAD"}
+    }
+    assert served == set(ROUTES), (
+        f"unclassified routes: {sorted(served - set(ROUTES))}; gone: {sorted(set(ROUTES) - served)}. "
+        "Add each new route to ROUTES with its access rule."
+    )
+
+
+async def test_no_key_a_bad_key_or_a_dead_key_is_401_on_every_guarded_route(stack: InProcessStack) -> None:
+    org = make_org(stack, "org-a")
+    governance = stack.service.governance
+    revoked = governance.create_key(OPERATOR, org.tenant)
+    governance.revoke_key(OPERATOR, revoked[0].key_id)
+    leaver = governance.add_member(OPERATOR, org.tenant, "leaver", "owner")
+    _, leaver_key = governance.create_key(OPERATOR, org.tenant, member_id=leaver["id"])
+    governance.remove_member(OPERATOR, org.tenant, leaver["id"])
+    admin_token = load_or_create_admin_token(stack.service._spec.data_dir)
+    before = snapshot(stack, org)
+    credentials = {
+        "no header": {},
+        "basic scheme": {"Authorization": f"Basic {org.keys['owner']}"},
+        "empty bearer": {"Authorization": "Bearer "},
+        "malformed key": bearer("ank_not-a-key"),
+        "wrong secret": bearer(org.keys["owner"][:-4] + "AAAA"),
+        "revoked key": bearer(revoked[1]),
+        "removed member's key": bearer(leaver_key),
+    }
+    failures: list[str] = []
+    for route in GUARDED:
+        for label, headers in credentials.items():
+            expect(await call(stack, route, org, headers), 401, "invalid_api_key", f"{route} with {label}", failures)
+        if not route[1].startswith("/admin"):  # the operator's token administers; it is not an API key
+            expect(await call(stack, route, org, bearer(admin_token)), 401, "invalid_api_key", f"{route} op", failures)
+    assert not failures, "\n".join(failures)
+    assert snapshot(stack, org) == before
+
+
+async def test_another_organisations_objects_answer_404_and_stay_unchanged(stack: InProcessStack) -> None:
+    a, b = make_org(stack, "org-a"), make_org(stack, "org-b")
+    ghost = Org("org-ghost", spare_member="mem_0123456789abcdef", spare_key_id="0123456789ab")  # exists nowhere
+    before = snapshot(stack, b)
+    failures: list[str] = []
+    for role in ROLES:  # even an owner or admin of A is a stranger to B
+        for route in OBJECT_ROUTES:
+            r = await call(stack, route, b, bearer(a.keys[role]))
+            expect(r, 404, "not_found", f"{role} of A on {route} of B", failures)
+            # Word for word what an organisation that does not exist gets: no oracle for what B has.
+            nothing = (await call(stack, route, ghost, bearer(a.keys[role]))).text
+            for field_name in ("tenant", "spare_member", "spare_key_id"):
+                nothing = nothing.replace(getattr(ghost, field_name), getattr(b, field_name))
+            if r.text != nothing:
+                failures.append(f"{role} of A on {route} of B: {r.text[:100]} differs from {nothing[:100]}")
+    # A's own path with B's object in it: the member and key ids are checked against the organisation too.
+    owner = bearer(a.keys["owner"])
+    mixed = [
+        ("PATCH", f"/admin/tenants/{a.tenant}/members/{b.spare_member}", {"role": "viewer"}),
+        ("DELETE", f"/admin/tenants/{a.tenant}/members/{b.spare_member}", None),
+        ("POST", f"/admin/tenants/{a.tenant}/keys", {"member_id": b.spare_member}),
+    ]
+    for method, path, body in mixed:
+        r = await stack.client.request(method, path, json=body, headers=owner)
+        expect(r, 404, "not_found", f"owner of A: {method} {path}", failures)
+    assert not failures, "\n".join(failures)
+    assert snapshot(stack, b) == before
+
+
+async def test_members_and_viewers_cannot_manage_and_only_the_operator_runs_operator_routes(
+    stack: InProcessStack,
+) -> None:
+    a = make_org(stack, "org-a")
+    before = snapshot(stack, a)
+    failures: list[str] = []
+    for role in ("member", "viewer"):
+        for route, case in OBJECT_ROUTES.items():
+            if case.access == "manager":
+                r = await call(stack, route, a, bearer(a.keys[role]))
+                expect(r, 403, "permission_denied", f"{role} on {route} of its own organisation", failures)
+    for role in ROLES:
+        for route, case in GUARDED.items():
+            if case.access == "operator":
+                r = await call(stack, route, a, bearer(a.keys[role]))
+                expect(r, 403, "permission_denied", f"{role} on operator route {route}", failures)
+    r = await call(stack, ("POST", "/v1/chat/completions"), a, bearer(a.keys["viewer"]))
+    expect(r, 403, "permission_denied", "viewer calling a model", failures)
+    assert not failures, "\n".join(failures)
+    assert snapshot(stack, a) == before
+    assert stack.service.governance.list_tenants(OPERATOR) == [before["tenant"]]  # no organisation was created
+
+
+async def test_the_admin_token_runs_every_admin_route_and_managers_run_their_own(stack: InProcessStack) -> None:
+    """The positive side, so that the refusals above are refusals and not broken requests."""
+    a, b, c = make_org(stack, "org-a"), make_org(stack, "org-b"), make_org(stack, "org-c")
+    token = bearer(load_or_create_admin_token(stack.service._spec.data_dir))
+    failures: list[str] = []
+    administration = {"public", "operator", "tenant", "manager"}
+    everything_but_the_operators = set(ROUTES_BY_ACCESS) - {"operator"}
+    callers = ((token, a, administration), (bearer(b.keys["owner"]), b, everything_but_the_operators))
+    for caller, org, accesses in (*callers, (bearer(c.keys["admin"]), c, everything_but_the_operators)):
+        for route, case in ROUTES.items():
+            if case.access in accesses:
+                r = await call(stack, route, org, caller if case.access != "public" else {})
+                if not 200 <= r.status_code < 300:
+                    failures.append(f"{route} on {org.tenant}: {r.status_code} {r.text[:120]}")
+    for role in ("owner", "admin", "member"):
+        r = await call(stack, ("POST", "/v1/chat/completions"), a, bearer(a.keys[role]))
+        expect(r, 200, None, f"{role} calling a model", failures)
+    assert not failures, "\n".join(failures)
+
+
+async def test_usage_and_summary_show_only_the_callers_own_data(stack: InProcessStack) -> None:
+    a, b = make_org(stack, "org-a"), make_org(stack, "org-b")
+    sent = {"org-a": {"owner": 1, "member": 2}, "org-b": {"member": 3}}
+    for org in (a, b):
+        for role, count in sent[org.tenant].items():
+            for _ in range(count):
+                await call(stack, ("POST", "/v1/chat/completions"), org, bearer(org.keys[role]))
+    await stack.deliver_usage()
+    usage = "/v1/usage"
+    expected = {"owner": ("organization", 3), "admin": ("organization", 3), "viewer": ("organization", 3)}
+    for role, (scope, requests) in {**expected, "member": ("key", 2)}.items():
+        body = (await stack.client.get(usage, headers=bearer(a.keys[role]))).json()
+        assert (body["tenant"], body["scope"], body["totals"]["requests"]) == ("org-a", scope, requests), role
+        summary = (await stack.client.get(f"{usage}/summary", headers=bearer(a.keys[role]))).json()
+        assert summary["tenant"] == "org-a" and summary["key_id"] == a.keys[role].split("_")[1]
+        assert summary["totals"]["requests"] == requests, role
+    b_owner = (await stack.client.get(usage, headers=bearer(b.keys["owner"]))).json()
+    assert b_owner["tenant"] == "org-b" and b_owner["totals"]["requests"] == 3
+    # No parameter picks another organisation or key: unknown ones are refused, not ignored.
+    for param in ("tenant", "organization", "key_id", "user"):
+        r = await stack.client.get(usage, params={param: "org-b"}, headers=bearer(a.keys["owner"]))
+        assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_value", param
+
+
+async def test_roles_cannot_be_raised_from_below(stack: InProcessStack) -> None:
+    """Function-level checks inside allowed routes: what an admin or member may not grant or change."""
+    a = make_org(stack, "org-a")
+    governance = stack.service.governance
+    members = {m["role"]: m["id"] for m in governance.list_members(OPERATOR, a.tenant) if m["name"] != "spare"}
+    keys = {k.role: k.key_id for k in governance.list_keys(OPERATOR, a.tenant) if k.member_id is not None}
+    admin, member = bearer(a.keys["admin"]), bearer(a.keys["member"])
+    refused = [
+        (admin, "POST", f"/admin/tenants/{a.tenant}/members", {"name": "Mallory", "role": "owner"}),
+        (admin, "POST", f"/admin/tenants/{a.tenant}/keys", {"role": "owner"}),
+        (admin, "POST", f"/admin/tenants/{a.tenant}/keys", {"member_id": members["owner"]}),
+        (admin, "PATCH", f"/admin/tenants/{a.tenant}/members/{members['admin']}", {"role": "owner"}),
+        (admin, "PATCH", f"/admin/tenants/{a.tenant}/members/{members['owner']}", {"role": "viewer"}),
+        (admin, "DELETE", f"/admin/tenants/{a.tenant}/members/{members['owner']}", None),
+        (admin, "PATCH", f"/admin/keys/{keys['owner']}", {"rpm": 1}),
+        (admin, "DELETE", f"/admin/keys/{keys['owner']}", None),
+        (admin, "PATCH", f"/admin/keys/{a.spare_key_id}", {"role": "owner"}),
+        (admin, "PATCH", f"/admin/tenants/{a.tenant}", {"discount_percent": "50"}),
+        (admin, "PATCH", f"/admin/tenants/{a.tenant}", {"plan": "monthly"}),
+        (member, "PATCH", f"/admin/keys/{keys['member']}", {"budget_dkk": "1000000"}),
+        (member, "PATCH", f"/admin/keys/{keys['member']}", {"rpm": 1000000}),
+    ]
+    before = snapshot(stack, a)
+    failures: list[str] = []
+    for headers, method, path, body in refused:
+        r = await stack.client.request(method, path, json=body, headers=headers)
+        expect(r, 403, "permission_denied", f"{method} {path} {body}", failures)
+    assert not failures, "\n".join(failures)
+    assert snapshot(stack, a) == before
