@@ -1,0 +1,384 @@
+"""The control-plane benchmark: how many requests one ingress replica serves through Ray Serve's HTTP proxy, and how
+many usage events the billing actor records, with generation taken out of the way (issue 7).
+
+It runs the real ingress, tokenizer and billing actor (SQLite ledger in a temp data folder; PostgreSQL on request)
+against ``InstantEngineDeploymentDouble`` on a Ray cluster of its own, checks the ledger after every run, and writes
+a Markdown report. It never touches another Ray cluster (no ``ray stop``; a new local instance, shut down after).
+
+    python -m loadtests.control_plane --report docs/benchmarks/control-plane.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import logging
+import shlex
+import socket
+import sys
+import tempfile
+import time
+from collections.abc import Coroutine, Iterator, Sequence
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from cluster.config import DEFAULT_PROFILE, AnkerConfig, load_config
+from deployments import database
+from deployments.billing.governance import MAX_PER_MINUTE
+from deployments.billing.ledger import Ledger
+from loadtests import process_cpu
+from loadtests.billing_load import check_recorded_once, drive_billing
+from loadtests.control_plane_report import BillingRow, IngressRow, LedgerCheck, Results, machine, render
+from loadtests.http_load import LoadRun, run_load
+
+RAY_NAMESPACE = "anker-control-plane-bench"
+LEDGER_TIMEOUT_S = 60.0
+
+
+_STARTED = time.monotonic()
+
+
+def _say(message: str) -> None:
+    print(f"[{time.monotonic() - _STARTED:5.0f}s] {message}", file=sys.stderr, flush=True)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _int_list(value: str) -> list[int]:
+    try:
+        numbers = [int(v) for v in value.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected numbers separated by commas, got {value!r}") from None
+    if not numbers or min(numbers) < 1:
+        raise argparse.ArgumentTypeError("every number must be at least 1")
+    return numbers
+
+
+def bench_config(data_dir: Path, port: int, models_dir: Path | None) -> AnkerConfig:
+    """The local profile with one model, its data in ``data_dir`` and its HTTP port at ``port``."""
+    config = load_config(DEFAULT_PROFILE, {"ANKER_DATA_DIR": str(data_dir), "ANKER_PORT": str(port)})
+    model = config.models[0]
+    if models_dir is not None:
+        model = model.model_copy(update={"path": models_dir.resolve() / model.name})
+    return config.model_copy(update={"models": [model]})
+
+
+@contextlib.contextmanager
+def own_ray() -> Iterator[None]:
+    """A new local Ray instance for this process (random ports, no dashboard), and Serve on it; both shut down."""
+    import ray
+    from ray import serve
+
+    for attempt in (1, 2):
+        try:
+            ray.init(
+                address="local",
+                num_cpus=8,
+                include_dashboard=False,
+                namespace=RAY_NAMESPACE,
+                log_to_driver=False,
+                logging_level=logging.ERROR,
+            )
+            break
+        except Exception as exc:  # Ray gives its raylet 30 s to come up, which a busy shared machine can exceed
+            ray.shutdown()
+            if attempt == 2:
+                raise
+            _say(f"Ray did not start ({exc}); trying once more")
+    logging.getLogger("ray.serve").setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        with contextlib.suppress(Exception):
+            serve.shutdown()
+        ray.shutdown()
+
+
+# -- (a) the ingress through the HTTP proxy ----------------------------------------------------------------------
+
+
+def create_keys(config: AnkerConfig, tenants: Sequence[str]) -> dict[str, str]:
+    """One key per tenant, made by the operator through the governance layer, exactly as `anker keys create` does."""
+    from cluster import cli_billing
+
+    billing = cli_billing.service(config)
+    operator = cli_billing.actor()
+    try:
+        return {
+            tenant: billing.governance.create_key(operator, tenant, rpm=MAX_PER_MINUTE, tpm=MAX_PER_MINUTE)[1]
+            for tenant in tenants
+        }
+    finally:
+        billing.ledger.dispose()
+
+
+def engine_double(config: AnkerConfig, output_tokens: int, tokens_per_delta: int) -> Any:
+    """The instant engine double with the real engine's Serve options (name, request router, max ongoing requests,
+    CPU bundle): only the class differs."""
+    from deployments.builder import engine_options
+    from tests.doubles import InstantEngineDeploymentDouble
+
+    model = config.models[0]
+    return InstantEngineDeploymentDouble.options(**engine_options(config, model)).bind(  # type: ignore[attr-defined]
+        model.name, output_tokens, tokens_per_delta
+    )
+
+
+def deploy_stack(config: AnkerConfig, engine: Any | None) -> str:
+    """The real app, its engine replaced by ``engine`` unless None (then real vLLM), deployed or redeployed;
+    returns the base URL once /healthz is 200."""
+    from ray import serve
+
+    from deployments.builder import APP_NAME, build_app
+
+    replacements = {config.models[0].name: engine} if engine is not None else None
+    serve.run(build_app(config, engines=replacements), name=APP_NAME, route_prefix="/")
+    base_url = f"http://127.0.0.1:{config.server.port}"
+    deadline = time.monotonic() + config.stack.startup_timeout_s
+    while True:
+        with contextlib.suppress(httpx.HTTPError):
+            if httpx.get(f"{base_url}/healthz", timeout=5).status_code == 200:
+                return base_url
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the stack did not become healthy in {config.stack.startup_timeout_s:.0f}s")
+        time.sleep(0.5)
+
+
+def _ledger_rows(ledger: Ledger, tenant: str) -> list[dict[str, object]]:
+    return list(ledger.events(tenant))
+
+
+def check_ledger(ledger: Ledger, tenant: str, run: LoadRun) -> LedgerCheck:
+    """Waits for the outbox to deliver (it flushes every 0.2 s), then compares; waits once more to catch doubles."""
+    check = LedgerCheck(successes=len(run.ok))
+    deadline = time.monotonic() + LEDGER_TIMEOUT_S
+    rows = _ledger_rows(ledger, tenant)
+    while sum(1 for r in rows if r["status"] == "ok") < check.successes and time.monotonic() < deadline:
+        time.sleep(0.5)
+        rows = _ledger_rows(ledger, tenant)
+    time.sleep(1.0)  # a report sent twice, or a request billed under two ids, would land by now
+    rows = _ledger_rows(ledger, tenant)
+    ok_rows = [r for r in rows if r["status"] == "ok"]
+    check.ok_rows, check.other_rows = len(ok_rows), len(rows) - len(ok_rows)
+
+    def total(column: str, answers: str) -> tuple[int, int]:
+        return sum(int(str(r[column])) for r in ok_rows), sum(getattr(a, answers) for a in run.ok)
+
+    sums = [total("completion_tokens", "completion_tokens"), total("prompt_tokens", "prompt_tokens")]
+    sums.append(total("cached_tokens", "cached_tokens"))
+    check.tokens_match = all(ledger_sum == seen for ledger_sum, seen in sums)
+    check.cached_tokens = sums[2][0]
+    return check
+
+
+async def _measure(
+    load: Coroutine[Any, Any, LoadRun], warmup_s: float, duration_s: float
+) -> tuple[LoadRun, process_cpu.CpuUse]:
+    """Runs the load and samples CPU at the start and end of its measured window."""
+    task = asyncio.ensure_future(load)
+    await asyncio.sleep(warmup_s)
+    before = process_cpu.sample()
+    await asyncio.sleep(duration_s)
+    after = process_cpu.sample()
+    return await task, process_cpu.between(before, after)
+
+
+def ingress_benchmark(args: argparse.Namespace, data_dir: Path) -> list[IngressRow]:
+    """Rows per engine double item size, mode and client count; then, with --real-engine, a streaming row on vLLM."""
+    from ray import serve
+
+    from cluster.local import ensure_models
+    from deployments.builder import APP_NAME
+
+    config = bench_config(data_dir, _free_port(), args.models_dir)
+    ensure_models(config, _say)
+    # Every client count with the first item size; the other sizes (which only split per-request from per-item
+    # cost) and the real engine at the highest count.
+    most = max(args.concurrency)
+    first, *others = args.tokens_per_delta
+    plan: list[tuple[int | None, bool, int]] = [(first, s, c) for s in (False, True) for c in args.concurrency]
+    plan += [(d, s, most) for d in others for s in (False, True)]
+    if args.real_engine:
+        plan.append((None, True, most))
+    keys = create_keys(config, [f"bench-{d or 'vllm'}-{'stream' if s else 'json'}-c{c}" for d, s, c in plan])
+    serve.start(http_options={"host": "127.0.0.1", "port": config.server.port})
+    ledger = Ledger(database.database_url(config.data_dir, None))
+    rows: list[IngressRow] = []
+    try:
+        for (per_delta, stream, concurrency), (tenant, key) in zip(plan, keys.items(), strict=True):
+            if not rows or rows[-1].tokens_per_delta != per_delta:
+                what = f"the instant engine double, {per_delta} token(s) per item" if per_delta else "real vLLM"
+                _say(f"deploying the ingress, tokenizer and billing actor with {what} ...")
+                engine = engine_double(config, args.output_tokens, per_delta) if per_delta else None
+                base_url = deploy_stack(config, engine)
+            load = run_load(
+                base_url,
+                key,
+                config.models[0].name,
+                stream=stream,
+                concurrency=concurrency,
+                output_tokens=args.output_tokens,
+                duration_s=args.duration_s,
+                warmup_s=args.warmup_s,
+                exact=per_delta is not None,
+            )
+            run, cpu = asyncio.run(_measure(load, args.warmup_s, args.duration_s))
+            row = IngressRow(run, per_delta, cpu, check_ledger(ledger, tenant, run))
+            rows.append(row)
+            _say(
+                f"  {row.engine:<20} {row.label:<6} c={concurrency:<3} {run.requests_per_s():7.1f} req/s  "
+                f"p50 {run.latency_ms(0.5):7.1f} ms  p99 {run.latency_ms(0.99):7.1f} ms  "
+                f"errors {sum(run.errors.values())}  "
+                f"ledger {'ok' if row.ledger.passed else 'MISMATCH'} ({row.ledger.ok_rows}/{row.ledger.successes})"
+            )
+    finally:
+        ledger.dispose()
+        serve.delete(APP_NAME)
+    return rows
+
+
+# -- (b) the billing actor alone --------------------------------------------------------------------------------
+
+
+def billing_benchmark(
+    args: argparse.Namespace, data_dir: Path, label: str, database_url: str | None
+) -> list[BillingRow]:
+    """The billing actor alone, as the builder configures it, on SQLite (``database_url`` None) or PostgreSQL."""
+    from ray import serve
+
+    from deployments.billing.actor import Billing
+    from deployments.billing.service import billing_spec
+
+    config = bench_config(data_dir, _free_port(), args.models_dir)
+    config = config.model_copy(update={"database_url": database_url})
+    app = f"billing-{label.lower()}"
+    _say(f"deploying the billing actor on {label} ...")
+    deployment = Billing.options(ray_actor_options={"num_cpus": config.billing.num_cpus})  # type: ignore[attr-defined]
+    handle = serve.run(deployment.bind(billing_spec(config)), name=app, route_prefix=None)
+    ledger = Ledger(database.database_url(config.data_dir, database_url))
+    postgres = process_cpu.postgres_root(database_url) if database_url else None
+    rows = []
+    try:
+        for senders in args.billing_senders:
+            for batch_size in args.batch_sizes:
+                tenant = f"bench-{label.lower()}-s{senders}-b{batch_size}"
+                before = process_cpu.sample(postgres)
+                run, replay = asyncio.run(
+                    drive_billing(
+                        handle,
+                        label,
+                        tenant,
+                        "bench-key",
+                        config.models[0].name,
+                        batch_size=batch_size,
+                        senders=senders,
+                        duration_s=args.billing_duration_s,
+                    )
+                )
+                cpu = process_cpu.between(before, process_cpu.sample(postgres))
+                asyncio.run(check_recorded_once(handle, ledger, run, replay))
+                rows.append(BillingRow(run, cpu))
+                _say(
+                    f"  {label:<10} senders={senders} batch={batch_size:<4} {run.events_per_s:8.0f} events/s  "
+                    f"call p50 {run.call_ms_median():7.1f} ms  recorded once: {'yes' if run.recorded_once else 'NO'}"
+                )
+    finally:
+        ledger.dispose()
+        serve.delete(app)
+    return rows
+
+
+# -- the command ---------------------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m loadtests.control_plane",
+        description="Control-plane benchmark: requests/s of one ingress replica through Ray Serve's HTTP proxy (real "
+        "ingress, tokenizer and billing actor; an instant engine double), and usage events/s of the billing actor "
+        "on SQLite (and PostgreSQL with --postgres). Starts a Ray instance of its own and shuts it down.",
+    )
+    load = parser.add_argument_group("ingress load")
+    load.add_argument("--concurrency", type=_int_list, default=[1, 4, 16], help="client counts (default: 1,4,16)")
+    load.add_argument("--duration-s", type=float, default=8.0, help="measured seconds per row (default: 8)")
+    load.add_argument("--warmup-s", type=float, default=2.0, help="unmeasured seconds before each row (default: 2)")
+    load.add_argument("--output-tokens", type=int, default=16, help="tokens per answer (default: 16)")
+    load.add_argument(
+        "--tokens-per-delta",
+        type=_int_list,
+        default=[1, 16],
+        help="tokens per item the engine double streams (default: 1,16): every client count with the first, the "
+        "highest with the others (1: one item per token, as vLLM streams; 16: the whole answer in one item, which "
+        "separates the cost per request from the cost per item)",
+    )
+    billing = parser.add_argument_group("billing load")
+    billing.add_argument("--batch-sizes", type=_int_list, default=[1, 16, 256], help="default: 1,16,256")
+    billing.add_argument("--billing-senders", type=_int_list, default=[1, 4], help="concurrent senders (default: 1,4)")
+    billing.add_argument("--billing-duration-s", type=float, default=4.0, help="seconds per row (default: 4)")
+    billing.add_argument("--postgres", action="store_true", help="also on a throwaway PostgreSQL (tests/postgres.py)")
+    parser.add_argument(
+        "--real-engine",
+        action="store_true",
+        help="then stream through the real vLLM engine on the tiny model, same clients: what an engine produces here",
+    )
+    parser.add_argument("--models-dir", type=Path, help="folder with the tiny model (built there if missing)")
+    parser.add_argument(
+        "--engine-output-tokens-per-s",
+        type=float,
+        help="output tokens/s one engine replica produces, for the headroom comparison",
+    )
+    parser.add_argument("--engine-source", default="", help="where the engine figure comes from (shown in the report)")
+    parser.add_argument("--report", type=Path, help="write the Markdown report here")
+    parser.add_argument("--json", type=Path, help="write the raw results as JSON here")
+    return parser
+
+
+def run(args: argparse.Namespace, command: str) -> Results:
+    started, machine_at_start = datetime.now(UTC), machine()
+    with tempfile.TemporaryDirectory(prefix="anker-cp-bench-") as tmp, own_ray():
+        root = Path(tmp)
+        ingress = ingress_benchmark(args, root / "ingress")
+        billing = billing_benchmark(args, root / "billing-sqlite", "SQLite", None)
+        if args.postgres:
+            from tests.postgres import throwaway_postgres
+
+            with throwaway_postgres() as url:
+                billing += billing_benchmark(args, root / "billing-postgres", "PostgreSQL", url)
+    return Results(
+        command=command,
+        started=started,
+        seconds=(datetime.now(UTC) - started) / timedelta(seconds=1),
+        args=vars(args),
+        ingress=ingress,
+        billing=billing,
+        machine_start=machine_at_start,
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    command = "python -m loadtests.control_plane " + shlex.join(sys.argv[1:] if argv is None else list(argv))
+    results = run(args, command)
+    if args.json:
+        args.json.write_text(json.dumps(results.summary(), indent=2, default=str) + "\n", encoding="utf-8")
+    text = render(results)
+    if args.report:
+        args.report.parent.mkdir(parents=True, exist_ok=True)
+        args.report.write_text(text, encoding="utf-8")
+        _say(f"wrote {args.report}")
+    else:
+        print(text)
+    return 0 if results.all_checks_passed else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

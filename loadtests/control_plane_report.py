@@ -1,0 +1,406 @@
+"""The control-plane benchmark's results and their Markdown report: tables of one run, CPU per request by process,
+the ledger checks, and the headroom arithmetic (cost per request and per streamed item, against engine output).
+
+It only holds and formats what ``loadtests.control_plane`` measured; it measures nothing itself.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import platform
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import psutil
+
+from loadtests.billing_load import BillingRun
+from loadtests.http_load import LoadRun
+from loadtests.process_cpu import CLIENT, OTHER, POSTGRES, PROXY, CpuUse
+
+PARTS = [CLIENT, PROXY, "Ingress", "Tokenizer", "Billing", "Engine", OTHER]
+
+
+@dataclass
+class LedgerCheck:
+    """The ledger against what the client saw: one ``ok`` row per successful request, tokens summing up."""
+
+    successes: int
+    ok_rows: int = -1
+    other_rows: int = -1
+    tokens_match: bool = False
+    cached_tokens: int = 0  # in the ok rows: the engine reported them and billing kept them
+
+    @property
+    def passed(self) -> bool:
+        return self.successes > 0 and self.ok_rows == self.successes and self.tokens_match
+
+
+@dataclass(frozen=True)
+class IngressRow:
+    run: LoadRun
+    tokens_per_delta: int | None  # of the engine double; None: the real vLLM engine
+    cpu: CpuUse
+    ledger: LedgerCheck
+
+    @property
+    def engine(self) -> str:
+        if self.tokens_per_delta is None:
+            return "vLLM, tiny model"
+        return f"double, {self.tokens_per_delta} token{'s' if self.tokens_per_delta > 1 else ''}/item"
+
+    @property
+    def done(self) -> int:
+        """Successful requests that ended inside the measured window."""
+        return sum(1 for a in self.run.measured if a.error is None)
+
+    def cpu_ms_per_request(self, part: str) -> float:
+        return self.cpu.seconds_by_part.get(part, 0.0) * 1000 / self.done if self.done else float("nan")
+
+    @property
+    def label(self) -> str:
+        return "stream" if self.run.stream else "JSON"
+
+
+@dataclass(frozen=True)
+class BillingRow:
+    run: BillingRun
+    cpu: CpuUse
+
+    def cpu_ms_per_event(self, part: str) -> float:
+        return self.cpu.seconds_by_part.get(part, 0.0) * 1000 / self.run.acked if self.run.acked else float("nan")
+
+
+def machine() -> dict[str, Any]:
+    import ray
+
+    model = "unknown CPU"
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as fh:
+            model = next((line.split(":", 1)[1].strip() for line in fh if line.startswith("model name")), model)
+    except OSError:
+        pass
+    return {
+        "cpu": model,
+        "cores": os.cpu_count(),
+        "memory_gib": round(psutil.virtual_memory().total / 2**30, 1),
+        "load_average": [round(v, 2) for v in os.getloadavg()],
+        "python": platform.python_version(),
+        "ray": ray.__version__,
+    }
+
+
+@dataclass
+class Results:
+    command: str
+    started: datetime
+    seconds: float
+    args: dict[str, Any]
+    ingress: list[IngressRow]
+    billing: list[BillingRow]
+    machine_start: dict[str, Any]  # machine() when the run started
+
+    @property
+    def all_checks_passed(self) -> bool:
+        return all(r.ledger.passed for r in self.ingress) and all(r.run.recorded_once for r in self.billing)
+
+    def summary(self) -> dict[str, Any]:
+        """The figures as plain data (for the smoke test and for comparing runs)."""
+        return {
+            "command": self.command,
+            "started": self.started.isoformat(),
+            "seconds": round(self.seconds, 1),
+            "machine": self.machine_start,
+            "all_checks_passed": self.all_checks_passed,
+            "ingress": [
+                {
+                    "stream": r.run.stream,
+                    "concurrency": r.run.concurrency,
+                    "output_tokens": r.run.output_tokens,
+                    "engine": r.engine,
+                    "tokens_per_delta": r.tokens_per_delta,
+                    "output_tokens_per_s": r.run.output_tokens_per_s(),
+                    "requests": len(r.run.answers),
+                    "successes": len(r.run.ok),
+                    "requests_per_s": r.run.requests_per_s(),
+                    "p50_ms": r.run.latency_ms(0.50),
+                    "p95_ms": r.run.latency_ms(0.95),
+                    "p99_ms": r.run.latency_ms(0.99),
+                    "errors": dict(r.run.errors),
+                    "cpu_s": r.cpu.seconds_by_part,
+                    "outside_cpu_s": r.cpu.outside_s,
+                    "machine_busy_share": r.cpu.machine_busy_share,
+                    "ledger_ok_rows": r.ledger.ok_rows,
+                    "ledger_other_rows": r.ledger.other_rows,
+                    "ledger_tokens_match": r.ledger.tokens_match,
+                    "ledger_cached_tokens": r.ledger.cached_tokens,
+                    "ledger_passed": r.ledger.passed,
+                }
+                for r in self.ingress
+            ],
+            "billing": [
+                {
+                    "database": r.run.database,
+                    "batch_size": r.run.batch_size,
+                    "senders": r.run.senders,
+                    "events": r.run.acked,
+                    "events_per_s": r.run.events_per_s,
+                    "call_p50_ms": r.run.call_ms_median(),
+                    "ledger_events": r.run.ledger_events,
+                    "replay_added": r.run.replay_added,
+                    "recorded_once": r.run.recorded_once,
+                    "cpu_s": r.cpu.seconds_by_part,
+                }
+                for r in self.billing
+            ],
+        }
+
+
+def _fmt(value: float, digits: int = 1) -> str:
+    return "-" if math.isnan(value) else f"{value:,.{digits}f}"
+
+
+def _ingress_tables(results: Results) -> list[str]:
+    lines = [
+        "| engine | mode | clients | req/s | output tokens/s | p50 ms | p95 ms | p99 ms | errors | "
+        "ledger: ok rows / successes | machine busy |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: |",
+    ]
+    for r in results.ingress:
+        run = r.run
+        rps = run.requests_per_s()
+        errors = ", ".join(f"{n} {kind}" for kind, n in run.errors.items()) or "0"
+        verdict = "✅" if r.ledger.passed else "❌"
+        extra = f" (+{r.ledger.other_rows} not ok)" if r.ledger.other_rows else ""
+        lines.append(
+            f"| {r.engine} | {r.label} | {run.concurrency} | {_fmt(rps)} | "
+            f"{_fmt(run.output_tokens_per_s(), 0)} | {_fmt(run.latency_ms(0.5))} | {_fmt(run.latency_ms(0.95))} | "
+            f"{_fmt(run.latency_ms(0.99))} | {errors} | {verdict} {r.ledger.ok_rows} / {r.ledger.successes}{extra} | "
+            f"{r.cpu.machine_busy_share:.0%} |"
+        )
+    lines += [
+        "",
+        "CPU milliseconds per successful request, by process, over the measured window. *Engine* is the double "
+        "(its Ray streaming cost is real, its generation is not); *load client* is this benchmark's httpx client; "
+        "*outside* is what other work on the shared machine used meanwhile, per request of ours.",
+        "",
+        "| engine | mode | clients | " + " | ".join(PARTS) + " | outside |",
+        "| --- | ---: | ---: | " + " | ".join("---:" for _ in PARTS) + " | ---: |",
+    ]
+    for r in results.ingress:
+        cells = [_fmt(r.cpu_ms_per_request(part), 2) for part in PARTS]
+        outside = r.cpu.outside_s * 1000 / r.done if r.done else float("nan")
+        lines.append(
+            f"| {r.engine} | {r.label} | {r.run.concurrency} | " + " | ".join(cells) + f" | {_fmt(outside, 2)} |"
+        )
+    return lines
+
+
+def _billing_table(results: Results) -> list[str]:
+    lines = [
+        "| database | senders | batch | calls | events/s | record() p50 ms | ledger rows / acked | replay added | "
+        "billing actor CPU ms per event | database server CPU ms per event | machine busy |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: |",
+    ]
+    for r in results.billing:
+        run = r.run
+        verdict = "✅" if run.recorded_once else "❌"
+        server = _fmt(r.cpu_ms_per_event(POSTGRES), 2) if run.database == "PostgreSQL" else "-"
+        lines.append(
+            f"| {run.database} | {run.senders} | {run.batch_size} | {len(run.call_ms)} | {_fmt(run.events_per_s, 0)} "
+            f"| {_fmt(run.call_ms_median())} | {verdict} {run.ledger_events} / {run.acked} | {run.replay_added} | "
+            f"{_fmt(r.cpu_ms_per_event('Billing'), 2)} | {server} | {r.cpu.machine_busy_share:.0%} |"
+        )
+    return lines
+
+
+def _per_core(cpu_ms: float) -> str:
+    """What one fully used core carries at ``cpu_ms`` of CPU each."""
+    return f"~{1000 / cpu_ms:,.0f}" if cpu_ms > 0 and not math.isnan(cpu_ms) else "-"
+
+
+def _best(rows: list[IngressRow], stream: bool, tokens_per_delta: int | None) -> IngressRow | None:
+    chosen = [r for r in rows if r.run.stream == stream and r.tokens_per_delta == tokens_per_delta]
+    return max(chosen, key=lambda r: r.run.requests_per_s()) if chosen else None
+
+
+def _split(rows: list[IngressRow], stream: bool, part: str) -> tuple[float, float, int, int] | None:
+    """(CPU ms per request, CPU ms per streamed item, the two item sizes) of ``part``, from the rows of the smallest
+    and the largest item size at the same client count."""
+    sizes = sorted({r.tokens_per_delta for r in rows if r.tokens_per_delta is not None})
+    if len(sizes) < 2:
+        return None
+    large = next((r for r in rows if r.run.stream == stream and r.tokens_per_delta == sizes[-1]), None)
+    if large is None:
+        return None
+    small = next(
+        (
+            r
+            for r in rows
+            if r.run.stream == stream and r.tokens_per_delta == sizes[0] and r.run.concurrency == large.run.concurrency
+        ),
+        None,
+    )
+    tokens = large.run.output_tokens
+    items_small, items_large = math.ceil(tokens / sizes[0]), math.ceil(tokens / sizes[-1])
+    if small is None or items_small == items_large:
+        return None
+    per_item = (small.cpu_ms_per_request(part) - large.cpu_ms_per_request(part)) / (items_small - items_large)
+    return large.cpu_ms_per_request(part) - items_large * per_item, per_item, sizes[0], sizes[-1]
+
+
+def _mean_tokens(row: IngressRow) -> float:
+    done = [a.completion_tokens for a in row.run.measured if a.error is None]
+    return sum(done) / len(done) if done else 0.0
+
+
+def _headroom(results: Results) -> list[str]:
+    lines: list[str] = []
+    args = results.args
+    first = min((r.tokens_per_delta for r in results.ingress if r.tokens_per_delta is not None), default=1)
+    for stream in (False, True):
+        best = _best(results.ingress, stream, first)
+        if best is None:
+            continue
+        rps = best.run.requests_per_s()
+        lines.append(
+            f"- **{'Streaming' if stream else 'Non-streaming'}**, {first} token per item: one ingress replica served "
+            f"**{rps:,.0f} req/s** ({best.run.output_tokens_per_s():,.0f} output tokens/s) at {best.run.concurrency} "
+            "clients, the "
+            f"machine {best.cpu.machine_busy_share:.0%} busy. CPU per request: ingress "
+            f"{_fmt(best.cpu_ms_per_request('Ingress'), 2)} ms, HTTP proxy {_fmt(best.cpu_ms_per_request(PROXY), 2)} "
+            f"ms, billing actor (key check, admission, usage record) {_fmt(best.cpu_ms_per_request('Billing'), 2)} "
+            f"ms, so one core carries {_per_core(best.cpu_ms_per_request('Ingress'))} req/s through an ingress "
+            f"replica, {_per_core(best.cpu_ms_per_request(PROXY))} through a proxy and "
+            f"{_per_core(best.cpu_ms_per_request('Billing'))} through the billing actor."
+        )
+        for part in ("Ingress", PROXY) if stream else ("Ingress",):
+            split = _split(results.ingress, stream, part)
+            if split is None:
+                continue
+            fixed, per_item, small, large = split
+            if per_item <= 0:
+                lines.append(f"  - {part}: no cost per streamed item measurable above the noise.")
+                continue
+            lines.append(
+                f"  - {part}: about {fixed:.2f} ms per request plus {per_item:.2f} ms per item the engine streams "
+                f"(rows with {small} and {large} tokens per item, same clients), so one core passes at most "
+                f"{_per_core(per_item)} items/s: tokens/s, when the engine sends one token per step."
+            )
+    best_events: dict[str, float] = {}
+    for b in results.billing:
+        best_events[b.run.database] = max(best_events.get(b.run.database, 0.0), b.run.events_per_s)
+    json_best = _best(results.ingress, False, first)
+    for database, events in best_events.items():
+        ratio = f", {events / json_best.run.requests_per_s():,.0f}x the ingress's best req/s" if json_best else ""
+        record_ms = min(b.cpu_ms_per_event("Billing") for b in results.billing if b.run.database == database)
+        admission = ""
+        if json_best is not None and database == "SQLite":
+            request_ms = json_best.cpu_ms_per_request("Billing")
+            admission = (
+                f" Its CPU per event, {record_ms:.2f} ms at best, is a small part of the {request_ms:.2f} ms the "
+                "actor spent per request above: key checks and admission (rate limits, budget reservation) are the "
+                "rest, so admission, not recording, is what bounds the actor."
+            )
+        lines.append(
+            f"- **Billing on {database}**: `record` took up to **{events:,.0f} usage events/s** (one event per "
+            f"request){ratio}; {_per_core(record_ms)} events/s per core at its best CPU per event.{admission}"
+        )
+    real = _best(results.ingress, True, None)
+    stream_best = _best(results.ingress, True, first)
+    if real is not None and stream_best is not None:
+        engine_tps, ingress_tps = real.run.output_tokens_per_s(), stream_best.run.output_tokens_per_s()
+        lines.append(
+            f"- **Engine**: the real vLLM engine (tiny model, one CPU replica) streamed **{engine_tps:,.0f} output "
+            f"tokens/s** ({real.run.requests_per_s():,.1f} req/s) at {real.run.concurrency} clients through the same "
+            f"ingress; with the instant double the ingress passed {ingress_tps:,.0f} tokens/s, "
+            f"**{ingress_tps / engine_tps:,.1f}x** what the engine produced. The engine used "
+            f"{_fmt(real.cpu_ms_per_request('Engine') / max(1.0, _mean_tokens(real)), 2)} ms of CPU per output token, "
+            f"the ingress {_fmt(real.cpu_ms_per_request('Ingress') / max(1.0, _mean_tokens(real)), 2)} ms (its whole "
+            "cost per request spread over the answer's tokens)."
+            if engine_tps > 0
+            else "- **Engine**: the real vLLM engine produced no tokens in its window."
+        )
+    costs = [stream_best.cpu_ms_per_request(part) for part in ("Ingress", "Billing")] if stream_best else []
+    if real is not None and real.run.requests_per_s() > 0 and costs and all(c > 0 for c in costs):
+        engine_rps = real.run.requests_per_s()
+        ingress_cap, billing_cap = (1000 / c for c in costs)
+        lines.append(
+            f"- **Verdict**: per core, one ingress replica carries ~{ingress_cap:,.0f} streamed req/s and the billing "
+            f"actor ~{billing_cap:,.0f} req/s (key check, admission and usage record together), against "
+            f"{engine_rps:,.1f} req/s from the engine: {ingress_cap / engine_rps:,.0f}x and "
+            f"{billing_cap / engine_rps:,.0f}x headroom. The ingress scales out (`stack.ingress_replicas`: it is "
+            "stateless); the billing actor is one replica for the whole deployment, so its figure is the ceiling of "
+            "the control plane, however many engine replicas serve."
+        )
+    engine = args.get("engine_output_tokens_per_s")
+    if engine and stream_best:
+        ingress_tps = stream_best.run.output_tokens_per_s()
+        source = f" ({args['engine_source']})" if args.get("engine_source") else ""
+        lines.append(
+            f"- **Engine replica elsewhere**: {engine:,.0f} output tokens/s{source}; the streaming ingress passed "
+            f"{ingress_tps:,.0f} tokens/s here, **{ingress_tps / engine:,.1f}x** that."
+        )
+    return lines
+
+
+def render(results: Results) -> str:
+    m = results.machine_start
+    args = results.args
+    load = m["load_average"]
+    lines = [
+        "# Control-plane benchmark: one ingress replica and the billing actor",
+        "",
+        "Generated by `loadtests/control_plane.py` (issue 7, part 4); every number comes from this one run:",
+        "",
+        "```",
+        results.command,
+        "```",
+        "",
+        f"- Run: {results.started:%Y-%m-%d %H:%M} UTC, {results.seconds:.0f} s in all.",
+        f"- Machine: {m['cores']} cores ({m['cpu']}), {m['memory_gib']} GiB; **shared with other work and noisy** "
+        f"(load average {load[0]} / {load[1]} / {load[2]} at the start). Python {m['python']}, Ray {m['ray']}. The "
+        "load client, Ray and every deployment share these cores, so absolute rates are low; CPU per request is the "
+        "figure that carries over to other machines.",
+        "- Stack: Ray Serve's HTTP proxy, **one** `Ingress` replica, the real `Tokenizer` (chat template and "
+        "tokenizer of the tiny model), the real `Billing` actor (key check, rate limits, usage ledger on SQLite in a "
+        "temp data folder) and `InstantEngineDeploymentDouble` (tests/doubles.py) with the real engine's Serve "
+        f"options (request router included): {args['output_tokens']} tokens per answer, sent as items of "
+        "*tokens per item* tokens (1: one item per token, as vLLM streams), half the prompt reported as cached; no "
+        "model, no sleep.",
+        f"- Load: a closed loop of N httpx clients, each sending its next chat completion when its last one ended, "
+        f"{args['warmup_s']:g} s warm-up, then {args['duration_s']:g} s measured per row. Every answer is checked "
+        "(token count, usage, `[DONE]`). Keys are made through the governance layer as `anker keys create` does, "
+        "one organisation per row.",
+        "- Ledger check: after each row the ledger must hold exactly one `ok` usage row per successful request "
+        "(nothing lost, nothing doubled), with prompt, cached and output tokens summing to what the clients were told.",
+        "",
+        "## Ingress through the HTTP proxy",
+        "",
+        *_ingress_tables(results),
+        "",
+        "## Billing actor: `record` through a deployment handle",
+        "",
+        "Batches of the outbox's own `UsageReport`s (prompt 100, cached 50, output 16 tokens), sent by concurrent "
+        f"senders that each wait for their acknowledgement, {args['billing_duration_s']:g} s per row. An ingress "
+        "replica's outbox sends up to 256 reports per batch, one batch at a time. After each row one acknowledged "
+        "batch is sent again (as after a lost acknowledgement): it must add nothing.",
+        "",
+        *_billing_table(results),
+        "",
+        "## Headroom",
+        "",
+        *_headroom(results),
+        "",
+        "How to read it: every process here shares two cores, so a req/s row is what the whole stack, load client "
+        "included, manages together, not what the ingress alone could do; the *machine busy* column shows the cores "
+        "were the limit. CPU per request is the figure that carries over: 1000 divided by a process's milliseconds "
+        "is what one core of it carries. The engine double makes a token cost nothing, so the ingress's cost per "
+        "streamed item (Ray streaming each item from the engine replica, and the OpenAI chunk it becomes) is what "
+        "bounds the tokens/s one ingress replica passes. The ingress is stateless and scales out with "
+        "`stack.ingress_replicas`; the billing actor does not, so its cost per request (admission and usage record) "
+        "bounds the whole deployment.",
+        "",
+    ]
+    return "\n".join(lines)
