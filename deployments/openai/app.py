@@ -14,10 +14,12 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime
-from typing import Any, Protocol
+from decimal import Decimal, InvalidOperation
+from typing import Any, Protocol, cast
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from starlette.datastructures import QueryParams
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
@@ -36,13 +38,14 @@ from deployments.errors import (
     RouteNotFound,
 )
 from deployments.keys import KeyRecord
-from deployments.openai import sse
+from deployments.openai import openapi, sse
 from deployments.openai.errors import error_body, error_response
 from deployments.openai.protocol import (
     UNSUPPORTED_CHAT,
     UNSUPPORTED_COMPLETION,
     ChatCompletionRequest,
     CompletionRequest,
+    parameter_name,
     parse_request,
 )
 from deployments.openai.serving import OpenAIService, RequestContext
@@ -77,17 +80,34 @@ class Accounts(Protocol):
     async def administer(self, actor: Actor, operation: str, arguments: dict[str, Any]) -> Any: ...
 
 
-def parse_time(value: str | None, field: str) -> datetime | None:
-    """Unix seconds, an ISO date (``2026-11-01``) or an ISO datetime; naive values are UTC."""
-    if value is None or value == "":
-        return None
+def parse_time(value: str, field: str) -> datetime:
+    """Whole unix seconds (``1767225600``, also written ``1767225600.0`` or ``1.7672256e9``), an ISO date
+    (``2026-11-01``) or an ISO datetime; naive values are UTC."""
     try:
-        if value.lstrip("-").isdigit():
-            return datetime.fromtimestamp(int(value), UTC)
+        seconds = _number(value)
+        if seconds is not None:
+            if not (seconds.is_finite() and abs(seconds) < 10**12 and seconds == seconds.to_integral_value()):
+                raise ValueError("not whole seconds in datetime's range")
+            return datetime.fromtimestamp(int(seconds), UTC)
         moment = datetime.fromisoformat(value.replace("Z", "+00:00"))
+        # In UTC here: an offset can carry a date at the edge of datetime's range past it (OverflowError).
+        return moment.astimezone(UTC) if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
     except (ValueError, OverflowError, OSError):
         raise InvalidValue(f"`{field}` must be unix seconds or an ISO 8601 date or time.", field) from None
-    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
+
+
+def range_bound(query: QueryParams, names: tuple[str, str], default: datetime) -> tuple[str, datetime]:
+    """One end of a usage range by its name or its alias (OpenAI's ``start_time``): the first given, the default if
+    neither is. Every value given is checked, so that no invalid one is passed over in silence."""
+    given = [(name, parse_time(value, name)) for name in names for value in query.getlist(name)]
+    return given[0] if given else (names[0], default)
+
+
+def _number(value: str) -> Decimal | None:
+    try:
+        return Decimal(value)
+    except InvalidOperation:
+        return None
 
 
 async def read_body(request: Request, limit: int) -> bytes:
@@ -121,6 +141,7 @@ def create_app(
     """The app. ``server_request_id`` gives the id the hosting server already assigned (and sends as
     ``X-Request-Id``), so logs and responses share one id; without one, the app makes and sends its own."""
     app = FastAPI(title="Anker", version="0.1.0", docs_url=None, redoc_url=None)
+    app.openapi = lambda: openapi.document(app)  # type: ignore[method-assign]  # FastAPI's way to shape the document
 
     def request_id(prefix: str) -> tuple[str, dict[str, str]]:
         assigned = server_request_id()
@@ -165,7 +186,8 @@ def create_app(
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, error: Exception) -> Response:
-        logger.error("unexpected %s on %s %s", type(error).__name__, request.method, request.url.path)
+        route = getattr(request.scope.get("route"), "path", "-")  # the template: a path may hold a client's text
+        logger.error("unexpected %s on %s %s", type(error).__name__, request.method, route)
         return error_response(InternalError("The server had an error while processing your request."))
 
     @app.get("/healthz", include_in_schema=False)
@@ -184,42 +206,41 @@ def create_app(
         except AnkerError as error:
             return error_response(error, headers)
 
-    @app.get("/v1/models")
+    @app.get("/v1/models", **openapi.LIST_MODELS)
     async def list_models(request: Request) -> Response:
         async def answer(record: KeyRecord) -> Any:
             return service.list_models(record)
 
         return await keyed(request, answer)
 
-    @app.get("/v1/models/{model_id:path}")
+    @app.get("/v1/models/{model_id:path}", **openapi.GET_MODEL)
     async def get_model(model_id: str, request: Request) -> Response:
         async def answer(record: KeyRecord) -> Any:
             return service.get_model(model_id, record)
 
         return await keyed(request, answer)
 
-    @app.get("/v1/usage")
+    @app.get("/v1/usage", **openapi.USAGE)
     async def usage(request: Request) -> Response:
-        """Usage of the caller's organisation (a member's: their key's) in [start, end), by day or model."""
-
         async def answer(record: KeyRecord) -> Any:
             query = request.query_params
             unknown = set(query) - {"start", "end", "group_by", "start_time", "end_time"}
             if unknown:
-                raise InvalidValue(f"Unknown query parameter `{sorted(unknown)[0]}`.", sorted(unknown)[0])
+                name = parameter_name(sorted(unknown)[0])  # named only if it is a parameter name of ours or OpenAI
+                raise InvalidValue(f"Unknown query parameter `{name}`." if name else "Unknown query parameter.", name)
             default_start, default_end = month_bounds(month_period(datetime.now(UTC)))
-            start = parse_time(query.get("start") or query.get("start_time"), "start") or default_start
-            end = parse_time(query.get("end") or query.get("end_time"), "end") or default_end
+            start_field, start = range_bound(query, ("start", "start_time"), default_start)
+            end_field, end = range_bound(query, ("end", "end_time"), default_end)
             if end <= start:
-                raise InvalidValue("`end` must be after `start`.", "end")
-            group_by = query.get("group_by") or None
-            if group_by not in (None, "day", "model"):
+                raise InvalidValue(f"`{end_field}` must be after `{start_field}`.", end_field)
+            group_by = query.get("group_by")
+            if any(value not in ("day", "model") for value in query.getlist("group_by")):
                 raise InvalidValue("`group_by` must be `day` or `model`.", "group_by")
             return await accounts.usage(record, start, end, group_by)
 
         return await keyed(request, answer)
 
-    @app.get("/v1/usage/summary")
+    @app.get("/v1/usage/summary", **openapi.USAGE_SUMMARY)
     async def usage_summary(request: Request) -> Response:
         async def answer(record: KeyRecord) -> Any:
             return await accounts.summary(record)
@@ -257,7 +278,7 @@ def create_app(
             headers={**headers, "Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", **openapi.CHAT_COMPLETIONS)
     async def chat_completions(request: Request) -> Response:
         async def run(body: bytes, ctx: RequestContext) -> Any:
             req = parse_request(ChatCompletionRequest, body, UNSUPPORTED_CHAT)
@@ -265,7 +286,7 @@ def create_app(
 
         return await _serve(request, "chatcmpl", run)
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", **openapi.COMPLETIONS)
     async def completions(request: Request) -> Response:
         async def run(body: bytes, ctx: RequestContext) -> Any:
             req = parse_request(CompletionRequest, body, UNSUPPORTED_COMPLETION)
@@ -277,6 +298,13 @@ def create_app(
     app.include_router(dashboard_router())
     app.add_middleware(TracingMiddleware)
     return app
+
+
+def openapi_document() -> dict[str, Any]:
+    """The published OpenAPI document (``docs/openapi.json``), as every app serves it at ``/openapi.json``.
+
+    It depends on the routes only, so the app is built without a service or accounts behind it."""
+    return create_app(cast(OpenAIService, None), cast(Accounts, None), max_body_bytes=0).openapi()
 
 
 def add_admin_routes(app: FastAPI, accounts: Accounts, max_body_bytes: int) -> None:

@@ -1,26 +1,58 @@
 """OpenAI wire protocol for requests: the accepted fields of chat and text completions, strictly typed.
 
 Parameters Anker does not support are named and refused here with a 400 instead of being ignored. Nothing in this
-module logs, and no error it raises quotes a request value (pydantic errors are rendered without their input).
+module logs, and no error it raises quotes a request value (pydantic errors are rendered without their input, and
+paths into client-chosen keys are cut off). The models' JSON schemas are the request bodies of the published OpenAPI
+document; where a validator refuses more than a field's type says (tool turns, image parts, ``store``), the field's
+published schema (``WithJsonSchema``) says what is accepted.
 """
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, WithJsonSchema, model_validator
 
 from deployments.errors import InvalidJson, InvalidRequest, InvalidValue, UnsupportedParameter, UnsupportedValue
 
 MAX_N = 16
 MAX_STOP = 4
+MAX_STOP_CHARS = 256
 MAX_TOP_LOGPROBS = 20
 MAX_COMPLETION_LOGPROBS = 5
 MAX_PROMPTS = 64
+MAX_TOKEN_ID = 2**31 - 1
 INT64 = 2**63 - 1
 
-Seed = Annotated[int, Field(ge=-(2**63), le=INT64)]
+
+def _integral(value: Any) -> Any:
+    """``2.0`` is the integer 2 in JSON (and in JSON Schema); strings and fractions stay refused (strict mode)."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+# Integer types: bounds first (so that they reach the JSON schema), then 2.0 taken as 2.
+Integral = BeforeValidator(_integral)
+TokenId = Annotated[int, Integral]  # bounds checked with a message of their own (CompletionRequest)
+N = Annotated[int, Field(ge=1, le=MAX_N), Integral]
+Seed = Annotated[int, Field(ge=-(2**63), le=INT64), Integral]
+# Beyond the context, a budget is refused by the tokenizer (context_length_exceeded); the bound keeps numbers short.
+MaxTokens = Annotated[int, Field(ge=1, le=INT64), Integral]
+TopLogprobs = Annotated[int, Field(ge=0, le=MAX_TOP_LOGPROBS), Integral]
+CompletionLogprobs = Annotated[int, Field(ge=0, le=MAX_COMPLETION_LOGPROBS), Integral]
 Penalty = Annotated[float, Field(ge=-2.0, le=2.0)]
+# OpenAI's limits for metadata: accepted and not kept, but no bigger than there.
+Metadata = Annotated[
+    dict[Annotated[str, Field(max_length=64)], Annotated[str, Field(max_length=512)]], Field(max_length=16)
+]
+
+
+def _no_default(schema: dict[str, Any]) -> None:
+    """For a field whose default (null) the published schema does not accept: it must be given."""
+    schema.pop("default", None)
+
 
 # Parameters that exist in OpenAI's API but that Anker does not implement: refused by name, never silently dropped.
 UNSUPPORTED_CHAT = (
@@ -60,19 +92,48 @@ class OtherPart(BaseModel):
     type: Literal["image_url", "input_audio", "file", "refusal"]
 
 
+CHAT_ROLES = ("system", "developer", "user", "assistant")
+TEXT_PART_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "properties": {"type": {"const": "text"}, "text": {"type": "string"}},
+    "required": ["type", "text"],
+    "additionalProperties": False,
+}
+
+
 class ChatMessage(_Request):
-    role: Literal["system", "developer", "user", "assistant", "tool", "function"]
-    content: str | list[TextPart | OtherPart] | None = None
+    # Tool turns and non-text parts are parsed so that ``text`` can refuse them by name; the published schema leaves
+    # them out, as it leaves out a message without content.
+    model_config = ConfigDict(json_schema_extra={"required": ["role", "content"]})
+
+    role: Annotated[
+        Literal["system", "developer", "user", "assistant", "tool", "function"],
+        WithJsonSchema({"type": "string", "enum": list(CHAT_ROLES)}),
+    ]
+    content: Annotated[
+        str | list[TextPart | OtherPart] | None,
+        WithJsonSchema({"anyOf": [{"type": "string"}, {"type": "array", "items": TEXT_PART_SCHEMA}]}),
+        Field(json_schema_extra=_no_default),
+    ] = None
     name: str | None = Field(default=None, max_length=256)
     refusal: str | None = None
-    tool_calls: list[Any] | None = None
-    tool_call_id: str | None = None
-    function_call: Any | None = None
+    tool_calls: Annotated[
+        list[Any] | None,
+        WithJsonSchema(
+            {
+                "anyOf": [{"type": "array", "maxItems": 0}, {"type": "null"}],
+                "description": "Tool calling is not supported: empty or null.",
+            }
+        ),
+    ] = None
+    tool_call_id: Annotated[str | None, WithJsonSchema({"type": "null"})] = None
+    function_call: Annotated[Any | None, WithJsonSchema({"type": "null"})] = None
 
     def text(self, index: int) -> str:
         """The message's text; non-text parts and tool turns are refused with the offending field named."""
         where = f"messages[{index}]"
-        if self.role in ("tool", "function") or self.tool_calls or self.function_call or self.tool_call_id:
+        tool_turn = self.tool_call_id is not None or self.function_call is not None
+        if self.role not in CHAT_ROLES or self.tool_calls or tool_turn:
             raise UnsupportedParameter("Tool and function calling are not supported by this model.", where)
         if self.content is None:
             raise InvalidValue(f"Invalid value for '{where}.content': a message must have content.", f"{where}.content")
@@ -90,21 +151,47 @@ class ChatMessage(_Request):
 
 
 class ResponseFormat(_Request):
-    type: Literal["text", "json_object", "json_schema"]
+    type: Annotated[
+        Literal["text", "json_object", "json_schema"],
+        WithJsonSchema({"const": "text", "description": "Only plain text is supported."}),
+    ]
     json_schema: dict[str, Any] | None = None
 
 
+STOP_SCHEMA: dict[str, Any] = {
+    "anyOf": [
+        {"type": "string", "minLength": 1, "maxLength": MAX_STOP_CHARS},
+        {
+            "type": "array",
+            "items": {"type": "string", "minLength": 1, "maxLength": MAX_STOP_CHARS},
+            "maxItems": MAX_STOP,
+        },
+        {"type": "null"},
+    ]
+}
+
+
+def _only_with(field: str, required: str) -> dict[str, Any]:
+    """JSON schema: when ``field`` is given (not null), ``required`` must be true (what a model validator checks)."""
+    return {
+        "if": {"properties": {field: {"not": {"type": "null"}}}, "required": [field]},
+        "then": {"properties": {required: {"const": True}}, "required": [required]},
+    }
+
+
 class _Common(_Request):
+    model_config = ConfigDict(json_schema_extra={"allOf": [_only_with("stream_options", "stream")]})
+
     model: str = Field(min_length=1, max_length=256)
-    n: int = Field(default=1, ge=1, le=MAX_N)
+    n: N = 1
     temperature: float | None = Field(default=None, ge=0.0, le=2.0)
     top_p: float | None = Field(default=None, ge=0.0, le=1.0)
     seed: Seed | None = None
-    stop: str | list[str] | None = None
+    stop: Annotated[str | list[str] | None, WithJsonSchema(STOP_SCHEMA)] = None
     presence_penalty: Penalty | None = None
     frequency_penalty: Penalty | None = None
     stream: bool | None = False
-    stream_options: StreamOptions | None = None
+    stream_options: StreamOptions | None = Field(default=None, description="Only with `stream: true`.")
     user: str | None = Field(default=None, max_length=256)
 
     @model_validator(mode="after")
@@ -118,6 +205,8 @@ class _Common(_Request):
             raise InvalidValue(f"'stop' may hold at most {MAX_STOP} sequences.", "stop")
         if any(not s for s in stops):
             raise InvalidValue("Stop sequences must not be empty.", "stop")
+        if any(len(s) > MAX_STOP_CHARS for s in stops):
+            raise InvalidValue(f"Stop sequences may be at most {MAX_STOP_CHARS} characters long.", "stop")
         return self
 
     def stop_list(self) -> tuple[str, ...]:
@@ -131,16 +220,23 @@ class _Common(_Request):
 
 
 class ChatCompletionRequest(_Common):
+    model_config = ConfigDict(
+        json_schema_extra={"allOf": [_only_with("stream_options", "stream"), _only_with("top_logprobs", "logprobs")]}
+    )
+
     messages: list[ChatMessage] = Field(min_length=1)
-    max_tokens: int | None = Field(default=None, ge=1)
-    max_completion_tokens: int | None = Field(default=None, ge=1)
+    max_tokens: MaxTokens | None = None
+    max_completion_tokens: MaxTokens | None = None
     logprobs: bool | None = False
-    top_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
+    top_logprobs: TopLogprobs | None = Field(default=None, description="Only with `logprobs: true`.")
     response_format: ResponseFormat | None = None
     tool_choice: Literal["none"] | None = None
     parallel_tool_calls: bool | None = None
-    store: bool | None = None
-    metadata: dict[str, str] | None = None
+    store: Annotated[
+        bool | None,
+        WithJsonSchema({"enum": [False, None], "description": "This service keeps no prompts or completions."}),
+    ] = None
+    metadata: Metadata | None = None
     service_tier: Literal["auto", "default"] | None = None
     modalities: list[Literal["text"]] | None = None
 
@@ -168,16 +264,32 @@ class ChatCompletionRequest(_Common):
         return (self.top_logprobs or 0) if self.logprobs else None
 
 
-Prompt = str | list[str] | list[int] | list[list[int]]
+_TOKEN_IDS: dict[str, Any] = {
+    "type": "array",
+    "items": {"type": "integer", "minimum": 0, "maximum": MAX_TOKEN_ID},
+    "minItems": 1,
+}
+PROMPT_SCHEMA: dict[str, Any] = {
+    "anyOf": [
+        {"type": "string", "minLength": 1},
+        {"type": "array", "items": {"type": "string", "minLength": 1}, "minItems": 1, "maxItems": MAX_PROMPTS},
+        _TOKEN_IDS,
+        {"type": "array", "items": _TOKEN_IDS, "minItems": 1, "maxItems": MAX_PROMPTS},
+    ],
+    "description": "Text, texts, token ids (below the model's vocabulary size) or lists of token ids.",
+}
+Prompt = Annotated[str | list[str] | list[TokenId] | list[list[TokenId]], WithJsonSchema(PROMPT_SCHEMA)]
 
 
 class CompletionRequest(_Common):
     prompt: Prompt
-    max_tokens: int | None = Field(default=16, ge=1)
-    logprobs: int | None = Field(default=None, ge=0, le=MAX_COMPLETION_LOGPROBS)
-    echo: bool | None = False
-    best_of: int | None = Field(default=None, ge=1, le=MAX_N)
-    suffix: str | None = None
+    max_tokens: MaxTokens | None = 16
+    logprobs: CompletionLogprobs | None = None
+    echo: Annotated[bool | None, WithJsonSchema({"enum": [False, None]})] = False
+    best_of: N | None = Field(default=None, description="Only equal to `n`.")
+    suffix: Annotated[str | None, WithJsonSchema({"anyOf": [{"type": "string", "maxLength": 0}, {"type": "null"}]})] = (
+        None
+    )
 
     @model_validator(mode="after")
     def _completion_checks(self) -> CompletionRequest:
@@ -192,6 +304,10 @@ class CompletionRequest(_Common):
             raise InvalidValue("'prompt' must not be empty.", "prompt")
         if len(prompts) > MAX_PROMPTS:
             raise InvalidValue(f"At most {MAX_PROMPTS} prompts per request.", "prompt")
+        if any(
+            not isinstance(t, int) or not 0 <= t <= MAX_TOKEN_ID for p in prompts if not isinstance(p, str) for t in p
+        ):
+            raise InvalidValue(f"Token ids must be integers from 0 to {MAX_TOKEN_ID}.", "prompt")
         if self.stream and len(prompts) * self.n > MAX_N:
             raise InvalidValue(f"A streamed request may ask for at most {MAX_N} choices in all.", "n")
         return self
@@ -207,16 +323,103 @@ class CompletionRequest(_Common):
         return list(p)  # type: ignore[arg-type]
 
 
+# Names of the request models' fields: a path into a request stops at the first key that is not one of them (a
+# ``metadata`` key, say), so that no client-chosen key reaches an error message.
+_FIELDS = frozenset(
+    name
+    for model in (ChatCompletionRequest, CompletionRequest, ChatMessage, TextPart, ResponseFormat, StreamOptions)
+    for name in model.model_fields
+)
+# Location parts that pydantic adds for the branches of a union, not keys of the request.
+_BRANCHES = frozenset({"str", "int", "bool", "float", "list", "dict", "union_tag", "TextPart", "OtherPart"})
+# The forms of the fields that take one of several types: a mismatch is reported as these, not as the first form's.
+_FORMS = {
+    "content": "a string or a list of text parts",
+    "stop": "a string or a list of strings",
+    "prompt": "a string, a list of strings, a list of token ids or a list of lists of token ids",
+}
+# Names of OpenAI's request parameters that Anker does not take: an error may name them, as they are OpenAI's words.
+_OPENAI_NAMES = frozenset(
+    {
+        "audio",
+        "function_call",
+        "functions",
+        "logit_bias",
+        "modalities",
+        "parallel_tool_calls",
+        "prediction",
+        "reasoning_effort",
+        "service_tier",
+        "store",
+        "tool_choice",
+        "tools",
+        "web_search_options",
+    }
+)
+# What the JSON parser's complaint means, by its first words; the complaint itself is never shown.
+_JSON_PROBLEMS = {
+    "EOF while parsing": "it ends early",
+    "recursion limit exceeded": "it is nested too deeply",
+    "number out of range": "a number is out of range",
+    "invalid unicode code point": "it is not valid UTF-8",
+    "control character": "a string holds a raw control character",
+    "invalid escape": "a string holds an invalid escape",
+    "unexpected end of hex escape": "a string holds an invalid escape",
+    "lone leading surrogate": "a string holds an invalid escape",
+    "trailing characters": "there is more after the JSON value",
+}
+_JSON_POSITION = re.compile(r" at line (\d+) column (\d+)$")
+
+
+def parameter_name(name: str, known: frozenset[str] = frozenset()) -> str | None:
+    """``name`` if it is one of OpenAI's (or ``known``) parameter names, so that an error may repeat it; None for
+    any other name: a client's own word is request content, and no error message repeats request content."""
+    return name if name in _FIELDS or name in _OPENAI_NAMES or name in known else None
+
+
+def _is_branch(part: Any) -> bool:
+    return isinstance(part, str) and (part in _BRANCHES or "[" in part)
+
+
 def _field_path(loc: tuple[Any, ...]) -> str:
     path = ""
     for part in loc:
         if isinstance(part, int):
             path += f"[{part}]"
-        elif part in ("str", "list", "int", "function-after", "union_tag") or "[" in str(part):
-            continue  # union-branch markers that pydantic adds to the location
-        else:
+        elif _is_branch(part):
+            continue
+        elif part in _FIELDS:
             path += f".{part}" if path else str(part)
+        else:
+            break  # a client-chosen key (of ``metadata``, say): the path names the field that holds it
     return path
+
+
+def _unparsable(error: dict[str, Any]) -> InvalidJson:
+    complaint = str((error.get("ctx") or {}).get("error", ""))
+    problem = next((text for start, text in _JSON_PROBLEMS.items() if complaint.startswith(start)), None)
+    position = _JSON_POSITION.search(complaint)
+    detail = ""
+    if problem == "it ends early" and position is not None and position.group(2) == "0":
+        detail = " (the body is empty)"
+    elif problem is not None:
+        detail = f" ({problem}" + (f", at line {position[1]} column {position[2]})" if position else ")")
+    return InvalidJson(
+        f"We could not parse the JSON body of your request{detail}. The body must be a JSON object. "
+        "(HINT: This likely means you aren't using your HTTP library correctly.)"
+    )
+
+
+def _unrecognized(loc: tuple[Any, ...], unsupported: tuple[str, ...]) -> InvalidRequest:
+    name, parent = str(loc[-1]), _field_path(loc[:-1])
+    if len(loc) == 1 and name in unsupported:
+        return UnsupportedParameter(f"The parameter '{name}' is not supported by this service.", name)
+    if parameter_name(name):
+        full = f"{parent}.{name}" if parent else name
+        return InvalidRequest(f"Unrecognized request argument supplied: {full}", full)
+    # Not shaped like a parameter name (it may be text): refused without repeating it.
+    where = f" in '{parent}'" if parent else ""
+    return InvalidRequest(f"Unrecognized request argument supplied{where}.", parent or None)
 
 
 def parse_request(model_cls: type[_Request], body: bytes, unsupported: tuple[str, ...]) -> Any:
@@ -227,24 +430,24 @@ def parse_request(model_cls: type[_Request], body: bytes, unsupported: tuple[str
         errors = exc.errors(include_input=False, include_url=False, include_context=True)
         first = errors[0]
         kind = first["type"]
-        if kind == "json_invalid" or (kind == "json_type" and not first["loc"]):
-            raise InvalidJson(
-                "We could not parse the JSON body of your request. The body must be a JSON object. "
-                "(HINT: This likely means you aren't using your HTTP library correctly.)"
-            ) from None
-        if kind == "model_type" and not first["loc"]:
+        if kind == "json_invalid":
+            raise _unparsable(dict(first)) from None
+        if kind in ("json_type", "model_type") and not first["loc"]:
             raise InvalidJson("The request body must be a JSON object.") from None
         unknown = next((e for e in errors if e["type"] == "extra_forbidden"), None)
         if unknown is not None:
-            name = _field_path(unknown["loc"])
-            if len(unknown["loc"]) == 1 and name in unsupported:
-                raise UnsupportedParameter(f"The parameter '{name}' is not supported by this service.", name) from None
-            raise InvalidRequest(f"Unrecognized request argument supplied: {name}", name) from None
+            raise _unrecognized(tuple(unknown["loc"]), unsupported) from None
         # An error raised by our own validators (InvalidRequest) comes back wrapped in the pydantic error's context.
         cause = (first.get("ctx") or {}).get("error")
         if isinstance(cause, InvalidRequest):
             raise cause from None
-        name = _field_path(first["loc"])
+        loc = tuple(first["loc"])
+        branch = next((i for i, part in enumerate(loc) if _is_branch(part)), 0)
+        forms = _FORMS.get(str(loc[branch - 1])) if branch else None
+        if forms is not None:
+            name = _field_path(loc[:branch])
+            raise InvalidValue(f"Invalid value for '{name}': it must be {forms}.", name) from None
+        name = _field_path(loc)
         if kind == "missing":
             raise InvalidRequest(f"Missing required parameter: '{name}'.", name) from None
-        raise InvalidRequest(f"Invalid value for '{name}': {first['msg']}.", name) from None
+        raise InvalidValue(f"Invalid value for '{name}': {first['msg']}.", name) from None
