@@ -192,7 +192,7 @@ def _wait_for_gcs(config: AnkerConfig, head: subprocess.Popen[bytes], timeout_s:
     raise StackError(f"the Ray head did not open its GCS port in {timeout_s:.0f}s; see {config.run_dir / HEAD_LOG}")
 
 
-def _deploy(config: AnkerConfig, say: Say) -> None:
+def _deploy(config: AnkerConfig, say: Say, head: subprocess.Popen[bytes] | None = None) -> None:
     from ray import serve
 
     from deployments.builder import APP_NAME, build_app
@@ -209,7 +209,7 @@ def _deploy(config: AnkerConfig, say: Say) -> None:
             failure.append(exc)
 
     threading.Thread(target=run, name="serve-run", daemon=True).start()
-    _show_progress(config, say, failure)
+    _show_progress(config, say, failure, head)
 
 
 def _deployment_states() -> dict[str, str]:
@@ -231,13 +231,17 @@ def health(base_url: str, timeout_s: float = 3.0) -> tuple[int, dict[str, Any]]:
         return 0, {}
 
 
-def _show_progress(config: AnkerConfig, say: Say, failure: list[BaseException]) -> None:
+def _show_progress(
+    config: AnkerConfig, say: Say, failure: list[BaseException], head: subprocess.Popen[bytes] | None = None
+) -> None:
     started = time.monotonic()
     base_url = f"http://127.0.0.1:{config.server.port}"
     last = ""
     last_said = 0.0
     while True:
         elapsed = time.monotonic() - started
+        if head is not None and head.poll() is not None:  # a dead head never becomes ready: say so, do not wait
+            raise StackError(f"the Ray head exited with {head.returncode}; see {config.run_dir / HEAD_LOG}")
         if failure:
             raise StackError(f"deploying failed: {type(failure[0]).__name__}: {failure[0]}")
         states = _deployment_states()
@@ -293,7 +297,7 @@ def start(config: AnkerConfig, say: Say) -> StackState:
     try:
         _wait_for_gcs(config, head, timeout_s=120)
         say(f"deploying Anker on http://{config.server.host}:{config.server.port} ...")
-        _deploy(config, say)
+        _deploy(config, say, head)
     except BaseException:
         stop(config, say)
         raise
