@@ -246,7 +246,8 @@ class OpenAIService:
     def _model(self, name: str) -> ServedModel:
         model = self._models.get(name)
         if model is None:
-            raise ModelNotFound(f"The model `{name}` does not exist or you do not have access to it.", "model")
+            # Not a served name, so it is the client's own text: not repeated (zero data retention).
+            raise ModelNotFound("The model does not exist or you do not have access to it.", "model")
         return model
 
     def _engine(self, name: str) -> EngineClient:
