@@ -10,8 +10,9 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
+from typing import TypeVar
 
 import httpx
 
@@ -60,9 +61,18 @@ def _client(endpoint: Endpoint, concurrency: int) -> httpx.AsyncClient:
     )
 
 
-async def _requests(
-    endpoint: Endpoint, requests: Iterator[ChatRequest], concurrency: int, duration_s: float | None
+T = TypeVar("T")
+
+
+async def _closed_loop(
+    endpoint: Endpoint,
+    items: Iterator[T],
+    concurrency: int,
+    duration_s: float | None,
+    run: Callable[[httpx.AsyncClient, T, list[StreamResult]], Awaitable[None]],
 ) -> Measured:
+    """``concurrency`` workers, each taking the next item when its last one is done, until the items run out (or
+    ``duration_s`` has passed); ``run`` sends one item and appends its results."""
     results: list[StreamResult] = []
     started = time.perf_counter()
     deadline = None if duration_s is None else started + duration_s
@@ -70,37 +80,10 @@ async def _requests(
     async def worker(client: httpx.AsyncClient) -> None:
         # Iterators are shared by the workers: one event loop, no await between the check and next().
         while deadline is None or time.perf_counter() < deadline:
-            request = next(requests, None)
-            if request is None:
+            item = next(items, None)
+            if item is None:
                 return
-            result = await send(client, endpoint, request)
-            result.text = ""  # measured, not kept
-            results.append(result)
-
-    async with _client(endpoint, concurrency) as client:
-        await asyncio.gather(*(worker(client) for _ in range(concurrency)))
-    return Measured(results, time.perf_counter() - started)
-
-
-async def _conversations(
-    endpoint: Endpoint, conversations: Iterator[Conversation], concurrency: int, duration_s: float | None
-) -> Measured:
-    results: list[StreamResult] = []
-    started = time.perf_counter()
-    deadline = None if duration_s is None else started + duration_s
-
-    async def worker(client: httpx.AsyncClient) -> None:
-        while deadline is None or time.perf_counter() < deadline:
-            conversation = next(conversations, None)
-            if conversation is None:
-                return
-            while not conversation.done:
-                result = await send(client, endpoint, conversation.next_request())
-                results.append(result)
-                if result.error is not None:
-                    break  # the next turn would need this one's reply
-                conversation.add_reply(result.text)
-                result.text = ""
+            await run(client, item, results)
 
     async with _client(endpoint, concurrency) as client:
         await asyncio.gather(*(worker(client) for _ in range(concurrency)))
@@ -111,11 +94,27 @@ def run_requests(
     endpoint: Endpoint, requests: Iterator[ChatRequest], concurrency: int, duration_s: float | None = None
 ) -> Measured:
     """Sends ``requests`` with ``concurrency`` in flight until they run out (or ``duration_s`` has passed)."""
-    return asyncio.run(_requests(endpoint, requests, concurrency, duration_s))
+
+    async def one(client: httpx.AsyncClient, request: ChatRequest, results: list[StreamResult]) -> None:
+        result = await send(client, endpoint, request)
+        result.text = ""  # measured, not kept
+        results.append(result)
+
+    return asyncio.run(_closed_loop(endpoint, requests, concurrency, duration_s, one))
 
 
 def run_conversations(
     endpoint: Endpoint, conversations: Iterator[Conversation], concurrency: int, duration_s: float | None = None
 ) -> Measured:
     """``concurrency`` conversations at a time, each turn after the previous answer, until they run out."""
-    return asyncio.run(_conversations(endpoint, conversations, concurrency, duration_s))
+
+    async def one(client: httpx.AsyncClient, conversation: Conversation, results: list[StreamResult]) -> None:
+        while not conversation.done:
+            result = await send(client, endpoint, conversation.next_request())
+            results.append(result)
+            if result.error is not None:
+                break  # the next turn would need this one's reply
+            conversation.add_reply(result.text)
+            result.text = ""
+
+    return asyncio.run(_closed_loop(endpoint, conversations, concurrency, duration_s, one))
