@@ -10,14 +10,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import time
-from collections.abc import AsyncGenerator, Sequence
+import uuid
+from collections.abc import AsyncGenerator, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+import ray.serve.context
 from ray import serve
 from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
@@ -61,6 +64,24 @@ async def call_deployment(handle: DeploymentHandle, method: str, args: tuple[Any
     return result
 
 
+@contextlib.contextmanager
+def own_serve_request() -> Iterator[None]:
+    """Handle calls made inside get a Serve request id of their own, instead of the HTTP request's.
+
+    Ray Serve (2.60) tracks a call waiting for a replica by the internal id of the request that made it; two calls
+    routed at once from one request (a completion with several prompts) share it, and the second is never matched
+    to a replica: it waits forever. Our own code cancels the engine call when its caller goes away, so nothing
+    relies on Serve's cancel-with-the-parent tracking, which also goes by that id.
+    """
+    current = ray.serve.context._get_serve_request_context()
+    own = dataclasses.replace(current, _internal_request_id=uuid.uuid4().hex)
+    token = ray.serve.context._serve_request_context.set(own)  # type: ignore[arg-type]  # Ray types it as None
+    try:
+        yield
+    finally:
+        ray.serve.context._serve_request_context.reset(token)
+
+
 class ServeTokenizerClient:
     def __init__(self, handle: DeploymentHandle) -> None:
         self._handle = handle
@@ -102,15 +123,16 @@ class ServeEngineClient:
         complete = False
         try:
             # Serve may refuse at once (back-pressure), before the first item.
-            call = self._stream.generate.remote(
-                request_id,
-                prepared.token_ids,
-                sampling,
-                prepared.max_tokens,
-                trace or {},
-                block_hashes=prepared.block_hashes,
-                cache_salt=prepared.cache_salt,
-            )
+            with own_serve_request():
+                call = self._stream.generate.remote(
+                    request_id,
+                    prepared.token_ids,
+                    sampling,
+                    prepared.max_tokens,
+                    trace or {},
+                    block_hashes=prepared.block_hashes,
+                    cache_salt=prepared.cache_salt,
+                )
             assert isinstance(call, DeploymentResponseGenerator)
             responses = call
             async for item in responses:
