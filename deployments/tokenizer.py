@@ -12,6 +12,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from jinja2 import TemplateError
 from opentelemetry.trace import SpanKind
 from ray import serve
 
@@ -100,9 +101,18 @@ class TokenizerCore:
     def chat(self, model: str, turns: Sequence[ChatTurn], max_tokens: int | None) -> Prepared:
         spec = self._spec(model)
         messages = [{"role": t.role, "content": t.content, **({"name": t.name} if t.name else {})} for t in turns]
-        rendered = self._tokenizers[model].apply_chat_template(
-            messages, add_generation_prompt=True, tokenize=True, return_dict=False
-        )
+        try:
+            rendered = self._tokenizers[model].apply_chat_template(
+                messages, add_generation_prompt=True, tokenize=True, return_dict=False
+            )
+        except TemplateError:
+            # The model's template refused the conversation (its `raise_exception`, e.g. roles out of order). Its
+            # text is the template author's and may quote a message: it is not passed on.
+            raise InvalidValue(
+                "The messages do not fit this model's chat template (for example, roles in an order it does not "
+                "accept).",
+                "messages",
+            ) from None
         token_ids = list(rendered["input_ids"] if isinstance(rendered, dict) else rendered)
         return self._prepared(spec, token_ids, max_tokens, "messages")
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
@@ -89,3 +90,22 @@ def test_each_organisation_gets_its_own_prefix_cache_and_routing_keys() -> None:
     assert a1.block_hashes == a2.block_hashes  # one organisation's shared prefix still routes to one replica
     assert not set(a1.block_hashes) & set(b.block_hashes)  # another's identical prompt never matches it
     assert a1.token_ids == b.token_ids and a1.max_tokens == b.max_tokens
+
+
+def test_a_conversation_the_chat_template_refuses_is_a_400_that_quotes_nothing(
+    tiny_models: dict[str, Path], tmp_path: Path
+) -> None:
+    """Real templates refuse some conversations (Qwen's: no user turn); that is the client's mistake, not a 5xx."""
+    model = tmp_path / "strict"
+    shutil.copytree(tiny_models["qwen3-next-tiny"], model)
+    template = model / "chat_template.jinja"
+    refusal = (
+        "{%- if messages[-1]['role'] != 'user' %}"
+        "{{ raise_exception('Last turn was: ' + messages[-1]['content']) }}{%- endif %}"
+    )
+    template.write_text(refusal + template.read_text())
+    strict = TokenizerCore([TokenizerSpec("strict", model, 256)], block_size=16)
+    assert strict.chat("strict", [ChatTurn("user", "Hej")], 4).prompt_tokens > 0
+    with pytest.raises(InvalidValue) as refused:
+        strict.chat("strict", [ChatTurn("user", "Hej"), ChatTurn("assistant", "hemmelig-kanariefugl")], 4)
+    assert refused.value.param == "messages" and "kanariefugl" not in refused.value.message
