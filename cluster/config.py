@@ -250,7 +250,7 @@ class StackConfig(_Strict):
     drain_timeout_s: float = Field(
         default=60.0,
         gt=0,
-        description="On shutdown or scale-in, how long the ingress and engine replicas let running streams finish.",
+        description="On `anker down` or scale-in, how long running requests may take to finish (graceful drain).",
     )
     # Serve's default of 5 would cap each ingress replica at 5 concurrent streams: the ingress only waits on I/O.
     ingress_max_ongoing_requests: int = Field(default=1000, ge=1)
@@ -271,8 +271,10 @@ class BillingConfig(_Strict):
     retention_months: int = Field(
         default=60,
         ge=1,
-        description="How long the ledger, prices, plans and audit log are kept (bookkeeping records: the Danish "
-        "bogføringslov asks for 5 years from the end of the financial year). Stated in `anker compliance report`.",
+        description="How long the ledger, prices, budgets and audit log are kept: months back from the current "
+        "month, then to the start of that year (bookkeeping records: the Danish bogføringslov asks for 5 years from "
+        "the end of the financial year). The billing actor deletes older rows daily; `anker compliance report` "
+        "states it.",
     )
 
     @field_validator("vat_percent", mode="before")

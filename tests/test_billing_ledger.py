@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterator
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
@@ -13,8 +14,12 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
+from cluster.config import load_config
 from deployments.billing.ledger import Ledger, UnknownPrice, UsageEvent
 from deployments.billing.pricing import TokenPrices
+from deployments.billing.retention import purge, retention_cutoff
+from deployments.billing.service import BillingService, billing_spec
+from deployments.billing.tables import API_KEYS, AUDIT_LOG, BUDGET_SPEND, MEMBERS, TENANTS
 from deployments.database import database_url
 
 T0 = datetime(2026, 11, 1, tzinfo=UTC)
@@ -242,3 +247,71 @@ def test_failed_requests_without_output_cost_nothing_cut_off_ones_pay_what_they_
     rows = {r["request_id"]: r for r in ledger.events("kommune-x")}
     assert rows["f"]["cost_nano_dkk"] == 0
     assert rows["c"]["cost_nano_dkk"] == 500 * 6000 + 7 * 45000
+
+
+def test_retention_keeps_whole_financial_years_as_the_bookkeeping_act_asks() -> None:
+    # 60 months: 2021's rows are kept to the end of 2026 (5 years from the end of their year), and go in January.
+    assert retention_cutoff(datetime(2026, 11, 26, 14, tzinfo=UTC), 60) == datetime(2021, 1, 1, tzinfo=UTC)
+    assert retention_cutoff(datetime(2026, 12, 31, 23, tzinfo=UTC), 60) == datetime(2021, 1, 1, tzinfo=UTC)
+    assert retention_cutoff(datetime(2027, 1, 1, tzinfo=UTC), 60) == datetime(2022, 1, 1, tzinfo=UTC)
+    assert retention_cutoff(datetime(2027, 1, 1, tzinfo=UTC), 1) == datetime(2026, 1, 1, tzinfo=UTC)
+    with pytest.raises(ValueError):
+        retention_cutoff(T0, 0)
+
+
+def test_rows_past_their_retention_are_deleted_and_nothing_else(ledger: Ledger) -> None:
+    cutoff = retention_cutoff(datetime(2027, 2, 15, tzinfo=UTC), 2)
+    assert cutoff == datetime(2026, 1, 1, tzinfo=UTC)
+    old, kept = datetime(2025, 11, 10, tzinfo=UTC), datetime(2026, 1, 5, tzinfo=UTC)
+    ledger.set_price("m", DEFAULT, datetime(2025, 3, 1, tzinfo=UTC))  # replaced before the cutoff: goes
+    ledger.set_price("m", CHEAPER, datetime(2025, 6, 1, tzinfo=UTC))  # in force at the cutoff: stays
+    ledger.record([replace(event("old", old), key_id="k-gone"), replace(event("kept", kept), key_id="k-used")])
+
+    def key(key_id: str, revoked: datetime | None, member: str | None = None) -> dict[str, object]:
+        revoked_at = revoked.timestamp() if revoked else None
+        return {"key_id": key_id, "tenant": "kommune-x", "key_hmac": bytes(32), "created_at": old.timestamp(),
+                "revoked_at": revoked_at, "member_id": member, "role": "member"}  # fmt: skip
+
+    def member(member_id: str, removed: datetime | None) -> dict[str, object]:
+        return {"member_id": member_id, "tenant": "kommune-x", "name": "n", "role": "member", "created_at": old,
+                "removed_at": removed}  # fmt: skip
+
+    with ledger.engine.begin() as db:
+        db.execute(TENANTS.insert().values(tenant="kommune-x", display_name="K", plan="payg", plan_fee_ore=0,
+                                           discount_bp=0, created_at=old))  # fmt: skip
+        db.execute(MEMBERS.insert(), [member("m-gone", old), member("m-with-key", old), member("m-active", None)])
+        db.execute(API_KEYS.insert(), [key("k-gone", old), key("k-used", old, "m-with-key"), key("k-active", None)])
+        db.execute(AUDIT_LOG.insert(), [{"at": at, "actor": "operator", "tenant": "kommune-x", "action": "a",
+                                          "target": "t", "details": "{}"} for at in (old, cutoff)])  # fmt: skip
+        db.execute(BUDGET_SPEND.insert(), [{"scope": "tenant", "scope_id": "kommune-x", "period": period,
+                                             "spent_nano_dkk": 1, "reserved_nano_dkk": 0}
+                                            for period in ("2025-12", "2026-01", "all")])  # fmt: skip
+        deleted = purge(db, cutoff)
+    assert deleted == {"usage_events": 1, "audit_log": 1, "budget_spend": 1, "model_prices": 1, "api_keys": 1,
+                       "members": 1}  # fmt: skip
+    with ledger.engine.connect() as db:
+        assert ledger.request_ids("kommune-x") == ["kept"]
+        assert {r.key_id for r in db.execute(sa.select(API_KEYS.c.key_id))} == {"k-used", "k-active"}
+        assert {r.member_id for r in db.execute(sa.select(MEMBERS.c.member_id))} == {"m-with-key", "m-active"}
+        assert sorted(r.period for r in db.execute(sa.select(BUDGET_SPEND.c.period))) == ["2026-01", "all"]
+        assert db.execute(sa.select(sa.func.count()).select_from(AUDIT_LOG)).scalar() == 1
+    assert ledger.price_at("m", cutoff) == CHEAPER and ledger.price_at("m", T0 + timedelta(days=1)) == DEFAULT
+    with ledger.engine.begin() as db:
+        assert not any(purge(db, cutoff).values()), "a second purge finds nothing"
+
+
+async def test_the_billing_service_keeps_rows_for_the_configured_months(tmp_path: Path) -> None:
+    config = load_config(environ={"ANKER_DATA_DIR": str(tmp_path), "ANKER__BILLING__RETENTION_MONTHS": "3"})
+    spec = billing_spec(config)
+    assert spec.retention_months == 3
+    service = BillingService(spec)
+    try:
+        model = config.models[0].name
+        service.ledger.set_price(model, DEFAULT, datetime(2025, 1, 1, tzinfo=UTC))
+        last_year, this_year = event("2025", datetime(2025, 6, 15, tzinfo=UTC)), event("2026", T0 - timedelta(days=1))
+        service.ledger.record([replace(last_year, model=model), replace(this_year, model=model)])
+        # In December 2026, three months back is September 2026: 2025's rows go.
+        deleted = await service.purge_expired(now=datetime(2026, 12, 2, tzinfo=UTC))
+        assert deleted["usage_events"] == 1 and service.ledger.request_ids("kommune-x") == ["2026"]
+    finally:
+        service.ledger.dispose()

@@ -39,6 +39,8 @@ def test_the_local_profile_keeps_everything_in_denmark() -> None:
     assert "| `qwen3-next-tiny` | `dk` | Denmark | no |" in record
     assert f"Database (SQLite): **{config.data_dir / 'anker.db'}**" in record
     assert "60 months (`billing.retention_months`)" in record
+    assert "Deletion is automatic" in record and "deployments/billing/retention.py" in record
+    assert (Path(__file__).parent.parent / "deployments" / "billing" / "retention.py").exists()
     assert "Traces: not exported" in record
     assert "127.0.0.1:8000" in docs[FLOWS] and f"port {config.ray.gcs_port}" in docs[FLOWS]
 

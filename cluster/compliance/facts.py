@@ -150,8 +150,8 @@ def retention(config: AnkerConfig, rule: str) -> str:
         return f"{months} months (`billing.retention_months`)"
     if rule == "account":
         return (
-            f"while the organisation is a customer, then as long as the ledger rows that name it: {months} months "
-            "(keys and members are deactivated by `revoked_at` / `removed_at`, not deleted)"
+            "organisations while they are customers; revoked keys and removed members (`revoked_at` / "
+            f"`removed_at`) as long as the ledger rows that name them: {months} months"
         )
     return (
         "deleted when the request's usage is recorded, or after "

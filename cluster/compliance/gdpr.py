@@ -86,13 +86,15 @@ def record_of_processing(config: AnkerConfig, environ: Mapping[str, str], source
         "",
         "## 4. Retention",
         "",
-        f"- Ledger, prices, budgets and audit log: **{months} months** (`billing.retention_months`, default 60: the "
-        "Danish bookkeeping act (bogføringsloven) keeps accounting records for 5 years from the end of the financial "
-        "year). This setting was added to the config for this record.",
-        "- Organisations, members and keys: while the organisation is a customer, then as long as the ledger rows "
-        "that name them.",
+        f"- Ledger, prices, budgets and audit log: **{months} months** (`billing.retention_months`), counted back "
+        "from the current month and then to the start of that calendar year, so a financial year's rows go together "
+        "(default 60: the Danish bookkeeping act (bogføringsloven) keeps accounting records for 5 years from the end "
+        "of the financial year).",
+        "- Organisations: while the organisation is a customer. Members and keys: until removed or revoked, then as "
+        "long as the ledger rows that name them.",
         "- Request content: not retained (the length of the request; KV-cache blocks until evicted).",
-        "- Deletion after the period is not automated yet: the operator deletes expired rows.",
+        "- Deletion is automatic: the billing actor deletes expired rows once a day "
+        "(`deployments/billing/retention.py`).",
         "",
         "## 5. Recipients and processors",
         "",

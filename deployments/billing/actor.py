@@ -1,7 +1,8 @@
 """The billing actor: a single-replica Ray Serve deployment owning the ledger (Ray Serve restarts it on failure).
 
 A thin shell over ``BillingService``: errors travel back as values (``AnkerError``), never as crashes, and a sweep
-releases budget reservations whose usage never arrived. All state that matters is in the database.
+releases budget reservations whose usage never arrived and, once a day, deletes rows past their retention. All state
+that matters is in the database.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
@@ -26,6 +28,7 @@ from observability import tracing
 logger = logging.getLogger("ray.serve")
 
 SWEEP_PERIOD_S = 60.0
+PURGE_PERIOD_S = 24 * 3600.0
 
 
 @serve.deployment(name="Billing", num_replicas=1, max_ongoing_requests=1024, health_check_period_s=10)
@@ -36,12 +39,23 @@ class Billing:
         self._sweeper = asyncio.get_running_loop().create_task(self._sweep())
 
     async def _sweep(self) -> None:
+        """Expired budget reservations every minute; rows past their retention once a day."""
+        purged_at = -PURGE_PERIOD_S
         while True:
             await asyncio.sleep(SWEEP_PERIOD_S)
             with contextlib.suppress(Exception):
                 released = await self._service.release_expired()
                 if released:
                     logger.warning("billing: released %d expired budget reservations", released)
+            if time.monotonic() - purged_at >= PURGE_PERIOD_S:
+                try:
+                    deleted = await self._service.purge_expired()
+                    purged_at = time.monotonic()
+                except Exception as exc:  # tried again at the next sweep
+                    logger.error("billing: retention purge failed with %s", type(exc).__name__)
+                else:
+                    if any(deleted.values()):
+                        logger.info("billing: retention purge deleted %s", deleted)
 
     async def authenticate(self, key: str) -> Principal | None:
         return await self._service.authenticate(key)

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from deployments import database
-from deployments.billing import budgets
+from deployments.billing import budgets, retention
 from deployments.billing.governance import Actor, Governance, key_json, plan_json
 from deployments.billing.ledger import Ledger, UsageBucket, UsageEvent, usage_total
 from deployments.billing.pricing import TokenPrices, dkk_string
@@ -43,6 +43,7 @@ class BillingSpec:
     default_rpm: int
     default_tpm: int
     reservation_ttl_s: float = 900.0
+    retention_months: int = 60
 
 
 def model_prices(model: ModelConfig) -> TokenPrices:
@@ -60,6 +61,7 @@ def billing_spec(config: AnkerConfig) -> BillingSpec:
         default_rpm=config.billing.default_rpm,
         default_tpm=config.billing.default_tpm,
         reservation_ttl_s=config.billing.reservation_ttl_s,
+        retention_months=config.billing.retention_months,
     )
 
 
@@ -173,6 +175,16 @@ class BillingService:
         def run() -> int:
             with self.ledger.engine.begin() as db:
                 return budgets.release_expired(db, cutoff)
+
+        return await asyncio.to_thread(run)
+
+    async def purge_expired(self, now: datetime | None = None) -> dict[str, int]:
+        """Deletes rows past ``retention_months`` (deployments/billing/retention.py); rows deleted per table."""
+        cutoff = retention.retention_cutoff(now or datetime.now(UTC), self._spec.retention_months)
+
+        def run() -> dict[str, int]:
+            with self.ledger.engine.begin() as db:
+                return retention.purge(db, cutoff)
 
         return await asyncio.to_thread(run)
 
