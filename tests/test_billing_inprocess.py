@@ -16,7 +16,8 @@ import pytest
 
 from deployments.billing.governance import Actor
 from deployments.openai import sse
-from deployments.openai.protocol import ChatCompletionRequest, parse_request
+from deployments.openai.parsing import parse_request
+from deployments.openai.protocol import ChatCompletionRequest
 from deployments.openai.serving import RequestContext
 from deployments.tokenizer import TokenizerCore, TokenizerSpec
 from tests.doubles import InstantEngineDouble

@@ -11,7 +11,8 @@ import httpx
 import schemathesis
 
 from deployments.openai import openapi
-from deployments.openai.app import Accounts, create_app, openapi_document
+from deployments.openai.accounts import Accounts
+from deployments.openai.app import create_app, openapi_document
 from deployments.openai.serving import OpenAIService
 
 CUSTOMER_API = {

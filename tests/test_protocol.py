@@ -7,12 +7,12 @@ import json
 import pytest
 
 from deployments.errors import InvalidJson, InvalidRequest, UnsupportedParameter, UnsupportedValue
+from deployments.openai.parsing import parse_request
 from deployments.openai.protocol import (
     UNSUPPORTED_CHAT,
     UNSUPPORTED_COMPLETION,
     ChatCompletionRequest,
     CompletionRequest,
-    parse_request,
 )
 
 CANARY = "ZDR-CANARY-7f3a"

@@ -1,5 +1,5 @@
-"""The HTTP surface: a FastAPI app with OpenAI's routes, usage, administration and the dashboard, bearer-key auth,
-body limits, rate-limit headers and OpenAI-shaped errors.
+"""The HTTP surface: a FastAPI app with OpenAI's routes, usage, administration (``admin.py``) and the dashboard,
+bearer-key auth, body limits, rate-limit headers and OpenAI-shaped errors.
 
 Built by ``create_app`` from a service and an ``Accounts`` client, so tests run it in-process; the Ray Serve ingress
 serves the same app. It never logs bodies; unexpected failures are logged by exception type only.
@@ -8,14 +8,13 @@ serves the same app. It never logs bodies; unexpected failures are logged by exc
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime
 from decimal import Decimal, InvalidOperation
-from typing import Any, Protocol, cast
+from typing import Any, cast
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -24,60 +23,33 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from deployments.billing.budgets import month_bounds, month_period
-from deployments.billing.governance import Actor
 from deployments.dashboard import router as dashboard_router
 from deployments.errors import (
     AnkerError,
     InternalError,
     InvalidApiKey,
-    InvalidJson,
     InvalidRequest,
     InvalidValue,
     MethodNotAllowed,
-    RequestTooLarge,
     RouteNotFound,
 )
 from deployments.keys import KeyRecord
 from deployments.openai import openapi, sse
+from deployments.openai.accounts import BAD_KEY, NO_KEY, Accounts, bearer
+from deployments.openai.admin import add_admin_routes
 from deployments.openai.errors import error_body, error_response
+from deployments.openai.parsing import parameter_name, parse_request, read_body
 from deployments.openai.protocol import (
     UNSUPPORTED_CHAT,
     UNSUPPORTED_COMPLETION,
     ChatCompletionRequest,
     CompletionRequest,
-    parameter_name,
-    parse_request,
 )
 from deployments.openai.serving import OpenAIService, RequestContext
 from observability import metrics
 from observability.tracing import TracingMiddleware
 
 logger = logging.getLogger("ray.serve")
-
-NO_KEY = (
-    "You didn't provide an API key. You need to provide your API key in an Authorization header using Bearer auth "
-    "(i.e. Authorization: Bearer YOUR_KEY)."
-)
-BAD_KEY = "Incorrect API key provided. You can create a key with `anker keys create --tenant NAME`."
-
-
-ADMIN_NO_TOKEN = "Administration needs the operator's admin token or an owner's or admin's API key (Bearer auth)."
-
-
-class Accounts(Protocol):
-    """Keys, usage and administration as the HTTP layer sees them (the billing actor, through the ingress)."""
-
-    async def verify(self, key: str) -> KeyRecord | None: ...
-
-    async def is_admin_token(self, token: str) -> bool: ...
-
-    async def rate_limit_headers(self, key: KeyRecord) -> dict[str, str]: ...
-
-    async def usage(self, key: KeyRecord, start: datetime, end: datetime, group_by: str | None) -> dict[str, Any]: ...
-
-    async def summary(self, key: KeyRecord) -> dict[str, Any]: ...
-
-    async def administer(self, actor: Actor, operation: str, arguments: dict[str, Any]) -> Any: ...
 
 
 def parse_time(value: str, field: str) -> datetime:
@@ -110,28 +82,6 @@ def _number(value: str) -> Decimal | None:
         return None
 
 
-async def read_body(request: Request, limit: int) -> bytes:
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise RequestTooLarge(f"The request body is larger than the limit of {limit} bytes.")
-    chunks: list[bytes] = []
-    size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise RequestTooLarge(f"The request body is larger than the limit of {limit} bytes.")
-        chunks.append(chunk)
-    return b"".join(chunks)
-
-
-def _bearer(request: Request) -> str | None:
-    header = request.headers.get("authorization")
-    if not header:
-        return None
-    scheme, _, token = header.partition(" ")
-    return token.strip() if scheme.lower() == "bearer" and token.strip() else None
-
-
 def create_app(
     service: OpenAIService,
     accounts: Accounts,
@@ -151,7 +101,7 @@ def create_app(
         return own, {"X-Request-Id": own}
 
     async def authenticate(request: Request) -> KeyRecord:
-        key = _bearer(request)
+        key = bearer(request)
         if key is None:
             raise InvalidApiKey(NO_KEY)
         record = await accounts.verify(key)
@@ -305,113 +255,6 @@ def openapi_document() -> dict[str, Any]:
 
     It depends on the routes only, so the app is built without a service or accounts behind it."""
     return create_app(cast(OpenAIService, None), cast(Accounts, None), max_body_bytes=0).openapi()
-
-
-def add_admin_routes(app: FastAPI, accounts: Accounts, max_body_bytes: int) -> None:
-    """``/admin``: the operator (admin token) manages every organisation; an owner or admin key manages its own."""
-
-    async def actor(request: Request) -> Actor:
-        token = _bearer(request)
-        if token is None:
-            raise InvalidApiKey(ADMIN_NO_TOKEN)
-        if await accounts.is_admin_token(token):
-            return Actor.operator("admin-token")
-        record = await accounts.verify(token)
-        if record is None:
-            raise InvalidApiKey(BAD_KEY)
-        return Actor.of_key(record)
-
-    async def body_of(request: Request) -> dict[str, Any]:
-        raw = await read_body(request, max_body_bytes)
-        if not raw.strip():
-            return {}
-        try:
-            body = json.loads(raw)
-        except (ValueError, UnicodeDecodeError):
-            raise InvalidJson("The request body is not valid JSON.") from None
-        if not isinstance(body, dict):
-            raise InvalidRequest("The request body must be a JSON object.")
-        return body
-
-    def only(body: dict[str, Any], allowed: set[str]) -> dict[str, Any]:
-        unknown = set(body) - allowed
-        if unknown:
-            raise InvalidValue(f"Unknown field `{sorted(unknown)[0]}`.", sorted(unknown)[0])
-        return body
-
-    async def run(request: Request, operation: str, arguments: dict[str, Any], status: int = 200) -> Response:
-        result = await accounts.administer(await actor(request), operation, arguments)
-        if isinstance(result, list):
-            result = {"object": "list", "data": result}
-        return JSONResponse(result, status_code=status)
-
-    tenant_fields = {"display_name", "plan", "monthly_fee_dkk", "discount_percent", "budget_kind", "budget_dkk"}
-    key_fields = {"name", "role", "member_id", "allowed_models", "budget_dkk", "rpm", "tpm"}
-
-    @app.get("/admin/tenants")
-    async def list_tenants(request: Request) -> Response:
-        return await run(request, "list_tenants", {})
-
-    @app.post("/admin/tenants")
-    async def create_tenant(request: Request) -> Response:
-        body = only(await body_of(request), tenant_fields | {"id"})
-        tenant = body.pop("id", None)
-        return await run(request, "create_tenant", {"tenant": tenant, **body}, 201)
-
-    @app.get("/admin/tenants/{tenant}")
-    async def get_tenant(tenant: str, request: Request) -> Response:
-        return await run(request, "get_tenant", {"tenant": tenant})
-
-    @app.patch("/admin/tenants/{tenant}")
-    async def update_tenant(tenant: str, request: Request) -> Response:
-        return await run(request, "update_tenant", {"tenant": tenant, **only(await body_of(request), tenant_fields)})
-
-    @app.get("/admin/tenants/{tenant}/members")
-    async def list_members(tenant: str, request: Request) -> Response:
-        return await run(request, "list_members", {"tenant": tenant})
-
-    @app.post("/admin/tenants/{tenant}/members")
-    async def add_member(tenant: str, request: Request) -> Response:
-        body = only(await body_of(request), {"name", "role"})
-        return await run(
-            request, "add_member", {"tenant": tenant, "name": body.get("name"), "role": body.get("role")}, 201
-        )
-
-    @app.patch("/admin/tenants/{tenant}/members/{member_id}")
-    async def set_member_role(tenant: str, member_id: str, request: Request) -> Response:
-        body = only(await body_of(request), {"role"})
-        return await run(
-            request, "set_member_role", {"tenant": tenant, "member_id": member_id, "role": body.get("role")}
-        )
-
-    @app.delete("/admin/tenants/{tenant}/members/{member_id}")
-    async def remove_member(tenant: str, member_id: str, request: Request) -> Response:
-        return await run(request, "remove_member", {"tenant": tenant, "member_id": member_id})
-
-    @app.get("/admin/tenants/{tenant}/keys")
-    async def list_keys(tenant: str, request: Request) -> Response:
-        return await run(request, "list_keys", {"tenant": tenant})
-
-    @app.post("/admin/tenants/{tenant}/keys")
-    async def create_key(tenant: str, request: Request) -> Response:
-        return await run(request, "create_key", {"tenant": tenant, **only(await body_of(request), key_fields)}, 201)
-
-    @app.patch("/admin/keys/{key_id}")
-    async def update_key(key_id: str, request: Request) -> Response:
-        body = only(await body_of(request), key_fields - {"member_id"})
-        return await run(request, "update_key", {"key_id": key_id, **body})
-
-    @app.delete("/admin/keys/{key_id}")
-    async def revoke_key(key_id: str, request: Request) -> Response:
-        return await run(request, "revoke_key", {"key_id": key_id})
-
-    @app.get("/admin/tenants/{tenant}/audit")
-    async def tenant_audit(tenant: str, request: Request) -> Response:
-        return await run(request, "audit_log", {"tenant": tenant})
-
-    @app.get("/admin/audit")
-    async def audit(request: Request) -> Response:
-        return await run(request, "audit_log", {"tenant": None})
 
 
 async def _guard_stream(events: AsyncIterator[bytes], on_done: Callable[[], None]) -> AsyncIterator[bytes]:
