@@ -18,7 +18,7 @@ from deployments.billing.governance import Actor
 from deployments.openai import sse
 from deployments.openai.parsing import parse_request
 from deployments.openai.protocol import ChatCompletionRequest
-from deployments.openai.serving import RequestContext
+from deployments.openai.usage import RequestContext
 from deployments.tokenizer import TokenizerCore, TokenizerSpec
 from tests.doubles import InstantEngineDouble
 from tests.inprocess import CTX, InProcessStack, clean_postgres, inprocess_stack

@@ -45,7 +45,8 @@ from deployments.openai.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
 )
-from deployments.openai.serving import OpenAIService, RequestContext
+from deployments.openai.serving import OpenAIService
+from deployments.openai.usage import RequestContext
 from observability import metrics
 from observability.tracing import TracingMiddleware
 
