@@ -332,8 +332,24 @@ def _shutdown_serve(config: AnkerConfig, say: Say) -> None:
         import ray
         from ray import serve
 
+        from deployments.drain import drain_ingresses, stop_draining
+
         connect(config)
-        say("stopping Serve (running requests get a graceful drain) ...")
+        timeout_s = config.stack.drain_timeout_s
+        say(f"draining: new requests get 503 with Retry-After, running ones finish (at most {timeout_s:g} s) ...")
+        try:
+            outcome = drain_ingresses(timeout_s, say)
+        except BaseException:
+            stop_draining()  # e.g. Ctrl-C: the ingress replicas serve again
+            raise
+        if outcome.drained:
+            say(f"  drained in {outcome.seconds:.1f} s")
+        else:
+            say(
+                f"  drain timed out: {outcome.running} requests still running and {outcome.pending_usage} usage "
+                "reports pending (the ingress spools those for the next start)"
+            )
+        say("stopping Serve ...")
         serve.shutdown()
         ray.shutdown()
     except Exception as exc:  # the head is stopped below either way

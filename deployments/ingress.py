@@ -28,6 +28,7 @@ from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 from deployments.billing.governance import Actor
 from deployments.billing.service import Principal, UsageReport
 from deployments.contracts import Admission, AdmissionRequest, ChatTurn, EngineFailure, Prepared, Sampling
+from deployments.drain import DrainGate, watch_drain
 from deployments.errors import AnkerError, BillingUnavailable, EngineUnavailable
 from deployments.keys import KeyRecord
 from deployments.openai.app import create_app
@@ -289,7 +290,12 @@ class Ingress:
         self._tasks = [loop.create_task(engine.watch()) for engine in self._engines.values()]
         self._tasks.append(loop.create_task(self._billing.outbox.run()))
         self._tasks.append(loop.create_task(self._report_pending()))
-        return create_app(self._service, self._billing, self._max_body_bytes, _serve_request_id)
+        gate = DrainGate(create_app(self._service, self._billing, self._max_body_bytes, _serve_request_id))
+        context = serve.get_replica_context()
+        replica = context.replica_id.to_full_id_str()
+        outbox = self._billing.outbox
+        self._tasks.append(loop.create_task(watch_drain(gate, context.app_name, replica, lambda: outbox.pending)))
+        return gate
 
     async def _report_pending(self) -> None:
         replica = serve.get_replica_context().replica_id.unique_id

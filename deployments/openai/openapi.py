@@ -78,8 +78,9 @@ ERRORS: dict[int, str] = {
     429: "The key's requests or tokens per minute are used up (`rate_limit_exceeded`), or a budget is "
     "(`insufficient_quota`).",
     500: "An unexpected error of the server (`internal_error`).",
-    503: "Briefly unavailable: billing (`billing_unavailable`) or, for a completion, the model's engine, starting, "
-    "restarting or at capacity (`engine_unavailable`, `engine_overloaded`).",
+    503: "Briefly unavailable: billing (`billing_unavailable`), the server shutting down for maintenance "
+    "(`server_shutting_down`) or, for a completion, the model's engine, starting, restarting or at capacity "
+    "(`engine_unavailable`, `engine_overloaded`).",
 }
 RETRY_AFTER = {
     "Retry-After": {
