@@ -380,7 +380,8 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_parser(
             "down",
             help="stop the stack that `anker up` started",
-            description="Stop Serve and the Ray head started from this data folder.",
+            description="Drain, then stop Serve and the Ray head started from this data folder. Draining: new "
+            "requests get 503 with Retry-After while running ones finish, for at most stack.drain_timeout_s.",
         )
     )
     down.set_defaults(func=cmd_down)
