@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from deployments.keys import KEY_PATTERN, open_key_store
+from tests.inprocess import clean_postgres
 
 
 def test_create_verify_revoke(tmp_path: Path) -> None:
@@ -45,7 +46,8 @@ def test_a_new_store_on_the_same_folder_verifies_old_keys(tmp_path: Path) -> Non
 
 
 def test_keys_on_postgresql(postgres_url: str, tmp_path: Path) -> None:
-    store = open_key_store(tmp_path, postgres_url.replace("postgresql+psycopg://", "postgresql://"))
+    url = clean_postgres(postgres_url)  # the session's server: other tests' keys are not this test's
+    store = open_key_store(tmp_path, url.replace("postgresql+psycopg://", "postgresql://"))
     record, key = store.create("kommune-y")
     assert store.verify(key) == record and store.count_active() == 1
     assert store.revoke(record.key_id) and store.verify(key) is None
