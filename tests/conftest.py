@@ -12,7 +12,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -213,14 +213,21 @@ class SecondApp:
     """A second Anker application on the stack's Ray cluster (see the ``second_app`` fixture)."""
 
     base_url: str
-    api_key: str
+    api_key: str  # the tests' key: its ledger holds only what the tests sent
     env: dict[str, str]  # the `anker` CLI's environment for this app: its data folder and database
     stack_env: dict[str, str]
     data_dir: Path
     postgres: PostgresServer
+    probe_key: str = ""  # the readiness probe's own key (a probe that timed out is still billed, later)
 
     def anker(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
         return subprocess.run([ANKER, *args], env=self.env, capture_output=True, text=True, timeout=timeout)
+
+    def new_key(self, tenant: str) -> str:
+        """A key of a new organisation: a test's own ledger, which no other test's late usage reaches."""
+        created = self.anker("keys", "create", "--tenant", tenant)
+        assert created.returncode == 0, created.stderr
+        return created.stdout.strip().splitlines()[-1]
 
     def connect(self) -> None:
         """This process as a driver on the stack's cluster (again, if a test module disconnected it)."""
@@ -246,12 +253,19 @@ class SecondApp:
         status = serve.status().applications[SECOND_APP].deployments[deployment]
         return int(status.replica_states.get("RUNNING", 0))
 
-    def kill_replica(self, deployment: str, replicas: int, timeout_s: float = SECOND_READY_TIMEOUT_S) -> None:
-        """Kills one replica of ``deployment`` and waits until Serve has replaced it (``replicas`` running)."""
+    def kill_replica(
+        self,
+        deployment: str,
+        replicas: int,
+        choose: Callable[[list[str]], str] = lambda alive: alive[0],
+        timeout_s: float = SECOND_READY_TIMEOUT_S,
+    ) -> None:
+        """Kills the replica of ``deployment`` that ``choose`` picks from the live ones' actor names and waits until
+        Serve has replaced it (``replicas`` running)."""
         import ray
 
         self.connect()
-        victim = self.alive_replicas(deployment)[0]
+        victim = choose(self.alive_replicas(deployment))
         ray.kill(ray.get_actor(victim, namespace="serve"), no_restart=True)
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
@@ -271,7 +285,7 @@ class SecondApp:
                 r = httpx.post(
                     f"{self.base_url}/v1/chat/completions",
                     json={"model": SECOND_MODEL, "messages": [{"role": "user", "content": "hej"}], "max_tokens": 1},
-                    headers={"Authorization": f"Bearer {self.api_key}"},
+                    headers={"Authorization": f"Bearer {self.probe_key or self.api_key}"},
                     timeout=30,
                 )
                 if r.status_code == 200:
@@ -297,20 +311,16 @@ def second_app(stack: Stack, tmp_path_factory: pytest.TempPathFactory) -> Iterat
     shutil.copytree(stack.data_dir / "models" / SECOND_MODEL, data_dir / "models" / SECOND_MODEL)
     with postgres_server() as postgres:
         env = {**stack.env, **SECOND_ENV, "ANKER_DATA_DIR": str(data_dir), "ANKER_DATABASE_URL": postgres.url}
-        created = subprocess.run(
-            [ANKER, "keys", "create", "--tenant", "second"], env=env, capture_output=True, text=True, timeout=120
-        )
-        assert created.returncode == 0, created.stderr
+        keys = []
+        for tenant in ("second", "second-probe"):
+            created = subprocess.run(
+                [ANKER, "keys", "create", "--tenant", tenant], env=env, capture_output=True, text=True, timeout=120
+            )
+            assert created.returncode == 0, created.stderr
+            keys.append(created.stdout.strip().splitlines()[-1])
         config = load_config(environ=env)
         config = config.model_copy(update={"models": [m for m in config.models if m.name == SECOND_MODEL]})
-        app = SecondApp(
-            f"{stack.base_url}{SECOND_PREFIX}",
-            created.stdout.strip().splitlines()[-1],
-            env,
-            dict(stack.env),
-            data_dir,
-            postgres,
-        )
+        app = SecondApp(f"{stack.base_url}{SECOND_PREFIX}", keys[0], env, dict(stack.env), data_dir, postgres, keys[1])
         app.connect()
         serve.run(build_app(config), name=SECOND_APP, route_prefix=SECOND_PREFIX)
         try:

@@ -21,11 +21,12 @@ BURST = 28  # well above 2 x 4 running + 4 queued
 
 
 async def test_a_full_queue_is_answered_at_once_with_503_and_retry_after(second_app: SecondApp) -> None:
-    before = ledger_totals(second_app.base_url, second_app.api_key)
+    key = second_app.new_key("backpressure")
+    before = ledger_totals(second_app.base_url, key)
     async with httpx.AsyncClient(timeout=CLIENT_TIMEOUT_S) as client:
         outcomes = await asyncio.gather(
             *(
-                stream_chat(client, second_app.base_url, second_app.api_key, SECOND_MODEL, f"Spørgsmål nummer {i}?", 64)
+                stream_chat(client, second_app.base_url, key, SECOND_MODEL, f"Spørgsmål nummer {i}?", 64)
                 for i in range(BURST)
             )
         )
@@ -41,10 +42,10 @@ async def test_a_full_queue_is_answered_at_once_with_503_and_retry_after(second_
         assert outcome.done and outcome.error_code is None and outcome.usage is not None
         assert outcome.usage["completion_tokens"] > 0
 
-    billed, expected = wait_for_ledger(second_app.base_url, second_app.api_key, before, list(outcomes))
+    billed, expected = wait_for_ledger(second_app.base_url, key, before, list(outcomes))
     assert billed == expected
 
     # Overload is not an outage: the model serves the next request at once.
     async with httpx.AsyncClient(timeout=CLIENT_TIMEOUT_S) as client:
-        after = await stream_chat(client, second_app.base_url, second_app.api_key, SECOND_MODEL, "Og nu?", 4)
+        after = await stream_chat(client, second_app.base_url, key, SECOND_MODEL, "Og nu?", 4)
     assert after.status == 200 and after.done

@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections import Counter
 from collections.abc import Callable
 
 import pytest
 
 from tests.conftest import SECOND_MODEL, SecondApp
+from tests.otlp import OtlpReceiver
 from tests.traffic import Outcome, ledger_totals, steady_load, wait_for_ledger
 
 pytestmark = pytest.mark.stack
@@ -24,10 +26,10 @@ ENGINE = f"Engine-{SECOND_MODEL}"
 CLIENTS = 6  # under the app's 2 x 4 running + 4 queued: a refusal here would be a fault's doing
 
 
-async def under_load(app: SecondApp, fault: Callable[[], None]) -> list[Outcome]:
+async def under_load(app: SecondApp, key: str, fault: Callable[[], None]) -> list[Outcome]:
     """Streams from ``CLIENTS`` clients before, during and after ``fault`` (which returns once it is over)."""
     stop = asyncio.Event()
-    load = asyncio.create_task(steady_load(app.base_url, app.api_key, SECOND_MODEL, CLIENTS, stop))
+    load = asyncio.create_task(steady_load(app.base_url, key, SECOND_MODEL, CLIENTS, stop))
     await asyncio.sleep(8)  # streams are running on both replicas
     await asyncio.to_thread(fault)
     await asyncio.sleep(8)  # and go on after recovery
@@ -35,40 +37,56 @@ async def under_load(app: SecondApp, fault: Callable[[], None]) -> list[Outcome]
     return await load
 
 
-def assert_clean_and_billed(app: SecondApp, before: dict[str, int], outcomes: list[Outcome]) -> None:
+def assert_clean_and_billed(app: SecondApp, key: str, before: dict[str, int], outcomes: list[Outcome]) -> None:
     assert outcomes
     unclean = [o for o in outcomes if not o.clean]
     assert not unclean, unclean[:5]
     # The service recovered by itself: the last requests of the run were served.
     assert all(o.status == 200 and o.error_code is None for o in outcomes[-CLIENTS:]), outcomes[-CLIENTS:]
-    billed, expected = wait_for_ledger(app.base_url, app.api_key, before, outcomes)
+    billed, expected = wait_for_ledger(app.base_url, key, before, outcomes)
     assert billed == expected, f"billed (output tokens, nano-DKK) {billed} != seen by clients {expected}"
 
 
-def test_an_engine_replica_killed_mid_stream(second_app: SecondApp) -> None:
-    before = ledger_totals(second_app.base_url, second_app.api_key)
-    outcomes = asyncio.run(under_load(second_app, lambda: second_app.kill_replica(ENGINE, 2)))
+def test_an_engine_replica_killed_mid_stream(second_app: SecondApp, otlp: OtlpReceiver) -> None:
+    key = second_app.new_key("faults-engine-killed")
+    before = ledger_totals(second_app.base_url, key)
+    since = len(otlp.spans)
+
+    def busiest(alive: list[str]) -> str:
+        """The replica that served the most of this load so far (by its engine spans): it has streams running, so
+        the kill cuts some, whichever way the router spread the load."""
+        served = Counter(
+            str(s.attributes.get("anker.engine_replica")) for s in otlp.spans[since:] if s.name == "engine.generate"
+        )
+        by_id = {name.rsplit("#", 1)[-1]: name for name in alive}
+        ranked = [replica for replica, _ in served.most_common() if replica in by_id]
+        assert ranked, f"no engine span of this load came from a live replica of {ENGINE}"
+        return by_id[ranked[0]]
+
+    outcomes = asyncio.run(under_load(second_app, key, lambda: second_app.kill_replica(ENGINE, 2, busiest)))
     cut = [o for o in outcomes if o.cut_off]
     refused = [o for o in outcomes if o.status == 503 and o.error_code == "engine_unavailable"]
     assert cut or refused, "no request was running on the killed replica"
     for outcome in cut:  # cut mid-way: told what it is billed for, then the error, then the end of the stream
         assert outcome.error_code == "engine_unavailable" and outcome.usage is not None and outcome.done
-    assert_clean_and_billed(second_app, before, outcomes)
+    assert_clean_and_billed(second_app, key, before, outcomes)
 
 
 def test_the_billing_actor_killed_under_load(second_app: SecondApp) -> None:
-    before = ledger_totals(second_app.base_url, second_app.api_key)
-    outcomes = asyncio.run(under_load(second_app, lambda: second_app.kill_replica("Billing", 1)))
-    assert_clean_and_billed(second_app, before, outcomes)
+    key = second_app.new_key("faults-billing-killed")
+    before = ledger_totals(second_app.base_url, key)
+    outcomes = asyncio.run(under_load(second_app, key, lambda: second_app.kill_replica("Billing", 1)))
+    assert_clean_and_billed(second_app, key, before, outcomes)
 
 
 def test_postgresql_stopped_and_started_under_load(second_app: SecondApp) -> None:
-    before = ledger_totals(second_app.base_url, second_app.api_key)
+    key = second_app.new_key("faults-postgresql-stopped")
+    before = ledger_totals(second_app.base_url, key)
 
     def outage() -> None:
         second_app.postgres.stop("fast")
         time.sleep(15)
         second_app.postgres.start()
 
-    outcomes = asyncio.run(under_load(second_app, outage))
-    assert_clean_and_billed(second_app, before, outcomes)
+    outcomes = asyncio.run(under_load(second_app, key, outage))
+    assert_clean_and_billed(second_app, key, before, outcomes)
