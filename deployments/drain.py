@@ -21,6 +21,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -150,9 +151,8 @@ def drain_ingresses(timeout_s: float, say: Callable[[str], None], poll_s: float 
         reports = list(ray.get(board.reports.remote()).values())
         running = sum(r.running for r in reports)
         pending = sum(r.pending_usage for r in reports)
-        counted = {(r.app, r.replica) for r in reports}
-        apps_reported = {app: sum(1 for a, _ in counted if a == app) for app in expected}
-        complete = all(apps_reported[app] >= n for app, n in expected.items())
+        reported = Counter(r.app for r in reports)  # one report per replica: the board keeps each one's latest
+        complete = all(reported[app] >= n for app, n in expected.items())
         elapsed = time.monotonic() - started
         if complete and running == 0 and pending == 0:
             return DrainOutcome(True, 0, 0, elapsed)

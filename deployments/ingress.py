@@ -136,9 +136,22 @@ class ServeEngineClient:
                 )
             assert isinstance(call, DeploymentResponseGenerator)
             responses = call
+            finished: set[int] = set()
+            failed = False
             async for item in responses:
+                if isinstance(item, EngineFailure):
+                    failed = True
+                else:
+                    finished.update(delta.index for delta in item if delta.finish_reason)
                 yield item
             complete = True
+            if not failed and len(finished) < sampling.n:
+                # Every choice ends with a finish reason; a stream that stops before is one whose replica went away
+                # (Serve can end a killed replica's stream instead of raising): a failure, not a short answer.
+                logger.error("engine %s ended request %s before it finished", self._model, request_id)
+                self._ready = False
+                self._wake.set()
+                yield EngineFailure("The model's engine is unavailable. Please retry shortly.")
         except (asyncio.CancelledError, GeneratorExit):
             raise
         # The Serve call is over in both cases below (nothing to cancel: cancelling a refused call raises its error

@@ -24,12 +24,13 @@ pytestmark = pytest.mark.stack
 
 ENGINE = f"Engine-{SECOND_MODEL}"
 CLIENTS = 6  # under the app's 2 x 4 running + 4 queued: a refusal here would be a fault's doing
+LONG_STREAM_TOKENS = 400
 
 
-async def under_load(app: SecondApp, key: str, fault: Callable[[], None]) -> list[Outcome]:
+async def under_load(app: SecondApp, key: str, fault: Callable[[], None], max_tokens: int = 48) -> list[Outcome]:
     """Streams from ``CLIENTS`` clients before, during and after ``fault`` (which returns once it is over)."""
     stop = asyncio.Event()
-    load = asyncio.create_task(steady_load(app.base_url, key, SECOND_MODEL, CLIENTS, stop))
+    load = asyncio.create_task(steady_load(app.base_url, key, SECOND_MODEL, CLIENTS, stop, max_tokens=max_tokens))
     await asyncio.sleep(8)  # streams are running on both replicas
     await asyncio.to_thread(fault)
     await asyncio.sleep(8)  # and go on after recovery
@@ -63,10 +64,15 @@ def test_an_engine_replica_killed_mid_stream(second_app: SecondApp, otlp: OtlpRe
         assert ranked, f"no engine span of this load came from a live replica of {ENGINE}"
         return by_id[ranked[0]]
 
-    outcomes = asyncio.run(under_load(second_app, key, lambda: second_app.kill_replica(ENGINE, 2, busiest)))
+    def kill() -> None:
+        second_app.kill_replica(ENGINE, 2, busiest)
+
+    # Long streams (seconds each), so that the replica is in the middle of some when it is killed.
+    outcomes = asyncio.run(under_load(second_app, key, kill, max_tokens=LONG_STREAM_TOKENS))
     cut = [o for o in outcomes if o.cut_off]
     refused = [o for o in outcomes if o.status == 503 and o.error_code == "engine_unavailable"]
-    assert cut or refused, "no request was running on the killed replica"
+    seen = Counter((o.status, o.error_code, o.done) for o in outcomes)
+    assert cut or refused, f"no request was running on the killed replica: {seen}"
     for outcome in cut:  # cut mid-way: told what it is billed for, then the error, then the end of the stream
         assert outcome.error_code == "engine_unavailable" and outcome.usage is not None and outcome.done
     assert_clean_and_billed(second_app, key, before, outcomes)
