@@ -218,13 +218,8 @@ def bare_vllm(flags: EngineFlags, work_dir: Path) -> Iterator[Endpoint]:
         "--enable-prompt-tokens-details",
         *flags.vllm_cli_args(),
     ]
-    server = ChildProcess(command, clean_env(**flags.env), log)
-    endpoint = Endpoint("vllm", f"http://127.0.0.1:{port}", flags.model)
-    try:
-        wait_ready(endpoint, server, log)
-        yield endpoint
-    finally:
-        server.stop()
+    with _served(Endpoint("vllm", f"http://127.0.0.1:{port}", flags.model), command, clean_env(**flags.env), log) as e:
+        yield e
 
 
 @contextlib.contextmanager
@@ -249,8 +244,15 @@ def ray_serve_llm(flags: EngineFlags, work_dir: Path) -> Iterator[Endpoint]:
         "--env",
         json.dumps(flags.env),
     ]
-    server = ChildProcess(command, clean_env(PYTHONPATH=str(ROOT)), log)
     endpoint = Endpoint("ray-serve-llm", f"http://127.0.0.1:{port}", flags.model)
+    with _served(endpoint, command, clean_env(PYTHONPATH=str(ROOT)), log) as e:
+        yield e
+
+
+@contextlib.contextmanager
+def _served(endpoint: Endpoint, command: list[str], env: dict[str, str], log: Path) -> Iterator[Endpoint]:
+    """``command`` as a child process serving ``endpoint``: yielded once it answers, stopped afterwards."""
+    server = ChildProcess(command, env, log)
     try:
         wait_ready(endpoint, server, log)
         yield endpoint

@@ -1,7 +1,7 @@
 """``/admin``: the operator (admin token) manages every organisation; an owner's or admin's key manages its own.
 
-Every operation is the billing actor's (``Accounts.administer``), which checks who may do what and writes the audit
-log; these routes only read the caller and the body.
+Every operation is the billing actor's (``Accounts.administer``), which checks who may do what and records the change
+in the audit trail; these routes only find out who calls and which fields they send.
 """
 
 from __future__ import annotations
