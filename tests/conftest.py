@@ -247,6 +247,20 @@ class SecondApp:
             if str(a.get("name") or "").startswith(prefix)
         ]
 
+    def ongoing_requests(self, deployment: str) -> dict[str, int]:
+        """Requests each live replica of ``deployment`` holds right now (Serve's own count, asked of the replica
+        actor), by actor name; a replica that does not answer within 10 s counts 0."""
+        import ray
+
+        counts: dict[str, int] = {}
+        for name in self.alive_replicas(deployment):
+            try:
+                actor = ray.get_actor(name, namespace="serve")
+                counts[name] = int(ray.get(actor.get_num_ongoing_requests.remote(), timeout=10))
+            except Exception:
+                counts[name] = 0
+        return counts
+
     def running_replicas(self, deployment: str) -> int:
         from ray import serve
 
