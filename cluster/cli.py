@@ -153,6 +153,16 @@ def cmd_down(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_drain(args: argparse.Namespace) -> int:
+    from cluster import local
+
+    config = _config(args)
+    if args.undo:
+        local.undrain(config, _say, args.address)
+        return EXIT_OK
+    return EXIT_OK if local.drain(config, _say, args.address, args.follow) else EXIT_FAILED
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     from cluster import local
 
@@ -385,6 +395,30 @@ def build_parser() -> argparse.ArgumentParser:
         )
     )
     down.set_defaults(func=cmd_down)
+
+    drain = with_config(
+        sub.add_parser(
+            "drain",
+            help="drain the API for maintenance or a pod's stop, without stopping anything",
+            description="New requests get 503 with Retry-After while running ones finish (at most "
+            "stack.drain_timeout_s); the API then keeps refusing until `anker drain --undo` or the cluster's end. "
+            "Exit 0 once drained, 1 if the timeout passed first. KubeRay pods run it as their stop hook.",
+        )
+    )
+    drain.add_argument(
+        "--address",
+        metavar="ADDR",
+        help="another Ray cluster (auto: the one this node belongs to, as in a KubeRay pod; Ray's token from the "
+        "environment); default: the stack that `anker up` started from this data folder",
+    )
+    drain.add_argument(
+        "--follow",
+        type=float,
+        metavar="SECONDS",
+        help="drain only if another drain begins within SECONDS (a worker pod following its head pod's drain)",
+    )
+    drain.add_argument("--undo", action="store_true", help="call a drain off: the API serves again")
+    drain.set_defaults(func=cmd_drain)
 
     status = with_config(
         sub.add_parser(

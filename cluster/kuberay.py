@@ -9,6 +9,7 @@ only from inside the cluster (the KubeRay operator) and never on port 6379 for R
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -55,14 +56,29 @@ def _env(profile: Path) -> list[dict[str, Any]]:
     ]
 
 
-def _container(name: str, profile: Path, resources: dict[str, Any]) -> dict[str, Any]:
+def _container(name: str, profile: Path, resources: dict[str, Any], stop_hook: list[str]) -> dict[str, Any]:
     return {
         "name": name,
         "image": IMAGE,
         "env": _env(profile),
         "resources": {"limits": dict(resources), "requests": dict(resources)},
         "volumeMounts": [{"name": "anker-profile", "mountPath": CONFIG_MOUNT, "readOnly": True}],
+        "lifecycle": {"preStop": {"exec": {"command": stop_hook}}},
     }
+
+
+# A pod's stop drains first (deployments/drain.py): the head's hook drains the API, running streams finish, and new
+# requests get 503 with Retry-After; a worker's hook follows that drain if one begins within FOLLOW_S (a whole
+# cluster stops at once), so that the engines it hosts finish their streams too. A worker the autoscaler removes is
+# idle and goes after FOLLOW_S.
+HEAD_STOP_HOOK = ["anker", "drain", "--address", "auto"]
+FOLLOW_S = 15
+WORKER_STOP_HOOK = [*HEAD_STOP_HOOK, "--follow", str(FOLLOW_S)]
+
+
+def _grace_s(config: AnkerConfig) -> int:
+    """Kubernetes' wait between a pod's stop and its kill: the drain, plus the follow window and Ray's own stop."""
+    return math.ceil(config.stack.drain_timeout_s) + FOLLOW_S + 30
 
 
 def _volumes(name: str) -> list[dict[str, Any]]:
@@ -87,9 +103,12 @@ def rayservice_documents(config: AnkerConfig, profile: Path) -> list[dict[str, A
             "metadata": {"labels": {"anker/service": name}},
             "spec": {
                 "containers": [
-                    _container("ray-head", profile, {"cpu": str(head_cpus), "memory": f"{head_cpus * 4}Gi"})
+                    _container(
+                        "ray-head", profile, {"cpu": str(head_cpus), "memory": f"{head_cpus * 4}Gi"}, HEAD_STOP_HOOK
+                    )
                 ],
                 "volumes": _volumes(name),
+                "terminationGracePeriodSeconds": _grace_s(config),
             },
         },
     }
@@ -119,9 +138,11 @@ def rayservice_documents(config: AnkerConfig, profile: Path) -> list[dict[str, A
                                     "memory": f"{hw.memory_gib_per_node}Gi",
                                     "nvidia.com/gpu": str(hw.gpus_per_node),
                                 },
+                                WORKER_STOP_HOOK,
                             )
                         ],
                         "volumes": _volumes(name),
+                        "terminationGracePeriodSeconds": _grace_s(config),
                         # Kubernetes nodes carry the same labels as the Ray nodes they host: residency holds at
                         # both levels.
                         "nodeSelector": _node_labels(model),

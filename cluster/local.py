@@ -105,19 +105,22 @@ def ray_auth_env(config: AnkerConfig) -> dict[str, str]:
     return {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(path)}
 
 
-def connect(config: AnkerConfig) -> None:
-    """Connects this process to the stack's Ray cluster as a driver (token auth included)."""
+def connect(config: AnkerConfig, address: str | None = None) -> None:
+    """Connects this process to the stack's Ray cluster as a driver (token auth included). ``address`` is another
+    cluster's (``auto``: the one this node belongs to, as in a KubeRay pod), with the token its environment holds."""
     import ray
     from ray._raylet import Config  # type: ignore[attr-defined]
 
-    os.environ.update(ray_auth_env(config))
+    if address is None:
+        os.environ.update(ray_auth_env(config))
+        address = f"127.0.0.1:{config.ray.gcs_port}"
     logging.getLogger("ray.serve").setLevel(logging.WARNING)  # our own progress lines say what matters
     # Ray reads RAY_AUTH_MODE into its config when first imported; re-read it, as Ray itself does when it turns
     # token auth on for a process (ray._private.authentication.authentication_token_setup).
     Config.initialize("")
     if not ray.is_initialized():
         ray.init(
-            address=f"127.0.0.1:{config.ray.gcs_port}",
+            address=address,
             namespace="serve",
             logging_level=logging.ERROR,
             log_to_driver=False,
@@ -327,28 +330,56 @@ def stop(config: AnkerConfig, say: Say, timeout_s: float = 60.0) -> bool:
     return True
 
 
+def drain(config: AnkerConfig, say: Say, address: str | None = None, follow_s: float | None = None) -> bool:
+    """Drains the cluster's ingress replicas and keeps them draining until ``undrain`` or the cluster's end; for a
+    pod's stop hook and for maintenance. With ``follow_s``, drains only if another drain begins within that many
+    seconds (a worker pod following its head's drain). Whether everything finished (or nothing was to drain)."""
+    from deployments.drain import wait_for_drain
+
+    connect(config, address)
+    if follow_s is not None and not wait_for_drain(follow_s):
+        say(f"no drain began within {follow_s:g} s: nothing to wait for")
+        return True
+    drained = _drain(config, say, hold=True)
+    say("the API refuses new requests until `anker drain --undo` or the cluster's end")
+    return drained
+
+
+def undrain(config: AnkerConfig, say: Say, address: str | None = None) -> None:
+    from deployments.drain import stop_draining
+
+    connect(config, address)
+    stop_draining()
+    say("drain called off: the ingress replicas serve again")
+
+
+def _drain(config: AnkerConfig, say: Say, hold: bool) -> bool:
+    from deployments.drain import drain_ingresses, stop_draining
+
+    timeout_s = config.stack.drain_timeout_s
+    say(f"draining: new requests get 503 with Retry-After, running ones finish (at most {timeout_s:g} s) ...")
+    try:
+        outcome = drain_ingresses(timeout_s, say, hold=hold)
+    except BaseException:
+        stop_draining()  # e.g. Ctrl-C: the ingress replicas serve again
+        raise
+    if outcome.drained:
+        say(f"  drained in {outcome.seconds:.1f} s")
+    else:
+        say(
+            f"  drain timed out: {outcome.running} requests still running and {outcome.pending_usage} usage "
+            "reports pending (the ingress spools those for the next start)"
+        )
+    return outcome.drained
+
+
 def _shutdown_serve(config: AnkerConfig, say: Say) -> None:
     try:
         import ray
         from ray import serve
 
-        from deployments.drain import drain_ingresses, stop_draining
-
         connect(config)
-        timeout_s = config.stack.drain_timeout_s
-        say(f"draining: new requests get 503 with Retry-After, running ones finish (at most {timeout_s:g} s) ...")
-        try:
-            outcome = drain_ingresses(timeout_s, say)
-        except BaseException:
-            stop_draining()  # e.g. Ctrl-C: the ingress replicas serve again
-            raise
-        if outcome.drained:
-            say(f"  drained in {outcome.seconds:.1f} s")
-        else:
-            say(
-                f"  drain timed out: {outcome.running} requests still running and {outcome.pending_usage} usage "
-                "reports pending (the ingress spools those for the next start)"
-            )
+        _drain(config, say, hold=False)
         say("stopping Serve ...")
         serve.shutdown()
         ray.shutdown()

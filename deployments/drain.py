@@ -136,15 +136,21 @@ class DrainOutcome:
     seconds: float
 
 
-def drain_ingresses(timeout_s: float, say: Callable[[str], None], poll_s: float = REPORT_PERIOD_S) -> DrainOutcome:
+def drain_ingresses(
+    timeout_s: float, say: Callable[[str], None], poll_s: float = REPORT_PERIOD_S, hold: bool = False
+) -> DrainOutcome:
     """Drains every application's ingress replicas (this process is a driver on the cluster): returns once each
     running one has reported nothing running and nothing pending, or after ``timeout_s``. The board lives while
-    this process does; ``stop_draining`` (or this process ending) calls the drain off."""
+    this process does, or with ``hold`` until ``stop_draining`` or the cluster's end (a pod's stop hook, which
+    returns before the pod stops). ``stop_draining`` (or this process ending, without ``hold``) calls it off."""
     from ray import serve
 
     started = time.monotonic()
-    # A board of our own, made now: every report on it was made while draining.
-    board = DrainBoard.options(name=DRAIN_BOARD, namespace=DRAIN_NAMESPACE, get_if_exists=True).remote()  # type: ignore[attr-defined]
+    # A board of our own, made now (or the one a concurrent drain made): every report on it was made while draining.
+    options: dict[str, Any] = {"name": DRAIN_BOARD, "namespace": DRAIN_NAMESPACE, "get_if_exists": True}
+    if hold:
+        options["lifetime"] = "detached"
+    board = DrainBoard.options(**options).remote()  # type: ignore[attr-defined]
     said = 0.0
     while True:
         expected = _running_ingress_replicas(serve.status())
@@ -162,6 +168,17 @@ def drain_ingresses(timeout_s: float, say: Callable[[str], None], poll_s: float 
             said = elapsed
             say(f"  draining: {running} requests running, {pending} usage reports pending")
         time.sleep(poll_s)
+
+
+def wait_for_drain(timeout_s: float, poll_s: float = LOOK_PERIOD_S) -> bool:
+    """Whether a drain begins (the board appears) within ``timeout_s``: a worker pod's stop hook follows the head's
+    drain this way, and lets a pod that the autoscaler removes go at once when nothing drains."""
+    deadline = time.monotonic() + timeout_s
+    while _board() is None:
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(poll_s)
+    return True
 
 
 def stop_draining() -> None:

@@ -1,7 +1,7 @@
 """Cluster definitions generated from the production profiles: the committed files are what the profiles generate
 (no drift), the RayService has what production needs (GPU-less head, autoscaler, GCS fault tolerance in Redis, token
-auth, a dashboard closed to the outside, residency labels, multi-host replicas), and the launcher config passes
-Ray's own schema.
+auth, a dashboard closed to the outside, residency labels, multi-host replicas, pods that drain before they stop),
+and the launcher config passes Ray's own schema.
 """
 
 from __future__ import annotations
@@ -63,6 +63,26 @@ def test_committed_definitions_are_what_the_profile_generates(profile: Path) -> 
         [ANKER, "cluster-defs", "--profile", str(profile), "--check"], capture_output=True, text=True, timeout=120
     )
     assert check.returncode == 0, check.stderr
+
+
+@pytest.mark.parametrize("profile", PROFILES, ids=lambda p: p.stem)
+def test_pods_drain_before_they_stop(profile: Path) -> None:
+    """Each pod's stop hook is an `anker drain` the CLI accepts (the head's drains, a worker's follows the head's),
+    and Kubernetes waits for the whole drain before it kills the pod."""
+    from cluster.cli import build_parser, cmd_drain
+
+    config = load_config(profile, {})
+    cluster = documents(profile)["RayService"]["spec"]["rayClusterConfig"]
+    [workers] = cluster["workerGroupSpecs"]
+    for group, follows in ((cluster["headGroupSpec"], False), (workers, True)):
+        spec = group["template"]["spec"]
+        assert spec["terminationGracePeriodSeconds"] > config.stack.drain_timeout_s + kuberay.FOLLOW_S
+        [container] = spec["containers"]
+        hook = container["lifecycle"]["preStop"]["exec"]["command"]
+        assert hook[0] == "anker"
+        args = build_parser().parse_args(hook[1:])
+        assert args.func is cmd_drain and args.address == "auto" and not args.undo
+        assert (args.follow is not None) == follows
 
 
 @pytest.mark.parametrize("profile", PROFILES, ids=lambda p: p.stem)
