@@ -172,7 +172,7 @@ def drain_ingresses(
 
 def wait_for_drain(timeout_s: float, poll_s: float = LOOK_PERIOD_S) -> bool:
     """Whether a drain begins (the board appears) within ``timeout_s``: a worker pod's stop hook follows the head's
-    drain this way, and lets a pod that the autoscaler removes go at once when nothing drains."""
+    drain this way, and lets a pod that the autoscaler removes go once the window passed."""
     deadline = time.monotonic() + timeout_s
     while _board() is None:
         if time.monotonic() >= deadline:
