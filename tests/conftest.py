@@ -67,6 +67,15 @@ class StartupProbe:
     text: str = ""  # the start of a body that is not JSON
 
 
+def create_key(env: dict[str, str], tenant: str, *flags: str) -> str:
+    """A new API key of organisation ``tenant`` (`anker keys create`, with ``flags``) in ``env``'s key store."""
+    created = subprocess.run(
+        [ANKER, "keys", "create", "--tenant", tenant, *flags], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert created.returncode == 0, created.stderr
+    return created.stdout.strip().splitlines()[-1]
+
+
 @dataclass(frozen=True)
 class Stack:
     base_url: str
@@ -78,6 +87,10 @@ class Stack:
 
     def anker(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
         return subprocess.run([ANKER, *args], env=self.env, capture_output=True, text=True, timeout=timeout)
+
+    def new_key(self, tenant: str, *flags: str) -> str:
+        """A new key of organisation ``tenant``; a tenant of its own gives a test a ledger no other test reaches."""
+        return create_key(self.env, tenant, *flags)
 
 
 @pytest.fixture(scope="session")
@@ -165,13 +178,7 @@ def stack(
     }
     # A key made before the stack starts (the key store is a file): with it, a client calls the API all through
     # start-up, as users' retry loops do, and the tests check what it was told.
-    early_key = (
-        subprocess.run(
-            [ANKER, "keys", "create", "--tenant", "startup-probe"], env=env, capture_output=True, text=True, timeout=120
-        )
-        .stdout.strip()
-        .splitlines()[-1]
-    )
+    early_key = create_key(env, "startup-probe")
     up, startup = _start_while_probing(env, f"http://127.0.0.1:{ports['ANKER_PORT']}", early_key)
     stack = Stack(
         base_url=f"http://127.0.0.1:{ports['ANKER_PORT']}",
@@ -187,10 +194,7 @@ def stack(
                 f"stdout:\n{up.stdout[-4000:]}\nstderr:\n{up.stderr[-4000:]}\n"
                 f"ray head log:\n{_tail(data_dir / 'run' / 'ray-head.log')}"
             )
-        created = stack.anker("keys", "create", "--tenant", "tests")
-        assert created.returncode == 0, created.stderr
-        key = created.stdout.strip().splitlines()[-1]
-        yield Stack(stack.base_url, key, env, data_dir, stack.gcs_address, tuple(startup))
+        yield Stack(stack.base_url, stack.new_key("tests"), env, data_dir, stack.gcs_address, tuple(startup))
     finally:
         down = stack.anker("down", timeout=180)
         if down.returncode != 0:
@@ -225,9 +229,7 @@ class SecondApp:
 
     def new_key(self, tenant: str) -> str:
         """A key of a new organisation: a test's own ledger, which no other test's late usage reaches."""
-        created = self.anker("keys", "create", "--tenant", tenant)
-        assert created.returncode == 0, created.stderr
-        return created.stdout.strip().splitlines()[-1]
+        return create_key(self.env, tenant)
 
     def connect(self) -> None:
         """This process as a driver on the stack's cluster (again, if a test module disconnected it)."""
@@ -325,13 +327,7 @@ def second_app(stack: Stack, tmp_path_factory: pytest.TempPathFactory) -> Iterat
     shutil.copytree(stack.data_dir / "models" / SECOND_MODEL, data_dir / "models" / SECOND_MODEL)
     with postgres_server() as postgres:
         env = {**stack.env, **SECOND_ENV, "ANKER_DATA_DIR": str(data_dir), "ANKER_DATABASE_URL": postgres.url}
-        keys = []
-        for tenant in ("second", "second-probe"):
-            created = subprocess.run(
-                [ANKER, "keys", "create", "--tenant", tenant], env=env, capture_output=True, text=True, timeout=120
-            )
-            assert created.returncode == 0, created.stderr
-            keys.append(created.stdout.strip().splitlines()[-1])
+        keys = [create_key(env, tenant) for tenant in ("second", "second-probe")]
         config = load_config(environ=env)
         config = config.model_copy(update={"models": [m for m in config.models if m.name == SECOND_MODEL]})
         app = SecondApp(f"{stack.base_url}{SECOND_PREFIX}", keys[0], env, dict(stack.env), data_dir, postgres, keys[1])

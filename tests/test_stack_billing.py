@@ -26,12 +26,6 @@ pytestmark = pytest.mark.stack
 PRICE_NANO = {"uncached": 6000, "cached": 3000, "output": 45000}  # the local profile's 6 / 3 / 45 DKK per 1M
 
 
-def new_key(stack: Stack, tenant: str, *flags: str) -> str:
-    created = stack.anker("keys", "create", "--tenant", tenant, *flags)
-    assert created.returncode == 0, created.stderr
-    return created.stdout.strip().splitlines()[-1]
-
-
 def ledger_rows(stack: Stack, tenant: str, expected: int, timeout_s: float = 30.0) -> list[dict[str, Any]]:
     """The tenant's ledger rows once ``expected`` of them have arrived (usage is delivered asynchronously)."""
     ledger = Ledger(database_url(stack.data_dir, None))
@@ -56,7 +50,7 @@ def cost_of(usage: Any) -> int:
 
 
 def test_the_dkk_charged_equals_the_usage_the_sdk_saw(stack: Stack) -> None:
-    key = new_key(stack, "sdk-billing")
+    key = stack.new_key("sdk-billing")
     client = openai.OpenAI(base_url=f"{stack.base_url}/v1", api_key=key, max_retries=0, timeout=120)
     seen = []
     long = " ".join(f"Punkt {i}: borgeren søger om byggetilladelse." for i in range(60))
@@ -103,8 +97,8 @@ def test_the_dkk_charged_equals_the_usage_the_sdk_saw(stack: Stack) -> None:
 
 
 def test_budget_and_allow_list_on_the_real_stack(stack: Stack) -> None:
-    capped = new_key(stack, "capped", "--budget-dkk", "0")
-    only_moe = new_key(stack, "capped", "--models", "qwen3-moe-tiny")
+    capped = stack.new_key("capped", "--budget-dkk", "0")
+    only_moe = stack.new_key("capped", "--models", "qwen3-moe-tiny")
     body = {"model": "qwen3-next-tiny", "messages": [{"role": "user", "content": "Hej"}], "max_tokens": 2}
     r = httpx.post(f"{stack.base_url}/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {capped}"})
     assert r.status_code == 429 and r.json()["error"]["code"] == "insufficient_quota"
@@ -113,7 +107,7 @@ def test_budget_and_allow_list_on_the_real_stack(stack: Stack) -> None:
 
 
 def test_the_dashboard_shows_what_the_ledger_holds(stack: Stack, tmp_path: Path) -> None:
-    key = new_key(stack, "dashboard-kommune", "--budget-dkk", "10")
+    key = stack.new_key("dashboard-kommune", "--budget-dkk", "10")
     client = openai.OpenAI(base_url=f"{stack.base_url}/v1", api_key=key, max_retries=0, timeout=120)
     for model in ("qwen3-next-tiny", "qwen3-moe-tiny"):
         client.chat.completions.create(model=model, messages=[{"role": "user", "content": "Godmorgen"}], max_tokens=5)
@@ -148,7 +142,7 @@ def test_a_killed_billing_actor_is_restarted_and_no_usage_is_lost(stack: Stack) 
     from cluster.config import load_config
     from cluster.local import connect
 
-    key = new_key(stack, "restart-kommune")
+    key = stack.new_key("restart-kommune")
     client = openai.OpenAI(base_url=f"{stack.base_url}/v1", api_key=key, max_retries=0, timeout=120)
     config = load_config(None, dict(stack.env))
     connect(config)

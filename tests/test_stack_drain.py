@@ -30,9 +30,7 @@ def health(base_url: str) -> tuple[int, str]:
 
 
 def test_a_drain_lets_the_running_stream_finish_and_holds_until_undone(stack: Stack) -> None:
-    created = stack.anker("keys", "create", "--tenant", "drain-command")
-    assert created.returncode == 0, created.stderr
-    key = created.stdout.strip().splitlines()[-1]
+    key = stack.new_key("drain-command")
     before = ledger_totals(stack.base_url, key)
 
     async def scenario() -> tuple[Outcome, subprocess.CompletedProcess[str], set[tuple[int, str]], Outcome | None]:

@@ -101,9 +101,7 @@ def test_client_disconnect_aborts_the_engine_request(stack: Stack, engines: dict
 
 
 def test_key_created_while_running_works_at_once(stack: Stack) -> None:
-    created = stack.anker("keys", "create", "--tenant", "late-comer")
-    assert created.returncode == 0, created.stderr
-    key = created.stdout.strip().splitlines()[-1]
+    key = stack.new_key("late-comer")
     r = httpx.get(f"{stack.base_url}/v1/models", headers={"Authorization": f"Bearer {key}"}, timeout=30)
     assert r.status_code == 200 and len(r.json()["data"]) == 2
 

@@ -27,12 +27,6 @@ METRICS = ("TTFT", "ITL", "TOK/S")
 USERS = 6
 
 
-def new_key(stack: Stack, tenant: str) -> str:
-    created = stack.anker("keys", "create", "--tenant", tenant)
-    assert created.returncode == 0, created.stderr
-    return created.stdout.strip().splitlines()[-1]
-
-
 def read_csv(path: Path) -> list[dict[str, str]]:
     with path.open(newline="") as f:
         return list(csv.DictReader(f))
@@ -51,7 +45,7 @@ def billed_totals(stack: Stack, key: str, requests: int, timeout_s: float = 60.0
 
 
 def test_headless_run_of_every_user_class(stack: Stack, tmp_path: Path) -> None:
-    key = new_key(stack, "locust")
+    key = stack.new_key("locust")
     run = subprocess.run(
         [
             LOCUST,

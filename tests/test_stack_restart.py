@@ -23,9 +23,7 @@ MAX_TOKENS = 96
 
 
 def test_the_whole_cluster_stopped_and_started_under_load(stack: Stack) -> None:
-    created = stack.anker("keys", "create", "--tenant", "restart-under-load")
-    assert created.returncode == 0, created.stderr
-    key = created.stdout.strip().splitlines()[-1]
+    key = stack.new_key("restart-under-load")
     before = ledger_totals(stack.base_url, key)
 
     async def scenario() -> tuple[list[Outcome], list[tuple[int | str, str]], str]:
