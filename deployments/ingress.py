@@ -149,9 +149,7 @@ class ServeEngineClient:
                 # Every choice ends with a finish reason; a stream that stops before is one whose replica went away
                 # (Serve can end a killed replica's stream instead of raising): a failure, not a short answer.
                 logger.error("engine %s ended request %s before it finished", self._model, request_id)
-                self._ready = False
-                self._wake.set()
-                yield EngineFailure("The model's engine is unavailable. Please retry shortly.")
+                yield self._lost()
         except (asyncio.CancelledError, GeneratorExit):
             raise
         # The Serve call is over in both cases below (nothing to cancel: cancelling a refused call raises its error
@@ -166,12 +164,16 @@ class ServeEngineClient:
         except Exception as exc:  # replica died mid-request, or could not be reached
             complete = True
             logger.error("engine %s failed request %s with %s", self._model, request_id, type(exc).__name__)
-            self._ready = False
-            self._wake.set()
-            yield EngineFailure("The model's engine is unavailable. Please retry shortly.")
+            yield self._lost()
         finally:
             if not complete and responses is not None:
                 responses.cancel()  # the client went away: abort the request in the engine
+
+    def _lost(self) -> EngineFailure:
+        """A request the engine failed: not ready until the watch's next probe says otherwise (it probes at once)."""
+        self._ready = False
+        self._wake.set()
+        return EngineFailure("The model's engine is unavailable. Please retry shortly.")
 
     async def watch(self) -> None:
         """Keeps ``ready`` current: probes the engine deployment, quickly while it is not ready.
