@@ -1,7 +1,7 @@
 """`anker drain` on the real stack: what a KubeRay pod's stop hook runs (cluster/kuberay.py), and what an operator
 runs before maintenance.
 
-A stream running when the drain begins finishes; new requests meanwhile get 503 `server_shutting_down` with
+Streams running when the drain begins finish; new requests meanwhile get 503 `server_shutting_down` with
 Retry-After and `/healthz` says "draining"; the command returns once nothing runs, and the API stays drained after
 it (the pod stops next) until `anker drain --undo`. A worker's hook (`--follow`) joins a drain that began and returns
 at once when none did.
@@ -22,6 +22,7 @@ from tests.traffic import Outcome, ledger_totals, stream_chat, wait_for_ledger
 pytestmark = pytest.mark.stack
 
 MODEL = "qwen3-moe-tiny"
+STREAMS = 4
 
 
 def health(base_url: str) -> tuple[int, str]:
@@ -33,13 +34,17 @@ def test_a_drain_lets_the_running_stream_finish_and_holds_until_undone(stack: St
     key = stack.new_key("drain-command")
     before = ledger_totals(stack.base_url, key)
 
-    async def scenario() -> tuple[Outcome, subprocess.CompletedProcess[str], set[tuple[int, str]], Outcome | None]:
+    async def scenario() -> tuple[
+        list[Outcome], subprocess.CompletedProcess[str], set[tuple[int, str]], Outcome | None
+    ]:
         async with httpx.AsyncClient(timeout=120) as client:
-            running = asyncio.create_task(
-                stream_chat(client, stack.base_url, key, MODEL, "Fortæl en lang historie", 300)
-            )
-            await asyncio.sleep(3)  # the stream is running
-            assert not running.done(), "the stream ended before the drain began: nothing to wait for"
+            # Several long streams: a random-weight model may end one early (its end-of-text token), never all.
+            running = [
+                asyncio.create_task(stream_chat(client, stack.base_url, key, MODEL, f"{i}. Fortæl en historie", 600))
+                for i in range(STREAMS)
+            ]
+            await asyncio.sleep(2)  # the streams are running
+            assert not all(t.done() for t in running), "every stream ended before the drain began: nothing to wait for"
             drain = asyncio.create_task(asyncio.to_thread(stack.anker, "drain", timeout=180))
             said: set[tuple[int, str]] = set()
             refused: Outcome | None = None
@@ -48,18 +53,18 @@ def test_a_drain_lets_the_running_stream_finish_and_holds_until_undone(stack: St
                 if refused is None and (503, "draining") in said:
                     refused = await stream_chat(client, stack.base_url, key, MODEL, "Hej", 4)
                 await asyncio.sleep(0.2)
-            assert running.done(), "the drain ended while the stream was still running"
-            return await running, await drain, said, refused
+            assert all(t.done() for t in running), "the drain ended while a stream was still running"
+            return [await t for t in running], await drain, said, refused
 
     try:
-        stream, drained, said, refused = asyncio.run(scenario())
+        streams, drained, said, refused = asyncio.run(scenario())
         assert drained.returncode == 0, drained.stdout + drained.stderr
         assert "drained in" in drained.stdout, drained.stdout
         assert (503, "draining") in said, said
         assert refused is not None, "no request was made while draining"
         assert (refused.status, refused.error_code) == (503, "server_shutting_down"), refused
         assert refused.retry_after
-        assert stream.status == 200 and stream.clean and stream.error_code is None, stream
+        assert all(o.status == 200 and o.clean and o.error_code is None for o in streams), streams
 
         # The drain holds after the command returned (the pod stops next); a worker's hook joins it.
         assert health(stack.base_url) == (503, "draining")
@@ -78,6 +83,6 @@ def test_a_drain_lets_the_running_stream_finish_and_holds_until_undone(stack: St
     assert alone.returncode == 0 and "no drain began" in alone.stdout, alone.stdout + alone.stderr
     assert health(stack.base_url) == (200, "ok")
 
-    # The finished stream is billed as its client was told; the refused request costs nothing.
-    billed, expected = wait_for_ledger(stack.base_url, key, before, [stream, refused])
+    # The finished streams are billed as their clients were told; the refused request costs nothing.
+    billed, expected = wait_for_ledger(stack.base_url, key, before, [*streams, refused])
     assert billed == expected
