@@ -26,6 +26,7 @@ ROOT = Path(__file__).resolve().parent.parent
 ANKER = str(Path(sys.executable).parent / "anker")
 MODELS = {"qwen3-next-tiny": "qwen3-next", "qwen3-moe-tiny": "qwen3-moe"}
 STACK_START_TIMEOUT_S = 900
+STARTUP_PROBE_TIMEOUT_S = 120  # a request that waits for the ingress replica to start is answered well before this
 # The second model autoscales 1..2 in the test stack, with delays short enough for a test to see both changes
 # (tests/test_stack_autoscaling.py); a queue of 4 per replica is far above what the other tests send.
 AUTOSCALED_MODEL = "qwen3-moe-tiny"
@@ -58,13 +59,15 @@ def free_port() -> int:
 
 @dataclass(frozen=True)
 class StartupProbe:
-    """What a client saw while `anker up` was starting: (seconds, HTTP status or error name, Retry-After, code)."""
+    """What a client saw while `anker up` was starting: when it asked (seconds since the start), the HTTP status or
+    error name, Retry-After, the error code, and how long the answer took."""
 
     seconds: float
     status: int | str
     retry_after: str | None = None
     code: str | None = None
     text: str = ""  # the start of a body that is not JSON
+    waited: float = 0.0
 
 
 def create_key(env: dict[str, str], tenant: str, *flags: str) -> str:
@@ -118,19 +121,26 @@ def _start_while_probing(
     started = time.monotonic()
     body = {"model": "qwen3-next-tiny", "messages": [{"role": "user", "content": "hej"}], "max_tokens": 1}
     while process.poll() is None and time.monotonic() - started < STACK_START_TIMEOUT_S:
-        elapsed = round(time.monotonic() - started, 1)
+        asked = time.monotonic()
+        elapsed = round(asked - started, 1)
         try:
+            # A request that arrives while the ingress replica starts waits in Serve's queue until it runs (seconds
+            # on a busy box); the timeout is long enough to tell that wait from a hang.
             r = httpx.post(
-                f"{base_url}/v1/chat/completions", json=body, timeout=10, headers={"Authorization": f"Bearer {key}"}
+                f"{base_url}/v1/chat/completions",
+                json=body,
+                timeout=STARTUP_PROBE_TIMEOUT_S,
+                headers={"Authorization": f"Bearer {key}"},
             )
             try:
                 code = r.json().get("error", {}).get("code") if r.status_code != 200 else None
                 text = ""
             except ValueError:
                 code, text = None, r.text[:120]
-            probes.append(StartupProbe(elapsed, r.status_code, r.headers.get("retry-after"), code, text))
+            waited = round(time.monotonic() - asked, 1)
+            probes.append(StartupProbe(elapsed, r.status_code, r.headers.get("retry-after"), code, text, waited))
         except httpx.HTTPError as exc:
-            probes.append(StartupProbe(elapsed, type(exc).__name__))
+            probes.append(StartupProbe(elapsed, type(exc).__name__, waited=round(time.monotonic() - asked, 1)))
         time.sleep(0.5)
     if process.poll() is None:
         process.kill()

@@ -40,7 +40,9 @@ def expect(response: httpx.Response, status: int, code: str | None, param: str |
 
 def test_engines_starting_answer_503_with_retry_after(stack: Stack) -> None:
     # Recorded while `anker up` started: the ingress is up well before the engines, and meanwhile a client gets
-    # 503 engine_unavailable with Retry-After; never a 500, never a hang.
+    # 503 engine_unavailable with Retry-After; never a 500, never a hang. A request that arrives after Serve has the
+    # app's route but before the ingress replica runs waits in Serve's queue and is answered once it runs (over
+    # 10 s on a busy 2-core box): a wait, answered by the ingress, never a timeout.
     seen = stack.startup
     assert seen, "no start-up probes were recorded"
     assert not [p for p in seen if p.status in ("ReadTimeout", "WriteTimeout", "PoolTimeout")], seen
