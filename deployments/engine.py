@@ -312,6 +312,17 @@ class Engine:
         load = self._core.load()
         return {QUEUE_METRIC: float(load.running + load.waiting), KV_CACHE_METRIC: float(load.kv_cache_usage)}
 
+    async def record_routing_stats(self) -> dict[str, float]:
+        """Serve's hook for request-router stats (``RunningReplica.routing_stats``), and what an operator or a
+        test asks one replica's actor for: vLLM's own queue on this replica right now. Counts only."""
+        load = self._core.load()
+        return {
+            "running": float(load.running),
+            "waiting": float(load.waiting),
+            "in_flight": float(load.in_flight),
+            "kv_cache_usage": float(load.kv_cache_usage),
+        }
+
     async def check_health(self) -> None:
         # A dead engine core makes the replica unhealthy, so Ray Serve replaces it.
         if self._core.dead:
