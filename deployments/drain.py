@@ -5,9 +5,10 @@ carry. So ``anker down`` drains first, with three parts:
 
 - ``DrainBoard``: a named Ray actor that ``anker down`` creates. While it exists, every ingress replica drains. It
   collects what each ingress replica reports: requests still running and usage reports not yet handed to billing.
-- ``DrainGate``: ASGI middleware in each ingress replica. It counts running requests; while draining, it answers a
-  new request with 503 ``server_shutting_down`` and ``Retry-After`` (clients retry, as they do on any 503), and
-  ``/healthz`` with 503 ``{"status": "draining"}``, so that a load balancer takes the replica out.
+- ``DrainGate``: ASGI middleware in each ingress replica. It counts running requests (health probes aside); while
+  draining, it answers a new request with 503 ``server_shutting_down`` and ``Retry-After`` (clients retry, as they
+  do on any 503), and ``/healthz`` with 503 ``{"status": "draining"}``, so that a load balancer takes the replica
+  out.
 - ``watch_drain``: the ingress replica's loop that looks for the board and reports to it.
 
 ``anker down`` waits until every ingress replica reported nothing running and nothing pending (or
@@ -63,12 +64,19 @@ class DrainBoard:
 
     def __init__(self) -> None:
         self._reports: dict[str, DrainReport] = {}
+        self._first: dict[str, DrainReport] = {}
 
     def report(self, report: DrainReport) -> None:
         self._reports[report.replica] = report
+        self._first.setdefault(report.replica, report)
 
     def reports(self) -> dict[str, DrainReport]:
+        """Each replica's latest report."""
         return dict(self._reports)
+
+    def first_reports(self) -> dict[str, DrainReport]:
+        """Each replica's first report: what it was running when it began to drain."""
+        return dict(self._first)
 
 
 class DrainGate:
@@ -86,6 +94,9 @@ class DrainGate:
             return
         if self.draining:
             await self._refusal(scope.get("path"))(scope, receive, send)
+            return
+        if scope.get("path") == HEALTH_PATH:  # a load balancer's probe is not work that a drain waits for
+            await self.app(scope, receive, send)
             return
         self.running += 1
         try:
@@ -152,6 +163,7 @@ def drain_ingresses(
         options["lifetime"] = "detached"
     board = DrainBoard.options(**options).remote()  # type: ignore[attr-defined]
     said = 0.0
+    began = False
     while True:
         expected = _running_ingress_replicas(serve.status())
         reports = list(ray.get(board.reports.remote()).values())
@@ -160,6 +172,10 @@ def drain_ingresses(
         reported = Counter(r.app for r in reports)  # one report per replica: the board keeps each one's latest
         complete = all(reported[app] >= n for app, n in expected.items())
         elapsed = time.monotonic() - started
+        if complete and not began:
+            began = True
+            at_start = sum(r.running for r in ray.get(board.first_reports.remote()).values())
+            say(f"  every ingress replica is draining; {at_start} requests were running when it began")
         if complete and running == 0 and pending == 0:
             return DrainOutcome(True, 0, 0, elapsed)
         if elapsed >= timeout_s:

@@ -72,3 +72,20 @@ async def test_a_request_that_fails_is_no_longer_counted() -> None:
     with pytest.raises(RuntimeError):
         await gate({"type": "http", "path": "/v1/models"}, None, None)
     assert gate.running == 0
+
+
+async def test_a_health_probe_is_not_work_that_a_drain_waits_for() -> None:
+    probing, answer = asyncio.Event(), asyncio.Event()
+
+    async def healthz(request: Request) -> Response:
+        probing.set()
+        await answer.wait()
+        return JSONResponse({"status": "ok"})
+
+    gate = DrainGate(Starlette(routes=[Route("/healthz", healthz)]))
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=gate), base_url="http://anker") as client:
+        probe = asyncio.create_task(client.get("/healthz"))
+        await asyncio.wait_for(probing.wait(), 5)
+        assert gate.running == 0
+        answer.set()
+        assert (await asyncio.wait_for(probe, 5)).status_code == 200
