@@ -5,9 +5,12 @@ ledger's view of the same key, so that a test can check that the usage billed eq
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import json
 import time
+from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,6 +33,8 @@ class Outcome:
     done: bool = False  # the stream ended with `data: [DONE]`
     content_chunks: int = 0
     transport_error: str | None = None  # the connection failed after the response had started
+    started_s: float = 0.0  # time.monotonic() when the request was sent
+    ended_s: float = 0.0  # ... and when its answer ended
 
     @property
     def clean(self) -> bool:
@@ -41,6 +46,20 @@ class Outcome:
     @property
     def cut_off(self) -> bool:
         return self.status == 200 and self.error_code is not None
+
+    def summary(self, since_s: float) -> str:
+        """A short account of it, with times relative to ``since_s``, for a failure message."""
+        told = self.error_code or ("[DONE]" if self.done else "no [DONE]")
+        return (
+            f"{self.status} {told} {self.content_chunks} chunks, "
+            f"{self.started_s - since_s:+.2f}..{self.ended_s - since_s:+.2f} s"
+        )
+
+
+def during(outcomes: list[Outcome], since_s: float, until_s: float) -> list[str]:
+    """Accounts of the requests that were open at some time between ``since_s`` and ``until_s``
+    (time.monotonic()), with their times relative to ``until_s``: what a failure message shows of a window."""
+    return [o.summary(until_s) for o in outcomes if o.started_s <= until_s and o.ended_s >= since_s]
 
 
 def cost_nano(usage: dict[str, Any] | None) -> int:
@@ -64,26 +83,39 @@ def seen(outcomes: list[Outcome]) -> tuple[int, int]:
 
 
 async def stream_chat(
-    client: httpx.AsyncClient, base_url: str, key: str, model: str, content: str, max_tokens: int
+    client: httpx.AsyncClient,
+    base_url: str,
+    key: str,
+    model: str,
+    content: str,
+    max_tokens: int,
+    receiving: Callable[[int], None] = lambda change: None,
+    temperature: float | None = None,
 ) -> Outcome:
-    body = {
+    """One streaming chat request, as its client saw it. ``receiving(+1)`` is called when the first choice arrives
+    and ``receiving(-1)`` when that stream ends, so that a caller can tell how many streams are delivering now."""
+    body: dict[str, Any] = {
         "model": model,
         "messages": [{"role": "user", "content": content}],
         "max_tokens": max_tokens,
         "stream": True,
         "stream_options": {"include_usage": True},
     }
+    if temperature is not None:
+        body["temperature"] = temperature
+    started = time.monotonic()
     try:
         async with client.stream(
             "POST", f"{base_url}/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {key}"}
         ) as r:
             if r.status_code != 200:
                 await r.aread()
+                times = {"started_s": started, "ended_s": time.monotonic()}
                 try:
                     error = r.json()["error"]
                 except (ValueError, KeyError, TypeError):
-                    return Outcome(r.status_code, retry_after=r.headers.get("retry-after"))
-                return Outcome(r.status_code, error["code"], error["type"], r.headers.get("retry-after"))
+                    return Outcome(r.status_code, retry_after=r.headers.get("retry-after"), **times)
+                return Outcome(r.status_code, error["code"], error["type"], r.headers.get("retry-after"), **times)
             usage, error, done, chunks, broken = None, None, False, 0, None
             try:
                 async for line in r.aiter_lines():
@@ -99,8 +131,13 @@ async def stream_chat(
                         usage = event["usage"]
                     elif event.get("choices"):
                         chunks += 1
+                        if chunks == 1:
+                            receiving(+1)
             except httpx.HTTPError as exc:
                 broken = type(exc).__name__
+            finally:
+                if chunks:
+                    receiving(-1)
             return Outcome(
                 200,
                 error["code"] if error else None,
@@ -109,31 +146,142 @@ async def stream_chat(
                 done=done,
                 content_chunks=chunks,
                 transport_error=broken,
+                started_s=started,
+                ended_s=time.monotonic(),
             )
     except httpx.HTTPError as exc:
-        return Outcome(type(exc).__name__)
+        return Outcome(type(exc).__name__, started_s=started, ended_s=time.monotonic())
 
 
-async def steady_load(
-    base_url: str, key: str, model: str, clients: int, stop: asyncio.Event, max_tokens: int = 48, pause_s: float = 0.2
-) -> list[Outcome]:
-    """``clients`` concurrent clients, each streaming one request after another (distinct prompts) until ``stop``;
-    a client that was refused waits as Retry-After says (at most 2 s) and goes on."""
-    outcomes: list[Outcome] = []
-    numbers = itertools.count()
+class _Load:
+    """Clients streaming chat requests until ``stop()``. What they saw is in ``outcomes`` as it happens, and
+    ``receiving`` counts the streams delivering right now, so that a test waits for the traffic it needs
+    (``wait_for``) instead of sleeping and hoping."""
 
-    async def client_loop(client: httpx.AsyncClient, who: int) -> None:
-        while not stop.is_set():
-            # The number first: no two prompts share a first block, so the router spreads them over the replicas.
-            content = f"{next(numbers)}. Klient {who} spørger: hvad er klokken?"
-            outcome = await stream_chat(client, base_url, key, model, content, max_tokens)
-            outcomes.append(outcome)
-            wait_s = float(outcome.retry_after or pause_s) if outcome.status != 200 else pause_s
-            await asyncio.sleep(min(wait_s, 2.0))
+    def __init__(self, base_url: str, key: str, model: str, temperature: float | None) -> None:
+        self.outcomes: list[Outcome] = []
+        self.receiving = 0
+        self.began_s = time.monotonic()
+        self._base_url, self._key, self._model, self._temperature = base_url, key, model, temperature
+        self._numbers = itertools.count()
+        self._stop = asyncio.Event()
 
-    async with httpx.AsyncClient(timeout=CLIENT_TIMEOUT_S) as client:
-        await asyncio.gather(*(client_loop(client, who) for who in range(clients)))
-    return outcomes
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _count(self, change: int) -> None:
+        self.receiving += change
+
+    async def _one(self, client: httpx.AsyncClient, who: int, max_tokens: int) -> Outcome:
+        # The number first: no two prompts share a first block, so the router spreads them over the replicas.
+        content = f"{next(self._numbers)}. Klient {who} spørger: hvad er klokken?"
+        outcome = await stream_chat(
+            client, self._base_url, self._key, self._model, content, max_tokens, self._count, self._temperature
+        )
+        self.outcomes.append(outcome)
+        return outcome
+
+    def served_since(self, since_s: float) -> int:
+        """Requests sent at or after ``since_s`` (time.monotonic()) that were answered with a whole stream."""
+        return sum(1 for o in self.outcomes if o.started_s >= since_s and o.status == 200 and o.clean and not o.cut_off)
+
+    async def wait_for(self, condition: Callable[[], bool], timeout_s: float, what: str) -> None:
+        """Polls ``condition`` until it holds; fails after ``timeout_s`` saying what was wanted and what was seen."""
+        await wait_until(condition, timeout_s, lambda: f"{what}; the clients saw: {self.account()}")
+
+    def account(self) -> str:
+        """What the clients saw so far, by kind, for a failure message."""
+        kinds = Counter(f"{o.status} {o.error_code or ('ok' if o.clean else 'unclean')}" for o in self.outcomes)
+        return f"{dict(kinds)}, {self.receiving} streams delivering now"
+
+
+class SteadyLoad(_Load):
+    """``clients`` concurrent clients, each streaming one request after another (distinct prompts) until
+    ``stop()``; a client that was refused waits as Retry-After says (at most 2 s) and goes on."""
+
+    def __init__(
+        self,
+        base_url: str,
+        key: str,
+        model: str,
+        clients: int,
+        max_tokens: int = 48,
+        pause_s: float = 0.2,
+        temperature: float | None = None,
+    ) -> None:
+        super().__init__(base_url, key, model, temperature)
+        self._clients, self._max_tokens, self._pause_s = clients, max_tokens, pause_s
+
+    async def run(self) -> list[Outcome]:
+        async def client_loop(client: httpx.AsyncClient, who: int) -> None:
+            while not self._stop.is_set():
+                outcome = await self._one(client, who, self._max_tokens)
+                wait_s = float(outcome.retry_after or self._pause_s) if outcome.status != 200 else self._pause_s
+                await asyncio.sleep(min(wait_s, 2.0))
+
+        async with httpx.AsyncClient(timeout=CLIENT_TIMEOUT_S) as client:
+            await asyncio.gather(*(client_loop(client, who) for who in range(self._clients)))
+        return self.outcomes
+
+
+class StaggeredStreams(_Load):
+    """A new stream every ``every_s`` seconds, whether or not the earlier ones have ended (at most ``at_most`` at
+    once), until ``stop()``.
+
+    Clients that wait for their answers fall into step when the answers arrive in bursts: they all end at once
+    and, for a moment, none is running. Streams started at their own times do not: while each takes longer than
+    ``every_s`` to generate, some stream is running at any moment, whenever a drain or a stop begins."""
+
+    def __init__(
+        self,
+        base_url: str,
+        key: str,
+        model: str,
+        max_tokens: int,
+        every_s: float = 1.0,
+        at_most: int = 6,
+        temperature: float | None = None,
+    ) -> None:
+        super().__init__(base_url, key, model, temperature)
+        self._max_tokens, self._every_s, self._at_most = max_tokens, every_s, at_most
+
+    async def run(self) -> list[Outcome]:
+        slots = asyncio.Semaphore(self._at_most)
+
+        async def stream(client: httpx.AsyncClient, who: int) -> None:
+            try:
+                await self._one(client, who, self._max_tokens)
+            finally:
+                slots.release()
+
+        async with httpx.AsyncClient(timeout=CLIENT_TIMEOUT_S) as client:
+            running: set[asyncio.Task[None]] = set()
+            for who in itertools.count():
+                await slots.acquire()
+                if self._stop.is_set():
+                    break
+                task = asyncio.create_task(stream(client, who))
+                running.add(task)
+                task.add_done_callback(running.discard)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._stop.wait(), self._every_s)
+                if self._stop.is_set():
+                    break
+            await asyncio.gather(*running)
+        return self.outcomes
+
+
+async def wait_until(
+    condition: Callable[[], bool], timeout_s: float, seen: Callable[[], str], period_s: float = 0.1
+) -> float:
+    """Polls ``condition`` until it holds and returns how long that took; after ``timeout_s``, fails with
+    ``seen()``: what the system showed instead."""
+    started = time.monotonic()
+    while not condition():
+        if time.monotonic() - started > timeout_s:
+            raise AssertionError(f"not within {timeout_s:g} s: {seen()}")
+        await asyncio.sleep(period_s)
+    return time.monotonic() - started
 
 
 def ledger_totals(base_url: str, key: str) -> dict[str, Any]:
@@ -170,3 +318,14 @@ def wait_for_ledger(
         if within or time.monotonic() > deadline:
             return billed, expected
         time.sleep(2)
+
+
+async def steady_load(
+    base_url: str, key: str, model: str, clients: int, stop: asyncio.Event, max_tokens: int = 48, pause_s: float = 0.2
+) -> list[Outcome]:
+    """``SteadyLoad`` until ``stop`` is set (for the tests not yet moved to it)."""
+    load = SteadyLoad(base_url, key, model, clients, max_tokens, pause_s)
+    running = asyncio.create_task(load.run())
+    await stop.wait()
+    load.stop()
+    return await running
