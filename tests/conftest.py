@@ -6,15 +6,18 @@ on loopback ports picked for this session, torn down with `anker down`. If it ca
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -223,6 +226,42 @@ SECOND_ENV = {
 
 
 @dataclass(frozen=True)
+class EngineKill:
+    """An engine replica killed mid-generation, and what the replicas said just before: vLLM's own queue (its
+    ``Engine.record_routing_stats``) and Serve's count of ongoing requests, asked of each replica's actor."""
+
+    victim: str  # actor name
+    vllm: dict[str, float]  # the victim's vLLM queue as it answered: running, waiting, in_flight, kv_cache_usage
+    answered_in_s: float  # how long the victim took to answer
+    killed_after_s: float  # from its answer to the kill
+    killed_s: float  # time.monotonic() of the kill
+    ongoing: dict[str, int | str]  # Serve's ongoing requests per replica, asked with the same round (or why none)
+
+    def __str__(self) -> str:
+        return (
+            f"killed {_short(self.victim)} {self.killed_after_s:.3f} s after its vLLM said {self.vllm} "
+            f"(it answered in {self.answered_in_s:.3f} s); Serve's ongoing requests then: {self.ongoing}"
+        )
+
+
+def _short(replica: str) -> str:
+    return replica.rsplit("#", 1)[-1]
+
+
+def _answers(refs: dict[str, Any], timeout_s: float = 10) -> dict[str, int | str]:
+    """Each actor call's answer by name, or the name of the error it ended with (never a guessed value)."""
+    import ray
+
+    answers: dict[str, int | str] = {}
+    for name, ref in refs.items():
+        try:
+            answers[_short(name)] = int(ray.get(ref, timeout=timeout_s))
+        except Exception as exc:
+            answers[_short(name)] = type(exc).__name__
+    return answers
+
+
+@dataclass(frozen=True)
 class SecondApp:
     """A second Anker application on the stack's Ray cluster (see the ``second_app`` fixture)."""
 
@@ -248,30 +287,16 @@ class SecondApp:
 
         connect(load_config(environ=self.stack_env))
 
-    def alive_replicas(self, deployment: str) -> list[str]:
-        """Actor names of the deployment's live replicas."""
+    def alive_replicas(self, deployment: str) -> dict[str, int]:
+        """The deployment's live replicas: actor name -> process id."""
         from ray.util.state import list_actors
 
         prefix = f"SERVE_REPLICA::{SECOND_APP}#{deployment}#"
-        return [
-            str(a["name"])
+        return {
+            str(a["name"]): int(a["pid"])
             for a in list_actors(filters=[("state", "=", "ALIVE")], limit=10_000)
             if str(a.get("name") or "").startswith(prefix)
-        ]
-
-    def ongoing_requests(self, deployment: str) -> dict[str, int]:
-        """Requests each live replica of ``deployment`` holds right now (Serve's own count, asked of the replica
-        actor), by actor name; a replica that does not answer within 10 s counts 0."""
-        import ray
-
-        counts: dict[str, int] = {}
-        for name in self.alive_replicas(deployment):
-            try:
-                actor = ray.get_actor(name, namespace="serve")
-                counts[name] = int(ray.get(actor.get_num_ongoing_requests.remote(), timeout=10))
-            except Exception:
-                counts[name] = 0
-        return counts
+        }
 
     def running_replicas(self, deployment: str) -> int:
         from ray import serve
@@ -279,24 +304,65 @@ class SecondApp:
         status = serve.status().applications[SECOND_APP].deployments[deployment]
         return int(status.replica_states.get("RUNNING", 0))
 
-    def kill_replica(
-        self,
-        deployment: str,
-        replicas: int,
-        choose: Callable[[list[str]], str] = lambda alive: alive[0],
-        timeout_s: float = SECOND_READY_TIMEOUT_S,
-    ) -> None:
-        """Kills the replica of ``deployment`` that ``choose`` picks from the live ones' actor names and waits until
-        Serve has replaced it (``replicas`` running)."""
+    def kill_replica(self, deployment: str, replicas: int, timeout_s: float = SECOND_READY_TIMEOUT_S) -> None:
+        """Kills the first live replica of ``deployment`` and waits until Serve has replaced it (``replicas``
+        running)."""
         import ray
 
         self.connect()
-        victim = choose(self.alive_replicas(deployment))
+        victim = next(iter(self.alive_replicas(deployment)))
         ray.kill(ray.get_actor(victim, namespace="serve"), no_restart=True)
+        self.wait_for_replacement(deployment, replicas, victim, timeout_s)
+
+    def kill_engine_mid_generation(self, deployment: str, replicas: int, timeout_s: float = 120) -> EngineKill:
+        """Kills an engine replica's process (SIGKILL, as a crash or the OOM killer does: at once) the moment its
+        vLLM says it holds requests, asked of every replica's actor at once, the first to say so being the victim:
+        so the kill lands in the middle of generations. Then waits until Serve has replaced it. Fails with what the
+        replicas said if none held a request within ``timeout_s``."""
+        import ray
+
+        self.connect()
+        deadline = time.monotonic() + timeout_s
+        said: list[str] = []
+        while time.monotonic() < deadline:
+            pids = self.alive_replicas(deployment)
+            actors = {}
+            for name in pids:
+                with contextlib.suppress(ValueError):  # gone since it was listed
+                    actors[name] = ray.get_actor(name, namespace="serve")
+            asked = time.monotonic()
+            asking = {actor.record_routing_stats.remote(): name for name, actor in actors.items()}
+            ongoing = {name: actor.get_num_ongoing_requests.remote() for name, actor in actors.items()}
+            pending = list(asking)
+            while pending:
+                ready, pending = ray.wait(pending, num_returns=1, timeout=max(0.1, deadline - time.monotonic()))
+                if not ready:
+                    break
+                name = asking[ready[0]]
+                try:
+                    vllm = ray.get(ready[0])
+                except ray.exceptions.RayError as exc:
+                    said.append(f"{_short(name)}: {type(exc).__name__}")
+                    continue
+                answered = time.monotonic()
+                if vllm["in_flight"] > 0:
+                    os.kill(pids[name], signal.SIGKILL)
+                    killed = time.monotonic()
+                    kill = EngineKill(name, vllm, answered - asked, killed - answered, killed, _answers(ongoing))
+                    self.wait_for_replacement(deployment, replicas, name)
+                    return kill
+                said.append(f"{_short(name)}: {vllm}")
+            time.sleep(0.05)
+        raise AssertionError(f"no replica of {deployment} held a request within {timeout_s:g} s: {said[-6:]}")
+
+    def wait_for_replacement(
+        self, deployment: str, replicas: int, gone: str, timeout_s: float = SECOND_READY_TIMEOUT_S
+    ) -> None:
+        """Waits until the replica ``gone`` (an actor name) is dead and ``replicas`` others are running."""
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             alive = self.alive_replicas(deployment)
-            if victim not in alive and len(alive) == replicas and self.running_replicas(deployment) == replicas:
+            if gone not in alive and len(alive) == replicas and self.running_replicas(deployment) == replicas:
                 return
             time.sleep(1)
         raise AssertionError(f"{deployment} did not recover within {timeout_s} s")
