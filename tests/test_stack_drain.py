@@ -10,19 +10,27 @@ at once when none did.
 from __future__ import annotations
 
 import asyncio
+import re
 import subprocess
 import time
+from collections.abc import Callable
 
 import httpx
 import pytest
 
 from tests.conftest import Stack
-from tests.traffic import Outcome, ledger_totals, stream_chat, wait_for_ledger
+from tests.traffic import Outcome, StaggeredStreams, during, ledger_totals, stream_chat, wait_for_ledger
 
 pytestmark = pytest.mark.stack
 
 MODEL = "qwen3-moe-tiny"
-STREAMS = 4
+# Greedy decoding on the tiny MoE model falls into a loop without its end-of-text token, so each stream runs its
+# full length: seconds of generation, longer than the second between two streams' starts.
+GREEDY = 0.0
+MAX_TOKENS = 800
+# What `anker drain` says once every ingress replica drains: how many requests it found running then.
+BEGAN = re.compile(r"(\d+) requests were running when it began")
+Finished = subprocess.CompletedProcess[str]
 
 
 def health(base_url: str) -> tuple[int, str]:
@@ -30,41 +38,53 @@ def health(base_url: str) -> tuple[int, str]:
     return r.status_code, str(r.json().get("status", ""))
 
 
-def test_a_drain_lets_the_running_stream_finish_and_holds_until_undone(stack: Stack) -> None:
+def timed(command: Callable[..., Finished], *args: str, **kwargs: float) -> tuple[Finished, float]:
+    """What ``command`` returned, and when (time.monotonic())."""
+    return command(*args, **kwargs), time.monotonic()
+
+
+def test_a_drain_lets_the_running_streams_finish_and_holds_until_undone(stack: Stack) -> None:
     key = stack.new_key("drain-command")
     before = ledger_totals(stack.base_url, key)
+    assert health(stack.base_url) == (200, "ok"), "the API is not serving before the drain (a drain left over?)"
 
-    async def scenario() -> tuple[
-        list[Outcome], subprocess.CompletedProcess[str], set[tuple[int, str]], Outcome | None
-    ]:
+    async def scenario() -> tuple[list[Outcome], Finished, float, set[tuple[int, str]], Outcome]:
+        # Long streams start one a second until the drain has begun: the command takes seconds to start, and
+        # whenever it takes hold, streams are running (which its report shows).
+        load = StaggeredStreams(stack.base_url, key, MODEL, MAX_TOKENS, temperature=GREEDY)
+        streams = asyncio.create_task(load.run())
+        await load.wait_for(lambda: load.receiving > 0, 120, "a stream delivering before the drain")
+        drain = asyncio.create_task(asyncio.to_thread(timed, stack.anker, "drain", timeout=180))
+        said: set[tuple[int, str]] = set()
+        refused: Outcome | None = None
         async with httpx.AsyncClient(timeout=120) as client:
-            # Several long streams: a random-weight model may end one early (its end-of-text token), never all.
-            running = [
-                asyncio.create_task(stream_chat(client, stack.base_url, key, MODEL, f"{i}. Fortæl en historie", 600))
-                for i in range(STREAMS)
-            ]
-            await asyncio.sleep(2)  # the streams are running
-            assert not all(t.done() for t in running), "every stream ended before the drain began: nothing to wait for"
-            drain = asyncio.create_task(asyncio.to_thread(stack.anker, "drain", timeout=180))
-            said: set[tuple[int, str]] = set()
-            refused: Outcome | None = None
             while not drain.done():
                 said.add(await asyncio.to_thread(health, stack.base_url))
                 if refused is None and (503, "draining") in said:
+                    load.stop()  # the streams it let in run to their end
                     refused = await stream_chat(client, stack.base_url, key, MODEL, "Hej", 4)
                 await asyncio.sleep(0.2)
-            assert all(t.done() for t in running), "the drain ended while a stream was still running"
-            return [await t for t in running], await drain, said, refused
+        load.stop()
+        assert refused is not None, f"no request was made while draining: /healthz said {said}"
+        drained, drained_s = await drain
+        return await streams, drained, drained_s, said, refused
 
     try:
-        streams, drained, said, refused = asyncio.run(scenario())
+        outcomes, drained, drained_s, said, refused = asyncio.run(scenario())
         assert drained.returncode == 0, drained.stdout + drained.stderr
         assert "drained in" in drained.stdout, drained.stdout
         assert (503, "draining") in said, said
-        assert refused is not None, "no request was made while draining"
+        began = BEGAN.search(drained.stdout)
+        assert began, drained.stdout
+        streamed = [o for o in outcomes if o.status == 200]
+        accounts = during(outcomes, 0.0, drained_s)
+        assert int(began[1]) > 0, f"no stream was running when the drain began: {drained.stdout}; {accounts}"
+        assert all(o.clean and o.error_code is None for o in streamed), accounts
+        assert all(o.ended_s <= drained_s for o in streamed), f"the drain ended before a stream: {accounts}"
         assert (refused.status, refused.error_code) == (503, "server_shutting_down"), refused
         assert refused.retry_after
-        assert all(o.status == 200 and o.clean and o.error_code is None for o in streams), streams
+        # Streams started after it began were refused the same way.
+        assert all((o.status, o.error_code) == (503, "server_shutting_down") for o in outcomes if o.status != 200)
 
         # The drain holds after the command returned (the pod stops next); a worker's hook joins it.
         assert health(stack.base_url) == (503, "draining")
@@ -83,6 +103,6 @@ def test_a_drain_lets_the_running_stream_finish_and_holds_until_undone(stack: St
     assert alone.returncode == 0 and "no drain began" in alone.stdout, alone.stdout + alone.stderr
     assert health(stack.base_url) == (200, "ok")
 
-    # The finished streams are billed as their clients were told; the refused request costs nothing.
-    billed, expected = wait_for_ledger(stack.base_url, key, before, [*streams, refused])
+    # The finished streams are billed as their clients were told; the refused requests cost nothing.
+    billed, expected = wait_for_ledger(stack.base_url, key, before, [*outcomes, refused])
     assert billed == expected
