@@ -9,40 +9,56 @@ exactly the usage the clients were told. Runs last (`restarts_stack`).
 from __future__ import annotations
 
 import asyncio
+import re
+import time
 
 import httpx
 import pytest
 
 from tests.conftest import Stack
-from tests.traffic import Outcome, ledger_totals, steady_load, wait_for_ledger
+from tests.traffic import Outcome, StaggeredStreams, during, ledger_totals, wait_for_ledger
 
 pytestmark = [pytest.mark.stack, pytest.mark.restarts_stack]
 
 MODEL = "qwen3-moe-tiny"
-MAX_TOKENS = 96
+# As in tests/test_stack_drain.py: greedy streams of the tiny MoE model run their full length, seconds each, and
+# one starts every second, so that streams are running whenever the stop begins.
+GREEDY = 0.0
+MAX_TOKENS = 400
+SERVED_AGAIN = 4  # streams served after the restart before the load ends
+BEGAN = re.compile(r"(\d+) requests were running when it began")  # what `anker down` says as its drain takes hold
+RESTART_TRAFFIC_WAIT_S = 300
 
 
 def test_the_whole_cluster_stopped_and_started_under_load(stack: Stack) -> None:
     key = stack.new_key("restart-under-load")
     before = ledger_totals(stack.base_url, key)
 
-    async def scenario() -> tuple[list[Outcome], list[tuple[int | str, str]], str]:
-        stop = asyncio.Event()
-        load = asyncio.create_task(steady_load(stack.base_url, key, MODEL, 4, stop, max_tokens=MAX_TOKENS))
-        await asyncio.sleep(10)  # streams are running
-        stopped = asyncio.Event()
-        health = asyncio.create_task(watch_health(stack.base_url, stopped))
-        down = await asyncio.to_thread(stack.anker, "down", timeout=300)
-        stopped.set()
-        assert down.returncode == 0, down.stdout + down.stderr
-        up = await asyncio.to_thread(stack.anker, "up", "--detach", timeout=900)
-        assert up.returncode == 0, up.stdout[-3000:] + up.stderr[-3000:]
-        await asyncio.sleep(10)  # and traffic goes on after the restart
-        stop.set()
-        return await load, await health, down.stdout
+    async def scenario() -> tuple[list[Outcome], list[tuple[int | str, str]], str, tuple[float, float]]:
+        load = StaggeredStreams(stack.base_url, key, MODEL, MAX_TOKENS, temperature=GREEDY)
+        running = asyncio.create_task(load.run())
+        try:
+            await load.wait_for(lambda: load.receiving > 0, 120, "a stream delivering before the stop")
+            stopped = asyncio.Event()
+            health = asyncio.create_task(watch_health(stack.base_url, stopped))
+            stopping = time.monotonic()
+            down = await asyncio.to_thread(stack.anker, "down", timeout=300)
+            stopped.set()
+            stop = (stopping, time.monotonic())
+            assert down.returncode == 0, down.stdout + down.stderr
+            up = await asyncio.to_thread(stack.anker, "up", "--detach", timeout=900)
+            assert up.returncode == 0, up.stdout[-3000:] + up.stderr[-3000:]
+            back = time.monotonic()  # and traffic goes on after the restart
+            await load.wait_for(lambda: load.served_since(back) >= SERVED_AGAIN, RESTART_TRAFFIC_WAIT_S, "served again")
+        finally:
+            load.stop()
+        return await running, await health, down.stdout, stop
 
-    outcomes, health, down_said = asyncio.run(scenario())
+    outcomes, health, down_said, stop = asyncio.run(scenario())
     assert "drained in" in down_said, down_said
+    began = BEGAN.search(down_said)
+    seen = during(outcomes, *stop)
+    assert began and int(began[1]) > 0, f"no stream was running when the drain began: {down_said}; {seen}"
     assert (503, "draining") in health, f"/healthz never said it was draining: {sorted(set(health))}"
     finished = [o for o in outcomes if o.status == 200]
     assert finished
@@ -57,7 +73,7 @@ def test_the_whole_cluster_stopped_and_started_under_load(stack: Stack) -> None:
     kinds = {(o.status, o.error_code) for o in refused}
     assert all(s in unanswered or (s == 503 and code) or (s == 404 and code is None) for s, code in kinds), kinds
     assert all(o.retry_after for o in refused if o.status == 503), [o for o in refused if o.status == 503][:3]
-    assert all(o.status == 200 for o in outcomes[-4:]), outcomes[-4:]  # back by itself
+    assert all(o.status == 200 for o in outcomes[-SERVED_AGAIN:]), outcomes[-SERVED_AGAIN:]  # back by itself
     # Nothing was cut and nothing unanswered got past the drain: the ledger is exactly what the clients were told.
     billed, expected = wait_for_ledger(stack.base_url, key, before, outcomes)
     assert billed == expected, f"billed (output tokens, nano-DKK) {billed}, seen by clients {expected}"

@@ -318,14 +318,3 @@ def wait_for_ledger(
         if within or time.monotonic() > deadline:
             return billed, expected
         time.sleep(2)
-
-
-async def steady_load(
-    base_url: str, key: str, model: str, clients: int, stop: asyncio.Event, max_tokens: int = 48, pause_s: float = 0.2
-) -> list[Outcome]:
-    """``SteadyLoad`` until ``stop`` is set (for the tests not yet moved to it)."""
-    load = SteadyLoad(base_url, key, model, clients, max_tokens, pause_s)
-    running = asyncio.create_task(load.run())
-    await stop.wait()
-    load.stop()
-    return await running
