@@ -14,19 +14,21 @@ import json
 import secrets
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 import pytest
 import sqlalchemy as sa
 
-from tests.conftest import SECOND_MODEL, SecondApp, Stack
+from tests.conftest import SECOND_MODEL, EngineKill, SecondApp, Stack
 from tests.otlp import OtlpReceiver
-from tests.traffic import CLIENT_TIMEOUT_S, stream_chat
+from tests.traffic import CLIENT_TIMEOUT_S, Outcome, ledger_totals, stream_chat, wait_until
 
 pytestmark = pytest.mark.stack
 
 MAX_FILE_BYTES = 512 * 1024 * 1024
+STREAMS = 6
 SKIPPED_SUFFIXES = {".safetensors"}  # the model's weights, written before any request
 
 
@@ -73,10 +75,22 @@ def session_dir(stack: Stack) -> Path:
     return Path(state["ray_session_dir"])
 
 
-async def send_everything(stack: Stack, app: SecondApp, canary: str) -> list[str]:
-    """Every kind of request, each carrying ``canary``; returns the ids of the requests the server took."""
+@dataclass(frozen=True)
+class Sent:
+    """What ``send_everything`` sent: the ids of the requests the server took, how many each key's ledger must
+    show, and the streams that ran while an engine replica was killed."""
+
+    ids: list[str]
+    billed_requests: list[tuple[str, str, int]]  # (base URL, key, requests that key is billed for)
+    streams: list[Outcome]
+    kill: EngineKill
+
+
+async def send_everything(stack: Stack, app: SecondApp, canary: str) -> Sent:
+    """Every kind of request, each carrying ``canary``, on keys of their own (so that their ledgers are theirs)."""
     ids: list[str] = []
-    headers = {"Authorization": f"Bearer {stack.api_key}"}
+    key, app_key = stack.new_key("zdr"), app.new_key("zdr")
+    headers = {"Authorization": f"Bearer {key}"}
     chat = {"model": "qwen3-moe-tiny", "messages": [{"role": "user", "content": f"Hej {canary}"}], "max_tokens": 3}
     async with httpx.AsyncClient(base_url=stack.base_url, headers=headers, timeout=CLIENT_TIMEOUT_S) as http:
         ok = await http.post("/v1/chat/completions", json=chat)
@@ -109,38 +123,57 @@ async def send_everything(stack: Stack, app: SecondApp, canary: str) -> list[str
             async for _ in cancelled.aiter_bytes():
                 break
 
-    # An engine failure mid-stream: streams of the canary on the second app while one of its engines is killed.
-    async def streams() -> None:
-        async with httpx.AsyncClient(timeout=CLIENT_TIMEOUT_S) as client:
-            await asyncio.gather(
-                *(stream_chat(client, app.base_url, app.api_key, SECOND_MODEL, f"{i}. {canary}", 200) for i in range(6))
-            )
-
-    running = asyncio.create_task(streams())
-    await asyncio.sleep(3)
-    await asyncio.to_thread(app.kill_replica, f"Engine-{SECOND_MODEL}", 2)
-    await running
-    return ids
+    # An engine failure mid-stream: streams of the canary on the second app while one of its engines is killed in
+    # the middle of generating them.
+    async with httpx.AsyncClient(timeout=CLIENT_TIMEOUT_S) as client:
+        running = asyncio.gather(
+            *(stream_chat(client, app.base_url, app_key, SECOND_MODEL, f"{i}. {canary}", 800) for i in range(STREAMS))
+        )
+        kill = await asyncio.to_thread(app.kill_engine_mid_generation, f"Engine-{SECOND_MODEL}", 2)
+        streams = await running
+    # The four requests that reached an engine on the stack, and every stream on the second app.
+    return Sent(ids, [(stack.base_url, key, 4), (app.base_url, app_key, STREAMS)], list(streams), kill)
 
 
 def test_no_trace_of_request_content_anywhere(stack: Stack, second_app: SecondApp, otlp: OtlpReceiver) -> None:
     canary = f"zdr{secrets.token_hex(12)}"
     started = time.time()
-    ids = asyncio.run(send_everything(stack, second_app, canary))
-    time.sleep(12)  # logs flushed, spans exported, metrics pushed, usage delivered
+    sent = asyncio.run(send_everything(stack, second_app, canary))
+    cut = [o for o in sent.streams if o.cut_off]
+    assert cut, (
+        f"the kill cut no stream of the canary ({sent.kill}): {[o.summary(sent.kill.killed_s) for o in sent.streams]}"
+    )
     needle = canary.encode()
 
-    files = [
-        *files_under(stack.data_dir),
-        *files_under(second_app.data_dir),
-        *files_under(session_dir(stack)),
-        *files_under(Path(tempfile.gettempdir()), since=started),
-        *files_under(Path("/dev/shm"), since=started),
-    ]
+    def searched() -> list[Path]:
+        return [
+            *files_under(stack.data_dir),
+            *files_under(second_app.data_dir),
+            *files_under(session_dir(stack)),
+            *files_under(Path(tempfile.gettempdir()), since=started),
+            *files_under(Path("/dev/shm"), since=started),
+        ]
+
+    def left_behind() -> list[str]:
+        """What these requests have not yet left where it goes at their end: a log line and spans with their ids,
+        their usage in the ledgers."""
+        files, spans = searched(), repr(list(otlp.spans))
+        missing = [f"log line of {i}" for i in sent.ids if not containing(files, i.encode())]
+        missing += [f"span of {i}" for i in sent.ids if i not in spans]
+        for base_url, key, requests in sent.billed_requests:
+            billed = ledger_totals(base_url, key)["requests"]
+            if billed != requests:
+                missing.append(f"usage: {billed} of {requests} requests billed")
+        return missing
+
+    # The search covers what these requests left behind: once their ids (metadata, which may be kept) are in the
+    # logs and the spans and their usage is in the ledgers, the canary is looked for in all of it.
+    asyncio.run(wait_until(lambda: not left_behind(), 120, lambda: str(left_behind()), period_s=2))
+
+    files = searched()
     assert len(files) > 100, f"only {len(files)} files searched"
     assert containing(files, needle) == []
 
-    spans = repr(list(otlp.spans))
     assert otlp.payloads, "no spans were exported"
     assert needle not in b"".join(otlp.payloads)  # the raw exports: names, attributes, events, statuses
 
@@ -149,8 +182,3 @@ def test_no_trace_of_request_content_anywhere(stack: Stack, second_app: SecondAp
 
     ledgers = ledger_dump(f"sqlite:///{stack.data_dir / 'anker.db'}") + ledger_dump(second_app.postgres.url)
     assert canary not in ledgers
-
-    # The search did cover what these requests left behind: their ids (metadata) are in the logs and the spans.
-    for request_id in ids:
-        assert containing(files, request_id.encode()), f"request {request_id} left no log line"
-        assert request_id in spans
