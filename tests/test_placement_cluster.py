@@ -90,6 +90,18 @@ def placements(app: str) -> list[Counter[str]]:
     return found
 
 
+def unplaced(app: str) -> list[str]:
+    """Why each of ``app``'s placement groups that Ray has not placed waits: its scheduling state, as Ray's GCS
+    reports it (QUEUED and SCHEDULING_STARTED while it tries, NO_RESOURCES or INFEASIBLE once no node fits)."""
+    from ray.util import placement_group_table
+
+    return [
+        str(pg["stats"]["scheduling_state"])
+        for pg in placement_group_table().values()
+        if app in (pg.get("name") or "") and pg["state"] == "PENDING"
+    ]
+
+
 def delete(app: str) -> None:
     from ray import serve
 
@@ -101,7 +113,9 @@ def test_tp8_fits_one_node_in_its_region_and_a_second_replica_waits_for_a_node(c
     config = profile("fp8-h200-tp8")
     deploy(config, "tp8", num_replicas=2)
     wait_until(lambda: replica_states("tp8").get("RUNNING", 0) == 1)
-    time.sleep(5)  # the other dk node does not exist yet, and the se node is outside the region: it must wait
+    # The other dk node does not exist yet, and the se node is outside the region: Ray's scheduler has tried the
+    # second replica's placement group and found no node for it, so it waits.
+    wait_until(lambda: unplaced("tp8") == ["NO_RESOURCES"] or unplaced("tp8") == ["INFEASIBLE"])
     states = replica_states("tp8")
     assert states["RUNNING"] == 1 and sum(states.values()) == 2, states
     [one] = placements("tp8")
