@@ -316,9 +316,12 @@ class SecondApp:
 
     def kill_engine_mid_generation(self, deployment: str, replicas: int, timeout_s: float = 120) -> EngineKill:
         """Kills an engine replica's process (SIGKILL, as a crash or the OOM killer does: at once) the moment its
-        vLLM says it holds requests, asked of every replica's actor at once, the first to say so being the victim:
+        vLLM says it is generating, asked of every replica's actor at once, the first to say so being the victim:
         so the kill lands in the middle of generations. Then waits until Serve has replaced it. Fails with what the
-        replicas said if none held a request within ``timeout_s``."""
+        replicas said if none generated within ``timeout_s``.
+
+        Generating is vLLM's ``running`` (in its batch, so past the first token), not ``in_flight``: a request
+        still waiting for its first step has no response yet, and a kill then is answered with 503, not a cut."""
         import ray
 
         self.connect()
@@ -345,7 +348,7 @@ class SecondApp:
                     said.append(f"{_short(name)}: {type(exc).__name__}")
                     continue
                 answered = time.monotonic()
-                if vllm["in_flight"] > 0:
+                if vllm["running"] > 0:
                     os.kill(pids[name], signal.SIGKILL)
                     killed = time.monotonic()
                     kill = EngineKill(name, vllm, answered - asked, killed - answered, killed, _answers(ongoing))
@@ -353,7 +356,7 @@ class SecondApp:
                     return kill
                 said.append(f"{_short(name)}: {vllm}")
             time.sleep(0.05)
-        raise AssertionError(f"no replica of {deployment} held a request within {timeout_s:g} s: {said[-6:]}")
+        raise AssertionError(f"no replica of {deployment} generated within {timeout_s:g} s: {said[-6:]}")
 
     def wait_for_replacement(
         self, deployment: str, replicas: int, gone: str, timeout_s: float = SECOND_READY_TIMEOUT_S

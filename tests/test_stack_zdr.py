@@ -123,12 +123,21 @@ async def send_everything(stack: Stack, app: SecondApp, canary: str) -> Sent:
             async for _ in cancelled.aiter_bytes():
                 break
 
-    # An engine failure mid-stream: streams of the canary on the second app while one of its engines is killed in
-    # the middle of generating them.
+    # An engine failure mid-stream: streams of the canary on the second app, one of whose engines is killed once
+    # the streams are delivering, in the middle of generating them.
+    delivering = [0]
+
+    def count(change: int) -> None:
+        delivering[0] += change
+
     async with httpx.AsyncClient(timeout=CLIENT_TIMEOUT_S) as client:
         running = asyncio.gather(
-            *(stream_chat(client, app.base_url, app_key, SECOND_MODEL, f"{i}. {canary}", 800) for i in range(STREAMS))
+            *(
+                stream_chat(client, app.base_url, app_key, SECOND_MODEL, f"{i}. {canary}", 800, count)
+                for i in range(STREAMS)
+            )
         )
+        await wait_until(lambda: delivering[0] > 0, 120, lambda: "no stream of the canary delivered")
         kill = await asyncio.to_thread(app.kill_engine_mid_generation, f"Engine-{SECOND_MODEL}", 2)
         streams = await running
     # The four requests that reached an engine on the stack, and every stream on the second app.
