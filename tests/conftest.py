@@ -315,10 +315,10 @@ class SecondApp:
         self.wait_for_replacement(deployment, replicas, victim, timeout_s)
 
     def kill_engine_mid_generation(self, deployment: str, replicas: int, timeout_s: float = 120) -> EngineKill:
-        """Kills an engine replica's process (SIGKILL, as a crash or the OOM killer does: at once) the moment its
-        vLLM says it is generating, asked of every replica's actor at once, the first to say so being the victim:
-        so the kill lands in the middle of generations. Then waits until Serve has replaced it. Fails with what the
-        replicas said if none generated within ``timeout_s``.
+        """Kills an engine replica's process (SIGKILL, as a crash or the OOM killer does: at once; the test cluster
+        is this machine) the moment its vLLM says it is generating, asked of every replica's actor at once, the
+        first to say so being the victim: so the kill lands in the middle of generations. Then waits until Serve
+        has replaced it. Fails with what the replicas said if none generated within ``timeout_s``.
 
         Generating is vLLM's ``running`` (in its batch, so past the first token), not ``in_flight``: a request
         still waiting for its first step has no response yet, and a kill then is answered with 503, not a cut."""

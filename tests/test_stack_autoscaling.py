@@ -14,6 +14,7 @@ import pytest
 
 from deployments.builder import APP_NAME
 from tests.conftest import AUTOSCALED_MODEL, Stack
+from tests.traffic import wait_until
 
 pytestmark = pytest.mark.stack
 
@@ -94,31 +95,23 @@ class Load:
         return self.outcomes
 
 
-async def wait_for(condition: Callable[[], bool], timeout_s: float, seen: Callable[[], object]) -> float:
-    started = time.monotonic()
-    while time.monotonic() - started < timeout_s:
-        if await asyncio.to_thread(condition):
-            return time.monotonic() - started
-        await asyncio.sleep(1.0)
-    raise AssertionError(f"not reached within {timeout_s:.0f}s: {seen()}")
-
-
 async def test_a_burst_scales_the_engine_out_and_back_in_without_failing_a_request(
     stack: Stack, replica_states: Callable[[], dict[str, int]]
 ) -> None:
     states = replica_states
-    await wait_for(lambda: states() == {"RUNNING": 1}, 120, states)  # the floor, before any load
+    await wait_until(lambda: states() == {"RUNNING": 1}, 120, lambda: str(states()), 1.0)  # the floor, before any load
     async with httpx.AsyncClient(base_url=stack.base_url, timeout=300) as client:
         burst = Load(client, stack.api_key, BURST, 400)
-        up_s = await wait_for(lambda: states().get("RUNNING", 0) == 2, 300, states)
+        up_s = await wait_until(lambda: states().get("RUNNING", 0) == 2, 300, lambda: str(states()), 1.0)
         burst_outcomes = await burst.stop()
 
         # A trickle keeps going while the deployment scales back in: one request at a time is far below target.
         trickle = Load(client, stack.api_key, 1, 16)
-        down_s = await wait_for(lambda: states() == {"RUNNING": 1}, 300, states)  # the stopped replica is gone
-        # and the remaining replica serves: a request sent after that was answered.
+        # The stopped replica is gone (nothing STOPPING) ...
+        down_s = await wait_until(lambda: states() == {"RUNNING": 1}, 300, lambda: str(states()), 1.0)
+        # ... and the remaining replica serves: a request sent after that was answered.
         gone = time.monotonic()
-        await wait_for(lambda: trickle.last_ok_sent_s >= gone, 60, lambda: trickle.outcomes)
+        await wait_until(lambda: trickle.last_ok_sent_s >= gone, 60, lambda: str(trickle.outcomes), 1.0)
         trickle_outcomes = await trickle.stop()
 
     print(

@@ -17,7 +17,7 @@ from collections.abc import Callable
 import pytest
 
 from tests.conftest import SECOND_MODEL, EngineKill, SecondApp
-from tests.traffic import Outcome, SteadyLoad, ledger_totals, wait_for_ledger
+from tests.traffic import Outcome, SteadyLoad, during, ledger_totals, wait_for_ledger
 
 pytestmark = pytest.mark.stack
 
@@ -64,7 +64,7 @@ def test_an_engine_replica_killed_mid_stream(second_app: SecondApp) -> None:
     outcomes = asyncio.run(under_load(second_app, key, kill, max_tokens=LONG_STREAM_TOKENS))
     [killed] = kills
     cut = [o for o in outcomes if o.cut_off]
-    open_then = [o.summary(killed.killed_s) for o in outcomes if o.started_s < killed.killed_s < o.ended_s]
+    open_then = during(outcomes, killed.killed_s, killed.killed_s)
     seen = Counter((o.status, o.error_code, o.done) for o in outcomes)
     assert cut, f"the kill cut no stream ({killed}); streams open at the kill: {open_then}; all: {seen}"
     for outcome in cut:  # cut mid-way: told what it is billed for, then the error, then the end of the stream

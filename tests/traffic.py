@@ -200,16 +200,9 @@ class SteadyLoad(_Load):
     ``stop()``; a client that was refused waits as Retry-After says (at most 2 s) and goes on."""
 
     def __init__(
-        self,
-        base_url: str,
-        key: str,
-        model: str,
-        clients: int,
-        max_tokens: int = 48,
-        pause_s: float = 0.2,
-        temperature: float | None = None,
+        self, base_url: str, key: str, model: str, clients: int, max_tokens: int = 48, pause_s: float = 0.2
     ) -> None:
-        super().__init__(base_url, key, model, temperature)
+        super().__init__(base_url, key, model, None)
         self._clients, self._max_tokens, self._pause_s = clients, max_tokens, pause_s
 
     async def run(self) -> list[Outcome]:
@@ -275,9 +268,10 @@ async def wait_until(
     condition: Callable[[], bool], timeout_s: float, seen: Callable[[], str], period_s: float = 0.1
 ) -> float:
     """Polls ``condition`` until it holds and returns how long that took; after ``timeout_s``, fails with
-    ``seen()``: what the system showed instead."""
+    ``seen()``: what the system showed instead. The condition runs in a thread: it may block (asking Serve, reading
+    files) without stalling the clients on this loop."""
     started = time.monotonic()
-    while not condition():
+    while not await asyncio.to_thread(condition):
         if time.monotonic() - started > timeout_s:
             raise AssertionError(f"not within {timeout_s:g} s: {seen()}")
         await asyncio.sleep(period_s)
