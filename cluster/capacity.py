@@ -11,8 +11,8 @@ import math
 from dataclasses import dataclass
 from decimal import ROUND_HALF_UP, Decimal
 
-from cluster.config import ModelConfig, ModelFacts
-from cluster.placement import engine_placement
+from config.placement import engine_placement
+from config.schema import ModelConfig, ModelFacts
 
 GB = 10**9
 GIB = 2**30

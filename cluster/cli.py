@@ -17,7 +17,8 @@ from pathlib import Path
 from types import FrameType
 
 from cluster import cli_billing
-from cluster.config import DEFAULT_PROFILE, AnkerConfig, ConfigError, load_config
+from config.schema import AnkerConfig, ConfigError
+from config.settings import DEFAULT_PROFILE, load_config
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -34,7 +35,7 @@ examples:
   anker tenants set kommune-x --plan monthly --monthly-fee-dkk 2000 --discount-percent 10
   anker usage --tenant kommune-x --month 2026-11
   anker invoice --tenant kommune-x --month 2026-11 --out invoices/
-  anker plan --profile cluster/profiles/qwen35-397b-fp8-h200-tp8.yaml --input-tokens-per-s 20000
+  anker plan --profile config/profiles/qwen35-397b-fp8-h200-tp8.yaml --input-tokens-per-s 20000
   anker model build --out ./m --arch qwen3-moe
   ANKER_PORT=8001 anker up              any config field can be overridden from the environment
 
@@ -325,7 +326,7 @@ def cmd_compliance_report(args: argparse.Namespace) -> int:
     import os
 
     from cluster import compliance
-    from cluster.config import config_path_from_env
+    from config.settings import config_path_from_env
 
     source = Path(args.config) if args.config else config_path_from_env()
     for path in compliance.write(_config(args), os.environ, str(source), Path(args.out)):
@@ -470,7 +471,7 @@ def build_parser() -> argparse.ArgumentParser:
         "RayService with the profile as a ConfigMap and a NetworkPolicy, and a Ray cluster launcher config.",
     )
     defs.add_argument("--profile", "--config", dest="config", metavar="PATH", required=True, help="a GPU profile")
-    defs.add_argument("--out", default=str(DEFAULT_PROFILE.parent.parent), metavar="DIR", help="default: cluster/")
+    defs.add_argument("--out", default=str(Path(__file__).parent), metavar="DIR", help="default: cluster/")
     defs.add_argument("--check", action="store_true", help="exit 1 if the files on disk differ from the profile")
     defs.set_defaults(func=cmd_cluster_defs)
 

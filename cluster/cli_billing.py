@@ -17,7 +17,7 @@ from decimal import Decimal
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from cluster.config import AnkerConfig
+from config.schema import AnkerConfig
 
 if TYPE_CHECKING:
     from deployments.billing.governance import Actor

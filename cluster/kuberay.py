@@ -15,8 +15,9 @@ from typing import Any
 
 import yaml
 
-from cluster.config import AnkerConfig, ModelConfig
-from cluster.placement import REGION_LABEL, engine_placement
+from config.naming import REGION_LABEL
+from config.placement import engine_placement
+from config.schema import AnkerConfig, ModelConfig
 
 RAY_VERSION = "2.60.0"
 GCS_PORT = 6380  # Ray's GCS; never 6379 (Redis's own port, used below by the external Redis only)
@@ -249,7 +250,7 @@ def launcher_config(config: AnkerConfig, profile: Path) -> dict[str, Any]:
             "worker_ips": [],
         },
         "auth": {"ssh_user": "anker", "ssh_private_key": "~/.ssh/anker_cluster"},
-        "file_mounts": {f"~/anker/{profile.name}": f"cluster/profiles/{profile.name}"},  # from the repository root
+        "file_mounts": {f"~/anker/{profile.name}": f"config/profiles/{profile.name}"},  # from the repository root
         "setup_commands": ["python3 -m pip install --quiet 'anker[gpu]'"],
         "head_start_ray_commands": [
             "ray stop",
@@ -279,7 +280,7 @@ _Dumper.add_representer(str, _block)
 
 
 def render(documents: list[dict[str, Any]], profile: Path) -> str:
-    header = HEADER.format(profile=f"cluster/profiles/{profile.name}")
+    header = HEADER.format(profile=f"config/profiles/{profile.name}")
     return header + "---\n".join(yaml.dump(d, Dumper=_Dumper, sort_keys=False, width=120) for d in documents)
 
 

@@ -23,8 +23,8 @@ from typing import Any
 
 import httpx
 
-from cluster.config import AnkerConfig
 from cluster.tiny_models import build_model, is_built
+from config.schema import AnkerConfig
 
 Say = Callable[[str], None]
 HEAD_LOG = "ray-head.log"
@@ -198,7 +198,8 @@ def _wait_for_gcs(config: AnkerConfig, head: subprocess.Popen[bytes], timeout_s:
 def _deploy(config: AnkerConfig, say: Say, head: subprocess.Popen[bytes] | None = None) -> None:
     from ray import serve
 
-    from deployments.builder import APP_NAME, build_app
+    from config.naming import APP_NAME
+    from deployments.builder import build_app
 
     connect(config)
     serve.start(http_options={"host": config.server.host, "port": config.server.port})
@@ -218,7 +219,7 @@ def _deploy(config: AnkerConfig, say: Say, head: subprocess.Popen[bytes] | None 
 def _deployment_states() -> dict[str, str]:
     from ray import serve
 
-    from deployments.builder import APP_NAME
+    from config.naming import APP_NAME
 
     app = serve.status().applications.get(APP_NAME)
     if app is None:

@@ -13,8 +13,9 @@ from ray import serve
 from ray.serve.config import RequestRouterConfig
 
 from autoscaling.queue_policy import QueuePolicyConfig, serve_autoscaling_config
-from cluster.config import AnkerConfig, ModelConfig, deployment_suffix
-from cluster.placement import engine_placement
+from config.naming import engine_deployment_name
+from config.placement import engine_placement
+from config.schema import AnkerConfig, ModelConfig
 from deployments.billing.actor import Billing
 from deployments.billing.service import billing_spec
 from deployments.engine import Engine, EngineSpec
@@ -22,13 +23,8 @@ from deployments.ingress import Ingress, IngressSpec
 from deployments.openai.serving import ServedModel
 from deployments.tokenizer import Tokenizer, TokenizerSpec
 
-APP_NAME = "anker"
 # The engine deployments' request router (Ray Serve's extension point); it runs in the ingress, which holds the handles.
 PREFIX_AWARE_ROUTER = "deployments.router.PrefixAwareRouter"
-
-
-def engine_deployment_name(model: ModelConfig) -> str:
-    return f"Engine-{deployment_suffix(model.name)}"
 
 
 def engine_env(model: ModelConfig) -> dict[str, str]:
@@ -160,6 +156,6 @@ def app_from_args(args: dict[str, str]) -> serve.Application:
     ``import_path: deployments.builder:app_from_args`` with ``args: {config: /etc/anker/profile.yaml}``."""
     import os
 
-    from cluster.config import load_config
+    from config.settings import load_config
 
     return build_app(load_config(args.get("config"), dict(os.environ)))

@@ -28,8 +28,9 @@ from typing import Any
 
 import yaml
 
-from cluster.config import DEFAULT_PROFILE, AnkerConfig, ConfigError, load_config
 from cluster.tiny_models import build_model, is_built
+from config.schema import AnkerConfig, ConfigError
+from config.settings import DEFAULT_PROFILE, load_config
 from loadtests import bench_report
 from loadtests.bench_anker import anker
 from loadtests.bench_client import Measured, run_conversations, run_requests
@@ -80,7 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--config",
         type=Path,
         default=DEFAULT_PROFILE,
-        help="profile the model comes from (default: cluster/profiles/local.yaml)",
+        help="profile the model comes from (default: config/profiles/local.yaml)",
     )
     parser.add_argument("--model", help="served model name from the profile (default: its first model)")
     parser.add_argument(

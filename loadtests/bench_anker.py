@@ -17,9 +17,10 @@ from pathlib import Path
 
 import yaml
 
-from cluster.config import AnkerConfig, load_config
 from cluster.local import HEAD_LOG, ray_auth_env, read_state
-from deployments.builder import APP_NAME, engine_deployment_name
+from config.naming import APP_NAME, engine_deployment_name
+from config.schema import AnkerConfig
+from config.settings import load_config
 from loadtests.bench_targets import (
     READY_TIMEOUT_S,
     STOP_TIMEOUT_S,

@@ -23,7 +23,7 @@ from typing import IO, Any
 
 import httpx
 
-from cluster.config import AnkerConfig, ModelConfig
+from config.schema import AnkerConfig, ModelConfig
 from deployments.builder import engine_env
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -27,7 +27,8 @@ from typing import Any
 
 import httpx
 
-from cluster.config import DEFAULT_PROFILE, AnkerConfig, load_config
+from config.schema import AnkerConfig
+from config.settings import DEFAULT_PROFILE, load_config
 from deployments import database
 from deployments.billing.governance import MAX_PER_MINUTE
 from deployments.billing.ledger import Ledger
@@ -138,7 +139,8 @@ def deploy_stack(config: AnkerConfig, engine: Any | None) -> str:
     returns the base URL once /healthz is 200."""
     from ray import serve
 
-    from deployments.builder import APP_NAME, build_app
+    from config.naming import APP_NAME
+    from deployments.builder import build_app
 
     replacements = {config.models[0].name: engine} if engine is not None else None
     serve.run(build_app(config, engines=replacements), name=APP_NAME, route_prefix="/")
@@ -197,7 +199,7 @@ def ingress_benchmark(args: argparse.Namespace, data_dir: Path) -> list[IngressR
     from ray import serve
 
     from cluster.local import ensure_models
-    from deployments.builder import APP_NAME
+    from config.naming import APP_NAME
 
     config = bench_config(data_dir, _free_port(), args.models_dir)
     ensure_models(config, _say)

@@ -9,8 +9,8 @@ from typing import Any
 
 import yaml
 
-from cluster.config import AnkerConfig
-from deployments.builder import engine_deployment_name
+from config.naming import engine_deployment_name
+from config.schema import AnkerConfig
 from observability import queries
 
 # Google SRE workbook's multi-window, multi-burn-rate pairs: (long window, short window, burn rate, severity).

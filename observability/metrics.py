@@ -13,7 +13,9 @@ from collections.abc import Sequence
 from functools import cache
 from typing import Any
 
-LATENCY_S = [0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0]
+from config.schema import LATENCY_BUCKETS_S
+
+LATENCY_S = list(LATENCY_BUCKETS_S)
 INTER_TOKEN_S = [0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5]
 TOKEN_KINDS = ("uncached", "cached", "output")
 

@@ -22,6 +22,7 @@ from typing import Any
 import pytest
 
 from cluster.tiny_models import build_model
+from config.settings import DEFAULT_PROFILE
 from tests.otlp import OtlpReceiver
 from tests.postgres import PostgresServer, postgres_server, throwaway_postgres
 
@@ -183,7 +184,7 @@ def stack(
     }
     env = {
         **os.environ,
-        "ANKER_CONFIG": str(ROOT / "cluster" / "profiles" / "local.yaml"),
+        "ANKER_CONFIG": str(DEFAULT_PROFILE),
         "ANKER_DATA_DIR": str(data_dir),
         **{k: str(v) for k, v in ports.items()},
         **AUTOSCALING_ENV,
@@ -282,8 +283,8 @@ class SecondApp:
 
     def connect(self) -> None:
         """This process as a driver on the stack's cluster (again, if a test module disconnected it)."""
-        from cluster.config import load_config
         from cluster.local import connect
+        from config.settings import load_config
 
         connect(load_config(environ=self.stack_env))
 
@@ -399,7 +400,7 @@ def second_app(stack: Stack, tmp_path_factory: pytest.TempPathFactory) -> Iterat
     and start), deployed beside the stack's under ``/second``: for routing, back-pressure and fault tests."""
     from ray import serve
 
-    from cluster.config import load_config
+    from config.settings import load_config
     from deployments.builder import build_app
 
     data_dir = tmp_path_factory.mktemp("second-data")

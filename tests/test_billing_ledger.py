@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
-from cluster.config import load_config
+from config.settings import load_config
 from deployments.billing.ledger import Ledger, UnknownPrice, UsageEvent
 from deployments.billing.pricing import TokenPrices
 from deployments.billing.retention import purge, retention_cutoff

@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 
 from cluster.capacity import cost_plan, figures, kv_bytes_per_token, linear_state_bytes_per_sequence, replica_plan
-from cluster.config import load_config
+from config.settings import PROFILES_DIR, load_config
 
-PROFILES = sorted((Path(__file__).resolve().parent.parent / "cluster" / "profiles").glob("qwen35-397b-*.yaml"))
+PROFILES = sorted(PROFILES_DIR.glob("qwen35-397b-*.yaml"))
 ANKER = str(Path(sys.executable).parent / "anker")
 
 

@@ -17,11 +17,12 @@ import pytest
 import yaml
 
 from cluster import kuberay
-from cluster.config import load_config
-from cluster.placement import REGION_LABEL, engine_placement
+from config.naming import REGION_LABEL
+from config.placement import engine_placement
+from config.settings import DEFAULT_PROFILE, PROFILES_DIR, load_config
 
 ROOT = Path(__file__).resolve().parent.parent
-PROFILES = sorted((ROOT / "cluster" / "profiles").glob("qwen35-397b-*.yaml"))
+PROFILES = sorted(PROFILES_DIR.glob("qwen35-397b-*.yaml"))
 ANKER = str(Path(sys.executable).parent / "anker")
 # Field names of KubeRay's ray.io/v1 API (RayServiceSpec, RayClusterSpec, HeadGroupSpec, WorkerGroupSpec) that the
 # generator may use: a typo here would be silently ignored by Kubernetes, so the test refuses anything else.
@@ -151,4 +152,4 @@ def test_the_serve_config_import_path_builds_the_app() -> None:
 
     from deployments.builder import app_from_args
 
-    assert isinstance(app_from_args({"config": str(ROOT / "cluster" / "profiles" / "local.yaml")}), Application)
+    assert isinstance(app_from_args({"config": str(DEFAULT_PROFILE)}), Application)

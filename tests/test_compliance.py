@@ -16,7 +16,8 @@ import yaml
 from cluster.compliance import FLOWS, RECORD, RUNBOOK, documents
 from cluster.compliance.facts import TABLES, public_address, region
 from cluster.compliance.nis2 import GUIDANCE, MISSING, family
-from cluster.config import DEFAULT_PROFILE, PROFILES_DIR, AnkerConfig, load_config
+from config.schema import AnkerConfig
+from config.settings import DEFAULT_PROFILE, PROFILES_DIR, load_config
 from deployments.billing.tables import METADATA
 from observability.alerts import rule_groups
 

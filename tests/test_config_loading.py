@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from cluster.config import ConfigError, load_config
+from config.schema import ConfigError
+from config.settings import load_config
 
 
 def write(tmp_path: Path, text: str) -> Path:

@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 import yaml
 
-from cluster.config import load_config
+from config.settings import load_config
 from observability import queries
 from observability.alerts import render, rule_groups
 from observability.dashboards import dashboards, expressions

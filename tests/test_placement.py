@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from cluster.config import ModelConfig
-from cluster.placement import engine_placement
+from config.placement import engine_placement
+from config.schema import ModelConfig
 
 
 def model(**fields: object) -> ModelConfig:

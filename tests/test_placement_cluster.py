@@ -9,22 +9,21 @@ from __future__ import annotations
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
 
-from cluster.config import AnkerConfig, load_config
-from cluster.placement import REGION_LABEL
+from config.naming import REGION_LABEL
+from config.schema import AnkerConfig
+from config.settings import PROFILES_DIR, load_config
 from deployments.builder import engine_options, engine_spec
 from tests.doubles import PlacementProbeDouble
 
-PROFILES = Path(__file__).resolve().parent.parent / "cluster" / "profiles"
 GPU_NODE = {"num_cpus": 16, "num_gpus": 8, "object_store_memory": 80 * 1024 * 1024}
 
 
 def profile(name: str) -> AnkerConfig:
-    return load_config(PROFILES / f"qwen35-397b-{name}.yaml", {})
+    return load_config(PROFILES_DIR / f"qwen35-397b-{name}.yaml", {})
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterator
 import httpx
 import pytest
 
-from deployments.builder import APP_NAME
+from config.naming import APP_NAME
 from tests.conftest import AUTOSCALED_MODEL, Stack
 from tests.traffic import wait_until
 
@@ -28,8 +28,8 @@ def replica_states(stack: Stack) -> Iterator[Callable[[], dict[str, int]]]:
     import ray
     from ray import serve
 
-    from cluster.config import load_config
     from cluster.local import connect
+    from config.settings import load_config
 
     connect(load_config(None, dict(stack.env)))
 

@@ -139,8 +139,8 @@ def test_a_killed_billing_actor_is_restarted_and_no_usage_is_lost(stack: Stack) 
     import ray
     from ray.util.state import list_actors
 
-    from cluster.config import load_config
     from cluster.local import connect
+    from config.settings import load_config
 
     key = stack.new_key("restart-kommune")
     client = openai.OpenAI(base_url=f"{stack.base_url}/v1", api_key=key, max_retries=0, timeout=120)

@@ -25,8 +25,8 @@ def engines(stack: Stack) -> Iterator[dict[str, object]]:
     import ray
     from ray import serve
 
-    from cluster.config import load_config
     from cluster.local import connect
+    from config.settings import load_config
 
     connect(load_config(environ=stack.env))  # a driver on the stack's cluster, with its Ray auth token
     try:

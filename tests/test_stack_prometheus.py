@@ -13,7 +13,7 @@ from pathlib import Path
 import openai
 import pytest
 
-from cluster.config import load_config
+from config.settings import load_config
 from observability import queries
 from observability.alerts import expressions as alert_expressions
 from observability.alerts import render as render_alerts

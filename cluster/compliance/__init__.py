@@ -14,7 +14,7 @@ from pathlib import Path
 from cluster.compliance.flows import data_flows
 from cluster.compliance.gdpr import record_of_processing
 from cluster.compliance.nis2 import incident_runbook
-from cluster.config import AnkerConfig
+from config.schema import AnkerConfig
 
 RECORD, FLOWS, RUNBOOK = "gdpr-art30-record.md", "data-flows.md", "nis2-incident-runbook.md"
 

@@ -12,8 +12,9 @@ from urllib.parse import urlsplit
 
 import sqlalchemy as sa
 
-from cluster.config import AnkerConfig, ModelConfig
-from cluster.placement import REGION_LABEL, engine_placement
+from config.naming import REGION_LABEL
+from config.placement import engine_placement
+from config.schema import AnkerConfig, ModelConfig
 from deployments.billing.tables import METADATA
 
 EU_EEA = {

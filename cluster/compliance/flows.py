@@ -8,14 +8,15 @@ from collections.abc import Mapping
 
 from cluster.compliance.facts import database, otlp_endpoint
 from cluster.compliance.markdown import header
-from cluster.config import AnkerConfig, deployment_suffix
-from cluster.placement import REGION_LABEL, engine_placement
+from config.naming import REGION_LABEL, engine_deployment_name
+from config.placement import engine_placement
+from config.schema import AnkerConfig
 
 
 def data_flows(config: AnkerConfig, environ: Mapping[str, str], source: str, today: str) -> str:
     s, r = config.server, config.ray
     db, otlp = database(config), otlp_endpoint(environ)
-    engines = [(m, f"Engine-{deployment_suffix(m.name)}") for m in config.models]
+    engines = [(m, engine_deployment_name(m)) for m in config.models]
     out = header("Data flows: every component and port", source, today)
     out += ["```mermaid", "flowchart LR"]
     out += [

@@ -17,8 +17,8 @@ from cluster.compliance.facts import (
     retention,
 )
 from cluster.compliance.markdown import checked, header
-from cluster.config import AnkerConfig
-from cluster.placement import REGION_LABEL
+from config.naming import REGION_LABEL
+from config.schema import AnkerConfig
 from deployments.billing.tables import METADATA
 
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 from typing import Any
 
 from cluster.compliance.markdown import header
-from cluster.config import AnkerConfig
+from config.schema import AnkerConfig
 
 MISSING = "NO RUNBOOK ENTRY: add one to GUIDANCE in cluster/compliance/nis2.py."
 

@@ -30,7 +30,7 @@ from deployments.keys import KeyRecord, KeyStore, load_or_create_secret, secret_
 from observability import metrics
 
 if TYPE_CHECKING:
-    from cluster.config import AnkerConfig, ModelConfig
+    from config.schema import AnkerConfig, ModelConfig
 
 logger = logging.getLogger("ray.serve")
 

@@ -181,7 +181,7 @@ def _time_parameter(name: str, description: str) -> dict[str, Any]:
 
 
 GENERATION_ERRORS = (400, 401, 403, 404, 413, 429, 503)
-EXAMPLE_MODEL = "qwen3-next-tiny"  # a model of the local profile (cluster/profiles/local.yaml)
+EXAMPLE_MODEL = "qwen3-next-tiny"  # a model of the local profile (config/profiles/local.yaml)
 CHAT_COMPLETIONS = route(
     "Create a chat completion",
     ChatCompletion,

@@ -11,10 +11,10 @@ import math
 from dataclasses import dataclass
 from typing import Literal
 
-from cluster.config import ModelConfig
+from config.naming import REGION_LABEL
+from config.schema import ModelConfig
 
 Strategy = Literal["PACK", "STRICT_PACK", "SPREAD", "STRICT_SPREAD"]
-REGION_LABEL = "anker/region"  # the Ray node label a region's nodes carry (KubeRay: rayStartParams labels)
 
 
 @dataclass(frozen=True)

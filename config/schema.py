@@ -1,26 +1,23 @@
-"""The one typed configuration of Anker: models, parallelism, replicas, prices, server, Ray and data folder.
+"""The profile schema: one frozen pydantic model of Anker, its models, parallelism, replicas, prices, server, Ray,
+billing and data folder, with defaults and validation.
 
-Loaded once from YAML (``cluster/profiles/local.yaml`` by default) with environment overrides resolved here and
-nowhere else; deployments receive the parsed objects and never read the environment themselves.
+The ground floor: it imports nothing of Anker. Loading a profile (YAML and environment overrides) is
+``config.settings``; names derived from it are ``config.naming``.
 """
 
 from __future__ import annotations
 
-import os
-import re
 from decimal import Decimal
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
-
-PROFILES_DIR = Path(__file__).parent / "profiles"
-DEFAULT_PROFILE = PROFILES_DIR / "local.yaml"
-ENV_PREFIX = "ANKER_"
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 ServedName = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}$")]
 Port = Annotated[int, Field(ge=1, le=65535)]
+# The latency histograms' bucket boundaries (observability.metrics); an SLO threshold must be one of them, so that
+# the alert rules can count slow requests from the buckets.
+LATENCY_BUCKETS_S = (0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
 
 
 class ConfigError(Exception):
@@ -302,10 +299,8 @@ class ObservabilityConfig(_Strict):
     @field_validator("ttft_slo_s")
     @classmethod
     def _a_bucket(cls, value: float) -> float:
-        from observability.metrics import LATENCY_S
-
-        if value not in LATENCY_S:
-            raise ValueError(f"must be one of the latency buckets {LATENCY_S}")
+        if value not in LATENCY_BUCKETS_S:
+            raise ValueError(f"must be one of the latency buckets {list(LATENCY_BUCKETS_S)}")
         return value
 
 
@@ -339,91 +334,3 @@ class AnkerConfig(_Strict):
     @property
     def run_dir(self) -> Path:
         return self.data_dir / "run"
-
-
-def _coerce_env_value(raw: str) -> Any:
-    # YAML scalars: numbers, booleans and null parse as such; anything else stays a string.
-    return yaml.safe_load(raw) if raw.strip() else raw
-
-
-def _set_path(tree: dict[str, Any], path: list[str], value: Any) -> None:
-    node: Any = tree
-    for i, key in enumerate(path[:-1]):
-        if isinstance(node, list):
-            node = node[int(key)]
-            continue
-        node = node.setdefault(key, {})
-        if not isinstance(node, dict | list):
-            raise ConfigError(f"environment override {'.'.join(path)}: {'.'.join(path[: i + 1])} is not a section")
-    last = path[-1]
-    if isinstance(node, list):
-        node[int(last)] = value
-    else:
-        node[last] = value
-
-
-# Short names for the overrides people use most; anything else is ANKER__SECTION__FIELD (models by index).
-SHORT_OVERRIDES = {
-    "ANKER_DATA_DIR": ["data_dir"],
-    "ANKER_DATABASE_URL": ["database_url"],
-    "ANKER_HOST": ["server", "host"],
-    "ANKER_PORT": ["server", "port"],
-    "ANKER_RAY_NUM_CPUS": ["ray", "num_cpus"],
-}
-
-
-def apply_env_overrides(raw: dict[str, Any], environ: dict[str, str]) -> dict[str, Any]:
-    for var, path in SHORT_OVERRIDES.items():
-        if var in environ:
-            _set_path(raw, path, _coerce_env_value(environ[var]))
-    for var, value in sorted(environ.items()):
-        if var.startswith(ENV_PREFIX + "_") and len(var) > len(ENV_PREFIX) + 1:
-            path = [p.lower() for p in var[len(ENV_PREFIX) + 1 :].split("__")]
-            try:
-                _set_path(raw, path, _coerce_env_value(value))
-            except (IndexError, ValueError) as exc:
-                raise ConfigError(f"environment override {var}: no such entry ({exc})") from exc
-    return raw
-
-
-def _describe(exc: ValidationError, source: str) -> str:
-    lines = [f"invalid config {source}:"]
-    for err in exc.errors(include_input=False, include_url=False):
-        where = ".".join(str(p) for p in err["loc"]) or "(top level)"
-        lines.append(f"  {where}: {err['msg']}")
-    return "\n".join(lines)
-
-
-def config_path_from_env(environ: dict[str, str] | None = None) -> Path:
-    env = os.environ if environ is None else environ
-    return Path(env.get("ANKER_CONFIG", str(DEFAULT_PROFILE)))
-
-
-def load_config(path: Path | str | None = None, environ: dict[str, str] | None = None) -> AnkerConfig:
-    """Reads the YAML file, applies ``ANKER_*`` overrides, validates, and makes ``data_dir`` absolute.
-
-    Raises ``ConfigError`` naming the file and each bad field; never returns a half-valid config.
-    """
-    env = dict(os.environ if environ is None else environ)
-    source = Path(path) if path is not None else config_path_from_env(env)
-    try:
-        text = source.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise ConfigError(f"cannot read config {source}: {exc.strerror}") from exc
-    try:
-        raw = yaml.safe_load(text) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"config {source} is not valid YAML: {exc}") from exc
-    if not isinstance(raw, dict):
-        raise ConfigError(f"config {source} must be a mapping at the top level")
-    raw = apply_env_overrides(raw, env)
-    try:
-        config = AnkerConfig.model_validate(raw)
-    except ValidationError as exc:
-        raise ConfigError(_describe(exc, str(source))) from exc
-    return config.model_copy(update={"data_dir": config.data_dir.expanduser().resolve()})
-
-
-def deployment_suffix(model_name: str) -> str:
-    """A Ray Serve deployment name part derived from a served model name."""
-    return re.sub(r"[^A-Za-z0-9_-]", "_", model_name)

@@ -1,0 +1,21 @@
+"""Naming rules: the names of Serve applications, deployments and node labels derived from the config, defined
+once so that the builder, the CLI, alerts, compliance documents and tests agree.
+"""
+
+from __future__ import annotations
+
+import re
+
+from config.schema import ModelConfig
+
+APP_NAME = "anker"
+REGION_LABEL = "anker/region"  # the Ray node label a region's nodes carry (KubeRay: rayStartParams labels)
+
+
+def deployment_suffix(model_name: str) -> str:
+    """A Ray Serve deployment name part derived from a served model name."""
+    return re.sub(r"[^A-Za-z0-9_-]", "_", model_name)
+
+
+def engine_deployment_name(model: ModelConfig) -> str:
+    return f"Engine-{deployment_suffix(model.name)}"
