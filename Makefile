@@ -42,7 +42,7 @@ test-unit: install
 	$(BIN)/python -m pytest -m "not stack"
 
 lint: install
-	$(BIN)/ruff check config cluster deployments autoscaling observability tests loadtests
+	$(BIN)/ruff check config cluster deployments autoscaling observability testkit tests loadtests
 	$(BIN)/mypy
 
 clean:

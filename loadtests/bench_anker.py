@@ -27,10 +27,10 @@ from loadtests.bench_targets import (
     Endpoint,
     TargetError,
     clean_env,
-    free_port,
     last_error_line,
     wait_ready,
 )
+from testkit.ports import free_port
 
 ANKER = str(Path(sys.executable).parent / "anker")
 SERVE = str(Path(sys.executable).parent / "serve")

@@ -12,7 +12,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -25,6 +24,7 @@ import httpx
 
 from config.schema import AnkerConfig, ModelConfig
 from deployments.builder import engine_env
+from testkit.ports import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 READY_TIMEOUT_S = 900.0
@@ -80,17 +80,6 @@ class EngineFlags:
             else:
                 args += [flag, json.dumps(value) if isinstance(value, dict | list) else str(value)]
         return args
-
-
-def free_port(taken: set[int] | None = None) -> int:
-    while True:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = int(s.getsockname()[1])
-        if taken is None or port not in taken:
-            if taken is not None:
-                taken.add(port)
-            return port
 
 
 def clean_env(**extra: str) -> dict[str, str]:

@@ -16,7 +16,6 @@ import contextlib
 import json
 import logging
 import shlex
-import socket
 import sys
 import tempfile
 import time
@@ -36,6 +35,7 @@ from loadtests import process_cpu
 from loadtests.billing_load import check_recorded_once, drive_billing
 from loadtests.control_plane_report import BillingRow, IngressRow, LedgerCheck, Results, machine, render
 from loadtests.http_load import LoadRun, run_load
+from testkit.ports import free_port
 
 RAY_NAMESPACE = "anker-control-plane-bench"
 LEDGER_TIMEOUT_S = 60.0
@@ -46,12 +46,6 @@ _STARTED = time.monotonic()
 
 def _say(message: str) -> None:
     print(f"[{time.monotonic() - _STARTED:5.0f}s] {message}", file=sys.stderr, flush=True)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _int_list(value: str) -> list[int]:
@@ -126,7 +120,7 @@ def engine_double(config: AnkerConfig, output_tokens: int, tokens_per_delta: int
     """The instant engine double with the real engine's Serve options (name, request router, max ongoing requests,
     CPU bundle): only the class differs."""
     from deployments.builder import engine_options
-    from tests.doubles import InstantEngineDeploymentDouble
+    from testkit.doubles import InstantEngineDeploymentDouble
 
     model = config.models[0]
     return InstantEngineDeploymentDouble.options(**engine_options(config, model)).bind(  # type: ignore[attr-defined]
@@ -201,7 +195,7 @@ def ingress_benchmark(args: argparse.Namespace, data_dir: Path) -> list[IngressR
     from cluster.local import ensure_models
     from config.naming import APP_NAME
 
-    config = bench_config(data_dir, _free_port(), args.models_dir)
+    config = bench_config(data_dir, free_port(), args.models_dir)
     ensure_models(config, _say)
     # Every client count with the first item size; the other sizes (which only split per-request from per-item
     # cost) and the real engine at the highest count.
@@ -260,7 +254,7 @@ def billing_benchmark(
     from deployments.billing.actor import Billing
     from deployments.billing.service import billing_spec
 
-    config = bench_config(data_dir, _free_port(), args.models_dir)
+    config = bench_config(data_dir, free_port(), args.models_dir)
     config = config.model_copy(update={"database_url": database_url})
     app = f"billing-{label.lower()}"
     _say(f"deploying the billing actor on {label} ...")
@@ -326,7 +320,7 @@ def build_parser() -> argparse.ArgumentParser:
     billing.add_argument("--batch-sizes", type=_int_list, default=[1, 16, 256], help="default: 1,16,256")
     billing.add_argument("--billing-senders", type=_int_list, default=[1, 4], help="concurrent senders (default: 1,4)")
     billing.add_argument("--billing-duration-s", type=float, default=4.0, help="seconds per row (default: 4)")
-    billing.add_argument("--postgres", action="store_true", help="also on a throwaway PostgreSQL (tests/postgres.py)")
+    billing.add_argument("--postgres", action="store_true", help="also on a throwaway PostgreSQL (testkit/postgres.py)")
     parser.add_argument(
         "--real-engine",
         action="store_true",
@@ -351,7 +345,7 @@ def run(args: argparse.Namespace, command: str) -> Results:
         ingress = ingress_benchmark(args, root / "ingress")
         billing = billing_benchmark(args, root / "billing-sqlite", "SQLite", None)
         if args.postgres:
-            from tests.postgres import throwaway_postgres
+            from testkit.postgres import throwaway_postgres
 
             with throwaway_postgres() as url:
                 billing += billing_benchmark(args, root / "billing-postgres", "PostgreSQL", url)

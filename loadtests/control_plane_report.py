@@ -365,7 +365,7 @@ def render(results: Results) -> str:
         "figure that carries over to other machines.",
         "- Stack: Ray Serve's HTTP proxy, **one** `Ingress` replica, the real `Tokenizer` (chat template and "
         "tokenizer of the tiny model), the real `Billing` actor (key check, rate limits, usage ledger on SQLite in a "
-        "temp data folder) and `InstantEngineDeploymentDouble` (tests/doubles.py) with the real engine's Serve "
+        "temp data folder) and `InstantEngineDeploymentDouble` (testkit/doubles.py) with the real engine's Serve "
         f"options (request router included): {args['output_tokens']} tokens per answer, sent as items of "
         "*tokens per item* tokens (1: one item per token, as vLLM streams), half the prompt reported as cached; no "
         "model, no sleep.",

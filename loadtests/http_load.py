@@ -7,7 +7,6 @@ It owns the request bodies, the checks and the latency figures; it knows nothing
 from __future__ import annotations
 
 import asyncio
-import json
 import statistics
 import time
 from collections import Counter
@@ -15,6 +14,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
+
+from testkit.sse import DONE, aiter_events
 
 # A Danish prompt of about a hundred tokens: the chat template and tokenizer do real work, as for a real request.
 PROMPT = (
@@ -133,14 +134,10 @@ async def _streaming(
         if response.status_code != 200:
             await response.aread()
             return _http_error(response), usage
-        async for line in response.aiter_lines():
-            if not line.startswith("data: "):
-                continue
-            data = line.removeprefix("data: ")
-            if data == "[DONE]":
+        async for chunk in aiter_events(response):
+            if chunk == DONE:
                 done = True
                 continue
-            chunk = json.loads(data)
             if "error" in chunk:
                 return f"error event {chunk['error'].get('code')}", usage
             for choice in chunk.get("choices", ()):

@@ -52,7 +52,7 @@ class CpuSample:
 
 
 def postgres_root(database_url: str) -> int | None:
-    """The pid of the PostgreSQL server listening on the URL's port (a server of our own: tests/postgres.py starts it
+    """The pid of the PostgreSQL server listening on the URL's port (a server of our own: testkit/postgres.py starts it
     detached, so it is not among our children)."""
     port = database_url.rsplit(":", 1)[-1].split("/")[0]
     for process in psutil.process_iter(["name", "cmdline"]):

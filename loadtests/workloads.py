@@ -18,10 +18,11 @@ the ``StreamResult`` holds TTFT, inter-token gaps, token counts, total time and 
 
 from __future__ import annotations
 
-import json
 import random
 from dataclasses import dataclass, field
 from typing import Any
+
+from testkit.sse import DONE, SseDecoder
 
 MAX_TOKENS = 32
 
@@ -166,7 +167,7 @@ class StreamTimer:
 
     def __init__(self, started_s: float) -> None:
         self._started_s = started_s
-        self._buffer = b""
+        self._events = SseDecoder()
         self._last_output_s: float | None = None
         self._done = False
         self._usage = False
@@ -174,18 +175,13 @@ class StreamTimer:
         self._text: list[str] = []
 
     def feed(self, data: bytes, now_s: float) -> None:
-        self._buffer += data
-        *lines, self._buffer = self._buffer.split(b"\n")
-        for line in lines:
-            line = line.strip()
-            if line.startswith(b"data:"):
-                self._event(line[5:].strip().decode("utf-8"), now_s)
+        for payload in self._events.feed(data):
+            self._event(payload, now_s)
 
-    def _event(self, payload: str, now_s: float) -> None:
-        if payload == "[DONE]":
+    def _event(self, chunk: Any, now_s: float) -> None:
+        if chunk == DONE:
             self._done = True
             return
-        chunk = json.loads(payload)
         if "error" in chunk:
             error = chunk["error"]
             self._result.error = str(error.get("code") or error.get("type") or "error")

@@ -10,7 +10,6 @@ import contextlib
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -23,8 +22,9 @@ import pytest
 
 from cluster.tiny_models import build_model
 from config.settings import DEFAULT_PROFILE
-from tests.otlp import OtlpReceiver
-from tests.postgres import PostgresServer, postgres_server, throwaway_postgres
+from testkit.otlp import OtlpReceiver
+from testkit.ports import free_port
+from testkit.postgres import PostgresServer, postgres_server, throwaway_postgres
 
 ROOT = Path(__file__).resolve().parent.parent
 ANKER = str(Path(sys.executable).parent / "anker")
@@ -53,12 +53,6 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         return 1 if "second_app" in getattr(item, "fixturenames", ()) else 0
 
     items.sort(key=rank)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @dataclass(frozen=True)
@@ -102,7 +96,7 @@ class Stack:
 
 @pytest.fixture(scope="session")
 def postgres_url() -> Iterator[str]:
-    """A throwaway PostgreSQL server for the session (tests/postgres.py)."""
+    """A throwaway PostgreSQL server for the session (testkit/postgres.py)."""
     with throwaway_postgres() as url:
         yield url
 

@@ -23,7 +23,7 @@ from deployments.ingress import ServeBillingClient, ServeTokenizerClient
 from deployments.openai.app import create_app
 from deployments.openai.serving import OpenAIService, ServedModel
 from deployments.tokenizer import Tokenizer, TokenizerCore
-from tests.doubles import InProcessHandleDouble, InstantEngineDouble, LocalTokenizerClient
+from testkit.doubles import InProcessHandleDouble, InstantEngineDouble, LocalTokenizerClient
 
 CTX = 512
 PRICES = TokenPrices.from_dkk_per_million(Decimal("6.00"), Decimal("3.00"), Decimal("45.00"))

@@ -15,9 +15,9 @@ import httpx
 import pytest
 
 from deployments.contracts import EngineFailure
-from deployments.openai import sse
 from deployments.tokenizer import TokenizerCore, TokenizerSpec
-from tests.doubles import InstantEngineDouble
+from testkit.doubles import InstantEngineDouble
+from testkit.sse import parse_events
 from tests.inprocess import CTX, inprocess_stack
 
 AUTH: dict[str, str] = {}
@@ -72,7 +72,7 @@ async def test_chat_stream_framing_roles_and_usage_chunk(client: httpx.AsyncClie
     body = chat_body(max_tokens=2, stream=True, stream_options={"include_usage": True})
     r = await client.post("/v1/chat/completions", json=body, headers=AUTH)
     assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
-    events = sse.parse_events(r.content)
+    events = parse_events(r.content)
     assert events[-1] == "[DONE]"
     chunks = events[:-1]
     assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
@@ -85,7 +85,7 @@ async def test_chat_stream_framing_roles_and_usage_chunk(client: httpx.AsyncClie
 
 async def test_stream_without_include_usage_has_no_usage_field(client: httpx.AsyncClient) -> None:
     r = await client.post("/v1/chat/completions", json=chat_body(max_tokens=1, stream=True), headers=AUTH)
-    chunks = sse.parse_events(r.content)[:-1]
+    chunks = parse_events(r.content)[:-1]
     assert all("usage" not in c for c in chunks)
 
 
@@ -180,9 +180,9 @@ async def test_engine_failure_mid_stream_ends_the_stream_cleanly(tokenizer_core:
     engines = {"qwen3-next-tiny": InstantEngineDouble(fail_after=2)}
     async with make_client(tokenizer_core, engines, tmp_path) as c:
         r = await c.post("/v1/chat/completions", json=chat_body(stream=True, max_tokens=5), headers=AUTH)
-        events = sse.parse_events(r.content)
+        events = parse_events(r.content)
         assert events[-1] == "[DONE]" and events[-2]["error"]["code"] == "engine_unavailable"
         body = chat_body(stream=True, max_tokens=5, stream_options={"include_usage": True})
-        events = sse.parse_events((await c.post("/v1/chat/completions", json=body, headers=AUTH)).content)
+        events = parse_events((await c.post("/v1/chat/completions", json=body, headers=AUTH)).content)
         # The client is told what the cut-off stream is billed for: the 2 tokens it got.
         assert events[-3]["usage"]["completion_tokens"] == 2 and events[-2]["error"]["code"] == "engine_unavailable"

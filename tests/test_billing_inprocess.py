@@ -15,12 +15,12 @@ import httpx
 import pytest
 
 from deployments.billing.governance import Actor
-from deployments.openai import sse
 from deployments.openai.parsing import parse_request
 from deployments.openai.protocol import ChatCompletionRequest
 from deployments.openai.usage import RequestContext
 from deployments.tokenizer import TokenizerCore, TokenizerSpec
-from tests.doubles import InstantEngineDouble
+from testkit.doubles import InstantEngineDouble
+from testkit.sse import parse_events
 from tests.inprocess import CTX, InProcessStack, clean_postgres, inprocess_stack
 
 RATE_HEADERS = {
@@ -90,7 +90,7 @@ async def test_the_ledger_bills_exactly_the_usage_the_client_saw(stack: InProces
     ):
         r = await stack.client.post("/v1/chat/completions", json=body, headers=auth(key))
         assert r.status_code == 200 and set(r.headers) >= RATE_HEADERS
-        seen.append(r.json()["usage"] if not body.get("stream") else sse.parse_events(r.content)[-2]["usage"])
+        seen.append(r.json()["usage"] if not body.get("stream") else parse_events(r.content)[-2]["usage"])
     r = await stack.client.post(
         "/v1/completions", json={"model": MODEL, "prompt": ["a", "bb"], "max_tokens": 2}, headers=auth(key)
     )

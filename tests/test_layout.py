@@ -1,4 +1,5 @@
-"""The house's floors: ``config`` at the bottom, the serving layers above it, the operations tooling above those.
+"""The house's floors: ``config`` at the bottom, the serving layers above it, the operations tooling above those,
+and the test support that tests and load tests share above that (so ``loadtests/`` never imports ``tests/``).
 Every import of Anker's own packages, at module level or inside a function, must go down a floor or stay on its own.
 """
 
@@ -18,8 +19,11 @@ MAY_IMPORT = {
     "autoscaling": {"config", "observability", "autoscaling"},
     "deployments": {"config", "autoscaling", "observability", "deployments"},
     "cluster": {"config", "autoscaling", "observability", "deployments", "cluster"},
+    # The support that tests and load tests share (free ports, the SSE client, throwaway servers, doubles).
+    "testkit": {"config", "autoscaling", "observability", "deployments", "cluster", "testkit"},
+    "loadtests": {"config", "autoscaling", "observability", "deployments", "cluster", "testkit", "loadtests"},
 }
-OWN = set(MAY_IMPORT) | {"loadtests", "tests"}
+OWN = set(MAY_IMPORT) | {"tests"}
 
 
 def imported_packages(path: Path) -> set[tuple[str, int]]:

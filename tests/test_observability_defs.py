@@ -22,7 +22,7 @@ from config.settings import load_config
 from observability import queries
 from observability.alerts import render, rule_groups
 from observability.dashboards import dashboards, expressions
-from tests.prometheus import PROMTOOL
+from testkit.prometheus import PROMTOOL
 
 ANKER = str(Path(sys.executable).parent / "anker")
 KNOWN_METRICS = re.compile(r"\bray_(anker_[a-z_]+|node_[a-z_]+|serve_[a-z_]+)\b")

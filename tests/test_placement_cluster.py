@@ -17,7 +17,7 @@ from config.naming import REGION_LABEL
 from config.schema import AnkerConfig
 from config.settings import PROFILES_DIR, load_config
 from deployments.builder import engine_options, engine_spec
-from tests.doubles import PlacementProbeDouble
+from testkit.doubles import PlacementProbeDouble
 
 GPU_NODE = {"num_cpus": 16, "num_gpus": 8, "object_store_memory": 80 * 1024 * 1024}
 

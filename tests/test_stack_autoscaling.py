@@ -13,6 +13,7 @@ import httpx
 import pytest
 
 from config.naming import APP_NAME
+from testkit.sse import DONE, aiter_events
 from tests.conftest import AUTOSCALED_MODEL, Stack
 from tests.traffic import wait_until
 
@@ -58,12 +59,12 @@ async def stream_one(client: httpx.AsyncClient, key: str, max_tokens: int) -> st
             started = True
             if r.status_code != 200:
                 return f"http {r.status_code}"
-            lines = [line async for line in r.aiter_lines() if line.startswith("data: ")]
+            events = [event async for event in aiter_events(r)]
     except httpx.TransportError as exc:
         return f"{type(exc).__name__} {'mid-stream' if started else 'before the response'}: {exc!r}"
-    if lines[-1] != "data: [DONE]":
+    if not events or events[-1] != DONE:
         return "no [DONE]"
-    if any('"error"' in line for line in lines):
+    if any("error" in event for event in events[:-1]):
         return "error event"
     return "ok"
 

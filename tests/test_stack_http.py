@@ -11,7 +11,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from deployments.openai import sse
+from testkit.sse import parse_events
 from tests.conftest import Stack
 
 pytestmark = pytest.mark.stack
@@ -122,7 +122,7 @@ def test_routes_and_methods(http: httpx.Client) -> None:
 
 def test_stream_ends_with_done(http: httpx.Client) -> None:
     r = http.post("/v1/chat/completions", json=chat(max_tokens=3, stream=True))
-    events = sse.parse_events(r.content)
+    events = parse_events(r.content)
     assert events[-1] == "[DONE]" and events[0]["choices"][0]["delta"]["role"] == "assistant"
 
 

@@ -15,7 +15,8 @@ import httpx
 import pytest
 
 from loadtests.workloads import SHARED_SYSTEM_PROMPT
-from tests.conftest import ROOT, Stack, free_port
+from testkit.ports import free_port
+from tests.conftest import ROOT, Stack
 
 pytestmark = pytest.mark.stack
 

@@ -18,8 +18,8 @@ from observability import queries
 from observability.alerts import expressions as alert_expressions
 from observability.alerts import render as render_alerts
 from observability.dashboards import expressions as dashboard_expressions
+from testkit.prometheus import PROMTOOL, Prometheus, throwaway_prometheus
 from tests.conftest import Stack
-from tests.prometheus import PROMTOOL, Prometheus, throwaway_prometheus
 
 pytestmark = pytest.mark.stack
 

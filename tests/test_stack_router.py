@@ -13,8 +13,8 @@ from dataclasses import dataclass
 import httpx
 import pytest
 
+from testkit.otlp import OtlpReceiver
 from tests.conftest import SECOND_MODEL, SecondApp
-from tests.otlp import OtlpReceiver
 
 pytestmark = pytest.mark.stack
 

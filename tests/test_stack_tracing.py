@@ -11,8 +11,8 @@ import time
 import httpx
 import pytest
 
+from testkit.otlp import OtlpReceiver, ReceivedSpan
 from tests.conftest import Stack
-from tests.otlp import OtlpReceiver, ReceivedSpan
 
 pytestmark = pytest.mark.stack
 

@@ -21,8 +21,8 @@ import httpx
 import pytest
 import sqlalchemy as sa
 
+from testkit.otlp import OtlpReceiver
 from tests.conftest import SECOND_MODEL, EngineKill, SecondApp, Stack
-from tests.otlp import OtlpReceiver
 from tests.traffic import CLIENT_TIMEOUT_S, Outcome, during, ledger_totals, stream_chat, wait_until
 
 pytestmark = pytest.mark.stack

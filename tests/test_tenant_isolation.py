@@ -21,7 +21,7 @@ from deployments.billing.service import load_or_create_admin_token
 from deployments.keys import ROLES
 from deployments.openai.app import create_app
 from deployments.tokenizer import TokenizerCore, TokenizerSpec
-from tests.doubles import InstantEngineDouble
+from testkit.doubles import InstantEngineDouble
 from tests.inprocess import CTX, InProcessStack, inprocess_stack
 
 MODEL = "qwen3-next-tiny"

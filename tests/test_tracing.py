@@ -14,10 +14,10 @@ from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-from deployments.openai import sse
 from deployments.tokenizer import TokenizerCore, TokenizerSpec
 from observability import tracing
-from tests.doubles import InstantEngineDouble
+from testkit.doubles import InstantEngineDouble
+from testkit.sse import parse_events
 from tests.inprocess import CTX, InProcessStack, inprocess_stack
 
 CANARY = "Kanariefuglen synger om Øresund"
@@ -64,7 +64,7 @@ async def test_a_streaming_request_is_one_trace_with_every_stage(
         headers={"Authorization": f"Bearer {key}", "traceparent": f"00-{TRACE_ID}-{PARENT_ID}-01"},
     )
     assert r.status_code == 200
-    usage = sse.parse_events(r.content)[-2]["usage"]
+    usage = parse_events(r.content)[-2]["usage"]
     spans = by_name(exporter.get_finished_spans())
     server = spans["POST /v1/chat/completions"]
     assert server.kind == trace.SpanKind.SERVER

@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
-import json
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -15,6 +14,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import httpx
+
+from testkit.sse import DONE, aiter_events
 
 # The local profile's prices in nano-DKK per token (6.00 / 3.00 / 45.00 DKK per 1M tokens).
 UNCACHED_NANO, CACHED_NANO, OUTPUT_NANO = 6000, 3000, 45000
@@ -118,14 +119,10 @@ async def stream_chat(
                 return Outcome(r.status_code, error["code"], error["type"], r.headers.get("retry-after"), **times)
             usage, error, done, chunks, broken = None, None, False, 0, None
             try:
-                async for line in r.aiter_lines():
-                    if not line.startswith("data: "):
-                        continue
-                    if line == "data: [DONE]":
+                async for event in aiter_events(r):
+                    if event == DONE:
                         done = True
-                        continue
-                    event = json.loads(line[len("data: ") :])
-                    if "error" in event:
+                    elif "error" in event:
                         error = event["error"]
                     elif event.get("usage"):
                         usage = event["usage"]

@@ -14,15 +14,3 @@ DONE = b"data: [DONE]\n\n"
 def event(payload: dict[str, Any]) -> bytes:
     # Compact separators and real UTF-8 (æ, ø, å stay one character each), one event per chunk.
     return b"data: " + json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode("utf-8") + b"\n\n"
-
-
-def parse_events(raw: bytes) -> list[Any]:
-    """Splits an SSE byte stream into its data payloads (JSON objects, or the string ``[DONE]``)."""
-    payloads: list[Any] = []
-    for block in raw.replace(b"\r\n", b"\n").split(b"\n\n"):
-        data = [line[5:].lstrip() for line in block.split(b"\n") if line.startswith(b"data:")]
-        if not data:
-            continue
-        text = b"\n".join(data).decode("utf-8")
-        payloads.append(text if text == "[DONE]" else json.loads(text))
-    return payloads

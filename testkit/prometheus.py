@@ -4,7 +4,6 @@ scraping the targets a test gives it. It fails loudly if the package is missing 
 from __future__ import annotations
 
 import shutil
-import socket
 import subprocess
 import tempfile
 import time
@@ -16,14 +15,10 @@ from typing import Any
 import httpx
 import yaml
 
+from testkit.ports import free_port
+
 PROMETHEUS = Path("/usr/bin/prometheus")
 PROMTOOL = Path("/usr/bin/promtool")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class Prometheus:
@@ -45,7 +40,7 @@ def throwaway_prometheus(targets: list[str], scrape_interval_s: int = 1) -> Iter
         "scrape_configs": [{"job_name": "ray", "static_configs": [{"targets": targets}]}],
     }
     (folder / "prometheus.yml").write_text(yaml.safe_dump(config))
-    port = _free_port()
+    port = free_port()
     log = (folder / "prometheus.log").open("wb")
     process = subprocess.Popen(
         [

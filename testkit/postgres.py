@@ -9,12 +9,13 @@ from __future__ import annotations
 import glob
 import os
 import shutil
-import socket
 import subprocess
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+from testkit.ports import free_port
 
 
 def postgres_bin() -> Path:
@@ -22,12 +23,6 @@ def postgres_bin() -> Path:
     if not found:
         raise RuntimeError("PostgreSQL binaries not found: `make test` installs Debian's postgresql package")
     return Path(found[-1]).parent
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _as_postgres(command: list[str]) -> list[str]:
@@ -67,7 +62,7 @@ def postgres_server() -> Iterator[PostgresServer]:
     if os.geteuid() == 0:
         shutil.chown(root, "postgres")
         shutil.chown(sockets, "postgres")
-    server = PostgresServer(bindir, root, _free_port())
+    server = PostgresServer(bindir, root, free_port())
     subprocess.run(
         _as_postgres(
             [str(bindir / "initdb"), "-D", str(root / "pgdata"), "-U", "postgres", "--auth=trust", "-E", "UTF8"]
