@@ -1,0 +1,161 @@
+"""What a client may send to vLLM's serving layer, and what vLLM's answers may tell the client.
+
+vLLM's request models take every field ``vllm serve`` knows, including engine controls that no tenant of a shared
+service may set (``cache_salt``, ``request_id``, ``priority``, ``kv_transfer_params``, ``chat_template``, …), and
+they ignore unknown fields. So a body passes an allow-list per endpoint first: OpenAI's parameters and the sampling
+extras Anker offers. vLLM's error messages can quote the input, so none reaches a client: each error becomes one of
+Anker's, by its status and kind, with Anker's own words.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any
+
+from deployments.errors import (
+    AnkerError,
+    ContextLengthExceeded,
+    InternalError,
+    InvalidJson,
+    InvalidRequest,
+    ModelNotFound,
+    UnsupportedParameter,
+)
+
+_SAMPLING_EXTRAS = {"top_k", "min_p", "repetition_penalty"}
+_CHAT = {
+    "messages",
+    "model",
+    "frequency_penalty",
+    "logit_bias",
+    "logprobs",
+    "top_logprobs",
+    "max_tokens",
+    "max_completion_tokens",
+    "n",
+    "presence_penalty",
+    "response_format",
+    "seed",
+    "stop",
+    "stream",
+    "stream_options",
+    "temperature",
+    "top_p",
+    "tools",
+    "tool_choice",
+    "parallel_tool_calls",
+    "user",
+    "safety_identifier",
+    "prompt_cache_key",
+    "reasoning_effort",
+    "metadata",
+    "store",
+    "chat_template_kwargs",
+} | _SAMPLING_EXTRAS
+_COMPLETIONS = {
+    "model",
+    "prompt",
+    "echo",
+    "frequency_penalty",
+    "logit_bias",
+    "logprobs",
+    "max_tokens",
+    "n",
+    "presence_penalty",
+    "seed",
+    "stop",
+    "stream",
+    "stream_options",
+    "suffix",
+    "temperature",
+    "top_p",
+    "user",
+} | _SAMPLING_EXTRAS
+_RESPONSES = {
+    "model",
+    "input",
+    "instructions",
+    "max_output_tokens",
+    "metadata",
+    "parallel_tool_calls",
+    "previous_response_id",
+    "reasoning",
+    "store",
+    "stream",
+    "temperature",
+    "text",
+    "tool_choice",
+    "tools",
+    "top_p",
+    "truncation",
+    "user",
+    "safety_identifier",
+    "prompt_cache_key",
+    "include",
+} | _SAMPLING_EXTRAS
+ALLOWED = {"chat": frozenset(_CHAT), "completions": frozenset(_COMPLETIONS), "responses": frozenset(_RESPONSES)}
+# Correlation ids and hints for Anker (the router reads prompt_cache_key), never handed to the engine.
+_STRIPPED = ("user", "safety_identifier", "prompt_cache_key", "metadata", "store")
+_CHAT_TEMPLATE_KWARGS = frozenset({"enable_thinking"})
+_IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
+NO_STORAGE = (
+    "Responses are not stored (zero data retention), so they cannot be referred to: send the whole conversation in "
+    "'input' instead."
+)
+
+
+def checked_body(raw: bytes, endpoint: str) -> dict[str, Any]:
+    """The JSON object of a request to ``endpoint``, checked against its allow-list. Raises Anker's errors, whose
+    messages name a parameter only if it is one Anker knows (a client's own word is request content)."""
+    try:
+        body = json.loads(raw)
+    except (ValueError, RecursionError):
+        raise InvalidJson("We could not parse the JSON body of your request. The body must be a JSON object.") from None
+    if not isinstance(body, dict):
+        raise InvalidJson("The request body must be a JSON object.")
+    allowed = ALLOWED[endpoint]
+    for name in body:
+        if name not in allowed:
+            # A parameter's name is named back; a key that is not shaped like one may be text, and is not.
+            named = isinstance(name, str) and _IDENTIFIER.match(name) is not None
+            raise UnsupportedParameter(
+                f"Unrecognized request argument supplied: {name}"
+                if named
+                else "Unrecognized request argument supplied.",
+                name if named else None,
+            )
+    kwargs = body.get("chat_template_kwargs")
+    if kwargs is not None and (not isinstance(kwargs, dict) or set(kwargs) - _CHAT_TEMPLATE_KWARGS):
+        raise InvalidRequest("chat_template_kwargs may only set enable_thinking.", "chat_template_kwargs")
+    if body.get("previous_response_id") is not None:
+        raise InvalidRequest(NO_STORAGE, "previous_response_id")
+    body.pop("previous_response_id", None)
+    for name in _STRIPPED:
+        body.pop(name, None)
+    if endpoint == "responses":
+        body["store"] = False
+    return body
+
+
+_KNOWN_NAMES = frozenset().union(*ALLOWED.values())
+
+
+def from_vllm(error: dict[str, Any]) -> AnkerError:
+    """One of vLLM's ``ErrorResponse`` bodies (``{"error": {"message", "type", "param", "code"}}``) as Anker's error.
+    Its message is read to tell the kinds apart and is never repeated."""
+    info = error.get("error") or {}
+    status = int(info.get("code") or 500)
+    message = str(info.get("message") or "")
+    param = info.get("param") if info.get("param") in _KNOWN_NAMES else None
+    if status == 400 and "context length" in message:
+        return ContextLengthExceeded(
+            "The prompt and the requested output do not fit in the model's context window.", "messages"
+        )
+    if status == 404:
+        return ModelNotFound("The model does not exist or you do not have access to it.", "model")
+    if 400 <= status < 500:
+        return InvalidRequest(
+            "The request is not valid for this model" + (f" (see '{param}')." if param else "."), param
+        )
+    return InternalError("The model could not complete the request.")

@@ -1,0 +1,95 @@
+"""One request through vLLM's serving layer, the way every endpoint does it: the body checked against the
+endpoint's allow-list, validated into vLLM's request model, handed to vLLM's handler, and its answer (a response,
+a stream or an error) turned into what the client gets, with every error in Anker's words.
+
+Endpoints (``chat.py``, ``completions.py``, ``responses.py``) only say which handler and which model.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+from pydantic import BaseModel, ValidationError
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+
+from deployments.errors import AnkerError, InvalidValue, ModelNotFound
+from deployments.openai.errors import error_body, error_response
+from deployments.openai.parsing import read_body
+from deployments.server.requests import ALLOWED, checked_body, from_vllm
+
+logger = logging.getLogger("ray.serve")
+
+
+def _invalid(exc: ValidationError, endpoint: str) -> InvalidValue:
+    """A validation error of vLLM's request model, naming the parameter (if it is one) and never the value."""
+    first = exc.errors(include_input=False, include_url=False)[0]
+    loc = [str(part) for part in first["loc"] if not isinstance(part, int)]
+    name = loc[0] if loc and loc[0] in ALLOWED[endpoint] else None
+    return InvalidValue(f"Invalid value for '{name}'." if name else "Invalid value in the request.", name)
+
+
+def _error_event(payload: str) -> bytes:
+    """A streamed error of vLLM's (``data: {"error": ...}``) as Anker's error event."""
+    try:
+        error = from_vllm(json.loads(payload))
+    except ValueError:
+        error = from_vllm({})
+    return b"data: " + json.dumps(error_body(error)).encode() + b"\n\n"
+
+
+async def _chat_events(stream: AsyncIterator[str]) -> AsyncIterator[bytes | str]:
+    async for event in stream:
+        yield _error_event(event[6:]) if event.startswith('data: {"error"') else event
+
+
+async def _responses_events(stream: AsyncIterator[Any]) -> AsyncIterator[str]:
+    async for event in stream:
+        kind = getattr(event, "type", "unknown")
+        if kind == "error":
+            error = from_vllm({"error": {"code": 500}})
+            data = json.dumps({"type": "error", "code": error.code, "message": error.message, "param": None})
+        else:
+            data = event.model_dump_json(indent=None, by_alias=True)
+        yield f"event: {kind}\ndata: {data}\n\n"
+
+
+async def serve(
+    request: Request,
+    endpoint: str,
+    request_model: type[BaseModel],
+    create: Callable[[Any, Request], Awaitable[Any]],
+    served_model: str,
+) -> Response:
+    """Runs one request of ``endpoint`` (chat, completions or responses) through ``create``, vLLM's handler for it."""
+    from vllm.entrypoints.serve.engine.protocol import ErrorResponse
+    from vllm.exceptions import VLLMValidationError
+
+    try:
+        body = checked_body(await read_body(request, request.app.state.max_body_bytes), endpoint)
+        if body.get("model") != served_model:
+            raise ModelNotFound("The model does not exist or you do not have access to it.", "model")
+        try:
+            parsed = request_model.model_validate(body)
+        except ValidationError as exc:
+            raise _invalid(exc, endpoint) from None
+        try:
+            answer = await create(parsed, request)
+        except VLLMValidationError as exc:  # vLLM's checks of the request against the model (context length, …)
+            raise from_vllm({"error": {"code": 400, "message": str(exc), "param": exc.parameter}}) from None
+        except ValueError:  # how vLLM's serving layer refuses a request it cannot run (a tool_choice naming no tool)
+            raise from_vllm({"error": {"code": 400}}) from None
+        except Exception as exc:
+            logger.error("%s request failed in vLLM's serving layer: %s", endpoint, type(exc).__name__)
+            raise from_vllm({"error": {"code": 500}}) from None
+    except AnkerError as error:
+        return error_response(error)
+    if isinstance(answer, ErrorResponse):
+        return error_response(from_vllm(answer.model_dump(mode="json")))
+    if isinstance(answer, BaseModel):
+        return JSONResponse(answer.model_dump(mode="json", by_alias=True))
+    events = _responses_events(answer) if endpoint == "responses" else _chat_events(answer)
+    return StreamingResponse(events, media_type="text/event-stream")

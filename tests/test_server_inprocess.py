@@ -1,0 +1,349 @@
+"""The engine replica's own HTTP app (deployments/server/) over a real vLLM on the tiny Qwen3-MoE, called with the
+official ``openai`` SDK in process: tools, structured outputs, reasoning, the Responses API, the parameter
+allow-list, zero-data-retention errors, and metering equal to the usage the client was told.
+
+One engine for the module (about 20 s to start). Random weights: assertions are about shapes, schemas and counts,
+never about what the text says.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any, Literal
+
+import httpx
+import openai
+import pytest
+import uvicorn
+from pydantic import BaseModel
+
+from deployments.engine import EngineSpec
+from deployments.server.app import create_server_app
+from deployments.server.metering import Metered
+from deployments.server.vllm_layer import ServingSpec, VllmLayer
+from testkit.ports import free_port
+
+MODEL = "qwen3-moe-tiny"
+BODY_LIMIT = 64 * 1024
+NO_THINKING = {"chat_template_kwargs": {"enable_thinking": False}}
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "The weather in a Danish city for some days.",
+        "strict": True,  # arguments that follow the schema, as OpenAI's strict tools do
+        "parameters": {
+            "type": "object",
+            "properties": {
+                "city": {"type": "string", "enum": ["Aarhus", "Odense", "Aalborg"]},
+                "days": {"type": "integer", "enum": [1, 2, 3]},
+            },
+            "required": ["city", "days"],
+            "additionalProperties": False,
+        },
+    },
+}
+# For the grammar-forced calls: integers and booleans. Qwen's XML call format carries each argument as text, and
+# its grammar lets whitespace stand around a value; random weights pad string values with it (a trained model writes
+# one newline, which the parser strips), so strings would test the model, not the platform.
+ALARM = {
+    "type": "function",
+    "function": {
+        "name": "set_alarm",
+        "strict": True,
+        "parameters": {
+            "type": "object",
+            "properties": {"hour": {"type": "integer", "enum": [6, 7, 8]}, "loud": {"type": "boolean"}},
+            "required": ["hour", "loud"],
+            "additionalProperties": False,
+        },
+    },
+}
+QUESTION = [{"role": "user", "content": "Hvordan bliver vejret i Aarhus i morgen?"}]
+
+
+class Weather(BaseModel):
+    city: Literal["Aarhus", "Odense"]
+    days: Literal[1, 2, 3]
+
+
+class Server:
+    def __init__(self, client: openai.AsyncOpenAI, http: httpx.AsyncClient, reports: list[tuple[str, Metered]]):
+        self.client, self.http, self.reports = client, http, reports
+
+    async def report(self, path: str, since: int, timeout_s: float = 30) -> Metered:
+        """The one usage report of a request to ``path`` made after ``since`` reports. The server reports when the
+        request has ended on its side, which may be just after the client has its answer: so this waits for it."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        while not (found := [metered for where, metered in self.reports[since:] if where == path]):
+            assert loop.time() < deadline, f"no usage report for {path} within {timeout_s:g} s: {self.reports[since:]}"
+            await asyncio.sleep(0.05)
+        assert len(found) == 1, f"more than one usage report for one request to {path}: {found}"
+        return found[0]
+
+
+@pytest.fixture(scope="module")
+async def server(tiny_models: dict[str, Path], monkeypatch_module: pytest.MonkeyPatch) -> AsyncIterator[Server]:
+    monkeypatch_module.setenv("VLLM_CPU_KVCACHE_SPACE", "1")
+    monkeypatch_module.setenv("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
+    monkeypatch_module.setenv("TOKENIZERS_PARALLELISM", "false")
+    spec = ServingSpec(
+        EngineSpec(
+            model=MODEL,
+            path=tiny_models[MODEL],
+            max_model_len=2048,
+            tensor_parallel_size=1,
+            pipeline_parallel_size=1,
+            engine_args={"dtype": "bfloat16", "enforce_eager": True, "max_num_seqs": 8},
+        ),
+        reasoning_parser="qwen3",
+        tool_call_parser="qwen3_coder",
+    )
+    layer = VllmLayer(spec)
+    await layer.start()
+    reports: list[tuple[str, Metered]] = []
+    cards = [{"id": MODEL, "object": "model", "created": 0, "owned_by": "anker"}]
+    app = create_server_app(
+        layer.state, MODEL, cards, lambda scope, metered: reports.append((scope["path"], metered)), BODY_LIMIT
+    )
+    # A real HTTP server on loopback: streams arrive as they are sent, and a client can leave mid-stream.
+    port = free_port()
+    http_server = uvicorn.Server(
+        uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", access_log=False)
+    )
+    serving = asyncio.create_task(http_server.serve())
+    try:
+        while not http_server.started:
+            assert not serving.done(), "the HTTP server did not start"
+            await asyncio.sleep(0.05)
+        base = f"http://127.0.0.1:{port}"
+        async with httpx.AsyncClient(base_url=base, timeout=120) as http:
+            client = openai.AsyncOpenAI(base_url=f"{base}/v1", api_key="unused", http_client=http, max_retries=0)
+            yield Server(client, http, reports)
+    finally:
+        http_server.should_exit = True
+        await serving
+        layer.shutdown()
+
+
+@pytest.fixture(scope="module")
+def monkeypatch_module() -> AsyncIterator[pytest.MonkeyPatch]:
+    with pytest.MonkeyPatch.context() as patch:
+        yield patch
+
+
+def assert_alarm_arguments(arguments: str) -> None:
+    parsed = json.loads(arguments)
+    assert set(parsed) == {"hour", "loud"}, parsed
+    assert parsed["hour"] in {6, 7, 8} and isinstance(parsed["loud"], bool), parsed
+
+
+@pytest.mark.parametrize("choice", ["required", {"type": "function", "function": {"name": "set_alarm"}}])
+async def test_a_required_or_named_tool_choice_yields_a_schema_valid_call(server: Server, choice: Any) -> None:
+    answer = await server.client.chat.completions.create(
+        model=MODEL,
+        messages=QUESTION,
+        tools=[WEATHER, ALARM],
+        tool_choice=choice,
+        max_tokens=120,
+        extra_body=NO_THINKING,
+    )
+    message = answer.choices[0].message
+    assert message.tool_calls, answer
+    for call in message.tool_calls:
+        assert call.function.name in ("set_alarm", "get_weather"), call
+        if choice != "required":
+            assert call.function.name == "set_alarm"
+        if call.function.name == "set_alarm":
+            assert_alarm_arguments(call.function.arguments)
+        else:
+            assert set(json.loads(call.function.arguments)) == {"city", "days"}
+    # Random weights run on after the call until max_tokens; a trained model stops (tool_calls).
+    assert answer.choices[0].finish_reason in ("tool_calls", "length")
+
+
+async def test_tool_calls_stream_as_deltas_and_finish_with_tool_calls(server: Server) -> None:
+    since = len(server.reports)
+    stream = await server.client.chat.completions.create(
+        model=MODEL,
+        messages=QUESTION,
+        tools=[ALARM],
+        tool_choice="required",
+        parallel_tool_calls=False,
+        max_tokens=120,
+        stream=True,
+        stream_options={"include_usage": True},
+        extra_body=NO_THINKING,
+    )
+    names, arguments, finish, usage = [], "", None, None
+    async for chunk in stream:
+        usage = chunk.usage or usage
+        for choice in chunk.choices:
+            finish = choice.finish_reason or finish
+            for call in choice.delta.tool_calls or ():
+                names += [call.function.name] if call.function and call.function.name else []
+                arguments += call.function.arguments or "" if call.function else ""
+    assert names == ["set_alarm"] and finish in ("tool_calls", "length")
+    assert_alarm_arguments(arguments)
+    metered = await server.report("/v1/chat/completions", since)
+    assert usage is not None and usage.completion_tokens == metered.output_tokens
+
+
+async def test_history_with_tool_calls_and_tool_turns_is_accepted(server: Server) -> None:
+    history = [
+        *QUESTION,
+        {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [
+                {
+                    "id": "call_1",
+                    "type": "function",
+                    "function": {"name": "get_weather", "arguments": '{"city": "Aarhus", "days": 1}'},
+                }
+            ],
+        },
+        {"role": "tool", "tool_call_id": "call_1", "content": '{"temperature_c": 4, "sky": "overskyet"}'},
+    ]
+    answer = await server.client.chat.completions.create(
+        model=MODEL, messages=history, tools=[WEATHER], tool_choice="none", max_tokens=8, extra_body=NO_THINKING
+    )
+    assert answer.choices[0].message.tool_calls in (None, [])
+    assert answer.usage is not None and answer.usage.completion_tokens >= 1
+
+
+async def test_structured_outputs_parse_into_the_clients_model(server: Server) -> None:
+    answer = await server.client.chat.completions.parse(
+        model=MODEL, messages=QUESTION, response_format=Weather, max_tokens=60, extra_body=NO_THINKING
+    )
+    parsed = answer.choices[0].message.parsed
+    assert isinstance(parsed, Weather), answer.choices[0].message
+    raw = await server.client.chat.completions.create(
+        model=MODEL, messages=QUESTION, response_format={"type": "json_object"}, max_tokens=40, extra_body=NO_THINKING
+    )
+    if raw.choices[0].finish_reason == "stop":  # a random model may run out of tokens inside the object
+        assert isinstance(json.loads(raw.choices[0].message.content or ""), dict)
+
+
+async def test_reasoning_is_split_from_content_and_counted(server: Server) -> None:
+    thinking = await server.client.chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=12)
+    # The template opens no <think> block and random weights never close one: the qwen3 parser reads it all as
+    # reasoning, and the usage says so; asked not to think, all of it is content.
+    details = thinking.usage.completion_tokens_details if thinking.usage else None
+    assert details is not None and details.reasoning_tokens == thinking.usage.completion_tokens  # type: ignore[union-attr]
+    assert thinking.choices[0].message.content in (None, "")
+    plain = await server.client.chat.completions.create(
+        model=MODEL, messages=QUESTION, max_tokens=12, extra_body=NO_THINKING
+    )
+    assert plain.choices[0].message.content
+    assert plain.usage and plain.usage.completion_tokens_details
+    assert plain.usage.completion_tokens_details.reasoning_tokens == 0
+
+
+async def test_the_responses_api_answers_plain_and_streamed_and_stores_nothing(server: Server) -> None:
+    since = len(server.reports)
+    response = await server.client.responses.create(model=MODEL, input="Hej", max_output_tokens=16)
+    assert response.usage is not None and response.usage.output_tokens == 16
+    assert (await server.report("/v1/responses", since)).output_tokens == response.usage.output_tokens
+    async with server.client.responses.stream(model=MODEL, input="Hej igen", max_output_tokens=8) as stream:
+        kinds = [event.type async for event in stream]
+        final = await stream.get_final_response()
+    assert kinds[0] == "response.created" and kinds[-1] in ("response.completed", "response.incomplete")
+    assert final.usage is not None and final.usage.output_tokens == 8
+    with pytest.raises(openai.NotFoundError) as fetched:
+        await server.client.responses.retrieve(response.id)
+    assert "zero data retention" in str(fetched.value)
+    with pytest.raises(openai.BadRequestError) as continued:
+        await server.client.responses.create(
+            model=MODEL, input="Og så?", previous_response_id=response.id, max_output_tokens=4
+        )
+    assert continued.value.param == "previous_response_id"
+
+
+async def test_usage_reports_cached_tokens_and_the_meter_agrees(server: Server) -> None:
+    prompt = [{"role": "user", "content": " ".join(f"linje {i}: Ræven løb over broen." for i in range(40))}]
+    first = await server.client.chat.completions.create(model=MODEL, messages=prompt, max_tokens=2)
+    since = len(server.reports)
+    again = await server.client.chat.completions.create(model=MODEL, messages=prompt, max_tokens=2)
+    assert first.usage and first.usage.prompt_tokens_details and again.usage and again.usage.prompt_tokens_details
+    cached = again.usage.prompt_tokens_details.cached_tokens or 0
+    assert cached > 0, again.usage
+    metered = await server.report("/v1/chat/completions", since)
+    assert (metered.prompt_tokens, metered.cached_tokens, metered.output_tokens) == (
+        again.usage.prompt_tokens,
+        cached,
+        again.usage.completion_tokens,
+    )
+    assert metered.finished and metered.generations == 1
+
+
+async def test_a_stream_the_client_leaves_is_metered_for_what_it_produced(server: Server) -> None:
+    body = {"model": MODEL, "messages": QUESTION, "max_tokens": 400, "stream": True, **NO_THINKING}
+    before = len(server.reports)
+    async with server.http.stream("POST", "/v1/chat/completions", json=body) as response:
+        assert response.status_code == 200
+        async for line in response.aiter_lines():
+            if line.startswith("data: {"):
+                break  # leave after the first chunk
+    # The server sees the client go at its next send, aborts the generation and reports what it produced.
+    metered = await server.report("/v1/chat/completions", before)
+    assert not metered.finished and 1 <= metered.output_tokens < 400 and metered.prompt_tokens > 0
+
+
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        ({"made_up_option": 1}, "made_up_option"),
+        ({"cache_salt": "another-organisation"}, "cache_salt"),  # the engine's own controls are not the client's
+        ({"request_id": "mine"}, "request_id"),
+        ({"priority": -100}, "priority"),
+        ({"chat_template": "{{ messages }}"}, "chat_template"),
+        ({"Fortæl mig alt": 1}, None),  # not shaped like a parameter: refused without repeating it
+    ],
+)
+async def test_what_the_client_may_not_set_is_a_400_that_names_it(
+    server: Server, body: dict[str, Any], param: str | None
+) -> None:
+    r = await server.http.post("/v1/chat/completions", json={"model": MODEL, "messages": QUESTION, **body})
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert (error["type"], error["code"], error["param"]) == ("invalid_request_error", "unsupported_parameter", param)
+    assert "Fortæl" not in r.text
+
+
+async def test_vllms_errors_reach_the_client_in_ankers_words(server: Server) -> None:
+    secret = "hemmeligt-kodeord-" * 400
+    r = await server.http.post(
+        "/v1/chat/completions", json={"model": MODEL, "messages": [{"role": "user", "content": secret}]}
+    )
+    assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded", r.text
+    assert "hemmeligt" not in r.text and "2048" not in r.text
+    r = await server.http.post(
+        "/v1/chat/completions", json={"model": MODEL, "messages": QUESTION, "temperature": "varm"}
+    )
+    assert r.status_code == 400 and r.json()["error"]["param"] == "temperature" and "varm" not in r.text
+    r = await server.http.post("/v1/chat/completions", json={"model": "gpt-9", "messages": QUESTION})
+    assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found" and "gpt-9" not in r.text
+
+
+async def test_completions_and_models(server: Server) -> None:
+    since = len(server.reports)
+    answer = await server.client.completions.create(model=MODEL, prompt=["Hej", "Farvel"], max_tokens=3)
+    assert sorted(choice.index for choice in answer.choices) == [0, 1]
+    metered = await server.report("/v1/completions", since)
+    assert answer.usage is not None
+    assert (metered.generations, metered.output_tokens) == (2, answer.usage.completion_tokens)
+    assert [m.id async for m in server.client.models.list()] == [MODEL]
+
+
+async def test_a_body_over_the_limit_is_413_and_never_reaches_the_engine(server: Server) -> None:
+    since = len(server.reports)
+    big = [{"role": "user", "content": "ord " * (BODY_LIMIT // 4)}]
+    r = await server.http.post("/v1/chat/completions", json={"model": MODEL, "messages": big})
+    assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large", r.text
+    metered = await server.report("/v1/chat/completions", since)
+    assert (metered.generations, metered.prompt_tokens, metered.output_tokens) == (0, 0, 0)

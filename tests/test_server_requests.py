@@ -1,0 +1,69 @@
+"""The engine replica's request allow-list and its mapping of vLLM's errors (deployments/server/requests.py),
+without an engine: what a client may set, and that no vLLM message reaches a client."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from deployments.errors import ContextLengthExceeded, InternalError, InvalidJson, InvalidRequest, ModelNotFound
+from deployments.server.requests import ALLOWED, NO_STORAGE, checked_body, from_vllm
+
+
+def body(**fields: object) -> bytes:
+    return json.dumps({"model": "m", "messages": [], **fields}).encode()
+
+
+def test_correlation_ids_and_hints_never_reach_the_engine() -> None:
+    checked = checked_body(body(user="u-1", safety_identifier="s", prompt_cache_key="k", metadata={"a": "b"}), "chat")
+    assert set(checked) == {"model", "messages"}
+
+
+def test_the_responses_api_never_stores() -> None:
+    assert (
+        checked_body(json.dumps({"model": "m", "input": "hej", "store": True}).encode(), "responses")["store"] is False
+    )
+    with pytest.raises(InvalidRequest) as refused:
+        checked_body(json.dumps({"model": "m", "input": "hej", "previous_response_id": "resp_1"}).encode(), "responses")
+    assert (refused.value.message, refused.value.param) == (NO_STORAGE, "previous_response_id")
+
+
+@pytest.mark.parametrize("endpoint", sorted(ALLOWED))
+def test_vllms_engine_controls_are_not_a_clients(endpoint: str) -> None:
+    for name in ("cache_salt", "request_id", "priority", "kv_transfer_params", "chat_template", "vllm_xargs"):
+        with pytest.raises(InvalidRequest) as refused:
+            checked_body(json.dumps({"model": "m", name: 1}).encode(), endpoint)
+        assert refused.value.param == name
+
+
+def test_chat_template_kwargs_may_only_switch_thinking() -> None:
+    assert checked_body(body(chat_template_kwargs={"enable_thinking": False}), "chat")["chat_template_kwargs"]
+    with pytest.raises(InvalidRequest):
+        checked_body(body(chat_template_kwargs={"tools_in_system_prompt": "x"}), "chat")
+
+
+@pytest.mark.parametrize("raw", [b"", b"[1]", b'{"model": ', b"null"])
+def test_a_body_that_is_no_json_object_is_invalid_json(raw: bytes) -> None:
+    with pytest.raises(InvalidJson):
+        checked_body(raw, "chat")
+
+
+def test_vllms_messages_are_never_repeated() -> None:
+    secret = "kodeordet er blåbær"
+    cases = [
+        (
+            {"code": 400, "message": f"This model's maximum context length is 2048 tokens: {secret}"},
+            ContextLengthExceeded,
+        ),
+        ({"code": 404, "message": f"The model `{secret}` does not exist."}, ModelNotFound),
+        ({"code": 400, "message": f"'{secret}' is not a valid value", "param": "temperature"}, InvalidRequest),
+        ({"code": 400, "message": secret, "param": secret}, InvalidRequest),
+        ({"code": 500, "message": secret}, InternalError),
+        ({}, InternalError),
+    ]
+    for info, kind in cases:
+        error = from_vllm({"error": info})
+        assert type(error) is kind, info
+        assert secret not in error.message and secret not in str(error.param), error
+    assert from_vllm({"error": cases[2][0]}).param == "temperature"
