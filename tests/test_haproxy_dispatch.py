@@ -1,0 +1,70 @@
+"""Anker's model dispatch in Ray Serve's HAProxy (deployments/server/haproxy.py), on a config that Ray Serve 2.60
+wrote for three applications (two models at /models/<model> and a control app at /), checked by HAProxy itself.
+
+The live path (Ray's HAProxy sending each model's requests to its application) was tried by hand on this machine;
+its stack test comes with the engine replica's Serve deployment.
+"""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from deployments.server.haproxy import (
+    API_FRONTEND,
+    dispatch_rules,
+    model_map,
+    model_prefix,
+    patched,
+    ray_haproxy_binary,
+)
+
+RAY_CONFIG = Path(__file__).parent / "data" / "ray-2.60-haproxy.cfg"
+
+
+def ray_config(run: Path) -> str:
+    (run / "500.http").write_text("HTTP/1.0 500 Internal Server Error\r\n\r\n")
+    return RAY_CONFIG.read_text().replace("@RUN@", str(run))
+
+
+def frontend(config: str, name: str) -> list[str]:
+    lines = config.split("\n")
+    start = lines.index(name)
+    end = next((i for i in range(start + 1, len(lines)) if lines[i] and not lines[i][0].isspace()), len(lines))
+    return lines[start:end]
+
+
+def test_the_rules_come_first_in_the_api_frontend_and_haproxy_accepts_them(tmp_path: Path) -> None:
+    map_path = tmp_path / "models.map"
+    map_path.write_text(model_map({"model-a": "/models/a", "model-b": "/models/b"}))
+    config = patched(ray_config(tmp_path), map_path)
+    api = frontend(config, API_FRONTEND)
+    assert api[1].strip().startswith("bind 127.0.0.1:")
+    assert api[2 : 2 + len(dispatch_rules(map_path))] == dispatch_rules(map_path)
+    path = tmp_path / "haproxy.cfg.anker"
+    path.write_text(config)
+    checked = subprocess.run([ray_haproxy_binary(), "-c", "-f", str(path)], capture_output=True, text=True)
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+
+
+def test_listeners_beside_the_api_bind_on_loopback(tmp_path: Path) -> None:
+    config = patched(ray_config(tmp_path), tmp_path / "models.map")
+    assert "    bind 127.0.0.1:19101" in frontend(config, "frontend prometheus")
+    assert "  bind 127.0.0.1:18404" in frontend(config, "listen stats")
+    binds = [line.strip() for line in config.split("\n") if line.strip().startswith("bind ")]
+    assert all(line.startswith("bind 127.0.0.1:") for line in binds), binds
+
+
+def test_a_config_without_the_api_frontend_is_refused() -> None:
+    with pytest.raises(RuntimeError, match="cannot dispatch"):
+        patched("global\n    maxconn 10\nfrontend other\n    bind :80\n", Path("/m.map"))
+
+
+def test_model_names_become_map_entries_and_prefixes() -> None:
+    assert model_map({"qwen3-moe-tiny": model_prefix("qwen3-moe-tiny"), "org/m:1": model_prefix("org/m:1")}) == (
+        "org/m:1 /models/org_m_1\nqwen3-moe-tiny /models/qwen3-moe-tiny\n"
+    )
+    with pytest.raises(ValueError):
+        model_map({"two words": "/models/x"})
