@@ -147,6 +147,9 @@ class DrainOutcome:
     seconds: float
 
 
+_held_boards: list[Any] = []  # this process's handles to the boards it made (see drain_ingresses)
+
+
 def drain_ingresses(
     timeout_s: float, say: Callable[[str], None], poll_s: float = REPORT_PERIOD_S, hold: bool = False
 ) -> DrainOutcome:
@@ -162,6 +165,9 @@ def drain_ingresses(
     if hold:
         options["lifetime"] = "detached"
     board = DrainBoard.options(**options).remote()  # type: ignore[attr-defined]
+    # Ray ends an actor when the last handle to it goes: held here, the board outlives this call, so that the
+    # ingress replicas keep refusing until this process ends (`anker down` stops Serve first).
+    _held_boards.append(board)
     said = 0.0
     began = False
     while True:

@@ -60,6 +60,9 @@ def test_the_whole_cluster_stopped_and_started_under_load(stack: Stack) -> None:
     seen = during(outcomes, *stop)
     assert began and int(began[1]) > 0, f"no stream was running when the drain began: {down_said}; {seen}"
     assert (503, "draining") in health, f"/healthz never said it was draining: {sorted(set(health))}"
+    # Once draining, the stack never serves again before it stops: the drain's board outlives the drain.
+    after = health[health.index((503, "draining")) :]
+    assert not [said for said in after if said[0] == 200], f"/healthz served again during the stop: {after}"
     finished = [o for o in outcomes if o.status == 200]
     assert finished
     cut = [o for o in finished if not o.clean or o.error_code is not None]
