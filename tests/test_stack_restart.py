@@ -21,10 +21,15 @@ from tests.traffic import Outcome, StaggeredStreams, during, ledger_totals, wait
 pytestmark = [pytest.mark.stack, pytest.mark.restarts_stack]
 
 MODEL = "qwen3-moe-tiny"
-# As in tests/test_stack_drain.py: greedy streams of the tiny MoE model run their full length, seconds each, and
-# one starts every second, so that streams are running whenever the stop begins.
+# As in tests/test_stack_drain.py: greedy streams of the tiny MoE model run their full length, and one starts every
+# second, so that streams are running whenever the stop begins. Longer than the drain test's: `anker down` takes
+# its drain up to a minute after it starts, on a busy machine, and once (CI, d97b59e) this client started no
+# stream for 6 s just before it did, while 400-token streams had finished on the server: 0 were running when the
+# drain began. 1200 tokens, three at a time, keep each stream running on the server for well over 10 s, and the
+# drain within its minute.
 GREEDY = 0.0
-MAX_TOKENS = 400
+MAX_TOKENS = 1200
+AT_ONCE = 3
 SERVED_AGAIN = 4  # streams served after the restart before the load ends
 BEGAN = re.compile(r"(\d+) requests were running when it began")  # what `anker down` says as its drain takes hold
 RESTART_TRAFFIC_WAIT_S = 300
@@ -35,7 +40,7 @@ def test_the_whole_cluster_stopped_and_started_under_load(stack: Stack) -> None:
     before = ledger_totals(stack.base_url, key)
 
     async def scenario() -> tuple[list[Outcome], list[tuple[int | str, str]], str, tuple[float, float]]:
-        load = StaggeredStreams(stack.base_url, key, MODEL, MAX_TOKENS, temperature=GREEDY)
+        load = StaggeredStreams(stack.base_url, key, MODEL, MAX_TOKENS, at_most=AT_ONCE, temperature=GREEDY)
         running = asyncio.create_task(load.run())
         try:
             await load.wait_for(lambda: load.receiving > 0, 120, "a stream delivering before the stop")
