@@ -19,3 +19,8 @@ def deployment_suffix(model_name: str) -> str:
 
 def engine_deployment_name(model: ModelConfig) -> str:
     return f"Engine-{deployment_suffix(model.name)}"
+
+
+def model_route_prefix(model_name: str) -> str:
+    """The internal route prefix of a model's own Serve application (HAProxy dispatches to it by the body's model)."""
+    return "/models/" + deployment_suffix(model_name)

