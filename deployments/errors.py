@@ -121,6 +121,11 @@ class ModelNotFound(AnkerError):
     type = "invalid_request_error"
     code = "model_not_found"
 
+    @classmethod
+    def unnamed(cls) -> ModelNotFound:
+        """For a name the client chose that is not a served model: its own text, so not repeated."""
+        return cls("The model does not exist or you do not have access to it.", "model")
+
 
 class RouteNotFound(AnkerError):
     status = 404

@@ -164,7 +164,7 @@ class OpenAIService:
         model = self._models.get(name)
         if model is None:
             # Not a served name, so it is the client's own text: not repeated (zero data retention).
-            raise ModelNotFound("The model does not exist or you do not have access to it.", "model")
+            raise ModelNotFound.unnamed()
         return model
 
     def _engine(self, name: str) -> EngineClient:

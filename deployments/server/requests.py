@@ -95,8 +95,9 @@ _RESPONSES = {
     "include",
 } | _SAMPLING_EXTRAS
 ALLOWED = {"chat": frozenset(_CHAT), "completions": frozenset(_COMPLETIONS), "responses": frozenset(_RESPONSES)}
-# Correlation ids and hints for Anker (the router reads prompt_cache_key), never handed to the engine.
-_STRIPPED = ("user", "safety_identifier", "prompt_cache_key", "metadata", "store")
+# Correlation ids and hints for Anker (the router reads prompt_cache_key), never handed to the engine; and a
+# previous_response_id that is null.
+_STRIPPED = ("user", "safety_identifier", "prompt_cache_key", "metadata", "store", "previous_response_id")
 _CHAT_TEMPLATE_KWARGS = frozenset({"enable_thinking"})
 _IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
 NO_STORAGE = (
@@ -130,7 +131,6 @@ def checked_body(raw: bytes, endpoint: str) -> dict[str, Any]:
         raise InvalidRequest("chat_template_kwargs may only set enable_thinking.", "chat_template_kwargs")
     if body.get("previous_response_id") is not None:
         raise InvalidRequest(NO_STORAGE, "previous_response_id")
-    body.pop("previous_response_id", None)
     for name in _STRIPPED:
         body.pop(name, None)
     if endpoint == "responses":
@@ -153,7 +153,7 @@ def from_vllm(error: dict[str, Any]) -> AnkerError:
             "The prompt and the requested output do not fit in the model's context window.", "messages"
         )
     if status == 404:
-        return ModelNotFound("The model does not exist or you do not have access to it.", "model")
+        return ModelNotFound.unnamed()
     if 400 <= status < 500:
         return InvalidRequest(
             "The request is not valid for this model" + (f" (see '{param}')." if param else "."), param

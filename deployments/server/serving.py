@@ -71,7 +71,7 @@ async def serve(
     try:
         body = checked_body(await read_body(request, request.app.state.max_body_bytes), endpoint)
         if body.get("model") != served_model:
-            raise ModelNotFound("The model does not exist or you do not have access to it.", "model")
+            raise ModelNotFound.unnamed()
         try:
             parsed = request_model.model_validate(body)
         except ValidationError as exc:
