@@ -1,0 +1,97 @@
+"""The engine replica that serves HTTP itself: a Serve ingress deployment whose ASGI app (``app.py``) runs in the
+replica's own process beside its ``AsyncLLM``, so with Serve's direct ingress no token crosses another process.
+
+Not yet what ``build_app`` deploys, and not yet to be exposed: keys, admission and the usage outbox are still the
+first-edition ingress's (docs/architecture.md, "The second edition, under construction").
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+from ray import serve
+from starlette.types import Scope
+
+from autoscaling.queue_policy import KV_CACHE_METRIC, QUEUE_METRIC
+from deployments.engine import SchedulerGauge, gauge_stat_logger
+from deployments.server.app import create_server_app
+from deployments.server.metering import Metered
+from deployments.server.vllm_layer import ServingSpec, VllmLayer
+from observability import metrics, tracing
+
+METRICS_PERIOD_S = 2.0
+
+logger = logging.getLogger("ray.serve")
+
+
+@serve.deployment(name="EngineServer", health_check_period_s=5, health_check_timeout_s=30)
+@serve.ingress()
+class EngineServer:
+    """One model's engine replica, serving the OpenAI API. Options (name, resources, placement) come from the
+    builder, as the first edition's ``Engine``'s do."""
+
+    def __init__(self, spec: ServingSpec, model_cards: tuple[dict[str, Any], ...], max_body_bytes: int) -> None:
+        tracing.configure(f"anker-engine-{spec.engine.model}")
+        self._spec, self._cards, self._max_body_bytes = spec, model_cards, max_body_bytes
+        self._gauge = SchedulerGauge()
+        self._layer = VllmLayer(spec, stat_loggers=[gauge_stat_logger(self._gauge)])
+        self._replica = serve.get_replica_context().replica_id.unique_id
+        self._reporter: asyncio.Task[None] | None = None
+        self._totals = dict.fromkeys(("requests", "prompt_tokens", "cached_tokens", "output_tokens"), 0)
+
+    async def __serve_build_asgi_app__(self) -> Any:
+        """Serve's late-bound ingress: the app exists once the engine does."""
+        await self._layer.start()
+        self._reporter = asyncio.get_running_loop().create_task(self._report_load())
+        return create_server_app(
+            self._layer.state, self._spec.engine.model, list(self._cards), self._metered, self._max_body_bytes
+        )
+
+    def _metered(self, scope: Scope, metered: Metered) -> None:
+        # Until the usage outbox is wired in (docs/architecture.md), the replica keeps running totals.
+        self._totals["requests"] += 1
+        self._totals["prompt_tokens"] += metered.prompt_tokens
+        self._totals["cached_tokens"] += metered.cached_tokens
+        self._totals["output_tokens"] += metered.output_tokens
+
+    async def metered_totals(self) -> dict[str, int]:
+        """What this replica has metered since it started: requests and tokens by kind. Counts only."""
+        return dict(self._totals)
+
+    def _queue(self) -> tuple[int, int, int]:
+        in_flight = self._layer.llm.output_processor.get_num_unfinished_requests()
+        # The scheduler reports only when the engine steps; once nothing is in flight its last figures are stale.
+        running = min(self._gauge.running, in_flight)
+        return running, min(self._gauge.waiting, in_flight - running), in_flight
+
+    async def _report_load(self) -> None:
+        while True:
+            running, waiting, in_flight = self._queue()
+            usage = self._gauge.kv_cache_usage if in_flight else 0.0
+            metrics.engine_load(self._spec.engine.model, self._replica, running + waiting, usage)
+            await asyncio.sleep(METRICS_PERIOD_S)
+
+    async def record_autoscaling_stats(self) -> dict[str, float]:
+        """Serve's hook for custom autoscaling metrics: this replica's vLLM queue and KV-cache use."""
+        running, waiting, in_flight = self._queue()
+        return {
+            QUEUE_METRIC: float(running + waiting),
+            KV_CACHE_METRIC: self._gauge.kv_cache_usage if in_flight else 0.0,
+        }
+
+    async def record_routing_stats(self) -> dict[str, float]:
+        """vLLM's own queue on this replica right now, for request routers, operators and tests. Counts only."""
+        running, waiting, in_flight = self._queue()
+        return {"running": float(running), "waiting": float(waiting), "in_flight": float(in_flight)}
+
+    async def check_health(self) -> None:
+        # A dead engine core makes the replica unhealthy, so Ray Serve replaces it.
+        if self._layer.dead:
+            raise RuntimeError(f"vLLM engine for {self._spec.engine.model} is dead")
+
+    def __del__(self) -> None:
+        layer = getattr(self, "_layer", None)
+        if layer is not None:
+            layer.shutdown()
