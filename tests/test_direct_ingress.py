@@ -8,6 +8,7 @@ does not use yet. Stopped as ``anker down`` stops a cluster: SIGTERM to ``ray st
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import shutil
@@ -27,7 +28,8 @@ import openai
 import psutil
 import pytest
 
-from deployments.server.haproxy import MODEL_MAP_ENV, model_map, model_prefix
+from config.naming import model_route_prefix
+from deployments.server.haproxy import MODEL_MAP_ENV, model_map
 from testkit.ports import free_port
 
 MODEL = "qwen3-moe-tiny"
@@ -40,7 +42,7 @@ class Cluster:
     base_url: str
     env: dict[str, str]
     head: subprocess.Popen[bytes]
-    logs: Path
+    root: Path
 
 
 def _deploy_script(model_path: Path, gcs: str, http_port: int) -> str:
@@ -52,7 +54,7 @@ def _deploy_script(model_path: Path, gcs: str, http_port: int) -> str:
         from deployments.engine import EngineSpec
         from deployments.server.replica import EngineServer
         from deployments.server.vllm_layer import ServingSpec
-        from deployments.server.haproxy import model_prefix
+        from config.naming import model_route_prefix
 
         ray.init(address={gcs!r}, namespace="serve", log_to_driver=False)
         serve.start(http_options={{"host": "127.0.0.1", "port": {http_port}}})
@@ -68,7 +70,7 @@ def _deploy_script(model_path: Path, gcs: str, http_port: int) -> str:
         app = EngineServer.options(
             name="EngineServer-{MODEL}", ray_actor_options={{"num_cpus": 1, "runtime_env": {{"env_vars": env}}}}
         ).bind(spec, cards, 1024 * 1024)
-        serve.run(app, name={MODEL!r}, route_prefix=model_prefix({MODEL!r}), blocking=False)
+        serve.run(app, name={MODEL!r}, route_prefix=model_route_prefix({MODEL!r}), blocking=False)
         """
     )
 
@@ -93,7 +95,7 @@ def cluster(tiny_models: dict[str, Path]) -> Iterator[Cluster]:
     token.write_text(secrets.token_hex(32))
     token.chmod(0o600)
     (root / "h").mkdir()
-    (root / "models.map").write_text(model_map({MODEL: model_prefix(MODEL)}))
+    (root / "models.map").write_text(model_map({MODEL: model_route_prefix(MODEL)}))
     http_port, gcs_port = free_port(), free_port()
     env = {
         **os.environ,
@@ -149,7 +151,31 @@ def cluster(tiny_models: dict[str, Path]) -> Iterator[Cluster]:
         except subprocess.TimeoutExpired:
             os.killpg(head.pid, signal.SIGKILL)
             head.wait()
+        left = _outlives_the_cluster(root)
         shutil.rmtree(root, ignore_errors=True)
+    assert not left, f"HAProxy outlived its Ray cluster (killed now): {left}"
+
+
+def _haproxies(root: Path) -> list[psutil.Process]:
+    """The HAProxy processes that run this cluster's patched config (Ray puts it in a folder per node)."""
+    folder = f"{root / 'h'}/"
+    return [
+        process
+        for process in psutil.process_iter(["name", "cmdline"])
+        if process.info["name"] == "haproxy"
+        and any(arg.startswith(folder) and arg.endswith(".cfg.anker") for arg in process.info["cmdline"] or [])
+    ]
+
+
+def _outlives_the_cluster(root: Path) -> list[int]:
+    """The HAProxy processes still running 10 s after the cluster stopped, killed so that they free their ports."""
+    deadline = time.monotonic() + 10
+    while (left := _haproxies(root)) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    for process in left:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            process.kill()
+    return [process.pid for process in left]
 
 
 def _wait_for_the_model(cluster: Cluster) -> None:
@@ -169,15 +195,13 @@ def _wait_for_the_model(cluster: Cluster) -> None:
     raise AssertionError(f"{MODEL} did not answer through HAProxy within {READY_TIMEOUT_S} s: {seen[-5:]}")
 
 
-def _haproxy_listeners() -> list[tuple[str, int]]:
-    found = []
-    for process in psutil.process_iter(["name", "cmdline"]):
-        cmdline = process.info["cmdline"] or []
-        if process.info["name"] == "haproxy" and any(arg.endswith(".cfg.anker") for arg in cmdline):
-            found += [
-                (c.laddr.ip, c.laddr.port) for c in process.net_connections("tcp") if c.status == psutil.CONN_LISTEN
-            ]
-    return found
+def _haproxy_listeners(root: Path) -> list[tuple[str, int]]:
+    return [
+        (c.laddr.ip, c.laddr.port)
+        for process in _haproxies(root)
+        for c in process.net_connections("tcp")
+        if c.status == psutil.CONN_LISTEN
+    ]
 
 
 def test_one_base_url_reaches_the_models_own_replica_through_haproxy(cluster: Cluster) -> None:
@@ -205,6 +229,6 @@ def test_one_base_url_reaches_the_models_own_replica_through_haproxy(cluster: Cl
 
 def test_haproxy_listens_on_loopback_only(cluster: Cluster) -> None:
     _wait_for_the_model(cluster)
-    listeners = _haproxy_listeners()
+    listeners = _haproxy_listeners(cluster.root)
     assert listeners, "no HAProxy process runs the patched config"
     assert {ip for ip, _ in listeners} == {"127.0.0.1"}, listeners

