@@ -16,10 +16,11 @@ from typing import Any
 import httpx
 
 from deployments.billing.actor import Billing
+from deployments.billing.client import ServeBillingClient
 from deployments.billing.governance import Actor
 from deployments.billing.pricing import TokenPrices
 from deployments.billing.service import BillingService, BillingSpec
-from deployments.ingress import ServeBillingClient, ServeTokenizerClient
+from deployments.ingress import ServeTokenizerClient
 from deployments.openai.app import create_app
 from deployments.openai.serving import OpenAIService, ServedModel
 from deployments.tokenizer import Tokenizer, TokenizerCore

@@ -19,7 +19,7 @@ import sqlalchemy as sa
 
 from deployments.billing.pricing import dkk_string, format_dkk, nano_from_dkk
 from deployments.billing.tables import AUDIT_LOG, MEMBERS, TENANTS
-from deployments.errors import Conflict, InvalidValue, NotFound, PermissionDenied
+from deployments.errors import Conflict, InvalidValue, ModelNotAllowed, NotFound, PermissionDenied
 from deployments.keys import ROLES, TENANT_PATTERN, KeyRecord, KeyStore
 
 OPERATOR = "operator"
@@ -57,6 +57,25 @@ def can_call_models(role: str) -> bool:
 def model_allowed(allowed: Sequence[str] | None, model: str, region: str) -> bool:
     """A key's allow-list admits a model by served name or by the region it is hosted in (``region:dk``)."""
     return allowed is None or model in allowed or f"region:{region}" in allowed
+
+
+def check_model_allowed(key: KeyRecord, model: str, region: str) -> None:
+    if not model_allowed(key.allowed_models, model, region):
+        raise ModelNotAllowed(
+            f"This API key may not use the model `{model}`. Your organisation's admin sets which models it may use.",
+            "model",
+        )
+
+
+def check_caller_role(key: KeyRecord) -> None:
+    if not can_call_models(key.role):
+        raise PermissionDenied(f"A key with the role `{key.role}` can read usage but cannot call models.")
+
+
+def authorize_call(key: KeyRecord, model: str, region: str) -> None:
+    """A key may call this served model: its role calls models, and its allow-list has the model."""
+    check_caller_role(key)
+    check_model_allowed(key, model, region)
 
 
 def _grantable(actor: Actor, role: str) -> bool:

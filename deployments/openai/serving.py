@@ -21,15 +21,13 @@ from typing import Any, Protocol
 from opentelemetry import propagate, trace
 from opentelemetry.trace import SpanKind
 
-from deployments.billing.governance import can_call_models, model_allowed
+from deployments.billing.governance import check_caller_role, check_model_allowed, model_allowed
 from deployments.contracts import Admission, AdmissionRequest, ChatTurn, Delta, EngineFailure, Prepared, Sampling
 from deployments.errors import (
     AnkerError,
     EngineOverloaded,
     EngineUnavailable,
-    ModelNotAllowed,
     ModelNotFound,
-    PermissionDenied,
 )
 from deployments.keys import KeyRecord
 from deployments.openai import responses as wire
@@ -128,16 +126,11 @@ class OpenAIService:
 
     def _allowed_model(self, name: str, key: KeyRecord) -> ServedModel:
         model = self._model(name)
-        if not model_allowed(key.allowed_models, model.name, model.region):
-            raise ModelNotAllowed(
-                f"This API key may not use the model `{name}`. Your organisation's admin sets which models it may use.",
-                "model",
-            )
+        check_model_allowed(key, model.name, model.region)
         return model
 
     def _authorize(self, name: str, key: KeyRecord) -> None:
-        if not can_call_models(key.role):
-            raise PermissionDenied(f"A key with the role `{key.role}` can read usage but cannot call models.")
+        check_caller_role(key)
         self._allowed_model(name, key)
 
     async def _admit(self, ctx: RequestContext, model: str, prepared: Sequence[Prepared], n: int) -> Admission:
