@@ -22,6 +22,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 import openai
@@ -29,8 +30,11 @@ import psutil
 import pytest
 
 from config.naming import model_route_prefix
+from deployments.billing.governance import Actor
+from deployments.billing.service import BillingService, BillingSpec
 from deployments.server.haproxy import MODEL_MAP_ENV, model_map
 from testkit.ports import free_port
+from tests.inprocess import PRICES
 
 MODEL = "qwen3-moe-tiny"
 READY_TIMEOUT_S = 300
@@ -43,18 +47,28 @@ class Cluster:
     env: dict[str, str]
     head: subprocess.Popen[bytes]
     root: Path
+    billing: BillingService  # the same SQLite ledger as the cluster's billing actor, as `anker keys` reaches it
+    key: str
 
 
-def _deploy_script(model_path: Path, gcs: str, http_port: int) -> str:
-    """A driver that starts Serve (HAProxy, from the cluster's environment) and deploys the model's application."""
+def billing_spec(root: Path) -> BillingSpec:
+    return BillingSpec(root / "billing", None, {MODEL: PRICES}, default_rpm=600, default_tpm=2_000_000)
+
+
+def _deploy_script(model_path: Path, gcs: str, http_port: int, root: Path) -> str:
+    """A driver that starts Serve (HAProxy, from the cluster's environment) and deploys the model's application:
+    its engine replica (the ingress) and, until the control application exists, its own billing actor."""
     return textwrap.dedent(
         f"""
         import ray
+        from pathlib import Path
         from ray import serve
+        from deployments.billing.actor import Billing
         from deployments.engine import EngineSpec
-        from deployments.server.replica import EngineServer
+        from deployments.server.replica import EngineServer, ReplicaSpec
         from deployments.server.vllm_layer import ServingSpec
         from config.naming import model_route_prefix
+        from tests.test_direct_ingress import billing_spec
 
         ray.init(address={gcs!r}, namespace="serve", log_to_driver=False)
         serve.start(http_options={{"host": "127.0.0.1", "port": {http_port}}})
@@ -67,9 +81,11 @@ def _deploy_script(model_path: Path, gcs: str, http_port: int) -> str:
         env = {{
             "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_WORKER_MULTIPROC_METHOD": "spawn", "TOKENIZERS_PARALLELISM": "false"
         }}
+        replica = ReplicaSpec(spec, cards, "dk", 1024 * 1024, usage_spool_dir=Path({str(root / "outbox")!r}))
+        billing = Billing.options(ray_actor_options={{"num_cpus": 0.5}}).bind(billing_spec(Path({str(root)!r})))
         app = EngineServer.options(
             name="EngineServer-{MODEL}", ray_actor_options={{"num_cpus": 1, "runtime_env": {{"env_vars": env}}}}
-        ).bind(spec, cards, 1024 * 1024)
+        ).bind(replica, billing)
         serve.run(app, name={MODEL!r}, route_prefix=model_route_prefix({MODEL!r}), blocking=False)
         """
     )
@@ -111,6 +127,7 @@ def cluster(tiny_models: dict[str, Path]) -> Iterator[Cluster]:
         "RAY_SERVE_HAPROXY_SERVER_STATE_BASE": str(root / "h"),
         "RAY_SERVE_HAPROXY_SERVER_STATE_FILE": str(root / "h" / "server-state"),
     }
+    billing: BillingService | None = None
     head = subprocess.Popen(
         [
             str(BIN / "ray"),
@@ -138,12 +155,14 @@ def cluster(tiny_models: dict[str, Path]) -> Iterator[Cluster]:
     try:
         _wait_for_gcs(head, gcs_port, root / "head.log")
         gcs = f"127.0.0.1:{gcs_port}"
-        driver = _deploy_script(tiny_models[MODEL], gcs, http_port)
+        billing = BillingService(billing_spec(root))  # migrates the ledger before the actor opens it
+        _, key = billing.governance.create_key(Actor.operator("test"), "direct")
+        driver = _deploy_script(tiny_models[MODEL], gcs, http_port, root)
         deployed = subprocess.run(
             [sys.executable, "-c", driver], env=env, capture_output=True, text=True, timeout=READY_TIMEOUT_S
         )
         assert deployed.returncode == 0, deployed.stderr[-3000:]
-        yield Cluster(f"http://127.0.0.1:{http_port}", env, head, root)
+        yield Cluster(f"http://127.0.0.1:{http_port}", env, head, root, billing, key)
     finally:
         os.killpg(head.pid, signal.SIGTERM)
         try:
@@ -152,6 +171,8 @@ def cluster(tiny_models: dict[str, Path]) -> Iterator[Cluster]:
             os.killpg(head.pid, signal.SIGKILL)
             head.wait()
         left = _outlives_the_cluster(root)
+        if billing is not None:
+            billing.ledger.dispose()
         shutil.rmtree(root, ignore_errors=True)
     assert not left, f"HAProxy outlived its Ray cluster (killed now): {left}"
 
@@ -185,7 +206,7 @@ def _wait_for_the_model(cluster: Cluster) -> None:
     body = {"model": MODEL, "messages": [{"role": "user", "content": "hej"}], "max_tokens": 1}
     while time.monotonic() < deadline:
         try:
-            r = httpx.post(f"{cluster.base_url}/v1/chat/completions", json=body, timeout=30)
+            r = httpx.post(f"{cluster.base_url}/v1/chat/completions", json=body, headers=_auth(cluster), timeout=30)
             if r.status_code == 200:
                 return
             seen.append(f"{r.status_code} {r.text[:80]}")
@@ -204,9 +225,25 @@ def _haproxy_listeners(root: Path) -> list[tuple[str, int]]:
     ]
 
 
+def _auth(cluster: Cluster) -> dict[str, str]:
+    return {"Authorization": f"Bearer {cluster.key}"}
+
+
+def _ledger_row(cluster: Cluster, usage_id: str | None = None, timeout_s: float = 30) -> dict[str, Any]:
+    """The ledger's newest row once the replica's outbox has delivered it."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        rows = sorted(cluster.billing.ledger.events("direct"), key=lambda row: row["finished_at"])
+        if rows and rows[-1]["request_id"] != usage_id:
+            return rows[-1]
+        time.sleep(0.2)
+    raise AssertionError(f"no new ledger row within {timeout_s:g} s")
+
+
 def test_one_base_url_reaches_the_models_own_replica_through_haproxy(cluster: Cluster) -> None:
     _wait_for_the_model(cluster)
-    client = openai.OpenAI(base_url=f"{cluster.base_url}/v1", api_key="unused", max_retries=0)
+    before = _ledger_row(cluster)["request_id"]  # the warm-up's
+    client = openai.OpenAI(base_url=f"{cluster.base_url}/v1", api_key=cluster.key, max_retries=0)
     stream = client.chat.completions.create(
         model=MODEL,
         messages=[{"role": "user", "content": "Fortæl om havnen i Esbjerg."}],
@@ -216,11 +253,19 @@ def test_one_base_url_reaches_the_models_own_replica_through_haproxy(cluster: Cl
         extra_body={"chat_template_kwargs": {"enable_thinking": False}},
     )
     chunks = list(stream)
-    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 24
+    usage = chunks[-1].usage
+    assert usage is not None and usage.completion_tokens == 24
     assert sum(1 for c in chunks if c.choices and c.choices[0].delta.content) >= 1
+    # Billed once, by the replica itself, as the client was told.
+    row = _ledger_row(cluster, before)
+    assert (row["prompt_tokens"], row["completion_tokens"], row["status"]) == (usage.prompt_tokens, 24, "ok")
+    stranger = openai.OpenAI(base_url=f"{cluster.base_url}/v1", api_key="sk-anker-wrong", max_retries=0)
+    with pytest.raises(openai.AuthenticationError):
+        stranger.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hej"}], max_tokens=1)
     r = httpx.post(
         f"{cluster.base_url}/v1/chat/completions",
         json={"messages": [{"role": "user", "content": "hej"}], "model": "no-such-model"},
+        headers=_auth(cluster),
         timeout=30,
     )
     # No control application yet: HAProxy's own 404 for a path no application serves.

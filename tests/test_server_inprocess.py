@@ -20,11 +20,18 @@ import pytest
 import uvicorn
 from pydantic import BaseModel
 
+from deployments.billing.actor import Billing
+from deployments.billing.client import ServeBillingClient
+from deployments.billing.governance import Actor
+from deployments.billing.service import BillingService, BillingSpec
 from deployments.engine import EngineSpec
 from deployments.server.app import create_server_app
+from deployments.server.gate import Call, KeyGate
 from deployments.server.metering import Metered
 from deployments.server.vllm_layer import ServingSpec, VllmLayer
+from testkit.doubles import InProcessHandleDouble
 from testkit.ports import free_port
+from tests.inprocess import PRICES
 
 MODEL = "qwen3-moe-tiny"
 BODY_LIMIT = 64 * 1024
@@ -71,8 +78,26 @@ class Weather(BaseModel):
 
 
 class Server:
-    def __init__(self, client: openai.AsyncOpenAI, http: httpx.AsyncClient, reports: list[tuple[str, Metered]]):
+    def __init__(
+        self,
+        client: openai.AsyncOpenAI,
+        http: httpx.AsyncClient,
+        reports: list[tuple[str, Metered]],
+        billing: BillingService,
+        accounts: ServeBillingClient,
+    ) -> None:
         self.client, self.http, self.reports = client, http, reports
+        self.billing, self.accounts = billing, accounts
+
+    def key(self, tenant: str, **settings: Any) -> str:
+        """A new key made by the operator (``role``, ``allowed_models``, ``budget_dkk``, …)."""
+        _, key = self.billing.governance.create_key(Actor.operator("test"), tenant, **settings)
+        return key
+
+    async def ledger(self, tenant: str) -> list[dict[str, Any]]:
+        """The tenant's ledger rows, once the replica's outbox has handed every usage report to billing."""
+        assert await self.accounts.outbox.drain(timeout_s=10.0), "usage reports were not acknowledged"
+        return list(self.billing.ledger.events(tenant))
 
     async def report(self, path: str, since: int, timeout_s: float = 30) -> Metered:
         """The one usage report of a request to ``path`` made after ``since`` reports. The server reports when the
@@ -87,7 +112,9 @@ class Server:
 
 
 @pytest.fixture(scope="module")
-async def server(tiny_models: dict[str, Path], monkeypatch_module: pytest.MonkeyPatch) -> AsyncIterator[Server]:
+async def server(
+    tiny_models: dict[str, Path], monkeypatch_module: pytest.MonkeyPatch, tmp_path_factory: pytest.TempPathFactory
+) -> AsyncIterator[Server]:
     monkeypatch_module.setenv("VLLM_CPU_KVCACHE_SPACE", "1")
     monkeypatch_module.setenv("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
     monkeypatch_module.setenv("TOKENIZERS_PARALLELISM", "false")
@@ -103,13 +130,24 @@ async def server(tiny_models: dict[str, Path], monkeypatch_module: pytest.Monkey
         reasoning_parser="qwen3",
         tool_call_parser="qwen3_coder",
     )
+    # The billing deployment's own class on a real SQLite ledger, reached as the replica reaches it (its handle
+    # replaced by a double that calls it in this process).
+    actor = Billing.func_or_class(
+        BillingSpec(tmp_path_factory.mktemp("billing"), None, {MODEL: PRICES}, default_rpm=600, default_tpm=2_000_000)
+    )
+    accounts = ServeBillingClient(InProcessHandleDouble(actor), key_cache_ttl_s=0.0, flush_interval_s=0.05)  # type: ignore[arg-type]
+    outbox = asyncio.create_task(accounts.outbox.run())
     layer = VllmLayer(spec)
     await layer.start()
     reports: list[tuple[str, Metered]] = []
     cards = [{"id": MODEL, "object": "model", "created": 0, "owned_by": "anker"}]
-    app = create_server_app(
-        layer.state, MODEL, cards, lambda scope, metered: reports.append((scope["path"], metered)), BODY_LIMIT
-    )
+
+    def report(call: Call, metered: Metered) -> None:
+        reports.append((call.path, metered))
+
+    app = KeyGate(create_server_app(layer.state, MODEL, cards, BODY_LIMIT), accounts, MODEL, "dk", report)
+    billing: BillingService = actor._service
+    _, key = billing.governance.create_key(Actor.operator("test"), "tests")
     # A real HTTP server on loopback: streams arrive as they are sent, and a client can leave mid-stream.
     port = free_port()
     http_server = uvicorn.Server(
@@ -121,13 +159,17 @@ async def server(tiny_models: dict[str, Path], monkeypatch_module: pytest.Monkey
             assert not serving.done(), "the HTTP server did not start"
             await asyncio.sleep(0.05)
         base = f"http://127.0.0.1:{port}"
-        async with httpx.AsyncClient(base_url=base, timeout=120) as http:
-            client = openai.AsyncOpenAI(base_url=f"{base}/v1", api_key="unused", http_client=http, max_retries=0)
-            yield Server(client, http, reports)
+        keyed = {"Authorization": f"Bearer {key}"}
+        async with httpx.AsyncClient(base_url=base, timeout=120, headers=keyed) as http:
+            client = openai.AsyncOpenAI(base_url=f"{base}/v1", api_key=key, http_client=http, max_retries=0)
+            yield Server(client, http, reports, billing, accounts)
     finally:
         http_server.should_exit = True
         await serving
         layer.shutdown()
+        outbox.cancel()
+        actor._sweeper.cancel()
+        billing.ledger.dispose()
 
 
 @pytest.fixture(scope="module")
@@ -347,3 +389,70 @@ async def test_a_body_over_the_limit_is_413_and_never_reaches_the_engine(server:
     assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large", r.text
     metered = await server.report("/v1/chat/completions", since)
     assert (metered.generations, metered.prompt_tokens, metered.output_tokens) == (0, 0, 0)
+
+
+RATE_HEADERS = {"x-ratelimit-limit-requests", "x-ratelimit-remaining-requests", "x-ratelimit-limit-tokens"}
+
+
+async def test_a_call_needs_a_key_that_may_call_this_model(server: Server) -> None:
+    body = {"model": MODEL, "messages": QUESTION, "max_tokens": 2}
+    viewer = server.key("doors", role="viewer")
+    elsewhere = server.key("doors", allowed_models=["qwen3-next-tiny"])
+    since = len(server.reports)
+    for headers, status, code in (
+        ({"Authorization": ""}, 401, "invalid_api_key"),
+        ({"Authorization": "Bearer sk-anker-not-a-key"}, 401, "invalid_api_key"),
+        ({"Authorization": f"Bearer {viewer}"}, 403, "permission_denied"),
+        ({"Authorization": f"Bearer {elsewhere}"}, 403, "model_not_allowed"),
+    ):
+        r = await server.http.post("/v1/chat/completions", json=body, headers=headers)
+        assert (r.status_code, r.json()["error"]["code"]) == (status, code), r.text
+    r = await server.http.get("/v1/models", headers={"Authorization": "Bearer sk-anker-not-a-key"})
+    assert r.status_code == 401, r.text
+    # Turned away at the door: nothing metered, nothing billed.
+    assert server.reports[since:] == []
+    assert await server.ledger("doors") == []
+
+
+async def test_the_ledger_holds_what_each_client_was_told_once(server: Server) -> None:
+    key = server.key("ledger")
+    client = server.client.with_options(api_key=key)
+    raw = await client.chat.completions.with_raw_response.create(
+        model=MODEL, messages=QUESTION, max_tokens=6, extra_body=NO_THINKING
+    )
+    assert set(raw.headers) >= RATE_HEADERS
+    chat = raw.parse()
+    stream = await client.chat.completions.create(
+        model=MODEL, messages=QUESTION, max_tokens=5, stream=True, stream_options={"include_usage": True}
+    )
+    streamed = [chunk async for chunk in stream][-1].usage
+    batch = await client.completions.create(model=MODEL, prompt=["Hej", "Farvel med dig"], max_tokens=3)
+    response = await client.responses.create(model=MODEL, input="Hej", max_output_tokens=4)
+    assert chat.usage and streamed and batch.usage and response.usage
+    told = sorted(
+        [
+            (chat.usage.prompt_tokens, chat.usage.completion_tokens),
+            (streamed.prompt_tokens, streamed.completion_tokens),
+            (batch.usage.prompt_tokens, batch.usage.completion_tokens),
+            (response.usage.input_tokens, response.usage.output_tokens),
+        ]
+    )
+    rows = await server.ledger("ledger")
+    assert sorted((row["prompt_tokens"], row["completion_tokens"]) for row in rows) == told
+    assert len({row["request_id"] for row in rows}) == 4 and {row["status"] for row in rows} == {"ok"}
+    assert {row["request_id"].split("-")[0] for row in rows} == {"chatcmpl", "cmpl", "resp"}
+
+
+async def test_a_used_up_budget_is_429_before_the_stream_starts_and_the_engine_never_runs(server: Server) -> None:
+    key = server.key("broke", budget_dkk="0")
+    client = server.client.with_options(api_key=key)
+    since = len(server.reports)
+    with pytest.raises(openai.RateLimitError) as streamed:
+        await client.chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=4, stream=True)
+    with pytest.raises(openai.RateLimitError) as plain:
+        await client.responses.create(model=MODEL, input="Hej", max_output_tokens=4)
+    for refused in (streamed.value, plain.value):
+        assert refused.code == "insufficient_quota" and set(refused.response.headers) >= RATE_HEADERS
+    metered = [m for _, m in server.reports[since:]]
+    assert len(metered) == 2 and all(m.generations == 0 and not m.admitted for m in metered), metered
+    assert await server.ledger("broke") == []

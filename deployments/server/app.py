@@ -1,5 +1,5 @@
-"""The engine replica's HTTP app: vLLM's serving layer behind Anker's endpoints, and the meter around every
-request. Keys, admission and drain are layered on by the replica that serves it.
+"""The engine replica's HTTP app: vLLM's serving layer behind Anker's endpoints. What wraps it meters every
+request: ``KeyGate`` (``gate.py``: keys, admission, billing) in a replica, or ``MeteringMiddleware`` alone.
 """
 
 from __future__ import annotations
@@ -33,11 +33,10 @@ def create_server_app(
     vllm_state: Any,
     served_model: str,
     model_cards: list[dict[str, Any]],
-    report: Callable[[Scope, Metered], None],
     max_body_bytes: int = 4 * 1024 * 1024,
 ) -> FastAPI:
     """``vllm_state``: the serving objects of ``VllmLayer``; ``model_cards``: ``/v1/models``' entries;
-    ``report``: gets each request's counts; ``max_body_bytes``: the config's ``server.max_request_bytes``."""
+    ``max_body_bytes``: the config's ``server.max_request_bytes``."""
     app = FastAPI(openapi_url=None, docs_url=None, redoc_url=None)
     app.state._state.update(vllm_state._state)
     app.state.served_model = served_model
@@ -45,5 +44,4 @@ def create_server_app(
     app.state.max_body_bytes = max_body_bytes
     for endpoint in (chat, completions, responses, models):
         app.include_router(endpoint.router)
-    app.add_middleware(MeteringMiddleware, report=report)
     return app

@@ -4,12 +4,18 @@ are reported once, when the request ends.
 
 It sits between vLLM's serving layer and ``AsyncLLM`` (``MeteredEngineClient``), so no endpoint can stream a token
 that is not counted. Counts only: never text, never token ids beyond their number.
+
+Admission sits there too: vLLM has tokenized the prompts when it calls ``generate``, so the request's prompt tokens
+and most output tokens are known exactly. vLLM makes every engine request of an HTTP request (one per prompt of a
+completions batch) before it runs any, so the meter admits them together, once, as the first one starts; a request
+that is refused never reaches the engine, and the refusal is kept on the meter for the endpoint to answer with.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextvars
-from collections.abc import AsyncGenerator, Callable, Iterator
+from collections.abc import AsyncGenerator, Awaitable, Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -24,21 +30,74 @@ class Metered:
     output_tokens: int
     generations: int  # engine requests it started (one per prompt of a completions batch)
     finished: bool  # every generation ran to its end (stop or length), none was cut off or cancelled
+    admitted: bool = False  # admission let it run (with no admission: never)
+
+
+# Admits one HTTP request's engine work before any of it runs: (prompt tokens, most output tokens), summed over its
+# engine requests. Raises an ``AnkerError`` to refuse it.
+Admit = Callable[[int, int], Awaitable[None]]
 
 
 class RequestMeter:
-    """The counts of one HTTP request, summed over the engine requests it starts."""
+    """The counts of one HTTP request, summed over the engine requests it starts, and its admission."""
 
-    def __init__(self) -> None:
+    def __init__(self, admit: Admit | None = None) -> None:
         self.prompt_tokens = 0
         self.cached_tokens = 0
         self.output_tokens = 0
         self.generations = 0
         self.unfinished = 0
+        self._admit = admit
+        self.planned_prompt_tokens = 0  # of the engine requests made so far, as vLLM hands them over
+        self.planned_output_tokens = 0
+        self.refusal: Exception | None = None  # admission's refusal, for the endpoint to answer with
+        self._admission: asyncio.Future[None] | None = None
+
+    def plan(self, prompt: Any, sampling_params: Any) -> None:
+        """An engine request vLLM has made (not yet started): its prompt's tokens and its most output tokens."""
+        token_ids = prompt.get("prompt_token_ids") if isinstance(prompt, Mapping) else None
+        self.planned_prompt_tokens += len(token_ids or ())
+        self.planned_output_tokens += (sampling_params.max_tokens or 0) * max(1, sampling_params.n or 1)
+
+    async def admission(self) -> None:
+        """Runs the admission once for everything planned so far; every engine request of this HTTP request waits
+        for it, and a refusal is raised in each."""
+        if self._admit is None:
+            return
+        if self._admission is None:
+            self._admission = asyncio.get_running_loop().create_future()
+            try:
+                await self._admit(self.planned_prompt_tokens, self.planned_output_tokens)
+            except asyncio.CancelledError:  # the client went away while it was being admitted
+                self._admission.cancel()
+                raise
+            except Exception as exc:
+                self.refusal = exc
+                self._admission.set_exception(exc)
+                self._admission.exception()  # retrieved here; each engine request raises it again below
+                raise
+            self._admission.set_result(None)
+            return
+        await asyncio.shield(self._admission)
+
+    @property
+    def settled(self) -> bool:
+        """Admission has answered: the request may run, or ``refusal`` says why not."""
+        return self._admit is None or (self._admission is not None and self._admission.done())
+
+    @property
+    def admitted(self) -> bool:
+        a = self._admission
+        return a is not None and a.done() and not a.cancelled() and a.exception() is None
 
     def result(self) -> Metered:
         return Metered(
-            self.prompt_tokens, self.cached_tokens, self.output_tokens, self.generations, self.unfinished == 0
+            self.prompt_tokens,
+            self.cached_tokens,
+            self.output_tokens,
+            self.generations,
+            self.unfinished == 0,
+            self.admitted,
         )
 
 
@@ -46,16 +105,22 @@ _current: contextvars.ContextVar[RequestMeter | None] = contextvars.ContextVar("
 
 
 @contextmanager
-def metering(report: Callable[[Metered], None]) -> Iterator[RequestMeter]:
+def metering(report: Callable[[Metered], None], admit: Admit | None = None) -> Iterator[RequestMeter]:
     """Meters the engine work started inside this block (and in the tasks it starts, such as a streaming
-    response's), and calls ``report`` once when the block ends, however it ends."""
-    meter = RequestMeter()
+    response's), admits it with ``admit`` before it runs, and calls ``report`` once when the block ends, however
+    it ends."""
+    meter = RequestMeter(admit)
     token = _current.set(meter)
     try:
         yield meter
     finally:
         _current.reset(token)
         report(meter.result())
+
+
+def current_meter() -> RequestMeter | None:
+    """The meter of the HTTP request being served here, if any."""
+    return _current.get()
 
 
 class _Generation:
@@ -96,14 +161,21 @@ class MeteredEngineClient:
     def __getattr__(self, name: str) -> Any:
         return getattr(self._engine, name)
 
-    async def generate(self, prompt: Any, sampling_params: Any, request_id: str, **kwargs: Any) -> AsyncGenerator[Any]:
-        from vllm.sampling_params import RequestOutputKind
-
+    def generate(self, prompt: Any, sampling_params: Any, request_id: str, **kwargs: Any) -> AsyncGenerator[Any]:
+        """Not itself a generator: the engine request is planned on the meter when vLLM makes it, before any of
+        the HTTP request's engine requests starts (so that they are admitted together)."""
         meter = _current.get()
         if meter is None:  # a request outside any HTTP request (vLLM's own warm-up, say) is not metered
-            async for output in self._engine.generate(prompt, sampling_params, request_id, **kwargs):
-                yield output
-            return
+            return self._engine.generate(prompt, sampling_params, request_id, **kwargs)  # type: ignore[no-any-return]
+        meter.plan(prompt, sampling_params)
+        return self._metered(meter, prompt, sampling_params, request_id, **kwargs)
+
+    async def _metered(
+        self, meter: RequestMeter, prompt: Any, sampling_params: Any, request_id: str, **kwargs: Any
+    ) -> AsyncGenerator[Any]:
+        from vllm.sampling_params import RequestOutputKind
+
+        await meter.admission()
         generation = _Generation(delta=sampling_params.output_kind == RequestOutputKind.DELTA)
         try:
             async for output in self._engine.generate(prompt, sampling_params, request_id, **kwargs):

@@ -1,22 +1,27 @@
 """The engine replica that serves HTTP itself: a Serve ingress deployment whose ASGI app (``app.py``) runs in the
 replica's own process beside its ``AsyncLLM``, so with Serve's direct ingress no token crosses another process.
 
-Not yet what ``build_app`` deploys, and not yet to be exposed: keys, admission and the usage outbox are still the
-first-edition ingress's (docs/architecture.md, "The second edition, under construction").
+Its door (``gate.py``) checks keys, admits and bills through the billing actor; its usage outbox hands each
+report over until the ledger has it. Not yet what ``build_app`` deploys (docs/architecture.md, "The second edition,
+under construction").
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from ray import serve
-from starlette.types import Scope
+from ray.serve.handle import DeploymentHandle
 
 from autoscaling.queue_policy import KV_CACHE_METRIC, QUEUE_METRIC
+from deployments.billing.client import ServeBillingClient
 from deployments.engine import SchedulerGauge, gauge_stat_logger
 from deployments.server.app import create_server_app
+from deployments.server.gate import Call, KeyGate
 from deployments.server.metering import Metered
 from deployments.server.vllm_layer import ServingSpec, VllmLayer
 from observability import metrics, tracing
@@ -26,31 +31,50 @@ METRICS_PERIOD_S = 2.0
 logger = logging.getLogger("ray.serve")
 
 
+@dataclass(frozen=True)
+class ReplicaSpec:
+    """What one model's serving replica needs besides its engine: its door's settings (from the config)."""
+
+    serving: ServingSpec
+    model_cards: tuple[dict[str, Any], ...]
+    region: str
+    max_body_bytes: int
+    key_cache_ttl_s: float = 10.0
+    usage_flush_interval_s: float = 0.2
+    usage_spool_dir: Path | None = None  # this node's folder of usage spool files (usage_outbox.Spool)
+
+
 @serve.deployment(name="EngineServer", health_check_period_s=5, health_check_timeout_s=30)
 @serve.ingress()
 class EngineServer:
     """One model's engine replica, serving the OpenAI API. Options (name, resources, placement) come from the
     builder, as the first edition's ``Engine``'s do."""
 
-    def __init__(self, spec: ServingSpec, model_cards: tuple[dict[str, Any], ...], max_body_bytes: int) -> None:
-        tracing.configure(f"anker-engine-{spec.engine.model}")
-        self._spec, self._cards, self._max_body_bytes = spec, model_cards, max_body_bytes
+    def __init__(self, spec: ReplicaSpec, billing: DeploymentHandle) -> None:
+        self._spec = spec.serving
+        self._replica_spec = spec
+        tracing.configure(f"anker-engine-{self._spec.engine.model}")
         self._gauge = SchedulerGauge()
-        self._layer = VllmLayer(spec, stat_loggers=[gauge_stat_logger(self._gauge)])
+        self._layer = VllmLayer(self._spec, stat_loggers=[gauge_stat_logger(self._gauge)])
+        self._billing = ServeBillingClient(
+            billing, spec.key_cache_ttl_s, spec.usage_flush_interval_s, spec.usage_spool_dir
+        )
         self._replica = serve.get_replica_context().replica_id.unique_id
-        self._reporter: asyncio.Task[None] | None = None
+        self._tasks: list[asyncio.Task[None]] = []
         self._totals = dict.fromkeys(("requests", "prompt_tokens", "cached_tokens", "output_tokens"), 0)
 
     async def __serve_build_asgi_app__(self) -> Any:
         """Serve's late-bound ingress: the app exists once the engine does."""
         await self._layer.start()
-        self._reporter = asyncio.get_running_loop().create_task(self._report_load())
-        return create_server_app(
-            self._layer.state, self._spec.engine.model, list(self._cards), self._metered, self._max_body_bytes
-        )
+        loop = asyncio.get_running_loop()
+        self._tasks = [loop.create_task(self._report_load()), loop.create_task(self._billing.outbox.run())]
+        spec, model = self._replica_spec, self._spec.engine.model
+        app = create_server_app(self._layer.state, model, list(spec.model_cards), spec.max_body_bytes)
+        return KeyGate(app, self._billing, model, spec.region, self._metered)
 
-    def _metered(self, scope: Scope, metered: Metered) -> None:
-        # Until the usage outbox is wired in (docs/architecture.md), the replica keeps running totals.
+    def _metered(self, call: Call, metered: Metered) -> None:
+        if not metered.admitted:
+            return
         self._totals["requests"] += 1
         self._totals["prompt_tokens"] += metered.prompt_tokens
         self._totals["cached_tokens"] += metered.cached_tokens
@@ -91,7 +115,16 @@ class EngineServer:
         if self._layer.dead:
             raise RuntimeError(f"vLLM engine for {self._spec.engine.model} is dead")
 
-    def __del__(self) -> None:
+    async def __del__(self) -> None:
+        # Ray Serve is stopping this replica: hand over the usage it still holds before it goes.
+        billing = getattr(self, "_billing", None)
+        if billing is not None:
+            if not await billing.outbox.drain(timeout_s=10.0):
+                logger.error(
+                    "engine replica stopping with %d usage reports undelivered; they stay in its spool file",
+                    billing.outbox.pending,
+                )
+            billing.outbox.close()
         layer = getattr(self, "_layer", None)
         if layer is not None:
             layer.shutdown()

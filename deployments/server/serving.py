@@ -19,6 +19,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from deployments.errors import AnkerError, InvalidValue, ModelNotFound
 from deployments.openai.errors import error_body, error_response
 from deployments.openai.parsing import read_body
+from deployments.server.metering import RequestMeter, current_meter
 from deployments.server.requests import ALLOWED, checked_body, from_vllm
 
 logger = logging.getLogger("ray.serve")
@@ -57,6 +58,52 @@ async def _responses_events(stream: AsyncIterator[Any]) -> AsyncIterator[str]:
         yield f"event: {kind}\ndata: {data}\n\n"
 
 
+def _refusal(meter: RequestMeter | None) -> AnkerError | None:
+    """Why admission refused the request, if it did (``metering.py``)."""
+    if meter is None or meter.refusal is None:
+        return None
+    if isinstance(meter.refusal, AnkerError):
+        return meter.refusal
+    logger.error("admission failed: %s", type(meter.refusal).__name__)
+    return from_vllm({"error": {"code": 500}})
+
+
+def _failed(exc: Exception, endpoint: str) -> AnkerError:
+    """An exception of vLLM's handler, in Anker's words."""
+    from vllm.exceptions import VLLMValidationError
+
+    if isinstance(exc, AnkerError):
+        return exc
+    if isinstance(exc, VLLMValidationError):  # vLLM's checks of the request against the model (context length, …)
+        return from_vllm({"error": {"code": 400, "message": str(exc), "param": exc.parameter}})
+    if isinstance(
+        exc, ValueError
+    ):  # how vLLM's serving layer refuses a request it cannot run (a tool_choice naming no tool)
+        return from_vllm({"error": {"code": 400}})
+    logger.error("%s request failed in vLLM's serving layer: %s", endpoint, type(exc).__name__)
+    return from_vllm({"error": {"code": 500}})
+
+
+async def _until_admitted(events: AsyncIterator[Any], meter: RequestMeter) -> list[Any]:
+    """The events a stream sends before admission has answered (or before it ends, if it never reaches the engine),
+    held back so that a refusal is answered with its status instead of a stream that fails."""
+    head: list[Any] = []
+    if meter.settled:
+        return head
+    async for event in events:
+        head.append(event)
+        if meter.settled:
+            break
+    return head
+
+
+async def _chained(head: list[Any], rest: AsyncIterator[Any]) -> AsyncIterator[Any]:
+    for event in head:
+        yield event
+    async for event in rest:
+        yield event
+
+
 async def serve(
     request: Request,
     endpoint: str,
@@ -66,8 +113,8 @@ async def serve(
 ) -> Response:
     """Runs one request of ``endpoint`` (chat, completions or responses) through ``create``, vLLM's handler for it."""
     from vllm.entrypoints.serve.engine.protocol import ErrorResponse
-    from vllm.exceptions import VLLMValidationError
 
+    meter = current_meter()
     try:
         body = checked_body(await read_body(request, request.app.state.max_body_bytes), endpoint)
         if body.get("model") != served_model:
@@ -78,18 +125,21 @@ async def serve(
             raise _invalid(exc, endpoint) from None
         try:
             answer = await create(parsed, request)
-        except VLLMValidationError as exc:  # vLLM's checks of the request against the model (context length, …)
-            raise from_vllm({"error": {"code": 400, "message": str(exc), "param": exc.parameter}}) from None
-        except ValueError:  # how vLLM's serving layer refuses a request it cannot run (a tool_choice naming no tool)
-            raise from_vllm({"error": {"code": 400}}) from None
         except Exception as exc:
-            logger.error("%s request failed in vLLM's serving layer: %s", endpoint, type(exc).__name__)
-            raise from_vllm({"error": {"code": 500}}) from None
+            raise _refusal(meter) or _failed(exc, endpoint) from None
     except AnkerError as error:
         return error_response(error)
+    if (refused := _refusal(meter)) is not None:
+        return error_response(refused)
     if isinstance(answer, ErrorResponse):
         return error_response(from_vllm(answer.model_dump(mode="json")))
     if isinstance(answer, BaseModel):
         return JSONResponse(answer.model_dump(mode="json", by_alias=True))
     events = _responses_events(answer) if endpoint == "responses" else _chat_events(answer)
+    if meter is not None:
+        head = await _until_admitted(events, meter)
+        if (refused := _refusal(meter)) is not None:
+            await events.aclose()  # type: ignore[attr-defined]
+            return error_response(refused)
+        events = _chained(head, events)
     return StreamingResponse(events, media_type="text/event-stream")

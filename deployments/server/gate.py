@@ -1,0 +1,154 @@
+"""The engine replica's door, around vLLM's serving layer: who calls (an API key, checked against the billing
+actor's cache), whether they may (the key's role and model allow-list), admission at the meter (rate limits and
+budget, with the prompt tokens vLLM counted), the rate-limit headers, and each admitted request's usage into the
+usage outbox, once, however it ends.
+
+Counts and ids only: it reads the ``Authorization`` header and the path, never the body.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Protocol
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from deployments.billing.governance import authorize_call
+from deployments.billing.ledger import COMPLETED, UsageEvent
+from deployments.billing.service import UsageReport
+from deployments.contracts import Admission, AdmissionRequest
+from deployments.errors import AnkerError, InvalidApiKey
+from deployments.keys import KeyRecord
+from deployments.openai.accounts import BAD_KEY, NO_KEY
+from deployments.openai.errors import error_response
+from deployments.server.metering import Metered, metering
+
+# The billing id's prefix by endpoint, as OpenAI's ids have (``chatcmpl-…``).
+PREFIXES = {"/v1/chat/completions": "chatcmpl", "/v1/completions": "cmpl", "/v1/responses": "resp"}
+
+
+class ReplicaBilling(Protocol):
+    """The billing actor as the replica's door sees it (``deployments.billing.client.ServeBillingClient``)."""
+
+    async def verify(self, key: str) -> KeyRecord | None: ...
+
+    async def admit(self, key: KeyRecord, request: AdmissionRequest) -> Admission: ...
+
+    async def rate_limit_headers(self, key: KeyRecord) -> dict[str, str]: ...
+
+    def submit(self, report: UsageReport) -> None: ...
+
+
+@dataclass
+class Call:
+    """One admitted-or-not call of the model: the caller's key and the id billing uses, made here and never taken
+    from the client, so no client can make two requests share one ledger row."""
+
+    key: KeyRecord
+    billing_id: str
+    path: str  # below the application's route prefix: ``/v1/chat/completions``, …
+    started_at: datetime = field(default_factory=lambda: datetime.now(UTC))
+    admission: Admission | None = None
+    limit_headers: dict[str, str] = field(default_factory=dict)  # sent with the response, refused or not
+
+
+def bearer(scope: Scope) -> str | None:
+    for name, value in scope["headers"]:
+        if name == b"authorization":
+            scheme, _, token = value.decode("latin-1").partition(" ")
+            return token.strip() if scheme.lower() == "bearer" and token.strip() else None
+    return None
+
+
+def route(scope: Scope) -> str:
+    """The request's path below the application's route prefix (Serve passes that prefix as ``root_path``)."""
+    path: str = scope["path"]
+    root: str = scope.get("root_path", "")
+    return path[len(root) :] if root and path.startswith(root) else path
+
+
+class KeyGate:
+    """ASGI middleware: every ``/v1/`` request needs a valid key; a call of the model (a POST) is authorized,
+    admitted at the meter and billed once. ``report`` gets each call's counts too (metrics, tests)."""
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        billing: ReplicaBilling,
+        model: str,
+        region: str,
+        report: Callable[[Call, Metered], None] = lambda call, metered: None,
+    ) -> None:
+        self.app = app
+        self.billing = billing
+        self.model = model
+        self.region = region
+        self.report = report
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        path = route(scope) if scope["type"] == "http" else ""
+        if not path.startswith("/v1/"):
+            await self.app(scope, receive, send)
+            return
+        try:
+            key = await self._key(scope)
+            if scope["method"] == "POST":
+                authorize_call(key, self.model, self.region)
+        except AnkerError as error:
+            await error_response(error)(scope, receive, send)
+            return
+        if scope["method"] != "POST":
+            await self.app(scope, receive, send)
+            return
+        call = Call(key, f"{PREFIXES.get(path, 'req')}-{uuid.uuid4().hex}", path)
+
+        async def admit(prompt_tokens: int, max_output_tokens: int) -> None:
+            request = AdmissionRequest(
+                call.billing_id, key.key_id, key.tenant, self.model, prompt_tokens, max_output_tokens
+            )
+            try:
+                call.admission = await self.billing.admit(key, request)
+            except AnkerError:  # refused: the client still learns where its limits stand
+                with contextlib.suppress(AnkerError):
+                    call.limit_headers = await self.billing.rate_limit_headers(key)
+                raise
+            call.limit_headers = call.admission.rate_limit_headers
+
+        async def send_with_limits(message: Message) -> None:
+            if message["type"] == "http.response.start" and call.limit_headers:
+                limits = [(k.lower().encode(), v.encode()) for k, v in call.limit_headers.items()]
+                message = {**message, "headers": [*message.get("headers", ()), *limits]}
+            await send(message)
+
+        with metering(lambda metered: self._metered(call, metered), admit):
+            await self.app(scope, receive, send_with_limits)
+
+    async def _key(self, scope: Scope) -> KeyRecord:
+        token = bearer(scope)
+        if token is None:
+            raise InvalidApiKey(NO_KEY)
+        record = await self.billing.verify(token)
+        if record is None:
+            raise InvalidApiKey(BAD_KEY)
+        return record
+
+    def _metered(self, call: Call, metered: Metered) -> None:
+        if metered.admitted and call.admission is not None:
+            event = UsageEvent(
+                request_id=call.billing_id,
+                tenant=call.key.tenant,
+                key_id=call.key.key_id,
+                model=self.model,
+                prompt_tokens=metered.prompt_tokens,
+                cached_tokens=metered.cached_tokens,
+                completion_tokens=metered.output_tokens,
+                started_at=call.started_at,
+                finished_at=datetime.now(UTC),
+                status=COMPLETED if metered.finished else "cancelled",
+            )
+            self.billing.submit(UsageReport(event, call.admission.reserved_tokens))
+        self.report(call, metered)
