@@ -18,6 +18,7 @@ import httpx
 import openai
 import pytest
 import uvicorn
+from openai.types.shared import Reasoning
 from pydantic import BaseModel
 
 from deployments.billing.actor import Billing
@@ -456,3 +457,72 @@ async def test_a_used_up_budget_is_429_before_the_stream_starts_and_the_engine_n
     metered = [m for _, m in server.reports[since:]]
     assert len(metered) == 2 and all(m.generations == 0 and not m.admitted for m in metered), metered
     assert await server.ledger("broke") == []
+
+
+# -- real clients ---------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("api", ["responses", "chat_completions"])
+async def test_the_agents_sdk_runs_a_function_tool(server: Server, api: str) -> None:
+    """The OpenAI Agents SDK over both its models: a forced call of a strict function tool, which the agent runs
+    with schema-valid arguments; the run stops on that tool (``stop_on_first_tool``), so its turns are bounded."""
+    import agents
+
+    agents.set_tracing_disabled(True)  # the SDK would export traces to OpenAI: zero data retention
+    calls: list[tuple[int, bool]] = []
+
+    @agents.function_tool
+    def set_alarm(hour: Literal[6, 7, 8], loud: bool) -> str:
+        """Set the alarm clock."""
+        calls.append((hour, loud))
+        return f"alarm at {hour}"
+
+    model: agents.Model = (
+        agents.OpenAIResponsesModel(MODEL, server.client)
+        if api == "responses"
+        else agents.OpenAIChatCompletionsModel(MODEL, server.client)
+    )
+    agent = agents.Agent(
+        name="alarm",
+        instructions="Set the alarm the user asks for.",
+        tools=[set_alarm],
+        model=model,
+        # No thinking (random weights never end it, and a call's grammar applies after it). One call, so that the
+        # grammar ends the answer after it: random weights would run on to max_tokens, which the SDK takes for a
+        # failed response. Room for Qwen's XML call, around whose values random weights write whitespace (about
+        # 220 tokens for this one).
+        model_settings=agents.ModelSettings(
+            tool_choice="required", parallel_tool_calls=False, max_tokens=400, reasoning=Reasoning(effort="none")
+        ),
+        tool_use_behavior="stop_on_first_tool",
+    )
+    result = await agents.Runner.run(agent, "Væk mig klokken syv, højt.", max_turns=2)
+    assert len(calls) >= 1 and all(hour in (6, 7, 8) and isinstance(loud, bool) for hour, loud in calls), calls
+    assert result.final_output == f"alarm at {calls[0][0]}"
+
+
+async def test_langchain_binds_tools_and_structures_output(server: Server) -> None:
+    from langchain_core.tools import tool
+    from langchain_openai import ChatOpenAI
+
+    @tool
+    def set_alarm(hour: Literal[6, 7, 8], loud: bool) -> str:
+        """Set the alarm clock."""
+        return f"alarm at {hour}"
+
+    chat = ChatOpenAI(
+        model=MODEL,
+        base_url=str(server.client.base_url),
+        api_key=server.client.api_key,  # type: ignore[arg-type]
+        max_tokens=120,
+        max_retries=0,
+        extra_body=NO_THINKING,
+    )
+    message = await chat.bind_tools([set_alarm], tool_choice="set_alarm", strict=True).ainvoke("Væk mig kl. 7")
+    assert [call["name"] for call in message.tool_calls] == ["set_alarm"], message
+    arguments = message.tool_calls[0]["args"]
+    assert arguments["hour"] in (6, 7, 8) and isinstance(arguments["loud"], bool), arguments
+    weather = await chat.with_structured_output(Weather, method="json_schema", strict=True).ainvoke(
+        "Hvordan bliver vejret i Aarhus?"
+    )
+    assert isinstance(weather, Weather)
