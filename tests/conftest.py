@@ -30,6 +30,7 @@ ROOT = Path(__file__).resolve().parent.parent
 ANKER = str(Path(sys.executable).parent / "anker")
 MODELS = {"qwen3-next-tiny": "qwen3-next", "qwen3-moe-tiny": "qwen3-moe"}
 STACK_START_TIMEOUT_S = 900
+FRESH_ANSWER_S = 1.0  # a replica's answer about its vLLM queue that is recent enough to kill on
 STARTUP_PROBE_TIMEOUT_S = 120  # a request that waits for the ingress replica to start is answered well before this
 # The second model autoscales 1..2 in the test stack, with delays short enough for a test to see both changes
 # (tests/test_stack_autoscaling.py); a queue of 4 per replica is far above what the other tests send.
@@ -316,7 +317,8 @@ class SecondApp:
         has replaced it. Fails with what the replicas said if none generated within ``timeout_s``.
 
         Generating is vLLM's ``running`` (in its batch, so past the first token), not ``in_flight``: a request
-        still waiting for its first step has no response yet, and a kill then is answered with 503, not a cut."""
+        still waiting for its first step has no response yet, and a kill then is answered with 503, not a cut. Only
+        an answer that came within ``FRESH_ANSWER_S`` of the question is acted on."""
         import ray
 
         self.connect()
@@ -343,6 +345,11 @@ class SecondApp:
                     said.append(f"{_short(name)}: {type(exc).__name__}")
                     continue
                 answered = time.monotonic()
+                if answered - asked > FRESH_ANSWER_S:
+                    # On a starved machine an answer can take seconds (once 8 s, CI): its streams may be ending by
+                    # now, so a kill on it may cut nothing. Ask again.
+                    said.append(f"{_short(name)}: {vllm} after {answered - asked:.1f} s, too late to act on")
+                    continue
                 if vllm["running"] > 0:
                     os.kill(pids[name], signal.SIGKILL)
                     killed = time.monotonic()
