@@ -42,12 +42,20 @@ def block_hashes(token_ids: Sequence[int], block_size: int) -> tuple[int, ...]:
     return tuple(hashes)
 
 
+def _salt(owner: str) -> bytes:
+    return hashlib.blake2b(owner.encode("utf-8"), digest_size=16, person=b"anker-cache-salt").digest()
+
+
+def cache_salt(owner: str) -> str:
+    """vLLM's ``cache_salt`` for ``owner``'s own prefix cache: a digest of the owner, not its name."""
+    return _salt(owner).hex()
+
+
 def isolated(prepared: Prepared, owner: str) -> Prepared:
     """The prompt in ``owner``'s own prefix cache: vLLM's ``cache_salt`` and block hashes mixed with the same salt,
-    so that the request router follows the salted cache. The salt is a digest of the owner, not its name."""
-    digest = hashlib.blake2b(owner.encode("utf-8"), digest_size=16, person=b"anker-cache-salt").digest()
-    mix = int.from_bytes(digest[:8], "little")
-    return replace(prepared, cache_salt=digest.hex(), block_hashes=tuple(h ^ mix for h in prepared.block_hashes))
+    so that the request router follows the salted cache."""
+    mix = int.from_bytes(_salt(owner)[:8], "little")
+    return replace(prepared, cache_salt=cache_salt(owner), block_hashes=tuple(h ^ mix for h in prepared.block_hashes))
 
 
 def resolve_max_tokens(prompt_tokens: int, max_tokens: int | None, max_model_len: int, param: str) -> int:

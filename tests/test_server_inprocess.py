@@ -392,6 +392,21 @@ async def test_a_body_over_the_limit_is_413_and_never_reaches_the_engine(server:
     assert (metered.generations, metered.prompt_tokens, metered.output_tokens) == (0, 0, 0)
 
 
+async def test_each_organisation_has_its_own_prefix_cache(server: Server) -> None:
+    prompt = [{"role": "user", "content": " ".join(f"linje {i}: Ørnen fløj over fjorden." for i in range(40))}]
+
+    async def cached(key: str) -> int:
+        client = server.client.with_options(api_key=key)
+        answer = await client.chat.completions.create(model=MODEL, messages=prompt, max_tokens=2)  # type: ignore[arg-type]
+        assert answer.usage and answer.usage.prompt_tokens_details
+        return answer.usage.prompt_tokens_details.cached_tokens or 0
+
+    first, second = server.key("salt-a"), server.key("salt-b")
+    assert await cached(first) == 0
+    assert await cached(second) == 0  # the same prompt from another organisation misses
+    assert await cached(first) > 0  # and hits for its own
+
+
 RATE_HEADERS = {"x-ratelimit-limit-requests", "x-ratelimit-remaining-requests", "x-ratelimit-limit-tokens"}
 
 

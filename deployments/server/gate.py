@@ -1,7 +1,7 @@
 """The engine replica's door, around vLLM's serving layer: who calls (an API key, checked against the billing
 actor's cache), whether they may (the key's role and model allow-list), admission at the meter (rate limits and
-budget, with the prompt tokens vLLM counted), the rate-limit headers, and each admitted request's usage into the
-usage outbox, once, however it ends.
+budget, with the prompt tokens vLLM counted), the rate-limit headers, the organisation's own prefix cache (vLLM's
+``cache_salt``), and each admitted request's usage into the usage outbox, once, however it ends.
 
 Counts and ids only: it reads the ``Authorization`` header and the path, never the body.
 """
@@ -26,6 +26,7 @@ from deployments.keys import KeyRecord
 from deployments.openai.accounts import BAD_KEY, NO_KEY
 from deployments.openai.errors import error_response
 from deployments.server.metering import Metered, metering
+from deployments.tokenizer import cache_salt
 
 # The billing id's prefix by endpoint, as OpenAI's ids have (``chatcmpl-…``).
 PREFIXES = {"/v1/chat/completions": "chatcmpl", "/v1/completions": "cmpl", "/v1/responses": "resp"}
@@ -124,7 +125,8 @@ class KeyGate:
                 message = {**message, "headers": [*message.get("headers", ()), *limits]}
             await send(message)
 
-        with metering(lambda metered: self._metered(call, metered), admit):
+        # Each organisation its own prefix cache: no tenant's prompt can be timed against another's.
+        with metering(lambda metered: self._metered(call, metered), admit, cache_salt(key.tenant)):
             await self.app(scope, receive, send_with_limits)
 
     async def _key(self, scope: Scope) -> KeyRecord:

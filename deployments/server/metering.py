@@ -41,7 +41,8 @@ Admit = Callable[[int, int], Awaitable[None]]
 class RequestMeter:
     """The counts of one HTTP request, summed over the engine requests it starts, and its admission."""
 
-    def __init__(self, admit: Admit | None = None) -> None:
+    def __init__(self, admit: Admit | None = None, cache_salt: str | None = None) -> None:
+        self.cache_salt = cache_salt  # the caller's own prefix cache (vLLM's cache_salt), set on every engine request
         self.prompt_tokens = 0
         self.cached_tokens = 0
         self.output_tokens = 0
@@ -105,11 +106,13 @@ _current: contextvars.ContextVar[RequestMeter | None] = contextvars.ContextVar("
 
 
 @contextmanager
-def metering(report: Callable[[Metered], None], admit: Admit | None = None) -> Iterator[RequestMeter]:
+def metering(
+    report: Callable[[Metered], None], admit: Admit | None = None, cache_salt: str | None = None
+) -> Iterator[RequestMeter]:
     """Meters the engine work started inside this block (and in the tasks it starts, such as a streaming
-    response's), admits it with ``admit`` before it runs, and calls ``report`` once when the block ends, however
-    it ends."""
-    meter = RequestMeter(admit)
+    response's), admits it with ``admit`` before it runs, keeps it in the prefix cache of ``cache_salt``, and calls
+    ``report`` once when the block ends, however it ends."""
+    meter = RequestMeter(admit, cache_salt)
     token = _current.set(meter)
     try:
         yield meter
@@ -168,6 +171,8 @@ class MeteredEngineClient:
         if meter is None:  # a request outside any HTTP request (vLLM's own warm-up, say) is not metered
             return self._engine.generate(prompt, sampling_params, request_id, **kwargs)  # type: ignore[no-any-return]
         meter.plan(prompt, sampling_params)
+        if meter.cache_salt is not None and isinstance(prompt, Mapping):
+            prompt = {**prompt, "cache_salt": meter.cache_salt}  # over any the request had: no client sets its own
         return self._metered(meter, prompt, sampling_params, request_id, **kwargs)
 
     async def _metered(
