@@ -3,12 +3,14 @@ bearer token, and the messages of a missing or wrong key."""
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from datetime import datetime
 from typing import Any, Protocol
 
-from starlette.requests import Request
+from starlette.requests import HTTPConnection
 
 from deployments.billing.governance import Actor
+from deployments.errors import InvalidApiKey
 from deployments.keys import KeyRecord
 
 NO_KEY = (
@@ -34,9 +36,21 @@ class Accounts(Protocol):
     async def administer(self, actor: Actor, operation: str, arguments: dict[str, Any]) -> Any: ...
 
 
-def bearer(request: Request) -> str | None:
+def bearer(request: HTTPConnection) -> str | None:
+    """The bearer token of a request (Starlette's ``Request``, or ``HTTPConnection(scope)`` in ASGI middleware)."""
     header = request.headers.get("authorization")
     if not header:
         return None
     scheme, _, token = header.partition(" ")
     return token.strip() if scheme.lower() == "bearer" and token.strip() else None
+
+
+async def authenticate(request: HTTPConnection, verify: Callable[[str], Awaitable[KeyRecord | None]]) -> KeyRecord:
+    """The caller's key record, or 401 with OpenAI's words for a missing or wrong key."""
+    key = bearer(request)
+    if key is None:
+        raise InvalidApiKey(NO_KEY)
+    record = await verify(key)
+    if record is None:
+        raise InvalidApiKey(BAD_KEY)
+    return record

@@ -27,7 +27,6 @@ from deployments.dashboard import router as dashboard_router
 from deployments.errors import (
     AnkerError,
     InternalError,
-    InvalidApiKey,
     InvalidRequest,
     InvalidValue,
     MethodNotAllowed,
@@ -35,7 +34,8 @@ from deployments.errors import (
 )
 from deployments.keys import KeyRecord
 from deployments.openai import openapi, sse
-from deployments.openai.accounts import BAD_KEY, NO_KEY, Accounts, bearer
+from deployments.openai.accounts import Accounts
+from deployments.openai.accounts import authenticate as authenticate_with
 from deployments.openai.admin import add_admin_routes
 from deployments.openai.errors import error_body, error_response
 from deployments.openai.parsing import parameter_name, parse_request, read_body
@@ -102,13 +102,7 @@ def create_app(
         return own, {"X-Request-Id": own}
 
     async def authenticate(request: Request) -> KeyRecord:
-        key = bearer(request)
-        if key is None:
-            raise InvalidApiKey(NO_KEY)
-        record = await accounts.verify(key)
-        if record is None:
-            raise InvalidApiKey(BAD_KEY)
-        return record
+        return await authenticate_with(request, accounts.verify)
 
     async def limit_headers(record: KeyRecord) -> dict[str, str]:
         try:

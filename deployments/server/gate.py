@@ -15,15 +15,16 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Protocol
 
+from starlette.requests import HTTPConnection
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from deployments.billing.governance import authorize_call
 from deployments.billing.ledger import COMPLETED, UsageEvent
 from deployments.billing.service import UsageReport
 from deployments.contracts import Admission, AdmissionRequest
-from deployments.errors import AnkerError, InvalidApiKey
+from deployments.errors import AnkerError
 from deployments.keys import KeyRecord
-from deployments.openai.accounts import BAD_KEY, NO_KEY
+from deployments.openai.accounts import authenticate
 from deployments.openai.errors import error_response
 from deployments.server.metering import Metered, metering
 from deployments.tokenizer import cache_salt
@@ -57,14 +58,6 @@ class Call:
     limit_headers: dict[str, str] = field(default_factory=dict)  # sent with the response, refused or not
 
 
-def bearer(scope: Scope) -> str | None:
-    for name, value in scope["headers"]:
-        if name == b"authorization":
-            scheme, _, token = value.decode("latin-1").partition(" ")
-            return token.strip() if scheme.lower() == "bearer" and token.strip() else None
-    return None
-
-
 def route(scope: Scope) -> str:
     """The request's path below the application's route prefix (Serve passes that prefix as ``root_path``)."""
     path: str = scope["path"]
@@ -96,7 +89,7 @@ class KeyGate:
             await self.app(scope, receive, send)
             return
         try:
-            key = await self._key(scope)
+            key = await authenticate(HTTPConnection(scope), self.billing.verify)
             if scope["method"] == "POST":
                 authorize_call(key, self.model, self.region)
         except AnkerError as error:
@@ -128,15 +121,6 @@ class KeyGate:
         # Each organisation its own prefix cache: no tenant's prompt can be timed against another's.
         with metering(lambda metered: self._metered(call, metered), admit, cache_salt(key.tenant)):
             await self.app(scope, receive, send_with_limits)
-
-    async def _key(self, scope: Scope) -> KeyRecord:
-        token = bearer(scope)
-        if token is None:
-            raise InvalidApiKey(NO_KEY)
-        record = await self.billing.verify(token)
-        if record is None:
-            raise InvalidApiKey(BAD_KEY)
-        return record
 
     def _metered(self, call: Call, metered: Metered) -> None:
         if metered.admitted and call.admission is not None:

@@ -76,9 +76,7 @@ def _failed(exc: Exception, endpoint: str) -> AnkerError:
         return exc
     if isinstance(exc, VLLMValidationError):  # vLLM's checks of the request against the model (context length, …)
         return from_vllm({"error": {"code": 400, "message": str(exc), "param": exc.parameter}})
-    if isinstance(
-        exc, ValueError
-    ):  # how vLLM's serving layer refuses a request it cannot run (a tool_choice naming no tool)
+    if isinstance(exc, ValueError):  # how vLLM refuses a request it cannot run (a tool_choice naming no tool)
         return from_vllm({"error": {"code": 400}})
     logger.error("%s request failed in vLLM's serving layer: %s", endpoint, type(exc).__name__)
     return from_vllm({"error": {"code": 500}})
