@@ -15,7 +15,7 @@ from typing import Any
 
 import yaml
 
-from config.naming import REGION_LABEL
+from config.naming import APP_NAME, REGION_LABEL, model_app_name, model_route_prefix
 from config.placement import engine_placement
 from config.schema import AnkerConfig, ModelConfig
 
@@ -24,6 +24,9 @@ GCS_PORT = 6380  # Ray's GCS; never 6379 (Redis's own port, used below by the ex
 NAMESPACE = "anker"
 IMAGE = "registry.anker.internal/anker:0.1.0"
 CONFIG_MOUNT = "/etc/anker"
+APP_IMPORT_PATH = "deployments.builder:app_from_args"
+# Where the image installs Anker's console scripts (into the Python that runs Ray). Ray wants an absolute path.
+HAPROXY_PROGRAM = "/usr/local/bin/anker-haproxy"
 OPERATOR_NAMESPACE = "kuberay-system"
 INGRESS_NAMESPACE = "ingress-nginx"  # the cluster's ingress controller, which terminates TLS for the API
 MONITORING_NAMESPACE = "monitoring"  # Prometheus
@@ -47,21 +50,33 @@ def _node_labels(model: ModelConfig) -> dict[str, str]:
     return {REGION_LABEL: model.residency or model.region, GPU_LABEL: model.hardware.gpu_type}
 
 
-def _env(profile: Path) -> list[dict[str, Any]]:
-    return [
+def _env(config: AnkerConfig, profile: Path) -> list[dict[str, Any]]:
+    env: list[dict[str, Any]] = [
         {"name": "ANKER_CONFIG", "value": f"{CONFIG_MOUNT}/{profile.name}"},
         {
             "name": "ANKER_DATABASE_URL",
             "valueFrom": {"secretKeyRef": {"name": "anker-database", "key": "url"}},
         },
     ]
+    if config.stack.ingress == "haproxy":
+        # Ray Serve's HAProxy on every node, through Anker's program, which adds the model dispatch (it reads the
+        # served models from ANKER_CONFIG) and keeps the metrics and stats listeners on loopback.
+        env += [
+            {"name": "RAY_SERVE_ENABLE_HA_PROXY", "value": "1"},
+            {"name": "RAY_SERVE_HAPROXY_BINARY_PATH", "value": HAPROXY_PROGRAM},
+            {"name": "RAY_SERVE_HAPROXY_METRICS_PORT", "value": str(config.server.haproxy_metrics_port)},
+            {"name": "RAY_SERVE_HAPROXY_STATS_PORT", "value": str(config.server.haproxy_stats_port)},
+        ]
+    return env
 
 
-def _container(name: str, profile: Path, resources: dict[str, Any], stop_hook: list[str]) -> dict[str, Any]:
+def _container(
+    config: AnkerConfig, name: str, profile: Path, resources: dict[str, Any], stop_hook: list[str]
+) -> dict[str, Any]:
     return {
         "name": name,
         "image": IMAGE,
-        "env": _env(profile),
+        "env": _env(config, profile),
         "resources": {"limits": dict(resources), "requests": dict(resources)},
         "volumeMounts": [{"name": "anker-profile", "mountPath": CONFIG_MOUNT, "readOnly": True}],
         "lifecycle": {"preStop": {"exec": {"command": stop_hook}}},
@@ -86,6 +101,19 @@ def _volumes(name: str) -> list[dict[str, Any]]:
     return [{"name": "anker-profile", "configMap": {"name": f"{name}-profile"}}]
 
 
+def serve_applications(config: AnkerConfig, profile: Path) -> list[dict[str, Any]]:
+    """serveConfigV2's applications: the first edition's one, or the second's control application and one per
+    model (``deployments.builder.build_apps``), each built by ``app_from_args`` from the mounted profile."""
+    args = {"config": f"{CONFIG_MOUNT}/{profile.name}"}
+    if config.stack.ingress != "haproxy":
+        return [{"name": APP_NAME, "import_path": APP_IMPORT_PATH, "route_prefix": "/", "args": args}]
+    apps = [(APP_NAME, "/")] + [(model_app_name(m.name), model_route_prefix(m.name)) for m in config.models]
+    return [
+        {"name": name, "import_path": APP_IMPORT_PATH, "route_prefix": prefix, "args": {**args, "app": name}}
+        for name, prefix in apps
+    ]
+
+
 def rayservice_documents(config: AnkerConfig, profile: Path) -> list[dict[str, Any]]:
     name = _name(profile)
     head_cpus = config.ray.num_cpus
@@ -105,7 +133,11 @@ def rayservice_documents(config: AnkerConfig, profile: Path) -> list[dict[str, A
             "spec": {
                 "containers": [
                     _container(
-                        "ray-head", profile, {"cpu": str(head_cpus), "memory": f"{head_cpus * 4}Gi"}, HEAD_STOP_HOOK
+                        config,
+                        "ray-head",
+                        profile,
+                        {"cpu": str(head_cpus), "memory": f"{head_cpus * 4}Gi"},
+                        HEAD_STOP_HOOK,
                     )
                 ],
                 "volumes": _volumes(name),
@@ -132,6 +164,7 @@ def rayservice_documents(config: AnkerConfig, profile: Path) -> list[dict[str, A
                     "spec": {
                         "containers": [
                             _container(
+                                config,
                                 "ray-worker",
                                 profile,
                                 {
@@ -152,16 +185,7 @@ def rayservice_documents(config: AnkerConfig, profile: Path) -> list[dict[str, A
                 },
             }
         )
-    serve_config = {
-        "applications": [
-            {
-                "name": "anker",
-                "import_path": "deployments.builder:app_from_args",
-                "route_prefix": "/",
-                "args": {"config": f"{CONFIG_MOUNT}/{profile.name}"},
-            }
-        ]
-    }
+    serve_config = {"applications": serve_applications(config, profile)}
     rayservice = {
         "apiVersion": "ray.io/v1",
         "kind": "RayService",

@@ -7,13 +7,16 @@ never runs ``ray stop``, which would kill every Ray cluster on the machine, a te
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import os
 import secrets
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -150,6 +153,7 @@ def head_command(config: AnkerConfig) -> list[str]:
         f"--metrics-export-port={ray.metrics_export_port}",
         f"--min-worker-port={ray.min_worker_port}",
         f"--max-worker-port={ray.max_worker_port}",
+        f"--temp-dir={ray.temp_dir}" if ray.temp_dir else "",
     ]
 
 
@@ -166,6 +170,39 @@ def ray_dashboard_env(config: AnkerConfig) -> dict[str, str]:
     return env
 
 
+def haproxy_dir(config: AnkerConfig) -> Path:
+    """A short folder of this stack's own for HAProxy's config, state and Unix sockets: a socket's path has at most
+    97 bytes, and Ray puts a 57-character folder of the node's in it (``/tmp/akh-<8 hex>/<node>/admin.sock`` has
+    85). Never Ray's default, which stacks would share."""
+    digest = hashlib.sha256(str(config.run_dir.resolve()).encode()).hexdigest()[:8]
+    return Path(tempfile.gettempdir()) / f"akh-{digest}"
+
+
+def haproxy_env(config: AnkerConfig) -> dict[str, str]:
+    """Ray Serve's HAProxy direct ingress for the head (none for the first edition's stack), run through Anker's
+    program that adds the model dispatch (deployments/server/haproxy.py), with the map of served models."""
+    from config.naming import model_route_prefix
+    from deployments.server.haproxy import MODEL_MAP_ENV, model_map
+
+    if config.stack.ingress != "haproxy":
+        return {}
+    folder = haproxy_dir(config)
+    folder.mkdir(mode=0o700, exist_ok=True)
+    map_path = config.run_dir / "haproxy-models.map"
+    map_path.write_text(model_map({m.name: model_route_prefix(m.name) for m in config.models}))
+    return {
+        "RAY_SERVE_ENABLE_HA_PROXY": "1",
+        "RAY_SERVE_HAPROXY_BINARY_PATH": str(Path(sys.executable).parent / "anker-haproxy"),
+        MODEL_MAP_ENV: str(map_path),
+        "RAY_SERVE_HAPROXY_METRICS_PORT": str(config.server.haproxy_metrics_port),
+        "RAY_SERVE_HAPROXY_STATS_PORT": str(config.server.haproxy_stats_port),
+        "RAY_SERVE_HAPROXY_CONFIG_FILE_LOC": str(folder / "haproxy.cfg"),
+        "RAY_SERVE_HAPROXY_SOCKET_PATH": str(folder / "admin.sock"),
+        "RAY_SERVE_HAPROXY_SERVER_STATE_BASE": str(folder),
+        "RAY_SERVE_HAPROXY_SERVER_STATE_FILE": str(folder / "server-state"),
+    }
+
+
 def _start_head(config: AnkerConfig, say: Say) -> subprocess.Popen[bytes]:
     config.run_dir.mkdir(parents=True, exist_ok=True)
     log = (config.run_dir / HEAD_LOG).open("ab")
@@ -174,7 +211,13 @@ def _start_head(config: AnkerConfig, say: Say) -> subprocess.Popen[bytes]:
         f"starting Ray head (GCS 127.0.0.1:{config.ray.gcs_port}, dashboard "
         f"http://{config.ray.dashboard_host}:{config.ray.dashboard_port}) ..."
     )
-    env = {**os.environ, **ray_auth_env(config), **ray_dashboard_env(config), "RAY_USAGE_STATS_ENABLED": "0"}
+    env = {
+        **os.environ,
+        **ray_auth_env(config),
+        **ray_dashboard_env(config),
+        **haproxy_env(config),
+        "RAY_USAGE_STATS_ENABLED": "0",
+    }
     return subprocess.Popen(
         command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True, env=env
     )
@@ -199,16 +242,19 @@ def _deploy(config: AnkerConfig, say: Say, head: subprocess.Popen[bytes] | None 
     from ray import serve
 
     from config.naming import APP_NAME
-    from deployments.builder import build_app
+    from deployments.builder import build_app, build_apps
 
     connect(config)
     serve.start(http_options={"host": config.server.host, "port": config.server.port})
-    app = build_app(config)
+    if config.stack.ingress == "haproxy":
+        targets = [serve.RunTarget(a.app, a.name, a.route_prefix) for a in build_apps(config)]
+    else:
+        targets = [serve.RunTarget(build_app(config), APP_NAME, "/")]
     failure: list[BaseException] = []
 
     def run() -> None:
         try:
-            serve.run(app, name=APP_NAME, route_prefix="/")
+            serve.run_many(targets)
         except BaseException as exc:  # reported by the progress loop
             failure.append(exc)
 
@@ -217,14 +263,10 @@ def _deploy(config: AnkerConfig, say: Say, head: subprocess.Popen[bytes] | None 
 
 
 def _deployment_states() -> dict[str, str]:
+    """Every deployment's state, by its name (unique across the stack's applications)."""
     from ray import serve
 
-    from config.naming import APP_NAME
-
-    app = serve.status().applications.get(APP_NAME)
-    if app is None:
-        return {}
-    return {name: d.status.value for name, d in app.deployments.items()}
+    return {name: d.status.value for app in serve.status().applications.values() for name, d in app.deployments.items()}
 
 
 def health(base_url: str, timeout_s: float = 3.0) -> tuple[int, dict[str, Any]]:
@@ -327,6 +369,7 @@ def stop(config: AnkerConfig, say: Say, timeout_s: float = 60.0) -> bool:
         _shutdown_serve(config, say)
         say(f"stopping Ray head (pid {state.head_pid}) ...")
         _terminate_group(state.head_pid, timeout_s)
+    shutil.rmtree(haproxy_dir(config), ignore_errors=True)
     state_path(config).unlink(missing_ok=True)
     return True
 

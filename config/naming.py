@@ -8,7 +8,8 @@ import re
 
 from config.schema import ModelConfig
 
-APP_NAME = "anker"
+APP_NAME = "anker"  # the first edition's one application; the second edition's control application
+BILLING_DEPLOYMENT = "Billing"
 REGION_LABEL = "anker/region"  # the Ray node label a region's nodes carry (KubeRay: rayStartParams labels)
 
 
@@ -24,3 +25,8 @@ def engine_deployment_name(model: ModelConfig) -> str:
 def model_route_prefix(model_name: str) -> str:
     """The internal route prefix of a model's own Serve application (HAProxy dispatches to it by the body's model)."""
     return "/models/" + deployment_suffix(model_name)
+
+
+def model_app_name(model_name: str) -> str:
+    """The Serve application of a model's own engine replicas (the second edition's, one per model)."""
+    return "model-" + deployment_suffix(model_name)

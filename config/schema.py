@@ -183,6 +183,8 @@ class ServerConfig(_Strict):
     port: Port = 8000
     request_timeout_s: float = Field(default=600.0, gt=0)
     max_request_bytes: int = Field(default=4 * 1024 * 1024, ge=1024)
+    haproxy_metrics_port: Port = Field(default=9101, description="HAProxy's Prometheus listener (loopback).")
+    haproxy_stats_port: Port = Field(default=8404, description="HAProxy's stats page (loopback).")
 
 
 class RayConfig(_Strict):
@@ -197,6 +199,11 @@ class RayConfig(_Strict):
     metrics_export_port: Port = 8080
     min_worker_port: Port = 10002
     max_worker_port: Port = 19999
+    temp_dir: str | None = Field(
+        default=None,
+        description="Ray's folder of sessions and sockets (short: a socket's path has at most 107 bytes); Ray's "
+        "own default if unset.",
+    )
 
     @field_validator("gcs_port")
     @classmethod
@@ -230,6 +237,13 @@ class RayConfig(_Strict):
 
 class StackConfig(_Strict):
     """Per-stage deployment sizing: small enough that the whole stack fits on a 2-core machine."""
+
+    ingress: Literal["serve_proxy", "haproxy"] = Field(
+        default="serve_proxy",
+        description="serve_proxy: the first edition, Serve's proxy in front of one application (ingress, tokenizer, "
+        "engines, billing). haproxy: the second, Serve's HAProxy direct ingress in front of one application per "
+        "model whose engine replicas serve HTTP, and a control application (docs/architecture.md).",
+    )
 
     ingress_num_cpus: float = Field(default=0.25, ge=0)
     ingress_replicas: int = Field(default=1, ge=1)

@@ -1,26 +1,34 @@
-"""The builder: the only place that knows the whole graph. It turns an ``AnkerConfig`` into a bound Serve app.
+"""The builder: the only place that knows the whole graph. It turns an ``AnkerConfig`` into bound Serve apps.
 
-Ingress -> Tokenizer, Ingress -> one Engine deployment per model, Ingress -> Billing, composed with ``.bind()``;
-deployments receive their specs and handles here and never look each other up by name.
+The first edition (``build_app``): Ingress -> Tokenizer, Ingress -> one Engine deployment per model, Ingress ->
+Billing, composed with ``.bind()`` in one application. The second (``build_apps``): a control application at ``/``
+that holds the billing actor, and one application per model whose engine replicas serve HTTP themselves; they reach
+the billing actor by its application and deployment name, since Serve keeps an application's deployments its own.
+Deployments receive their specs and handles here.
 """
 
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from typing import Any
 
 from ray import serve
 from ray.serve.config import RequestRouterConfig
 
 from autoscaling.queue_policy import QueuePolicyConfig, serve_autoscaling_config
-from config.naming import engine_deployment_name
+from config.naming import APP_NAME, engine_deployment_name, model_app_name, model_route_prefix
 from config.placement import engine_placement
 from config.schema import AnkerConfig, ModelConfig
 from deployments.billing.actor import Billing
 from deployments.billing.service import billing_spec
+from deployments.control import ControlServer, ControlSpec, ModelApp
 from deployments.engine import Engine, EngineSpec
 from deployments.ingress import Ingress, IngressSpec
-from deployments.openai.serving import ServedModel
+from deployments.openai.catalog import ServedModel
+from deployments.openai.responses import model_card
+from deployments.server.replica import EngineServer, ReplicaSpec
+from deployments.server.vllm_layer import ServingSpec
 from deployments.tokenizer import Tokenizer, TokenizerSpec
 
 # The engine deployments' request router (Ray Serve's extension point); it runs in the ingress, which holds the handles.
@@ -136,7 +144,7 @@ def build_app(config: AnkerConfig, engines: dict[str, serve.Application] | None 
         ray_actor_options={"num_cpus": config.billing.num_cpus},
     ).bind(billing_spec(config))
     spec = IngressSpec(
-        models=tuple(ServedModel(m.name, m.max_model_len, m.owned_by, created, m.region) for m in config.models),
+        models=served_models(config, created),
         max_body_bytes=config.server.max_request_bytes,
         key_cache_ttl_s=config.billing.key_cache_ttl_s,
         usage_flush_interval_s=config.billing.usage_flush_interval_s,
@@ -151,11 +159,78 @@ def build_app(config: AnkerConfig, engines: dict[str, serve.Application] | None 
     ).bind(spec, tokenizer, engines, billing)
 
 
+@dataclass(frozen=True)
+class ServeApp:
+    """One Serve application of the second edition's graph: ``serve.run(app, name=name, route_prefix=...)``."""
+
+    name: str
+    route_prefix: str
+    app: serve.Application
+
+
+def served_models(config: AnkerConfig, created: int) -> tuple[ServedModel, ...]:
+    return tuple(ServedModel(m.name, m.max_model_len, m.owned_by, created, m.region) for m in config.models)
+
+
+def model_app(config: AnkerConfig, model: ModelConfig, created: int) -> ServeApp:
+    """A model's own application: its engine replicas serve the OpenAI API themselves (the application's ingress)."""
+    options = engine_options(config, model)
+    options.pop("request_router_config", None)  # a handle's router; HAProxy's ingress request router is not yet
+    served = served_models(config, created)[config.models.index(model)]
+    card = model_card(served.name, served.created, served.owned_by, served.max_model_len)
+    spec = ReplicaSpec(
+        serving=ServingSpec(engine_spec(config, model), model.serving.reasoning_parser, model.serving.tool_call_parser),
+        model_cards=(card,),
+        region=model.region,
+        max_body_bytes=config.server.max_request_bytes,
+        key_cache_ttl_s=config.billing.key_cache_ttl_s,
+        usage_flush_interval_s=config.billing.usage_flush_interval_s,
+        usage_spool_dir=config.data_dir.resolve() / "outbox",
+        billing_app=APP_NAME,
+    )
+    app = EngineServer.options(**options).bind(spec)  # type: ignore[attr-defined]
+    return ServeApp(model_app_name(model.name), model_route_prefix(model.name), app)
+
+
+def build_apps(config: AnkerConfig) -> list[ServeApp]:
+    """The second edition's graph: the control application at ``/`` (the billing actor, the model list, usage,
+    administration, the dashboard) first, then one application per model at its route prefix, reached through
+    HAProxy by the model the request's body names (docs/architecture.md)."""
+    created = int(time.time())
+    apps = [model_app(config, m, created) for m in config.models]
+    billing = Billing.options(  # type: ignore[attr-defined]
+        ray_actor_options={"num_cpus": config.billing.num_cpus},
+    ).bind(billing_spec(config))
+    spec = ControlSpec(
+        models=served_models(config, created),
+        apps=tuple(
+            ModelApp(m.name, a.name, engine_deployment_name(m), a.route_prefix)
+            for m, a in zip(config.models, apps, strict=True)
+        ),
+        max_body_bytes=config.server.max_request_bytes,
+        key_cache_ttl_s=config.billing.key_cache_ttl_s,
+        usage_flush_interval_s=config.billing.usage_flush_interval_s,
+    )
+    control = ControlServer.options(  # type: ignore[attr-defined]
+        num_replicas=config.stack.ingress_replicas,
+        max_ongoing_requests=config.stack.ingress_max_ongoing_requests,
+        ray_actor_options={"num_cpus": config.stack.ingress_num_cpus},
+    ).bind(spec, billing)
+    return [ServeApp(APP_NAME, "/", control), *apps]
+
+
 def app_from_args(args: dict[str, str]) -> serve.Application:
     """Serve's application builder for config files (a KubeRay RayService's serveConfigV2):
-    ``import_path: deployments.builder:app_from_args`` with ``args: {config: /etc/anker/profile.yaml}``."""
+    ``import_path: deployments.builder:app_from_args`` with ``args: {config: /etc/anker/profile.yaml}``, and with
+    ``stack.ingress: haproxy`` one entry per application of ``build_apps``, each naming its own (``app: <name>``)."""
     import os
 
     from config.settings import load_config
 
-    return build_app(load_config(args.get("config"), dict(os.environ)))
+    config = load_config(args.get("config"), dict(os.environ))
+    if config.stack.ingress != "haproxy":
+        return build_app(config)
+    apps = {a.name: a.app for a in build_apps(config)}
+    if args.get("app") not in apps:
+        raise ValueError(f"args.app must name one of this profile's applications: {', '.join(sorted(apps))}")
+    return apps[args["app"]]

@@ -28,14 +28,12 @@ from deployments.contracts import ChatTurn, EngineFailure, Prepared, Sampling
 from deployments.drain import DrainGate, watch_drain
 from deployments.errors import EngineUnavailable
 from deployments.openai.app import create_app
-from deployments.openai.serving import EngineItem, OpenAIService, ServedModel
+from deployments.openai.catalog import ServedModel
+from deployments.openai.serving import EngineItem, OpenAIService
+from deployments.readiness import ReadinessWatch
 from observability import metrics, tracing
 
 logger = logging.getLogger("ray.serve")
-
-READY_PROBE_TIMEOUT_S = 10.0
-READY_PROBE_PERIOD_S = 5.0
-NOT_READY_PROBE_PERIOD_S = 1.0
 
 
 @dataclass(frozen=True)
@@ -93,12 +91,11 @@ class ServeEngineClient:
         self._handle = handle
         self._overload_retry_after_s = overload_retry_after_s
         self._stream = handle.options(stream=True)
-        self._ready = False
-        self._wake = asyncio.Event()
+        self._readiness = ReadinessWatch(handle)
 
     @property
     def ready(self) -> bool:
-        return self._ready
+        return self._readiness.ready
 
     async def generate(
         self, request_id: str, prepared: Prepared, sampling: Sampling, trace: tracing.Carrier | None = None
@@ -154,29 +151,11 @@ class ServeEngineClient:
 
     def _lost(self) -> EngineFailure:
         """A request the engine failed: not ready until the watch's next probe says otherwise (it probes at once)."""
-        self._ready = False
-        self._wake.set()
+        self._readiness.lost()
         return EngineFailure("The model's engine is unavailable. Please retry shortly.")
 
     async def watch(self) -> None:
-        """Keeps ``ready`` current: probes the engine deployment, quickly while it is not ready.
-
-        A probe that times out changes nothing: a saturated replica answers late (the probe queues behind
-        requests) but is not down. Errors, a failed request (``generate``) or a dead engine make it not ready.
-        """
-        while True:
-            try:
-                self._ready = bool(await asyncio.wait_for(self._handle.ready.remote(), READY_PROBE_TIMEOUT_S))
-            except asyncio.CancelledError:
-                raise
-            except TimeoutError:
-                pass
-            except Exception:
-                self._ready = False
-            self._wake.clear()
-            period = READY_PROBE_PERIOD_S if self._ready else NOT_READY_PROBE_PERIOD_S
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), period)
+        await self._readiness.watch()
 
 
 @serve.deployment(name="Ingress")

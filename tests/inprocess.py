@@ -15,14 +15,17 @@ from typing import Any
 
 import httpx
 
+from config.naming import model_route_prefix
 from deployments.billing.actor import Billing
 from deployments.billing.client import ServeBillingClient
 from deployments.billing.governance import Actor
 from deployments.billing.pricing import TokenPrices
 from deployments.billing.service import BillingService, BillingSpec
+from deployments.control import AppsCatalog, create_control_app
 from deployments.ingress import ServeTokenizerClient
 from deployments.openai.app import create_app
-from deployments.openai.serving import OpenAIService, ServedModel
+from deployments.openai.catalog import ServedModel
+from deployments.openai.serving import OpenAIService
 from deployments.tokenizer import Tokenizer, TokenizerCore
 from testkit.doubles import InProcessHandleDouble, InstantEngineDouble, LocalTokenizerClient
 
@@ -84,6 +87,35 @@ async def inprocess_stack(
     try:
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://anker") as client:
             yield InProcessStack(client, billing._service, accounts, handle, engines, service)
+    finally:
+        billing._sweeper.cancel()
+        billing._service.ledger.dispose()
+
+
+@dataclass
+class InProcessControl:
+    client: httpx.AsyncClient
+    service: BillingService
+    ready: dict[str, bool]  # each model application's readiness, as the control application's watches see it
+
+    def key(self, tenant: str = "t", **settings: Any) -> str:
+        _, key = self.service.governance.create_key(Actor.operator("test"), tenant, **settings)
+        return key
+
+
+@asynccontextmanager
+async def inprocess_control(data_dir: Path, models: tuple[str, ...]) -> AsyncIterator[InProcessControl]:
+    """The second edition's control application (deployments/control.py) over the real billing class and ledger;
+    its model applications are not there: whether each is up is ``ready``, which the test sets."""
+    spec = BillingSpec(data_dir, None, {name: PRICES for name in models}, default_rpm=600, default_tpm=2_000_000)
+    billing = Billing.func_or_class(spec)
+    accounts = ServeBillingClient(InProcessHandleDouble(billing), 0.0, 0.05)  # type: ignore[arg-type]
+    ready = dict.fromkeys(models, False)
+    catalog = AppsCatalog(tuple(ServedModel(m, CTX, "anker", 1, REGIONS.get(m, "dk")) for m in models), ready.copy)
+    app = create_control_app(catalog, accounts, 64 * 1024, {m: model_route_prefix(m) for m in models})
+    try:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://anker") as client:
+            yield InProcessControl(client, billing._service, ready)
     finally:
         billing._sweeper.cancel()
         billing._service.ledger.dispose()

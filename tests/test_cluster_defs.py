@@ -153,3 +153,44 @@ def test_the_serve_config_import_path_builds_the_app() -> None:
     from deployments.builder import app_from_args
 
     assert isinstance(app_from_args({"config": str(DEFAULT_PROFILE)}), Application)
+
+
+def test_the_second_edition_deploys_an_application_per_model_behind_haproxy(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With `stack.ingress: haproxy` the RayService runs the control application at "/" and one application per
+    model at its route prefix, each built by the same import path from the mounted profile, on pods whose Ray runs
+    Serve's HAProxy through Anker's program; that program finds the served models in the profile alone."""
+    from ray.serve import Application
+
+    from deployments.builder import app_from_args
+    from deployments.server import haproxy
+
+    profile = tmp_path / "direct.yaml"
+    profile.write_text(DEFAULT_PROFILE.read_text().replace("stack:\n", "stack:\n  ingress: haproxy\n", 1))
+    config = load_config(profile, {})
+    assert config.stack.ingress == "haproxy"
+    [*_, service] = [d for d in kuberay.rayservice_documents(config, profile) if d["kind"] == "RayService"]
+    apps = yaml.safe_load(service["spec"]["serveConfigV2"])["applications"]
+    assert [(a["name"], a["route_prefix"]) for a in apps] == [
+        ("anker", "/"),
+        ("model-qwen3-next-tiny", "/models/qwen3-next-tiny"),
+        ("model-qwen3-moe-tiny", "/models/qwen3-moe-tiny"),
+    ]
+    for app in apps:
+        args = {**app["args"], "config": str(profile)}  # the mount's path, here
+        assert app["import_path"] == kuberay.APP_IMPORT_PATH
+        assert isinstance(app_from_args(args), Application)
+    with pytest.raises(ValueError, match="model-qwen3-moe-tiny"):
+        app_from_args({"config": str(profile), "app": "model-nope"})
+
+    cluster = service["spec"]["rayClusterConfig"]
+    [container] = cluster["headGroupSpec"]["template"]["spec"]["containers"]
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    assert env["RAY_SERVE_ENABLE_HA_PROXY"] == "1" and env["RAY_SERVE_HAPROXY_BINARY_PATH"].startswith("/")
+    assert env["RAY_SERVE_HAPROXY_METRICS_PORT"] == str(config.server.haproxy_metrics_port)
+
+    monkeypatch.delenv(haproxy.MODEL_MAP_ENV, raising=False)
+    monkeypatch.setenv("ANKER_CONFIG", str(profile))
+    served = haproxy._model_map_path(tmp_path).read_text()
+    assert served == "qwen3-moe-tiny /models/qwen3-moe-tiny\nqwen3-next-tiny /models/qwen3-next-tiny\n"

@@ -1,23 +1,19 @@
-"""The second edition's request path on a Ray cluster of its own: Ray Serve's HAProxy direct ingress, Anker's
-model dispatch in it (deployments/server/haproxy.py), and the engine replica serving the OpenAI API itself
+"""The second edition's request path, as `anker up` starts it with `stack.ingress: haproxy`: Ray Serve's HAProxy
+direct ingress with Anker's model dispatch (deployments/server/haproxy.py), the control application at ``/``
+(deployments/control.py) and a model's own application whose engine replica serves the OpenAI API itself
 (deployments/server/replica.py) over a real vLLM. Called with the official ``openai`` SDK at one base URL.
 
-Its own cluster because HAProxy is a cluster-wide switch (``RAY_SERVE_ENABLE_HA_PROXY``) that the session's stack
-does not use yet. Stopped as ``anker down`` stops a cluster: SIGTERM to ``ray start --block``, never ``ray stop``.
+A stack of its own beside the session's (HAProxy is a cluster-wide switch, ``RAY_SERVE_ENABLE_HA_PROXY``, that the
+session's stack does not use yet), with one model and its own ports, data and Ray folders; `anker down` stops it.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
-import secrets
 import shutil
-import signal
-import socket
 import subprocess
-import sys
 import tempfile
-import textwrap
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -28,158 +24,83 @@ import httpx
 import openai
 import psutil
 import pytest
+import yaml
 
-from config.naming import model_route_prefix
-from deployments.billing.governance import Actor
-from deployments.billing.service import BillingService, BillingSpec
-from deployments.server.haproxy import MODEL_MAP_ENV, model_map
+from cluster.local import haproxy_dir
+from config.schema import AnkerConfig
+from config.settings import DEFAULT_PROFILE, load_config
+from deployments.billing.service import BillingService, billing_spec
+from deployments.server.requests import NO_STORAGE
 from testkit.ports import free_port
-from tests.inprocess import PRICES
+from tests.conftest import ANKER, create_key
 
 MODEL = "qwen3-moe-tiny"
-READY_TIMEOUT_S = 300
-BIN = Path(sys.executable).parent
+READY_TIMEOUT_S = 420
 
 
 @dataclass(frozen=True)
 class Cluster:
     base_url: str
     env: dict[str, str]
-    head: subprocess.Popen[bytes]
-    root: Path
-    billing: BillingService  # the same SQLite ledger as the cluster's billing actor, as `anker keys` reaches it
+    config: AnkerConfig
+    billing: BillingService  # the same SQLite ledger as the stack's billing actor, as `anker keys` reaches it
     key: str
 
 
-def billing_spec(root: Path) -> BillingSpec:
-    return BillingSpec(root / "billing", None, {MODEL: PRICES}, default_rpm=600, default_tpm=2_000_000)
-
-
-def _deploy_script(model_path: Path, gcs: str, http_port: int, root: Path) -> str:
-    """A driver that starts Serve (HAProxy, from the cluster's environment) and deploys the model's application:
-    its engine replica (the ingress) and, until the control application exists, its own billing actor."""
-    return textwrap.dedent(
-        f"""
-        import ray
-        from pathlib import Path
-        from ray import serve
-        from deployments.billing.actor import Billing
-        from deployments.engine import EngineSpec
-        from deployments.server.replica import EngineServer, ReplicaSpec
-        from deployments.server.vllm_layer import ServingSpec
-        from config.naming import model_route_prefix
-        from tests.test_direct_ingress import billing_spec
-
-        ray.init(address={gcs!r}, namespace="serve", log_to_driver=False)
-        serve.start(http_options={{"host": "127.0.0.1", "port": {http_port}}})
-        spec = ServingSpec(
-            EngineSpec({MODEL!r}, __import__("pathlib").Path({str(model_path)!r}), 2048, 1, 1,
-                       {{"dtype": "bfloat16", "enforce_eager": True, "max_num_seqs": 8}}),
-            reasoning_parser="qwen3", tool_call_parser="qwen3_coder",
-        )
-        cards = ({{"id": {MODEL!r}, "object": "model", "created": 0, "owned_by": "anker"}},)
-        env = {{
-            "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_WORKER_MULTIPROC_METHOD": "spawn", "TOKENIZERS_PARALLELISM": "false"
-        }}
-        replica = ReplicaSpec(spec, cards, "dk", 1024 * 1024, usage_spool_dir=Path({str(root / "outbox")!r}))
-        billing = Billing.options(ray_actor_options={{"num_cpus": 0.5}}).bind(billing_spec(Path({str(root)!r})))
-        app = EngineServer.options(
-            name="EngineServer-{MODEL}", ray_actor_options={{"num_cpus": 1, "runtime_env": {{"env_vars": env}}}}
-        ).bind(replica, billing)
-        serve.run(app, name={MODEL!r}, route_prefix=model_route_prefix({MODEL!r}), blocking=False)
-        """
-    )
-
-
-def _wait_for_gcs(head: subprocess.Popen[bytes], port: int, log: Path) -> None:
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        assert head.poll() is None, f"ray start exited with {head.returncode}: {log.read_text()[-2000:]}"
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.5)
-    raise AssertionError(f"Ray's GCS did not listen on {port} within 120 s: {log.read_text()[-2000:]}")
+def _one_model_profile(root: Path) -> Path:
+    """The local profile with only ``MODEL``: the session's stack runs both models' engines beside this one."""
+    profile = yaml.safe_load(DEFAULT_PROFILE.read_text())
+    profile["models"] = [m for m in profile["models"] if m["name"] == MODEL]
+    path = root / "profile.yaml"
+    path.write_text(yaml.safe_dump(profile))
+    return path
 
 
 @pytest.fixture(scope="module")
 def cluster(tiny_models: dict[str, Path]) -> Iterator[Cluster]:
-    # A short folder: Ray's and HAProxy's Unix sockets live in it (their paths have at most 107 and 97 bytes, and
-    # Ray adds a 56-character folder for HAProxy's).
+    # A short folder: Ray's Unix sockets live in it (their paths have at most 107 bytes).
     root = Path(tempfile.mkdtemp(prefix="akdi-", dir="/tmp"))
-    token = root / "ray_auth_token"
-    token.write_text(secrets.token_hex(32))
-    token.chmod(0o600)
-    (root / "h").mkdir()
-    (root / "models.map").write_text(model_map({MODEL: model_route_prefix(MODEL)}))
-    http_port, gcs_port = free_port(), free_port()
+    shutil.copytree(tiny_models[MODEL], root / "data" / "models" / MODEL)
     env = {
         **os.environ,
-        "RAY_AUTH_MODE": "token",
-        "RAY_AUTH_TOKEN_PATH": str(token),
-        "RAY_SERVE_ENABLE_HA_PROXY": "1",
-        "RAY_SERVE_HAPROXY_BINARY_PATH": str(BIN / "anker-haproxy"),
-        MODEL_MAP_ENV: str(root / "models.map"),
-        "RAY_SERVE_HAPROXY_METRICS_PORT": str(free_port()),
-        "RAY_SERVE_HAPROXY_STATS_PORT": str(free_port()),
-        "RAY_SERVE_HAPROXY_CONFIG_FILE_LOC": str(root / "h" / "haproxy.cfg"),
-        "RAY_SERVE_HAPROXY_SOCKET_PATH": str(root / "h" / "admin.sock"),
-        "RAY_SERVE_HAPROXY_SERVER_STATE_BASE": str(root / "h"),
-        "RAY_SERVE_HAPROXY_SERVER_STATE_FILE": str(root / "h" / "server-state"),
+        "ANKER_CONFIG": str(_one_model_profile(root)),
+        "ANKER_DATA_DIR": str(root / "data"),
+        "ANKER_PORT": str(free_port()),
+        "ANKER__STACK__INGRESS": "haproxy",
+        "ANKER__SERVER__HAPROXY_METRICS_PORT": str(free_port()),
+        "ANKER__SERVER__HAPROXY_STATS_PORT": str(free_port()),
+        "ANKER__RAY__GCS_PORT": str(free_port()),
+        "ANKER__RAY__NUM_CPUS": "4",
+        "ANKER__RAY__DASHBOARD_PORT": str(free_port()),
+        "ANKER__RAY__CLIENT_SERVER_PORT": str(free_port()),
+        "ANKER__RAY__DASHBOARD_AGENT_LISTEN_PORT": str(free_port()),
+        "ANKER__RAY__METRICS_EXPORT_PORT": str(free_port()),
+        "ANKER__RAY__MIN_WORKER_PORT": "20000",
+        "ANKER__RAY__MAX_WORKER_PORT": "20999",
+        "ANKER__RAY__TEMP_DIR": str(root / "ray"),
     }
+    config = load_config(environ=env)
     billing: BillingService | None = None
-    head = subprocess.Popen(
-        [
-            str(BIN / "ray"),
-            "start",
-            "--head",
-            "--block",
-            "--disable-usage-stats",
-            f"--port={gcs_port}",
-            "--num-cpus=4",
-            "--num-gpus=0",
-            "--dashboard-host=127.0.0.1",
-            f"--dashboard-port={free_port()}",
-            f"--ray-client-server-port={free_port()}",
-            f"--dashboard-agent-listen-port={free_port()}",
-            f"--metrics-export-port={free_port()}",
-            "--min-worker-port=20000",
-            "--max-worker-port=20999",
-            f"--temp-dir={root / 'ray'}",
-        ],
-        env=env,
-        stdout=(root / "head.log").open("wb"),
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
     try:
-        _wait_for_gcs(head, gcs_port, root / "head.log")
-        gcs = f"127.0.0.1:{gcs_port}"
-        billing = BillingService(billing_spec(root))  # migrates the ledger before the actor opens it
-        _, key = billing.governance.create_key(Actor.operator("test"), "direct")
-        driver = _deploy_script(tiny_models[MODEL], gcs, http_port, root)
-        deployed = subprocess.run(
-            [sys.executable, "-c", driver], env=env, capture_output=True, text=True, timeout=READY_TIMEOUT_S
-        )
-        assert deployed.returncode == 0, deployed.stderr[-3000:]
-        yield Cluster(f"http://127.0.0.1:{http_port}", env, head, root, billing, key)
+        key = create_key(env, "direct")  # before the stack starts, as an operator may
+        billing = BillingService(billing_spec(config))
+        up = subprocess.run([ANKER, "up", "--detach"], env=env, capture_output=True, text=True, timeout=READY_TIMEOUT_S)
+        assert up.returncode == 0, f"{up.stdout[-3000:]}\n{up.stderr[-3000:]}"
+        yield Cluster(f"http://127.0.0.1:{config.server.port}", env, config, billing, key)
     finally:
-        os.killpg(head.pid, signal.SIGTERM)
-        try:
-            head.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(head.pid, signal.SIGKILL)
-            head.wait()
-        left = _outlives_the_cluster(root)
+        down = subprocess.run([ANKER, "down"], env=env, capture_output=True, text=True, timeout=180)
+        left = _outlives_the_cluster(config)
         if billing is not None:
             billing.ledger.dispose()
         shutil.rmtree(root, ignore_errors=True)
+    assert down.returncode == 0, f"{down.stdout[-3000:]}\n{down.stderr[-3000:]}"
     assert not left, f"HAProxy outlived its Ray cluster (killed now): {left}"
+    assert not haproxy_dir(config).exists(), "`anker down` left HAProxy's folder behind"
 
 
-def _haproxies(root: Path) -> list[psutil.Process]:
-    """The HAProxy processes that run this cluster's patched config (Ray puts it in a folder per node)."""
-    folder = f"{root / 'h'}/"
+def _haproxies(config: AnkerConfig) -> list[psutil.Process]:
+    """The HAProxy processes that run this stack's patched config (Ray puts it in a folder per node)."""
+    folder = f"{haproxy_dir(config)}/"
     return [
         process
         for process in psutil.process_iter(["name", "cmdline"])
@@ -188,10 +109,10 @@ def _haproxies(root: Path) -> list[psutil.Process]:
     ]
 
 
-def _outlives_the_cluster(root: Path) -> list[int]:
+def _outlives_the_cluster(config: AnkerConfig) -> list[int]:
     """The HAProxy processes still running 10 s after the cluster stopped, killed so that they free their ports."""
     deadline = time.monotonic() + 10
-    while (left := _haproxies(root)) and time.monotonic() < deadline:
+    while (left := _haproxies(config)) and time.monotonic() < deadline:
         time.sleep(0.5)
     for process in left:
         with contextlib.suppress(psutil.NoSuchProcess):
@@ -216,10 +137,10 @@ def _wait_for_the_model(cluster: Cluster) -> None:
     raise AssertionError(f"{MODEL} did not answer through HAProxy within {READY_TIMEOUT_S} s: {seen[-5:]}")
 
 
-def _haproxy_listeners(root: Path) -> list[tuple[str, int]]:
+def _haproxy_listeners(config: AnkerConfig) -> list[tuple[str, int]]:
     return [
         (c.laddr.ip, c.laddr.port)
-        for process in _haproxies(root)
+        for process in _haproxies(config)
         for c in process.net_connections("tcp")
         if c.status == psutil.CONN_LISTEN
     ]
@@ -262,18 +183,19 @@ def test_one_base_url_reaches_the_models_own_replica_through_haproxy(cluster: Cl
     stranger = openai.OpenAI(base_url=f"{cluster.base_url}/v1", api_key="sk-anker-wrong", max_retries=0)
     with pytest.raises(openai.AuthenticationError):
         stranger.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hej"}], max_tokens=1)
-    r = httpx.post(
-        f"{cluster.base_url}/v1/chat/completions",
-        json={"messages": [{"role": "user", "content": "hej"}], "model": "no-such-model"},
-        headers=_auth(cluster),
-        timeout=30,
-    )
-    # No control application yet: HAProxy's own 404 for a path no application serves.
-    assert r.status_code == 404, r.text
+    # What no model's application answers, the control application at "/" does, at the same base URL.
+    assert [m.id for m in client.models.list().data] == [MODEL]
+    with pytest.raises(openai.NotFoundError) as unknown:
+        client.chat.completions.create(model="no-such-model", messages=[{"role": "user", "content": "hej"}])
+    assert unknown.value.code == "model_not_found" and "no-such-model" not in str(unknown.value.body)
+    with pytest.raises(openai.NotFoundError) as stored:
+        client.responses.retrieve("resp_1")
+    assert stored.value.message.endswith(NO_STORAGE)
+    assert httpx.get(f"{cluster.base_url}/healthz", timeout=10).json()["models"] == {MODEL: {"ready": True}}
 
 
 def test_haproxy_listens_on_loopback_only(cluster: Cluster) -> None:
     _wait_for_the_model(cluster)
-    listeners = _haproxy_listeners(cluster.root)
+    listeners = _haproxy_listeners(cluster.config)
     assert listeners, "no HAProxy process runs the patched config"
     assert {ip for ip, _ in listeners} == {"127.0.0.1"}, listeners

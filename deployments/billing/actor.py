@@ -18,6 +18,7 @@ from typing import Any
 from opentelemetry.trace import SpanKind
 from ray import serve
 
+from config.naming import BILLING_DEPLOYMENT
 from deployments.billing.governance import Actor
 from deployments.billing.service import BillingService, BillingSpec, Principal, UsageReport
 from deployments.contracts import Admission, AdmissionRequest
@@ -31,7 +32,7 @@ SWEEP_PERIOD_S = 60.0
 PURGE_PERIOD_S = 24 * 3600.0
 
 
-@serve.deployment(name="Billing", num_replicas=1, max_ongoing_requests=1024, health_check_period_s=10)
+@serve.deployment(name=BILLING_DEPLOYMENT, num_replicas=1, max_ongoing_requests=1024, health_check_period_s=10)
 class Billing:
     def __init__(self, spec: BillingSpec) -> None:
         tracing.configure("anker-billing")

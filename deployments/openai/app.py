@@ -14,7 +14,7 @@ import uuid
 from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime
 from decimal import Decimal, InvalidOperation
-from typing import Any, cast
+from typing import Any, Protocol, cast
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -83,32 +83,28 @@ def _number(value: str) -> Decimal | None:
         return None
 
 
-def create_app(
-    service: OpenAIService,
-    accounts: Accounts,
-    max_body_bytes: int,
-    server_request_id: Callable[[], str | None] = lambda: None,
-) -> FastAPI:
-    """The app. ``server_request_id`` gives the id the hosting server already assigned (and sends as
-    ``X-Request-Id``), so logs and responses share one id; without one, the app makes and sends its own."""
+class Catalog(Protocol):
+    """The models a base URL serves, for ``/v1/models`` and ``/healthz``."""
+
+    def list_models(self, key: KeyRecord) -> dict[str, Any]: ...
+
+    def get_model(self, name: str, key: KeyRecord) -> dict[str, Any]: ...
+
+    def readiness(self) -> dict[str, bool]: ...
+
+
+async def limit_headers(accounts: Accounts, record: KeyRecord) -> dict[str, str]:
+    try:
+        return await accounts.rate_limit_headers(record)
+    except AnkerError:
+        return {}  # billing is away: the response goes out without the headers rather than not at all
+
+
+def accounts_app(catalog: Catalog, accounts: Accounts) -> FastAPI:
+    """An app with Anker's error handlers and the routes that need no engine: ``/healthz``, the models, usage.
+    ``finish_app`` adds administration, the dashboard and tracing once the caller has added its own routes."""
     app = FastAPI(title="Anker", version="0.1.0", docs_url=None, redoc_url=None)
     app.openapi = lambda: openapi.document(app)  # type: ignore[method-assign]  # FastAPI's way to shape the document
-
-    def request_id(prefix: str) -> tuple[str, dict[str, str]]:
-        assigned = server_request_id()
-        if assigned:
-            return f"{prefix}-{assigned}", {}
-        own = f"{prefix}-{uuid.uuid4().hex}"
-        return own, {"X-Request-Id": own}
-
-    async def authenticate(request: Request) -> KeyRecord:
-        return await authenticate_with(request, accounts.verify)
-
-    async def limit_headers(record: KeyRecord) -> dict[str, str]:
-        try:
-            return await accounts.rate_limit_headers(record)
-        except AnkerError:
-            return {}  # billing is away: the response goes out without the headers rather than not at all
 
     @app.exception_handler(AnkerError)
     async def _anker_error(request: Request, error: AnkerError) -> Response:
@@ -137,15 +133,15 @@ def create_app(
 
     @app.get("/healthz", include_in_schema=False)
     async def healthz() -> Response:
-        models = service.readiness()
+        models = catalog.readiness()
         ready = all(models.values())
         body = {"status": "ok" if ready else "starting", "models": {m: {"ready": r} for m, r in models.items()}}
         return JSONResponse(body, status_code=200 if ready else 503, headers={} if ready else {"Retry-After": "5"})
 
     async def keyed(request: Request, answer: Callable[[KeyRecord], Any]) -> Response:
         """A keyed read-only route: its answer or error, with the key's rate-limit headers."""
-        record = await authenticate(request)
-        headers = await limit_headers(record)
+        record = await authenticate_with(request, accounts.verify)
+        headers = await limit_headers(accounts, record)
         try:
             return JSONResponse(await answer(record), headers=headers)
         except AnkerError as error:
@@ -154,14 +150,14 @@ def create_app(
     @app.get("/v1/models", **openapi.LIST_MODELS)
     async def list_models(request: Request) -> Response:
         async def answer(record: KeyRecord) -> Any:
-            return service.list_models(record)
+            return catalog.list_models(record)
 
         return await keyed(request, answer)
 
     @app.get("/v1/models/{model_id:path}", **openapi.GET_MODEL)
     async def get_model(model_id: str, request: Request) -> Response:
         async def answer(record: KeyRecord) -> Any:
-            return service.get_model(model_id, record)
+            return catalog.get_model(model_id, record)
 
         return await keyed(request, answer)
 
@@ -192,8 +188,35 @@ def create_app(
 
         return await keyed(request, answer)
 
+    return app
+
+
+def finish_app(app: FastAPI, accounts: Accounts, max_body_bytes: int) -> FastAPI:
+    add_admin_routes(app, accounts, max_body_bytes)
+    app.include_router(dashboard_router())
+    app.add_middleware(TracingMiddleware)
+    return app
+
+
+def create_app(
+    service: OpenAIService,
+    accounts: Accounts,
+    max_body_bytes: int,
+    server_request_id: Callable[[], str | None] = lambda: None,
+) -> FastAPI:
+    """The app. ``server_request_id`` gives the id the hosting server already assigned (and sends as
+    ``X-Request-Id``), so logs and responses share one id; without one, the app makes and sends its own."""
+    app = accounts_app(service, accounts)
+
+    def request_id(prefix: str) -> tuple[str, dict[str, str]]:
+        assigned = server_request_id()
+        if assigned:
+            return f"{prefix}-{assigned}", {}
+        own = f"{prefix}-{uuid.uuid4().hex}"
+        return own, {"X-Request-Id": own}
+
     async def _serve(request: Request, prefix: str, run: Any) -> Response:
-        record = await authenticate(request)
+        record = await authenticate_with(request, accounts.verify)
         rid, headers = request_id(prefix)
         ctx = RequestContext(record, rid, f"{prefix}-{uuid.uuid4().hex}", headers)
         body = await read_body(request, max_body_bytes)
@@ -206,7 +229,7 @@ def create_app(
             result = await run(body, ctx)
         except AnkerError as error:
             if "x-ratelimit-limit-requests" not in ctx.headers:
-                ctx.headers.update(await limit_headers(record))
+                ctx.headers.update(await limit_headers(accounts, record))
             done(error.status)
             return error_response(error, ctx.headers)
         except Exception as error:  # never let a traceback (which could quote input) reach a log or a client
@@ -239,10 +262,7 @@ def create_app(
 
         return await _serve(request, "cmpl", run)
 
-    add_admin_routes(app, accounts, max_body_bytes)
-    app.include_router(dashboard_router())
-    app.add_middleware(TracingMiddleware)
-    return app
+    return finish_app(app, accounts, max_body_bytes)
 
 
 def openapi_document() -> dict[str, Any]:

@@ -15,23 +15,22 @@ import time
 import weakref
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator, Sequence
 from contextlib import aclosing, contextmanager
-from dataclasses import dataclass
 from typing import Any, Protocol
 
 from opentelemetry import propagate, trace
 from opentelemetry.trace import SpanKind
 
-from deployments.billing.governance import check_caller_role, check_model_allowed, model_allowed
+from deployments.billing.governance import check_caller_role
 from deployments.contracts import Admission, AdmissionRequest, ChatTurn, Delta, EngineFailure, Prepared, Sampling
 from deployments.errors import (
     AnkerError,
     EngineOverloaded,
     EngineUnavailable,
-    ModelNotFound,
 )
 from deployments.keys import KeyRecord
 from deployments.openai import responses as wire
 from deployments.openai import sse
+from deployments.openai.catalog import ModelCatalog, ServedModel
 from deployments.openai.errors import error_body
 from deployments.openai.protocol import ChatCompletionRequest, CompletionRequest
 from deployments.openai.usage import BillingGate, RequestContext, UsageTracker, status_of
@@ -69,15 +68,6 @@ class EngineClient(Protocol):
     ) -> AsyncGenerator[EngineItem, None]: ...
 
 
-@dataclass(frozen=True)
-class ServedModel:
-    name: str
-    max_model_len: int
-    owned_by: str
-    created: int
-    region: str = "dk"
-
-
 def _sampling(req: ChatCompletionRequest | CompletionRequest, logprobs: int | None) -> Sampling:
     top_p = req.top_p
     if top_p == 0.0:
@@ -102,7 +92,7 @@ class OpenAIService:
         engines: dict[str, EngineClient],
         billing: BillingGate,
     ) -> None:
-        self._models = {m.name: m for m in models}
+        self._catalog = ModelCatalog(models)
         self._tokenizer = tokenizer
         self._engines = engines
         self._billing = billing
@@ -110,28 +100,14 @@ class OpenAIService:
     # -- models -------------------------------------------------------------------------------------------------
 
     def list_models(self, key: KeyRecord) -> dict[str, Any]:
-        """The models this key may call (all of them unless its allow-list says otherwise)."""
-        return {
-            "object": "list",
-            "data": [
-                wire.model_card(m.name, m.created, m.owned_by, m.max_model_len)
-                for m in self._models.values()
-                if model_allowed(key.allowed_models, m.name, m.region)
-            ],
-        }
+        return self._catalog.list_models(key)
 
     def get_model(self, name: str, key: KeyRecord) -> dict[str, Any]:
-        m = self._allowed_model(name, key)
-        return wire.model_card(m.name, m.created, m.owned_by, m.max_model_len)
-
-    def _allowed_model(self, name: str, key: KeyRecord) -> ServedModel:
-        model = self._model(name)
-        check_model_allowed(key, model.name, model.region)
-        return model
+        return self._catalog.get_model(name, key)
 
     def _authorize(self, name: str, key: KeyRecord) -> None:
         check_caller_role(key)
-        self._allowed_model(name, key)
+        self._catalog.allowed(name, key)
 
     async def _admit(self, ctx: RequestContext, model: str, prepared: Sequence[Prepared], n: int) -> Admission:
         with tracing.span("admission", kind=SpanKind.CLIENT, attrs={"anker.billing_id": ctx.billing_id}):
@@ -153,15 +129,8 @@ class OpenAIService:
     def readiness(self) -> dict[str, bool]:
         return {name: engine.ready for name, engine in self._engines.items()}
 
-    def _model(self, name: str) -> ServedModel:
-        model = self._models.get(name)
-        if model is None:
-            # Not a served name, so it is the client's own text: not repeated (zero data retention).
-            raise ModelNotFound.unnamed()
-        return model
-
     def _engine(self, name: str) -> EngineClient:
-        self._model(name)
+        self._catalog.model(name)
         engine = self._engines[name]
         if not engine.ready:
             raise EngineUnavailable(f"The model `{name}` is starting up or restarting. Please retry shortly.")
@@ -335,7 +304,7 @@ class OpenAIService:
     ) -> dict[str, Any] | AsyncIterator[bytes]:
         """Admission, then generation into a response or an SSE stream; the usage report leaves however it ends."""
         prepared = [isolated(p, ctx.key.tenant) for p in prepared]  # each organisation its own prefix cache
-        ctx.headers[REGION_HEADER] = self._models[req.model].region  # where the request is processed
+        ctx.headers[REGION_HEADER] = self._catalog.models[req.model].region  # where the request is processed
         ctx.model = req.model
         tracing.set_attributes(
             trace.get_current_span(),

@@ -44,4 +44,5 @@ def create_server_app(
     app.state.max_body_bytes = max_body_bytes
     for endpoint in (chat, completions, responses, models):
         app.include_router(endpoint.router)
+    app.include_router(responses.stored)
     return app

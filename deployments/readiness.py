@@ -1,0 +1,49 @@
+"""Whether a deployment answers: a watch that probes its ``ready`` method, quickly while it is not ready.
+
+The first edition's ingress watches each model's engine deployment with it; the second edition's control
+application watches each model's application (``deployments/control.py``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+
+from ray.serve.handle import DeploymentHandle
+
+READY_PROBE_TIMEOUT_S = 10.0
+READY_PROBE_PERIOD_S = 5.0
+NOT_READY_PROBE_PERIOD_S = 1.0
+
+
+class ReadinessWatch:
+    def __init__(self, handle: DeploymentHandle) -> None:
+        self._handle = handle
+        self._ready = False
+        self._wake = asyncio.Event()
+
+    @property
+    def ready(self) -> bool:
+        return self._ready
+
+    def lost(self) -> None:
+        """A request failed: not ready until the next probe says otherwise (it probes at once)."""
+        self._ready = False
+        self._wake.set()
+
+    async def watch(self) -> None:
+        """Keeps ``ready`` current. A probe that times out changes nothing: a saturated replica answers late (the
+        probe queues behind requests) but is not down. Errors, a lost request or a dead engine make it not ready."""
+        while True:
+            try:
+                self._ready = bool(await asyncio.wait_for(self._handle.ready.remote(), READY_PROBE_TIMEOUT_S))
+            except asyncio.CancelledError:
+                raise
+            except TimeoutError:
+                pass
+            except Exception:
+                self._ready = False
+            self._wake.clear()
+            period = READY_PROBE_PERIOD_S if self._ready else NOT_READY_PROBE_PERIOD_S
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), period)

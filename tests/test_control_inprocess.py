@@ -1,0 +1,124 @@
+"""The second edition's control application in process (deployments/control.py): what the one base URL answers
+when HAProxy sends a request to no model's application. Its readiness and a model's application being down are set
+by the test; the billing actor's class and its ledger are real."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from deployments.server.requests import NO_STORAGE
+from tests.inprocess import InProcessControl, inprocess_control
+
+MODELS = ("qwen3-next-tiny", "qwen3-moe-tiny", "elsewhere-tiny")
+CHAT = {"messages": [{"role": "user", "content": "hej"}], "max_tokens": 4}
+
+
+@pytest.fixture
+async def control(tmp_path: Path) -> AsyncIterator[InProcessControl]:
+    async with inprocess_control(tmp_path, MODELS) as control:
+        yield control
+
+
+def auth(key: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"}
+
+
+async def test_lists_every_model_and_is_healthy_once_each_application_answers(control: InProcessControl) -> None:
+    key = control.key()
+    r = await control.client.get("/v1/models", headers=auth(key))
+    assert r.status_code == 200
+    assert [m["id"] for m in r.json()["data"]] == list(MODELS)
+    assert "x-ratelimit-limit-requests" in r.headers
+    limited = control.key("eu-only", allowed_models=["qwen3-moe-tiny"])
+    r = await control.client.get("/v1/models", headers=auth(limited))
+    assert [m["id"] for m in r.json()["data"]] == ["qwen3-moe-tiny"]
+
+    r = await control.client.get("/healthz")
+    assert (r.status_code, r.headers["retry-after"]) == (503, "5")
+    control.ready.update(dict.fromkeys(MODELS[:2], True))
+    r = await control.client.get("/healthz")
+    assert r.status_code == 503
+    assert r.json()["models"] == {
+        "qwen3-next-tiny": {"ready": True},
+        "qwen3-moe-tiny": {"ready": True},
+        "elsewhere-tiny": {"ready": False},
+    }
+    control.ready["elsewhere-tiny"] = True
+    r = await control.client.get("/healthz")
+    assert (r.status_code, r.json()["status"]) == (200, "ok")
+
+
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/completions", "/v1/responses"])
+async def test_a_model_that_is_not_served_is_404_without_its_name(control: InProcessControl, path: str) -> None:
+    body = {"input": "hej"} if path == "/v1/responses" else {"prompt": "hej"} if path == "/v1/completions" else CHAT
+    r = await control.client.post(path, json={**body, "model": "gpt-secret-name"}, headers=auth(control.key()))
+    assert r.status_code == 404
+    error = r.json()["error"]
+    assert (error["code"], error["type"]) == ("model_not_found", "invalid_request_error")
+    assert "gpt-secret-name" not in r.text
+    r = await control.client.post(path, json=body, headers=auth(control.key()))  # no model at all
+    assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
+
+
+async def test_a_key_comes_first_and_a_clients_mistake_gets_the_replicas_answer(control: InProcessControl) -> None:
+    r = await control.client.post("/v1/chat/completions", json={**CHAT, "model": "nope"})
+    assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+    key = control.key()
+    r = await control.client.post("/v1/chat/completions", content=b"{not json", headers=auth(key))
+    assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_json"
+    r = await control.client.post("/v1/chat/completions", json={**CHAT, "model": "nope", "fancy": 1}, headers=auth(key))
+    assert r.status_code == 400 and r.json()["error"]["param"] == "fancy"
+    limited = control.key("eu-only", allowed_models=["qwen3-moe-tiny"])
+    r = await control.client.post(
+        "/v1/chat/completions", json={**CHAT, "model": "qwen3-next-tiny"}, headers=auth(limited)
+    )
+    assert r.status_code == 403 and r.json()["error"]["code"] == "model_not_allowed"
+
+
+async def test_a_served_model_whose_application_is_not_up_is_503_with_retry_after(control: InProcessControl) -> None:
+    key = control.key()
+    # Without HAProxy's dispatch (the body named the model, but no rule sent it on) ...
+    r = await control.client.post("/v1/chat/completions", json={**CHAT, "model": "qwen3-moe-tiny"}, headers=auth(key))
+    assert (r.status_code, r.headers["retry-after"]) == (503, "5")
+    assert r.json()["error"]["code"] == "engine_unavailable" and "qwen3-moe-tiny" in r.json()["error"]["message"]
+    # ... and with it, before Serve has the model's application at its prefix: the path falls through to "/".
+    r = await control.client.post(
+        "/models/qwen3-next-tiny/v1/chat/completions", json={**CHAT, "model": "qwen3-next-tiny"}, headers=auth(key)
+    )
+    assert (r.status_code, r.json()["error"]["code"]) == (503, "engine_unavailable")
+    r = await control.client.post("/models/unknown/v1/chat/completions", json=CHAT, headers=auth(key))
+    assert (r.status_code, r.json()["error"]["code"]) == (404, "unknown_url")
+    r = await control.client.post("/models/qwen3-next-tiny/v1/chat/completions", json=CHAT)
+    assert r.status_code == 401
+
+
+async def test_nothing_stored_can_be_fetched_continued_or_cancelled(control: InProcessControl) -> None:
+    key = control.key()
+    assert (await control.client.get("/v1/responses/resp_1")).status_code == 401
+    for method, path in (
+        ("GET", "/v1/responses/resp_1"),
+        ("DELETE", "/v1/responses/resp_1"),
+        ("POST", "/v1/responses/resp_1/cancel"),
+    ):
+        r = await control.client.request(method, path, headers=auth(key))
+        assert r.status_code == 404, (method, path)
+        assert r.json()["error"]["message"] == NO_STORAGE
+    r = await control.client.post(
+        "/v1/responses",
+        json={"model": "qwen3-moe-tiny", "input": "hej", "previous_response_id": "resp_1"},
+        headers=auth(key),
+    )
+    assert r.status_code == 400 and r.json()["error"]["param"] == "previous_response_id"
+
+
+async def test_usage_and_administration_are_served_here(control: InProcessControl) -> None:
+    key = control.key()
+    r = await control.client.get("/v1/usage/summary", headers=auth(key))
+    assert r.status_code == 200, r.text
+    r = await control.client.get("/admin/tenants", headers=auth(key))
+    assert (r.status_code, r.json()["error"]["code"]) == (403, "permission_denied")  # a member's key is no operator's
+    r = await control.client.get("/dashboard/")
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/html")
