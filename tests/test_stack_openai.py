@@ -109,8 +109,8 @@ def test_completions_streaming(client: openai.OpenAI) -> None:
 
 @pytest.mark.parametrize("model", sorted(MODELS))
 def test_repeated_long_prompt_reports_cached_tokens(client: openai.OpenAI, model: str) -> None:
-    # Hybrid (Gated-DeltaNet) models checkpoint their recurrent state once vLLM has seen a shared prefix, so the
-    # cache can need a second sighting before it is hit; attention-only models hit on the first repeat.
+    # Both hit on the first repeat, the hybrid (Gated-DeltaNet) model too: it keeps its recurrent state at block
+    # bounds, and the engine holds one block size for its scheduler and its cache (deployments/engine.py::start_llm).
     messages = [{"role": "system", "content": LONG_PROMPT + model}, {"role": "user", "content": "Opsummer."}]
     cached = []
     for _ in range(3):
@@ -119,7 +119,8 @@ def test_repeated_long_prompt_reports_cached_tokens(client: openai.OpenAI, model
         cached.append(r.usage.prompt_tokens_details.cached_tokens)  # type: ignore[union-attr]
         assert cached[-1] <= r.usage.prompt_tokens
     assert cached[0] == 0, "the first sighting of a fresh prompt cannot be cached"
-    assert cached[-1] > 256, f"a repeated long prompt must hit the prefix cache: {cached}"
+    assert cached[1] > 256, f"a repeated long prompt must hit the prefix cache on its first repeat: {cached}"
+    assert cached[2] == cached[1], f"the first repeat must hit as much as later ones: {cached}"
 
 
 def test_one_organisation_cannot_hit_anothers_prefix_cache(client: openai.OpenAI, stack: Stack) -> None:

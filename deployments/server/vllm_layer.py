@@ -12,7 +12,7 @@ from argparse import Namespace
 from dataclasses import dataclass
 from typing import Any
 
-from deployments.engine import EngineSpec
+from deployments.engine import EngineSpec, start_llm
 from deployments.server.metering import MeteredEngineClient
 
 
@@ -90,9 +90,8 @@ class VllmLayer:
     async def start(self) -> None:
         from starlette.datastructures import State
         from vllm.entrypoints.launchers.api_server.app_state import init_app_state
-        from vllm.v1.engine.async_llm import AsyncLLM
 
-        self.llm = AsyncLLM.from_engine_args(engine_args(self.spec, self.args), stat_loggers=self._stat_loggers)
+        self.llm = start_llm(engine_args(self.spec, self.args), self._stat_loggers)
         if self.args.structured_outputs_config.reasoning_parser != (self.spec.reasoning_parser or ""):
             raise RuntimeError("vLLM's frontend and engine disagree on the reasoning parser")
         tasks = await self.llm.get_supported_tasks()

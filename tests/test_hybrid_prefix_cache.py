@@ -1,0 +1,54 @@
+"""Prefix caching on the hybrid model hits on a prompt's first repeat (deployments/engine.py::start_llm).
+
+A real vLLM engine on ``qwen3-next-tiny`` (Gated-DeltaNet beside gated attention, as in Qwen3.5), started as both
+editions' engine replicas start theirs. vLLM keeps a hybrid model's recurrent state only at block bounds; with the
+block size left to the CPU platform, a 1,500-token prompt's first sighting cached no state and its first repeat got
+0 cached tokens (its second got 1,280).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import uuid
+from pathlib import Path
+
+from deployments.engine import start_llm
+
+PROMPT = [(i * 7919) % 500 + 10 for i in range(1500)]  # token ids inside the tiny vocabulary, no repeats nearby
+
+
+async def _cached_tokens(path: Path, sends: int) -> tuple[list[int], int]:
+    from vllm import SamplingParams
+    from vllm.engine.arg_utils import AsyncEngineArgs
+    from vllm.inputs import TokensPrompt
+
+    args = AsyncEngineArgs(
+        model=str(path),
+        dtype="bfloat16",
+        enforce_eager=True,
+        max_model_len=2048,
+        max_num_seqs=4,
+        enable_prefix_caching=True,
+        enable_log_requests=False,
+    )
+    llm = start_llm(args, [])
+    try:
+        cached = []
+        for _ in range(sends):
+            params = SamplingParams(max_tokens=2)
+            outputs = [o async for o in llm.generate(TokensPrompt(prompt_token_ids=PROMPT), params, uuid.uuid4().hex)]
+            assert outputs[-1].finished and outputs[-1].num_cached_tokens is not None
+            cached.append(outputs[-1].num_cached_tokens)
+        return cached, llm.vllm_config.cache_config.block_size
+    finally:
+        llm.shutdown()
+
+
+def test_a_hybrid_models_first_repeat_hits_the_prefix_cache(tiny_models: dict[str, Path]) -> None:
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
+    cached, block = asyncio.run(_cached_tokens(tiny_models["qwen3-next-tiny"], sends=3))
+    assert block == 256, f"the recurrent state's page sets the block: {block}"
+    # The last whole block before the prompt's last token: that token is computed again on every send.
+    assert cached == [0, 1280, 1280], cached
