@@ -21,12 +21,95 @@ TARGET_VOCAB = 2048
 MAX_POSITIONS = 4096
 SEED = 20261124
 
-# ChatML, as Qwen models use it: a system turn when given, then the turns, then an open assistant turn.
+# Qwen3.5's chat format (ChatML with its tool and thinking conventions), so that vLLM's `qwen3` reasoning parser
+# and `qwen3_coder` tool parser read the tiny models' output as they read the production model's:
+# - tools are described in the system turn, each `<function>` with its `<name>`, `<description>` and
+#   `<parameters>`, and the model is told to answer a call as
+#   `<tool_call>\n<function=NAME>\n<parameter=KEY>\nVALUE\n</parameter>\n</function>\n</tool_call>`;
+# - an assistant turn's tool calls are written back in that form (arguments by name; a value that is not text as
+#   JSON), and its reasoning in a `<think>` block only after the last user turn, as Qwen3.5 keeps it;
+# - tool results go back in the user's turn, each in `<tool_response>`; consecutive ones share one turn;
+# - the assistant's turn opens a `<think>` block, or an empty one with `enable_thinking: false`.
 CHAT_TEMPLATE = (
-    "{%- for message in messages %}"
-    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
-    "{%- endfor %}"
-    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+    # text(): a message's content, as a string or as OpenAI's content parts.
+    "{%- macro text(content) -%}"
+    "{%- if content is string -%}{{- content -}}"
+    "{%- elif content is iterable -%}{%- for part in content if part.type == 'text' -%}{{- part.text -}}{%- endfor -%}"
+    "{%- endif -%}"
+    "{%- endmacro -%}"
+    "{%- set tools = tools if tools is defined and tools else [] -%}"
+    "{%- set first_system = messages | length > 0 and messages[0].role == 'system' -%}"
+    "{%- set ns = namespace(last_user=-1, user=-1) -%}"
+    "{%- for m in messages -%}{%- if m.role == 'user' -%}{%- set ns.last_user = loop.index0 -%}{%- endif -%}"
+    "{%- endfor -%}"
+    # The system turn: the client's system message, then the tools.
+    "{%- if first_system or tools -%}"
+    "{{- '<|im_start|>system\\n' -}}"
+    "{%- if first_system -%}{{- text(messages[0].content) -}}{%- endif -%}"
+    "{%- if tools -%}"
+    "{%- if first_system -%}{{- '\\n\\n' -}}{%- endif -%}"
+    "{{- '# Tools\\n\\nYou may call these functions:\\n\\n<tools>' -}}"
+    "{%- for entry in tools -%}"
+    "{%- set f = entry.function if entry.function is defined else entry -%}"
+    "{{- '\\n<function>\\n<name>' ~ f.name ~ '</name>' -}}"
+    "{%- if f.description -%}{{- '\\n<description>' ~ (f.description | trim) ~ '</description>' -}}{%- endif -%}"
+    "{%- set params = f.parameters if f.parameters is mapping else {} -%}"
+    "{{- '\\n<parameters>' -}}"
+    "{%- for name, field in (params.properties if params.properties is mapping else {}) | items -%}"
+    "{{- '\\n<parameter>\\n<name>' ~ name ~ '</name>' -}}"
+    "{%- if field.type is defined -%}{{- '\\n<type>' ~ (field.type | string) ~ '</type>' -}}{%- endif -%}"
+    "{%- if field.description is defined -%}"
+    "{{- '\\n<description>' ~ (field.description | trim) ~ '</description>' -}}"
+    "{%- endif -%}"
+    "{{- '\\n</parameter>' -}}"
+    "{%- endfor -%}"
+    "{%- if params.required -%}{{- '\\n<required>' ~ (params.required | tojson) ~ '</required>' -}}{%- endif -%}"
+    "{{- '\\n</parameters>\\n</function>' -}}"
+    "{%- endfor -%}"
+    "{{- '\\n</tools>\\n\\nTo call a function, answer with the call and nothing after it, in this form:\\n'"
+    " '<tool_call>\\n<function=NAME>\\n<parameter=KEY>\\nVALUE\\n</parameter>\\n</function>\\n</tool_call>' -}}"
+    "{%- endif -%}"
+    "{{- '<|im_end|>\\n' -}}"
+    "{%- endif -%}"
+    # The turns.
+    "{%- for m in messages -%}"
+    "{%- if m.role == 'user' -%}{%- set ns.user = loop.index0 -%}{%- endif -%}"
+    "{%- if loop.first and first_system -%}"
+    "{%- elif m.role == 'tool' -%}"
+    "{%- if loop.first or loop.previtem.role != 'tool' -%}{{- '<|im_start|>user' -}}{%- endif -%}"
+    "{{- '\\n<tool_response>\\n' ~ text(m.content) ~ '\\n</tool_response>' -}}"
+    "{%- if loop.last or loop.nextitem.role != 'tool' -%}{{- '<|im_end|>\\n' -}}{%- endif -%}"
+    "{%- elif m.role == 'assistant' -%}"
+    "{{- '<|im_start|>assistant\\n' -}}"
+    "{%- set reasoning = m.reasoning_content or m.reasoning or '' -%}"
+    "{%- if reasoning and ns.user == ns.last_user -%}"
+    "{{- '<think>\\n' ~ (reasoning | trim) ~ '\\n</think>\\n\\n' -}}"
+    "{%- endif -%}"
+    "{%- set content = text(m.content) | trim -%}"
+    "{{- content -}}"
+    "{%- for call in m.tool_calls or [] -%}"
+    "{%- set c = call.function if call.function is defined else call -%}"
+    "{%- if not loop.first or content -%}{{- '\\n' -}}{%- endif -%}"
+    "{{- '<tool_call>\\n<function=' ~ c.name ~ '>\\n' -}}"
+    "{%- if c.arguments is mapping -%}"
+    "{%- for key, value in c.arguments | items -%}"
+    "{{- '<parameter=' ~ key ~ '>\\n' ~ (value if value is string else value | tojson) ~ '\\n</parameter>\\n' -}}"
+    "{%- endfor -%}"
+    "{%- elif c.arguments -%}{{- c.arguments ~ '\\n' -}}"
+    "{%- endif -%}"
+    "{{- '</function>\\n</tool_call>' -}}"
+    "{%- endfor -%}"
+    "{{- '<|im_end|>\\n' -}}"
+    "{%- else -%}"
+    "{{- '<|im_start|>' ~ m.role ~ '\\n' ~ text(m.content) ~ '<|im_end|>\\n' -}}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    # The assistant's turn, thinking unless asked not to.
+    "{%- if add_generation_prompt -%}"
+    "{{- '<|im_start|>assistant\\n' -}}"
+    "{%- if enable_thinking is defined and not enable_thinking -%}{{- '<think>\\n\\n</think>\\n\\n' -}}"
+    "{%- else -%}{{- '<think>\\n' -}}{%- endif -%}"
+    "{%- endif -%}"
 )
 
 # Training text for the tokenizer: English and Danish (with æ, ø, å), code and numbers, so that the merges cover

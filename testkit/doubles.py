@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import dataclasses
 import inspect
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Callable
+from typing import Any
 
 from ray import serve
 
@@ -214,3 +216,29 @@ class InstantEngineDeploymentDouble:
 
     async def record_autoscaling_stats(self) -> dict[str, float]:
         return {QUEUE_METRIC: float(self._in_flight), KV_CACHE_METRIC: 0.0}
+
+
+class ScriptedOutputEngineDouble:
+    """vLLM's engine client, whose answer says a given text while ``script`` is set: the real engine runs each
+    request (it is tokenized, admitted, metered and finished as any), and its final output's text and token ids
+    become the script's. For what vLLM's serving layer makes of model output that random weights never write (a
+    tool call under ``tool_choice: auto``); only for requests that ask for the final output alone (not streamed)."""
+
+    def __init__(self, engine: Any, encode: Callable[[str], list[int]]) -> None:
+        self._engine = engine
+        self._encode = encode
+        self.script: str | None = None
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._engine, name)
+
+    async def generate(self, prompt: Any, sampling_params: Any, request_id: str, **kwargs: Any) -> AsyncGenerator[Any]:
+        script = self.script
+        async for output in self._engine.generate(prompt, sampling_params, request_id, **kwargs):
+            if output.finished and script is not None:
+                ids = self._encode(script)
+                output.outputs = [
+                    dataclasses.replace(c, text=script, token_ids=ids, finish_reason="stop", stop_reason=None)
+                    for c in output.outputs
+                ]
+            yield output

@@ -9,8 +9,9 @@ never about what the text says.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any, Literal
 
@@ -30,7 +31,7 @@ from deployments.server.app import create_server_app
 from deployments.server.gate import Call, KeyGate
 from deployments.server.metering import Metered
 from deployments.server.vllm_layer import ServingSpec, VllmLayer
-from testkit.doubles import InProcessHandleDouble
+from testkit.doubles import InProcessHandleDouble, ScriptedOutputEngineDouble
 from testkit.ports import free_port
 from tests.inprocess import PRICES
 
@@ -86,9 +87,20 @@ class Server:
         reports: list[tuple[str, Metered]],
         billing: BillingService,
         accounts: ServeBillingClient,
+        scripted: ScriptedOutputEngineDouble,
     ) -> None:
         self.client, self.http, self.reports = client, http, reports
         self.billing, self.accounts = billing, accounts
+        self.scripted = scripted
+
+    @contextlib.contextmanager
+    def engine_writes(self, script: str) -> Iterator[None]:
+        """The engine's (final) output says ``script`` while inside (testkit/doubles.py)."""
+        self.scripted.script = script
+        try:
+            yield
+        finally:
+            self.scripted.script = None
 
     def key(self, tenant: str, **settings: Any) -> str:
         """A new key made by the operator (``role``, ``allowed_models``, ``budget_dkk``, …)."""
@@ -140,6 +152,11 @@ async def server(
     outbox = asyncio.create_task(accounts.outbox.run())
     layer = VllmLayer(spec)
     await layer.start()
+    # Every serving object reaches the engine through the one meter: the double goes behind it.
+    meter = layer.state.openai_serving_chat.engine_client
+    tokenizer = layer.llm.get_tokenizer()
+    scripted = ScriptedOutputEngineDouble(meter._engine, lambda text: tokenizer.encode(text, add_special_tokens=False))
+    meter._engine = scripted
     reports: list[tuple[str, Metered]] = []
     cards = [{"id": MODEL, "object": "model", "created": 0, "owned_by": "anker"}]
 
@@ -163,7 +180,7 @@ async def server(
         keyed = {"Authorization": f"Bearer {key}"}
         async with httpx.AsyncClient(base_url=base, timeout=120, headers=keyed) as http:
             client = openai.AsyncOpenAI(base_url=f"{base}/v1", api_key=key, http_client=http, max_retries=0)
-            yield Server(client, http, reports, billing, accounts)
+            yield Server(client, http, reports, billing, accounts, scripted)
     finally:
         http_server.should_exit = True
         await serving
@@ -207,6 +224,43 @@ async def test_a_required_or_named_tool_choice_yields_a_schema_valid_call(server
             assert set(json.loads(call.function.arguments)) == {"city", "days"}
     # Random weights run on after the call until max_tokens; a trained model stops (tool_calls).
     assert answer.choices[0].finish_reason in ("tool_calls", "length")
+
+
+CALL_TEXT = (
+    "Jeg ser efter.\n<tool_call>\n<function=get_weather>\n<parameter=city>\nAarhus\n</parameter>\n"
+    "<parameter=days>\n2\n</parameter>\n</function>\n</tool_call>"
+)
+
+
+async def test_auto_tool_choice_reads_a_call_the_model_writes(server: Server) -> None:
+    """``auto`` leaves the choice to the model: vLLM's ``qwen3_coder`` parser finds the call in what it wrote (Qwen's
+    XML form, as the tiny models' template asks for it) and types its arguments by the tool's schema."""
+    with server.engine_writes(CALL_TEXT):
+        answer = await server.client.chat.completions.create(
+            model=MODEL,
+            messages=QUESTION,
+            tools=[WEATHER, ALARM],
+            tool_choice="auto",
+            max_tokens=4,
+            extra_body=NO_THINKING,
+        )
+        plain = await server.client.chat.completions.create(
+            model=MODEL,
+            messages=QUESTION,
+            tools=[WEATHER, ALARM],
+            tool_choice="none",
+            max_tokens=4,
+            extra_body=NO_THINKING,
+        )
+    choice = answer.choices[0]
+    assert choice.finish_reason == "tool_calls", choice
+    assert choice.message.content == "Jeg ser efter."
+    [call] = choice.message.tool_calls or []
+    assert call.type == "function" and call.id
+    assert (call.function.name, json.loads(call.function.arguments)) == ("get_weather", {"city": "Aarhus", "days": 2})
+    # With `none` no call is made of the same text (vLLM's parser drops the call's markup from the content).
+    assert plain.choices[0].message.tool_calls in (None, []) and plain.choices[0].finish_reason == "stop"
+    assert (plain.choices[0].message.content or "").startswith("Jeg ser efter.")
 
 
 async def test_tool_calls_stream_as_deltas_and_finish_with_tool_calls(server: Server) -> None:
