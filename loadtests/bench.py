@@ -1,7 +1,9 @@
-"""The side-by-side benchmark: the same streamed chat workloads against Anker, bare vLLM and Ray Serve LLM on the
-same model and engine flags (one server at a time), then Anker's router policies on a multi-turn workload.
+"""The side-by-side benchmark: the same streamed chat workloads against Anker (both editions), bare vLLM and Ray
+Serve LLM (its default path and its direct streaming) on the same model and engine flags, all running at once and
+measured in interleaved rounds, with the CPU time of each one's processes; then Anker's router policies on a
+multi-turn workload.
 
-    python -m loadtests.bench            # the real run (about 20 minutes on a quiet 2-core machine)
+    python -m loadtests.bench            # the real run
     python -m loadtests.bench --quick    # tiny sizes, for development
 
 It writes a Markdown report with tables, PNG plots and the figures as JSON; never a prompt or a completion.
@@ -31,14 +33,15 @@ import yaml
 from cluster.tiny_models import build_model, is_built
 from config.schema import AnkerConfig, ConfigError
 from config.settings import DEFAULT_PROFILE, load_config
-from loadtests import bench_report
+from loadtests import bench_cpu, bench_report
 from loadtests.bench_anker import anker
 from loadtests.bench_client import Measured, run_conversations, run_requests
 from loadtests.bench_stats import Summary, summarize
 from loadtests.bench_targets import ROOT, Endpoint, EngineFlags, TargetError, bare_vllm, ray_serve_llm
 from loadtests.workloads import ChatRequest, Conversation, shared_prefix, short_chat
+from testkit.ports import free_port
 
-TARGETS = ("anker", "vllm", "ray-serve-llm")
+TARGETS = ("anker", "anker-direct", "vllm", "ray-serve-llm", "ray-serve-llm-direct")
 WORKLOADS = ("short_chat", "shared_prefix", "multi_turn")
 POLICIES = ("prefix_aware", "power_of_two")
 REQUEST_WORKLOADS: dict[str, Callable[[random.Random], ChatRequest]] = {
@@ -57,9 +60,12 @@ class Sizes:
     warmup: int = 8
     conversations: int = 20
     conversation_concurrency: int = 8
+    rounds: int = 5
 
 
-QUICK = Sizes(concurrency=4, requests=12, max_tokens=16, warmup=2, conversations=4, conversation_concurrency=2)
+QUICK = Sizes(
+    concurrency=4, requests=12, max_tokens=16, warmup=2, conversations=4, conversation_concurrency=2, rounds=2
+)
 
 
 def say(message: str) -> None:
@@ -69,7 +75,7 @@ def say(message: str) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m loadtests.bench",
-        description="Anker vs bare vLLM vs Ray Serve LLM on the same model and engine flags, one server at a time, "
+        description="Anker vs bare vLLM vs Ray Serve LLM on the same model and engine flags, in interleaved rounds, "
         "then Anker's prefix-aware vs power-of-two routing on a multi-turn workload with 2 engine replicas.",
     )
     parser.add_argument(
@@ -107,6 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         help=f"conversations at a time (default {Sizes.conversation_concurrency})",
     )
+    size.add_argument("--rounds", type=int, help=f"interleaved rounds of every target (default {Sizes.rounds})")
     parser.add_argument("--seed", type=int, default=7, help="workload seed: every target gets the same requests")
     parser.add_argument("--work-dir", type=Path, help="models, data folders and server logs (default: a new temp dir)")
     parser.add_argument(
@@ -215,9 +222,17 @@ def launcher(
     flags = EngineFlags.of(config, config.models[0])
     if target == "anker":
         return anker(derived, work_dir, "side-by-side", {})
+    if target == "anker-direct":
+        # The second edition: Serve's HAProxy direct ingress, the engine replica serving the API itself.
+        haproxy = {
+            "ANKER__STACK__INGRESS": "haproxy",
+            "ANKER__SERVER__HAPROXY_METRICS_PORT": str(free_port()),
+            "ANKER__SERVER__HAPROXY_STATS_PORT": str(free_port()),
+        }
+        return anker(derived, work_dir, "direct", haproxy, target)
     if target == "vllm":
         return bare_vllm(flags, work_dir)
-    return ray_serve_llm(flags, work_dir)
+    return ray_serve_llm(flags, work_dir, direct=target == "ray-serve-llm-direct")
 
 
 def _cpu_name() -> str:
@@ -278,11 +293,16 @@ def setup_facts(
         "Ray Serve LLM": "`ray.serve.llm.build_openai_app`, one `LLMConfig` (model_source = the local path, "
         "engine_kwargs = those arguments + enable_prompt_tokens_details, runtime_env env_vars = that environment, "
         "CPU accelerator, 1 replica), on a Ray instance of its own with 8 logical CPUs",
+        "Ray Serve LLM, direct": "the same with `RAY_SERVE_LLM_ENABLE_DIRECT_STREAMING=1` and Serve's HAProxy "
+        "(`RAY_SERVE_ENABLE_HA_PROXY=1`): the LLM server is the application's ingress",
         "Anker": "`anker up --detach` with a data folder and ports of its own, serving only this model, 1 engine "
-        "replica; requests with an API key",
-        "order": f"{', '.join(targets)}: one server at a time (start, warm up, measure, stop)",
+        "replica; requests with an API key. Anker, direct: the same with `stack.ingress: haproxy` (the second "
+        "edition: Serve's HAProxy, the engine replica serving the API itself)",
+        "order": f"{', '.join(targets)}: all running at once; {sizes.rounds} rounds, each target running every "
+        "workload in turn, the order rotated by one target each round",
         "load": f"closed loop, max_tokens {sizes.max_tokens}, seed {args.seed} (every target gets the same "
-        f"requests), {sizes.warmup} unmeasured short chats after each start; `short_chat` and `shared_prefix`: "
+        f"requests in a round, each round new ones), {sizes.warmup} unmeasured short chats after each start; "
+        "`short_chat` and `shared_prefix`: "
         f"{sizes.concurrency} streamed requests in flight, {mode}",
         "`multi_turn` load": f"conversations of 4-6 turns, {sizes.conversation_concurrency} at a time, each turn "
         f"sent with the whole history when the previous answer is in; {conversations}",
@@ -296,24 +316,54 @@ def setup_facts(
 def compare_targets(
     report: bench_report.Report, args: argparse.Namespace, sizes: Sizes, derived: Path, config: AnkerConfig
 ) -> None:
-    """Each target alone: start, warm up, every workload, stop. A target that cannot start is reported, not fatal."""
-    for target in _csv(args.targets, TARGETS, "target"):
-        say(f"{target}: starting ...")
-        started = time.monotonic()
-        try:
-            with launcher(target, derived, config, args.work_dir) as endpoint:
-                report.startup_s[target] = time.monotonic() - started
-                report.startup_notes += [f"{bench_report.TARGET_TITLES[target]}: {n}" for n in endpoint.notes]
-                say(f"{target}: ready in {report.startup_s[target]:.0f}s at {endpoint.base_url}")
-                warm_up(endpoint, sizes, args.seed)
+    """Every target at once (started one after another, each warmed up), then ``rounds`` rounds in which each
+    target runs every workload, in an order that rotates from round to round: the machine's swings fall on all of
+    them alike, and each round's ratios compare figures measured minutes apart at most. A target that cannot start
+    is reported, not fatal."""
+    with contextlib.ExitStack() as running:
+        endpoints: dict[str, Endpoint] = {}
+        for target in _csv(args.targets, TARGETS, "target"):
+            say(f"{target}: starting ...")
+            started = time.monotonic()
+            try:
+                endpoint = running.enter_context(launcher(target, derived, config, args.work_dir))
+            except TargetError as exc:
+                report.failures[target] = str(exc)
+                say(f"{target}: did not run: {exc}")
+                continue
+            report.startup_s[target] = time.monotonic() - started
+            report.startup_notes += [f"{bench_report.TARGET_TITLES.get(target, target)}: {n}" for n in endpoint.notes]
+            say(f"{target}: ready in {report.startup_s[target]:.0f}s at {endpoint.base_url}")
+            warm_up(endpoint, sizes, args.seed)
+            endpoints[target] = endpoint
+        pooled: dict[tuple[str, str], list[Measured]] = {}
+        order = list(endpoints)
+        for number in range(1, sizes.rounds + 1):
+            say(f"round {number} of {sizes.rounds}: {', '.join(order)}")
+            for target in order:
                 for workload in _csv(args.workloads, WORKLOADS, "workload"):
-                    measured = measure(endpoint, workload, sizes, args.seed, args.duration_s)
-                    report.summaries.append(summarize(target, workload, measured))
-                    say(_line(report.summaries[-1]))
-                say(f"{target}: stopping ...")
-        except TargetError as exc:
-            report.failures[target] = str(exc)
-            say(f"{target}: did not run: {exc}")
+                    # Fresh requests each round (no round finds the last one's prompts cached), the same for all.
+                    seed = args.seed * 1000 + number
+                    measured, cpu, client_ms = _measured_with_cpu(endpoints[target], workload, sizes, seed, args)
+                    pooled.setdefault((target, workload), []).append(measured)
+                    summary = summarize(target, workload, measured)
+                    report.rounds.append(bench_report.Round.of(number, summary, cpu, client_ms))
+                    say(_line(summary) + f", CPU {sum(cpu.values()):,.0f} ms")
+            order = order[1:] + order[:1]
+        for (target, workload), runs in pooled.items():
+            merged = Measured([r for m in runs for r in m.results], sum(m.wall_s for m in runs))
+            report.summaries.append(summarize(target, workload, merged))
+        say("stopping every target ...")
+
+
+def _measured_with_cpu(
+    endpoint: Endpoint, workload: str, sizes: Sizes, seed: int, args: argparse.Namespace
+) -> tuple[Measured, dict[str, float], float]:
+    """One workload's run, with the CPU milliseconds the target's processes (by group) and the load client spent."""
+    before, client_before = bench_cpu.snapshot(endpoint.roots), bench_cpu.own_cpu_s()
+    measured = measure(endpoint, workload, sizes, seed, args.duration_s)
+    client_ms = (bench_cpu.own_cpu_s() - client_before) * 1000
+    return measured, bench_cpu.spent_ms(before, bench_cpu.snapshot(endpoint.roots)), client_ms
 
 
 def compare_routing(report: bench_report.Report, args: argparse.Namespace, sizes: Sizes, derived: Path) -> None:

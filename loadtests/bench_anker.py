@@ -18,7 +18,7 @@ from pathlib import Path
 import yaml
 
 from cluster.local import HEAD_LOG, ray_auth_env, read_state
-from config.naming import APP_NAME, engine_deployment_name
+from config.naming import APP_NAME, engine_deployment_name, model_app_name
 from config.schema import AnkerConfig
 from config.settings import load_config
 from loadtests.bench_targets import (
@@ -102,8 +102,9 @@ def _down(env: dict[str, str], log: Path) -> None:
 def _running_replicas(stack: AnkerConfig, env: dict[str, str]) -> int:
     """Running replicas of the (only) model's engine deployment, from Serve's own CLI (token auth included)."""
     address = f"http://{stack.ray.dashboard_host}:{stack.ray.dashboard_port}"
+    app = model_app_name(stack.models[0].name) if stack.stack.ingress == "haproxy" else APP_NAME
     status = subprocess.run(
-        [SERVE, "status", "--address", address, "--name", APP_NAME],
+        [SERVE, "status", "--address", address, "--name", app],
         env={**env, **ray_auth_env(stack)},
         capture_output=True,
         text=True,
@@ -144,9 +145,11 @@ def _create_key(env: dict[str, str]) -> str:
 
 
 @contextlib.contextmanager
-def anker(config_path: Path, work_dir: Path, label: str, overrides: dict[str, str]) -> Iterator[Endpoint]:
+def anker(
+    config_path: Path, work_dir: Path, label: str, overrides: dict[str, str], target: str = "anker"
+) -> Iterator[Endpoint]:
     """The stack serving the profile's (only) model; ``overrides`` are ``ANKER__...`` settings (replicas, router
-    policy). The endpoint is handed out once every engine replica runs."""
+    policy, the edition). The endpoint is handed out once every engine replica runs."""
     data_dir = work_dir / f"anker-{label}"
     log = work_dir / f"anker-{label}.log"
     taken: set[int] = set()
@@ -164,7 +167,7 @@ def anker(config_path: Path, work_dir: Path, label: str, overrides: dict[str, st
     )
     stack = load_config(config_path, env)
     key = _create_key(env)
-    endpoint = Endpoint("anker", f"http://127.0.0.1:{port}", stack.models[0].name, {"Authorization": f"Bearer {key}"})
+    endpoint = Endpoint(target, f"http://127.0.0.1:{port}", stack.models[0].name, {"Authorization": f"Bearer {key}"})
     notes: list[str] = []
     try:
         for attempt in range(1, START_ATTEMPTS + 1):
@@ -179,6 +182,8 @@ def anker(config_path: Path, work_dir: Path, label: str, overrides: dict[str, st
                 _down(env, log)
         wait_ready(endpoint, None, log)
         wait_replicas(stack, env)
-        yield dataclasses.replace(endpoint, notes=tuple(notes))
+        state = read_state(stack)
+        roots = (state.head_pid,) if state is not None else ()
+        yield dataclasses.replace(endpoint, notes=tuple(notes), roots=roots)
     finally:
         _down(env, log)

@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -20,8 +20,62 @@ LATENCIES = (
     ("itl_ms", "inter-token latency (ms)"),
     ("tpot_ms", "time per output token (ms)"),
 )
-TARGET_TITLES = {"anker": "Anker", "vllm": "bare vLLM", "ray-serve-llm": "Ray Serve LLM"}
-COLOURS = {"anker": "#1f6f8b", "vllm": "#99a3a4", "ray-serve-llm": "#e07a1f"}
+TARGET_TITLES = {
+    "anker": "Anker",
+    "anker-direct": "Anker, direct",
+    "vllm": "bare vLLM",
+    "ray-serve-llm": "Ray Serve LLM",
+    "ray-serve-llm-direct": "Ray Serve LLM, direct",
+}
+COLOURS = {
+    "anker": "#1f6f8b",
+    "anker-direct": "#2a9d8f",
+    "vllm": "#99a3a4",
+    "ray-serve-llm": "#e07a1f",
+    "ray-serve-llm-direct": "#f4a261",
+}
+# Issue 14's goals for Anker against bare vLLM, by the figure's name in ``_round_figures``.
+GOALS = {
+    "tok/s ratio": (">=", 0.97),
+    "TTFT p50 added (ms)": ("<=", 5.0),
+    "CPU ms added per output token": ("<=", 0.1),
+    "CPU ms added per request": ("<=", 5.0),
+}
+
+
+@dataclass(frozen=True)
+class Round:
+    """One target under one workload in one round, with the CPU its processes and the load client spent."""
+
+    number: int
+    target: str
+    workload: str
+    requests: int
+    errors: int
+    output_tokens: int
+    output_tokens_per_s: float
+    ttft_p50_ms: float
+    cpu_ms: dict[str, float]
+    client_cpu_ms: float
+
+    @classmethod
+    def of(cls, number: int, s: Summary, cpu_ms: dict[str, float], client_cpu_ms: float) -> Round:
+        return cls(
+            number,
+            s.target,
+            s.workload,
+            s.requests,
+            s.errors,
+            s.output_tokens,
+            s.output_tokens_per_s,
+            s.ttft_ms.p50,
+            dict(cpu_ms),
+            client_cpu_ms,
+        )
+
+    @property
+    def cpu_total_ms(self) -> float:
+        return sum(self.cpu_ms.values())
 
 
 @dataclass
@@ -33,6 +87,7 @@ class Report:
     setup: dict[str, Any]
     summaries: list[Summary] = field(default_factory=list)
     routing: list[Summary] = field(default_factory=list)
+    rounds: list[Round] = field(default_factory=list)
     failures: dict[str, str] = field(default_factory=dict)  # target or policy -> why it did not run
     startup_s: dict[str, float] = field(default_factory=dict)  # target or policy -> seconds until it served
     startup_notes: list[str] = field(default_factory=list)  # start-ups that had to be tried again
@@ -235,6 +290,107 @@ def _no_nan(value: Any) -> Any:
     return value
 
 
+def _median(values: Sequence[float]) -> float:
+    ordered = sorted(v for v in values if not math.isnan(v))
+    if not ordered:
+        return math.nan
+    mid = len(ordered) // 2
+    return ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
+
+
+def _spread(values: Sequence[float], digits: int = 2, unit: str = "") -> str:
+    """The median and, in brackets, the smallest and largest of one figure over the rounds."""
+    kept = [v for v in values if not math.isnan(v)]
+    if not kept:
+        return "n/a"
+    return f"{_median(kept):,.{digits}f}{unit} [{min(kept):,.{digits}f}, {max(kept):,.{digits}f}]"
+
+
+def _per(value: float, count: int) -> float:
+    return value / count if count else math.nan
+
+
+def _round_figures(rounds: Sequence[Round], workload: str, target: str) -> dict[str, list[float]]:
+    """Each round's figures of ``target`` under ``workload``, each against bare vLLM in the same round."""
+    by_key = {(r.number, r.target): r for r in rounds if r.workload == workload}
+    figures: dict[str, list[float]] = {}
+    for (number, name), r in sorted(by_key.items()):
+        base = by_key.get((number, BASELINE))
+        if name != target or base is None:
+            continue
+        row = {
+            "tok/s ratio": ratio(r.output_tokens_per_s, base.output_tokens_per_s),
+            "TTFT p50 added (ms)": r.ttft_p50_ms - base.ttft_p50_ms,
+            "CPU ms per request": _per(r.cpu_total_ms, r.requests),
+            "CPU ms per output token": _per(r.cpu_total_ms, r.output_tokens),
+            "CPU ms added per request": _per(r.cpu_total_ms, r.requests) - _per(base.cpu_total_ms, base.requests),
+            "CPU ms added per output token": _per(r.cpu_total_ms, r.output_tokens)
+            - _per(base.cpu_total_ms, base.output_tokens),
+        }
+        for key, value in row.items():
+            figures.setdefault(key, []).append(value)
+    return figures
+
+
+ROUND_COLUMNS = (
+    ("tok/s ratio", 2, "x"),
+    ("TTFT p50 added (ms)", 0, ""),
+    ("CPU ms per request", 1, ""),
+    ("CPU ms per output token", 2, ""),
+    ("CPU ms added per request", 1, ""),
+    ("CPU ms added per output token", 2, ""),
+)
+
+
+def _rounds_table(rounds: Sequence[Round], workload: str) -> list[str]:
+    targets = list(dict.fromkeys(r.target for r in rounds))
+    header = " | ".join(name for name, _, _ in ROUND_COLUMNS)
+    lines = [f"| target | {header} |", "| --- |" + " ---: |" * len(ROUND_COLUMNS)]
+    for target in targets:
+        figures = _round_figures(rounds, workload, target)
+        cells = [_spread(figures.get(name, []), digits, unit) for name, digits, unit in ROUND_COLUMNS]
+        lines.append(f"| {_title(target)} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def _cpu_by_group(rounds: Sequence[Round]) -> list[str]:
+    """CPU ms per output token by process group: each round's sum over its workloads, the median over rounds."""
+    lines = ["| target | process | CPU ms per output token | CPU ms per request |", "| --- | --- | ---: | ---: |"]
+    for target in dict.fromkeys(r.target for r in rounds):
+        mine = [r for r in rounds if r.target == target]
+        numbers = sorted({r.number for r in mine})
+        groups = sorted({g for r in mine for g in r.cpu_ms} | {"load client"})
+        for group in groups:
+            per_token, per_request = [], []
+            for number in numbers:
+                these = [r for r in mine if r.number == number]
+                spent = sum(r.client_cpu_ms if group == "load client" else r.cpu_ms.get(group, 0.0) for r in these)
+                per_token.append(_per(spent, sum(r.output_tokens for r in these)))
+                per_request.append(_per(spent, sum(r.requests for r in these)))
+            token_ms, request_ms = _num(_median(per_token), 3), _num(_median(per_request), 2)
+            lines.append(f"| {_title(target)} | {group} | {token_ms} | {request_ms} |")
+    return lines
+
+
+def _goals_table(rounds: Sequence[Round], workloads: Sequence[str]) -> list[str]:
+    anker = [t for t in ("anker", "anker-direct") if any(r.target == t for r in rounds)]
+    lines = [
+        "| figure | workload | goal | " + " | ".join(_title(t) for t in anker) + " |",
+        "| --- | --- | --- |" + " ---: |" * len(anker),
+    ]
+    for name, (sense, goal) in GOALS.items():
+        for workload in workloads:
+            if name == "TTFT p50 added (ms)" and workload != "short_chat":
+                continue
+            cells = []
+            for target in anker:
+                value = _median(_round_figures(rounds, workload, target).get(name, []))
+                met = not math.isnan(value) and (value >= goal if sense == ">=" else value <= goal)
+                cells.append(f"{_num(value, 2)} {'(met)' if met else '(not met)'}")
+            lines.append(f"| {name} | `{workload}` | {sense} {goal:g} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def _setup_lines(setup: dict[str, Any]) -> list[str]:
     return [f"- {key}: {value}" for key, value in setup.items()]
 
@@ -263,6 +419,35 @@ def write(report: Report, out: Path, name: str) -> Path:
         *_setup_lines(report.setup),
         "",
     ]
+    if report.rounds:
+        workloads = list(dict.fromkeys(r.workload for r in report.rounds))
+        lines += [
+            "## Side by side, round by round",
+            "",
+            "Each figure is taken per round against bare vLLM in the same round: the median over the rounds and, in "
+            "brackets, the smallest and the largest. CPU is the user + system time of every process of the target "
+            "(its whole process tree: Ray's, Serve's replicas, vLLM's engine core, HAProxy) while it ran the "
+            "workload, from the kernel; the load client's own is apart, below.",
+            "",
+        ]
+        for workload in workloads:
+            lines += [f"### `{workload}`", "", *_rounds_table(report.rounds, workload), ""]
+        lines += [
+            "### Against the goals",
+            "",
+            "Medians over the rounds, as in the tables above.",
+            "",
+            *_goals_table(report.rounds, workloads),
+            "",
+            "### CPU by process",
+            "",
+            "Each round's CPU over all its workloads, per output token and per request; the median over rounds.",
+            "",
+            *_cpu_by_group(report.rounds),
+            "",
+            "## All rounds pooled",
+            "",
+        ]
     for workload in _workloads(report.summaries):
         rows = [s for s in report.summaries if s.workload == workload]
         lines += [
@@ -326,6 +511,7 @@ def write(report: Report, out: Path, name: str) -> Path:
         "setup": report.setup,
         "summaries": [s.to_json() for s in report.summaries],
         "routing": [s.to_json() for s in report.routing],
+        "rounds": [asdict(r) for r in report.rounds],
         "startup_s": report.startup_s,
         "startup_notes": report.startup_notes,
         "failures": report.failures,

@@ -9,8 +9,10 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import signal
 import sys
+import tempfile
 import threading
 from typing import Any
 
@@ -31,6 +33,24 @@ def llm_config(model: str, path: str, engine_kwargs: dict[str, Any], env: dict[s
             "deployment_config": {"num_replicas": 1},
         }
     )
+
+
+def direct_streaming_env() -> dict[str, str]:
+    """Ray Serve LLM's direct streaming: the LLM server is the application's ingress, reached through Serve's
+    HAProxy, whose config and sockets go in a short folder of this run's own, and its listeners on free ports."""
+    from testkit.ports import free_port
+
+    folder = tempfile.mkdtemp(prefix="bsl-", dir="/tmp")
+    return {
+        "RAY_SERVE_LLM_ENABLE_DIRECT_STREAMING": "1",
+        "RAY_SERVE_ENABLE_HA_PROXY": "1",
+        "RAY_SERVE_HAPROXY_METRICS_PORT": str(free_port()),
+        "RAY_SERVE_HAPROXY_STATS_PORT": str(free_port()),
+        "RAY_SERVE_HAPROXY_CONFIG_FILE_LOC": f"{folder}/haproxy.cfg",
+        "RAY_SERVE_HAPROXY_SOCKET_PATH": f"{folder}/admin.sock",
+        "RAY_SERVE_HAPROXY_SERVER_STATE_BASE": folder,
+        "RAY_SERVE_HAPROXY_SERVER_STATE_FILE": f"{folder}/server-state",
+    }
 
 
 def serve_until_stopped(args: argparse.Namespace) -> int:
@@ -73,7 +93,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--port", type=int, required=True, help="loopback HTTP port of Serve's proxy")
     parser.add_argument("--engine-kwargs", required=True, help="vLLM engine arguments as a JSON object")
     parser.add_argument("--env", default="{}", help="engine environment as a JSON object")
-    return serve_until_stopped(parser.parse_args(argv))
+    parser.add_argument(
+        "--direct", action="store_true", help="Ray Serve LLM's direct streaming behind Serve's HAProxy (one model)"
+    )
+    args = parser.parse_args(argv)
+    if args.direct:
+        os.environ.update(direct_streaming_env())  # before Ray is imported: its constants are read then
+    return serve_until_stopped(args)
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ logging is off everywhere). It never runs ``ray stop`` and signals only the proc
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import re
@@ -45,6 +46,7 @@ class Endpoint:
     model: str
     headers: dict[str, str] = field(default_factory=dict)
     notes: tuple[str, ...] = ()
+    roots: tuple[int, ...] = ()  # the processes the server runs under, for its CPU time (loadtests/bench_cpu.py)
 
 
 @dataclass(frozen=True)
@@ -124,6 +126,10 @@ class ChildProcess:
     @property
     def exit_code(self) -> int | None:
         return self._process.poll()
+
+    @property
+    def pid(self) -> int:
+        return self._process.pid
 
     def stop(self, timeout_s: float = STOP_TIMEOUT_S) -> None:
         pgid = self._process.pid  # a new session: its group id is its pid
@@ -212,11 +218,13 @@ def bare_vllm(flags: EngineFlags, work_dir: Path) -> Iterator[Endpoint]:
 
 
 @contextlib.contextmanager
-def ray_serve_llm(flags: EngineFlags, work_dir: Path) -> Iterator[Endpoint]:
+def ray_serve_llm(flags: EngineFlags, work_dir: Path, direct: bool = False) -> Iterator[Endpoint]:
     """Ray Serve LLM's ``build_openai_app`` in a child process with a Ray instance of its own
-    (loadtests/bench_serve_llm.py)."""
+    (loadtests/bench_serve_llm.py); ``direct``: with its direct streaming (the engine replica is the HTTP ingress,
+    behind Serve's HAProxy)."""
     port = free_port()
-    log = work_dir / "ray-serve-llm.log"
+    target = "ray-serve-llm-direct" if direct else "ray-serve-llm"
+    log = work_dir / f"{target}.log"
     kwargs = {**flags.engine_kwargs, "enable_prompt_tokens_details": True}
     command = [
         sys.executable,
@@ -232,8 +240,9 @@ def ray_serve_llm(flags: EngineFlags, work_dir: Path) -> Iterator[Endpoint]:
         json.dumps(kwargs),
         "--env",
         json.dumps(flags.env),
+        *(["--direct"] if direct else []),
     ]
-    endpoint = Endpoint("ray-serve-llm", f"http://127.0.0.1:{port}", flags.model)
+    endpoint = Endpoint(target, f"http://127.0.0.1:{port}", flags.model)
     with _served(endpoint, command, clean_env(PYTHONPATH=str(ROOT)), log) as e:
         yield e
 
@@ -244,6 +253,6 @@ def _served(endpoint: Endpoint, command: list[str], env: dict[str, str], log: Pa
     server = ChildProcess(command, env, log)
     try:
         wait_ready(endpoint, server, log)
-        yield endpoint
+        yield dataclasses.replace(endpoint, roots=(server.pid,))
     finally:
         server.stop()
