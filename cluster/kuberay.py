@@ -63,6 +63,7 @@ def _env(config: AnkerConfig, profile: Path) -> list[dict[str, Any]]:
         # served models from ANKER_CONFIG) and keeps the metrics and stats listeners on loopback.
         env += [
             {"name": "RAY_SERVE_ENABLE_HA_PROXY", "value": "1"},
+            {"name": "RAY_SERVE_THROUGHPUT_OPTIMIZED", "value": "1"},
             {"name": "RAY_SERVE_HAPROXY_BINARY_PATH", "value": HAPROXY_PROGRAM},
             {"name": "RAY_SERVE_HAPROXY_METRICS_PORT", "value": str(config.server.haproxy_metrics_port)},
             {"name": "RAY_SERVE_HAPROXY_STATS_PORT", "value": str(config.server.haproxy_stats_port)},

@@ -27,6 +27,9 @@ def model_route_prefix(model_name: str) -> str:
     return "/models/" + deployment_suffix(model_name)
 
 
+MODEL_APP_PREFIX = "model-"
+
+
 def model_app_name(model_name: str) -> str:
     """The Serve application of a model's own engine replicas (the second edition's, one per model)."""
-    return "model-" + deployment_suffix(model_name)
+    return MODEL_APP_PREFIX + deployment_suffix(model_name)

@@ -31,6 +31,9 @@ from deployments.server.replica import EngineServer, ReplicaSpec
 from deployments.server.vllm_layer import ServingSpec
 from deployments.tokenizer import Tokenizer, TokenizerSpec
 
+# Serve's access log writes a line per request: not on the hot path (nor, under zero data retention, anywhere).
+NO_ACCESS_LOG = {"enable_access_log": False}
+
 # The engine deployments' request router (Ray Serve's extension point); it runs in the ingress, which holds the handles.
 PREFIX_AWARE_ROUTER = "deployments.router.PrefixAwareRouter"
 
@@ -176,6 +179,7 @@ def model_app(config: AnkerConfig, model: ModelConfig, created: int) -> ServeApp
     """A model's own application: its engine replicas serve the OpenAI API themselves (the application's ingress)."""
     options = engine_options(config, model)
     options.pop("request_router_config", None)  # a handle's router; HAProxy's ingress request router is not yet
+    options["logging_config"] = NO_ACCESS_LOG
     served = served_models(config, created)[config.models.index(model)]
     card = model_card(served.name, served.created, served.owned_by, served.max_model_len)
     spec = ReplicaSpec(
@@ -212,6 +216,7 @@ def build_apps(config: AnkerConfig) -> list[ServeApp]:
         usage_flush_interval_s=config.billing.usage_flush_interval_s,
     )
     control = ControlServer.options(  # type: ignore[attr-defined]
+        logging_config=NO_ACCESS_LOG,
         num_replicas=config.stack.ingress_replicas,
         max_ongoing_requests=config.stack.ingress_max_ongoing_requests,
         ray_actor_options={"num_cpus": config.stack.ingress_num_cpus},

@@ -21,6 +21,8 @@ from ray.serve.handle import DeploymentHandle
 from starlette.responses import Response
 
 from deployments.billing.client import ServeBillingClient
+from deployments.billing.governance import authorize_call
+from deployments.drain import CONTROL_DEPLOYMENT, DrainGate, watch_drain
 from deployments.errors import AnkerError, EngineUnavailable, RouteNotFound
 from deployments.keys import KeyRecord
 from deployments.openai.accounts import Accounts
@@ -89,7 +91,8 @@ def create_control_app(
         record = await key(request)
         body = checked_body(await read_body(request, max_body_bytes), MODEL_ENDPOINTS[request.url.path])
         model = body.get("model")
-        served = catalog.allowed(model, record) if isinstance(model, str) else catalog.model("")
+        served = catalog.model(model if isinstance(model, str) else "")
+        authorize_call(record, served.name, served.region)  # as the replica would: the key's role and allow-list
         # A served model comes here only while its application is not up (or without HAProxy's dispatch).
         return error_response(starting(served.name))
 
@@ -106,7 +109,7 @@ def create_control_app(
     return finish_app(app, accounts, max_body_bytes)
 
 
-@serve.deployment(name="Control", health_check_period_s=5)
+@serve.deployment(name=CONTROL_DEPLOYMENT, health_check_period_s=5)
 @serve.ingress()
 class ControlServer:
     def __init__(self, spec: ControlSpec, billing: DeploymentHandle) -> None:
@@ -122,4 +125,8 @@ class ControlServer:
         watches = self._watches
         catalog = AppsCatalog(self._spec.models, lambda: {model: watch.ready for model, watch in watches.items()})
         prefixes = {a.model: a.route_prefix for a in self._spec.apps}
-        return create_control_app(catalog, self._billing, self._spec.max_body_bytes, prefixes)
+        gate = DrainGate(create_control_app(catalog, self._billing, self._spec.max_body_bytes, prefixes))
+        context = serve.get_replica_context()
+        replica = context.replica_id.to_full_id_str()
+        self._tasks.append(loop.create_task(watch_drain(gate, context.app_name, replica, lambda: 0)))
+        return gate

@@ -30,6 +30,7 @@ from typing import Any
 import ray
 from starlette.responses import JSONResponse, Response
 
+from config.naming import MODEL_APP_PREFIX
 from deployments.errors import RetryLater
 from deployments.openai.errors import error_response
 
@@ -42,6 +43,7 @@ REPORT_PERIOD_S = 0.25  # how often a draining one reports
 SHUTTING_DOWN_RETRY_AFTER_S = 5
 HEALTH_PATH = "/healthz"
 INGRESS_DEPLOYMENT = "Ingress"  # deployments/ingress.py
+CONTROL_DEPLOYMENT = "Control"  # deployments/control.py
 
 
 class ShuttingDown(RetryLater):
@@ -209,10 +211,16 @@ def stop_draining() -> None:
 
 
 def _running_ingress_replicas(status: Any) -> dict[str, int]:
-    """Running ingress replicas per application, from ``serve.status()``."""
+    """Running ingress replicas per application, from ``serve.status()``: the first edition's ``Ingress``, the
+    second edition's control application's ``Control``, and a model application's one deployment (its engine
+    replicas, which serve HTTP themselves)."""
     counts: dict[str, int] = {}
     for app, app_status in status.applications.items():
-        ingress = app_status.deployments.get(INGRESS_DEPLOYMENT)
-        if ingress is not None:
-            counts[app] = int(ingress.replica_states.get("RUNNING", 0))
+        if app.startswith(MODEL_APP_PREFIX):
+            ingresses = list(app_status.deployments.values())
+        else:
+            named = (INGRESS_DEPLOYMENT, CONTROL_DEPLOYMENT)
+            ingresses = [d for name, d in app_status.deployments.items() if name in named]
+        if ingresses:
+            counts[app] = sum(int(d.replica_states.get("RUNNING", 0)) for d in ingresses)
     return counts

@@ -287,12 +287,13 @@ def setup_facts(
         "model": f"`{model.name}` ({f'tiny {model.build}, random weights' if model.build else model.path}), "
         f"from `--config {args.config}`",
         "vLLM engine arguments (all targets)": f"`{flags.engine_kwargs}`",
+        "vLLM frontend parsers (all but the first edition's Anker, which has none)": f"`{flags.serving_kwargs}`",
         "engine environment (all targets)": f"`{flags.env}`",
-        "bare vLLM": "`python -m vllm.entrypoints.openai.api_server` with those arguments as flags, "
+        "bare vLLM": "`python -m vllm.entrypoints.openai.api_server` with those arguments and parsers as flags, "
         "plus `--enable-prompt-tokens-details`",
         "Ray Serve LLM": "`ray.serve.llm.build_openai_app`, one `LLMConfig` (model_source = the local path, "
-        "engine_kwargs = those arguments + enable_prompt_tokens_details, runtime_env env_vars = that environment, "
-        "CPU accelerator, 1 replica), on a Ray instance of its own with 8 logical CPUs",
+        "engine_kwargs = those arguments and parsers + enable_prompt_tokens_details, runtime_env env_vars = that "
+        "environment, CPU accelerator, 1 replica), on a Ray instance of its own with 8 logical CPUs",
         "Ray Serve LLM, direct": "the same with `RAY_SERVE_LLM_ENABLE_DIRECT_STREAMING=1` and Serve's HAProxy "
         "(`RAY_SERVE_ENABLE_HA_PROXY=1`): the LLM server is the application's ingress",
         "Anker": "`anker up --detach` with a data folder and ports of its own, serving only this model, 1 engine "

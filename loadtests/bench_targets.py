@@ -57,6 +57,7 @@ class EngineFlags:
     path: Path
     engine_kwargs: dict[str, Any]
     env: dict[str, str]
+    serving_kwargs: dict[str, Any] = field(default_factory=dict)  # the frontend's parsers, as the profile names them
 
     @classmethod
     def of(cls, config: AnkerConfig, model: ModelConfig) -> EngineFlags:
@@ -68,12 +69,18 @@ class EngineFlags:
             "enable_log_requests": False,
             **model.engine_args,
         }
-        return cls(model.name, config.model_path(model), kwargs, engine_env(model))
+        serving: dict[str, Any] = {}
+        if model.serving.reasoning_parser:
+            serving["reasoning_parser"] = model.serving.reasoning_parser
+        if model.serving.tool_call_parser:
+            serving.update(enable_auto_tool_choice=True, tool_call_parser=model.serving.tool_call_parser)
+        return cls(model.name, config.model_path(model), kwargs, engine_env(model), serving)
 
-    def vllm_cli_args(self) -> list[str]:
-        """The same engine arguments as flags of ``vllm.entrypoints.openai.api_server``."""
+    @staticmethod
+    def cli_args(kwargs: dict[str, Any]) -> list[str]:
+        """Keyword arguments as ``vllm serve``'s flags."""
         args: list[str] = []
-        for key, value in self.engine_kwargs.items():
+        for key, value in kwargs.items():
             flag = "--" + key.replace("_", "-")
             if value is True:
                 args.append(flag)
@@ -82,6 +89,10 @@ class EngineFlags:
             else:
                 args += [flag, json.dumps(value) if isinstance(value, dict | list) else str(value)]
         return args
+
+    def vllm_cli_args(self) -> list[str]:
+        """The same engine arguments and parsers as flags of ``vllm.entrypoints.openai.api_server``."""
+        return self.cli_args({**self.engine_kwargs, **self.serving_kwargs})
 
 
 def clean_env(**extra: str) -> dict[str, str]:
@@ -225,7 +236,8 @@ def ray_serve_llm(flags: EngineFlags, work_dir: Path, direct: bool = False) -> I
     port = free_port()
     target = "ray-serve-llm-direct" if direct else "ray-serve-llm"
     log = work_dir / f"{target}.log"
-    kwargs = {**flags.engine_kwargs, "enable_prompt_tokens_details": True}
+    # Ray Serve LLM hands the keys that are vLLM frontend arguments (the parsers, the prompt-token details) to it.
+    kwargs = {**flags.engine_kwargs, **flags.serving_kwargs, "enable_prompt_tokens_details": True}
     command = [
         sys.executable,
         "-m",

@@ -163,7 +163,8 @@ class StreamResult:
 
 class StreamTimer:
     """Turns the ``data: {...}`` events of a chat completion stream, fed as raw bytes with their arrival times,
-    into a ``StreamResult``. TTFT is the arrival of the first chunk with content or a finish reason."""
+    into a ``StreamResult``. TTFT is the arrival of the first chunk with output (content or reasoning) or a finish
+    reason; the text (a conversation's next assistant turn) is that output, reasoning included."""
 
     def __init__(self, started_s: float) -> None:
         self._started_s = started_s
@@ -193,7 +194,9 @@ class StreamTimer:
             self._result.prompt_tokens = int(usage.get("prompt_tokens") or 0)
             self._result.cached_tokens = int((usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0)
         for choice in chunk.get("choices") or ():
-            content = (choice.get("delta") or {}).get("content") or ""
+            delta = choice.get("delta") or {}
+            # A token of reasoning is output as much as one of content (vLLM's reasoning parser splits them).
+            content = delta.get("content") or delta.get("reasoning") or delta.get("reasoning_content") or ""
             if not content and not choice.get("finish_reason"):
                 continue
             self._text.append(content)

@@ -76,6 +76,11 @@ async def test_a_key_comes_first_and_a_clients_mistake_gets_the_replicas_answer(
         "/v1/chat/completions", json={**CHAT, "model": "qwen3-next-tiny"}, headers=auth(limited)
     )
     assert r.status_code == 403 and r.json()["error"]["code"] == "model_not_allowed"
+    reader = control.key("readers", role="viewer")
+    r = await control.client.post(
+        "/v1/chat/completions", json={**CHAT, "model": "qwen3-moe-tiny"}, headers=auth(reader)
+    )
+    assert r.status_code == 403 and r.json()["error"]["code"] == "permission_denied"
 
 
 async def test_a_served_model_whose_application_is_not_up_is_503_with_retry_after(control: InProcessControl) -> None:

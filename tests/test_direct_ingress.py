@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import secrets
 import shutil
 import subprocess
 import tempfile
@@ -31,8 +32,12 @@ from config.schema import AnkerConfig
 from config.settings import DEFAULT_PROFILE, load_config
 from deployments.billing.service import BillingService, billing_spec
 from deployments.server.requests import NO_STORAGE
+from testkit.otlp import OtlpReceiver
 from testkit.ports import free_port
-from tests.conftest import ANKER, create_key
+from tests.conftest import ANKER, Stack, create_key
+from tests.test_stack_drain import drain_lets_running_streams_finish_and_holds_until_undone
+from tests.test_stack_metrics import samples
+from tests.test_stack_tracing import CANARY, wait_for_trace
 
 MODEL = "qwen3-moe-tiny"
 READY_TIMEOUT_S = 420
@@ -46,6 +51,11 @@ class Cluster:
     billing: BillingService  # the same SQLite ledger as the stack's billing actor, as `anker keys` reaches it
     key: str
 
+    @property
+    def stack(self) -> Stack:
+        """This stack as the session's stack tests see theirs, for the checks they share."""
+        return Stack(self.base_url, self.key, self.env, self.config.data_dir, f"127.0.0.1:{self.config.ray.gcs_port}")
+
 
 def _one_model_profile(root: Path) -> Path:
     """The local profile with only ``MODEL``: the session's stack runs both models' engines beside this one."""
@@ -57,7 +67,7 @@ def _one_model_profile(root: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def cluster(tiny_models: dict[str, Path]) -> Iterator[Cluster]:
+def cluster(tiny_models: dict[str, Path], otlp: OtlpReceiver) -> Iterator[Cluster]:
     # A short folder: Ray's Unix sockets live in it (their paths have at most 107 bytes).
     root = Path(tempfile.mkdtemp(prefix="akdi-", dir="/tmp"))
     shutil.copytree(tiny_models[MODEL], root / "data" / "models" / MODEL)
@@ -78,6 +88,7 @@ def cluster(tiny_models: dict[str, Path]) -> Iterator[Cluster]:
         "ANKER__RAY__MIN_WORKER_PORT": "20000",
         "ANKER__RAY__MAX_WORKER_PORT": "20999",
         "ANKER__RAY__TEMP_DIR": str(root / "ray"),
+        **otlp.env(),
     }
     config = load_config(environ=env)
     billing: BillingService | None = None
@@ -199,3 +210,61 @@ def test_haproxy_listens_on_loopback_only(cluster: Cluster) -> None:
     listeners = _haproxy_listeners(cluster.config)
     assert listeners, "no HAProxy process runs the patched config"
     assert {ip for ip, _ in listeners} == {"127.0.0.1"}, listeners
+
+
+def test_a_call_is_one_trace_and_is_measured(cluster: Cluster, otlp: OtlpReceiver) -> None:
+    """The replica's door traces each call (its server span joins the client's ``traceparent``; admission and the
+    billing actor's span below it) and measures it in Anker's metrics, with neither a prompt nor a key in them."""
+    _wait_for_the_model(cluster)
+    trace_id, parent_id = secrets.token_hex(16), secrets.token_hex(8)
+    body = {"model": MODEL, "messages": [{"role": "user", "content": CANARY}], "max_tokens": 6, "stream": True}
+    headers = {**_auth(cluster), "traceparent": f"00-{trace_id}-{parent_id}-01"}
+    with httpx.stream("POST", f"{cluster.base_url}/v1/chat/completions", json=body, headers=headers, timeout=120) as r:
+        assert r.status_code == 200
+        streamed = "".join(r.iter_lines())
+    spans = wait_for_trace(otlp, trace_id, {"POST /v1/chat/completions", "admission", "billing.admit"})
+    by_name = {s.name: s for s in spans}
+    server = by_name["POST /v1/chat/completions"]
+    assert server.parent_span_id == parent_id and server.service == f"anker-engine-{MODEL}"
+    assert server.attributes["http.response.status_code"] == 200
+    assert by_name["admission"].parent_span_id == server.span_id
+    assert by_name["billing.admit"].parent_span_id == by_name["admission"].span_id
+    assert by_name["billing.admit"].service == "anker-billing"
+    for s in spans:
+        assert CANARY not in s.name + repr(s.attributes)
+    assert CANARY not in streamed
+
+    port = cluster.config.ray.metrics_export_port
+    wanted = {
+        "ray_anker_time_to_first_token_seconds_bucket",
+        "ray_anker_inter_token_latency_seconds_bucket",
+        "ray_anker_request_duration_seconds_bucket",
+        "ray_anker_requests_total",
+        "ray_anker_tokens_total",
+        "ray_anker_engine_queue",
+        "ray_anker_usage_reports_pending",
+    }
+
+    def missing(text: str) -> set[str]:
+        absent = {family for family in wanted if not samples(text, family)}
+        ok = [labels for labels, v in samples(text, "ray_anker_requests_total") if labels["status_code"] == "200"]
+        return absent | (set() if any(labels["model"] == MODEL for labels in ok) else {"a 200 of the model"})
+
+    # Workers push their metrics to the node's agent every few seconds: poll until this traffic shows.
+    deadline = time.monotonic() + 90
+    text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+    while missing(text) and time.monotonic() < deadline:
+        time.sleep(2)
+        text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+    assert not missing(text), missing(text)
+    for line in text.splitlines():
+        if line.startswith("ray_anker_"):
+            assert "tenant" not in line and "ank_" not in line and CANARY not in line
+
+
+def test_a_drain_lets_the_replicas_streams_finish_and_holds_until_undone(cluster: Cluster) -> None:
+    """The drain (deployments/drain.py) on the second edition: the model's engine replicas and the control
+    application drain as the first edition's ingress does, and `anker drain` waits for the replicas' streams and
+    usage reports."""
+    _wait_for_the_model(cluster)
+    drain_lets_running_streams_finish_and_holds_until_undone(cluster.stack)

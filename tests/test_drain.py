@@ -89,3 +89,26 @@ async def test_a_health_probe_is_not_work_that_a_drain_waits_for() -> None:
         assert gate.running == 0
         answer.set()
         assert (await asyncio.wait_for(probe, 5)).status_code == 200
+
+
+def test_a_drain_waits_for_every_applications_ingress_replicas() -> None:
+    """The first edition's `Ingress`, the second's control application and each model application's engine
+    replicas (they serve HTTP themselves); not the deployments behind an ingress (billing, tokenizer, engines)."""
+    from types import SimpleNamespace
+
+    from deployments.drain import _running_ingress_replicas
+
+    def deployment(running: int) -> SimpleNamespace:
+        return SimpleNamespace(replica_states={"RUNNING": running, "STARTING": 1})
+
+    status = SimpleNamespace(
+        applications={
+            "anker": SimpleNamespace(deployments={"Control": deployment(2), "Billing": deployment(1)}),
+            "model-qwen3-moe-tiny": SimpleNamespace(deployments={"Engine-qwen3-moe-tiny": deployment(3)}),
+            "second": SimpleNamespace(
+                deployments={"Ingress": deployment(1), "Tokenizer": deployment(1), "Engine-x": deployment(2)}
+            ),
+            "someone-elses": SimpleNamespace(deployments={"Whatever": deployment(1)}),
+        }
+    )
+    assert _running_ingress_replicas(status) == {"anker": 2, "model-qwen3-moe-tiny": 3, "second": 1}

@@ -45,6 +45,11 @@ def timed(command: Callable[..., Finished], *args: str, **kwargs: float) -> tupl
 
 
 def test_a_drain_lets_the_running_streams_finish_and_holds_until_undone(stack: Stack) -> None:
+    drain_lets_running_streams_finish_and_holds_until_undone(stack)
+
+
+def drain_lets_running_streams_finish_and_holds_until_undone(stack: Stack) -> None:
+    """The drain's whole course on ``stack`` (either edition: tests/test_direct_ingress.py runs it on the second)."""
     key = stack.new_key("drain-command")
     before = ledger_totals(stack.base_url, key)
     assert health(stack.base_url) == (200, "ok"), "the API is not serving before the drain (a drain left over?)"

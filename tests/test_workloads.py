@@ -79,3 +79,15 @@ def test_the_timer_reports_errors_by_code() -> None:
     assert no_usage.result(2.0).error == "missing_usage"
 
     assert StreamTimer(0.0).failed("429 rate_limit_exceeded", 1.0).error == "429 rate_limit_exceeded"
+
+
+def test_a_token_of_reasoning_is_output_as_one_of_content() -> None:
+    """vLLM's reasoning parser streams thinking as ``delta.reasoning``: the first of it is the first token."""
+    role = {"choices": [{"index": 0, "delta": {"role": "assistant"}, "finish_reason": None}], "usage": None}
+    thought = {"choices": [{"index": 0, "delta": {"reasoning": "hm"}, "finish_reason": None}], "usage": None}
+    timer = StreamTimer(started_s=0.0)
+    timer.feed(_events(role), now_s=1.0)
+    timer.feed(_events(thought), now_s=2.0)
+    timer.feed(_events(_chunk("ja", "stop"), USAGE, b"[DONE]"), now_s=3.0)
+    result = timer.result(now_s=4.0)
+    assert result.ttft_s == 2.0 and result.itl_s == [1.0] and result.text == "hmja"

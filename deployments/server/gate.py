@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Protocol
 
+from opentelemetry.trace import SpanKind
 from starlette.requests import HTTPConnection
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -28,6 +29,7 @@ from deployments.openai.accounts import authenticate
 from deployments.openai.errors import error_response
 from deployments.server.metering import Metered, metering
 from deployments.tokenizer import cache_salt
+from observability import tracing
 
 # The billing id's prefix by endpoint, as OpenAI's ids have (``chatcmpl-…``).
 PREFIXES = {"/v1/chat/completions": "chatcmpl", "/v1/completions": "cmpl", "/v1/responses": "resp"}
@@ -101,15 +103,22 @@ class KeyGate:
         call = Call(key, f"{PREFIXES.get(path, 'req')}-{uuid.uuid4().hex}", path)
 
         async def admit(prompt_tokens: int, max_output_tokens: int) -> None:
-            request = AdmissionRequest(
-                call.billing_id, key.key_id, key.tenant, self.model, prompt_tokens, max_output_tokens
-            )
-            try:
-                call.admission = await self.billing.admit(key, request)
-            except AnkerError:  # refused: the client still learns where its limits stand
-                with contextlib.suppress(AnkerError):
-                    call.limit_headers = await self.billing.rate_limit_headers(key)
-                raise
+            with tracing.span("admission", kind=SpanKind.CLIENT, attrs={"anker.billing_id": call.billing_id}):
+                request = AdmissionRequest(
+                    call.billing_id,
+                    key.key_id,
+                    key.tenant,
+                    self.model,
+                    prompt_tokens,
+                    max_output_tokens,
+                    trace=tracing.inject(),  # billing's span joins the request's trace
+                )
+                try:
+                    call.admission = await self.billing.admit(key, request)
+                except AnkerError:  # refused: the client still learns where its limits stand
+                    with contextlib.suppress(AnkerError):
+                        call.limit_headers = await self.billing.rate_limit_headers(key)
+                    raise
             call.limit_headers = call.admission.rate_limit_headers
 
         async def send_with_limits(message: Message) -> None:

@@ -18,12 +18,15 @@ from ray import serve
 from autoscaling.queue_policy import KV_CACHE_METRIC, QUEUE_METRIC
 from config.naming import APP_NAME, BILLING_DEPLOYMENT
 from deployments.billing.client import ServeBillingClient
+from deployments.drain import DrainGate, watch_drain
 from deployments.engine import SchedulerGauge, gauge_stat_logger
 from deployments.server.app import create_server_app
 from deployments.server.gate import Call, KeyGate
 from deployments.server.metering import Metered
+from deployments.server.observed import RequestMetrics
 from deployments.server.vllm_layer import ServingSpec, VllmLayer
 from observability import metrics, tracing
+from observability.tracing import TracingMiddleware
 
 METRICS_PERIOD_S = 2.0
 
@@ -69,14 +72,28 @@ class EngineServer:
         """Serve's late-bound ingress: the app exists once the engine does."""
         await self._layer.start()
         loop = asyncio.get_running_loop()
-        self._tasks = [loop.create_task(self._report_load()), loop.create_task(self._billing.outbox.run())]
+        self._tasks = [
+            loop.create_task(self._report_load()),
+            loop.create_task(self._billing.outbox.run()),
+            loop.create_task(self._report_pending()),
+        ]
         spec, model = self._replica_spec, self._spec.engine.model
         app = create_server_app(self._layer.state, model, list(spec.model_cards), spec.max_body_bytes)
-        return KeyGate(app, self._billing, model, spec.region, self._metered)
+        # Outermost, the drain: while `anker down` or a pod's stop drains, new requests get 503 at once and the
+        # running ones finish; the drain waits for this replica's usage outbox too.
+        door = KeyGate(app, self._billing, model, spec.region, self._metered)
+        gate = DrainGate(TracingMiddleware(RequestMetrics(door, model)))
+        context = serve.get_replica_context()
+        outbox = self._billing.outbox
+        watch = watch_drain(gate, context.app_name, context.replica_id.to_full_id_str(), lambda: outbox.pending)
+        self._tasks.append(loop.create_task(watch))
+        return gate
 
     def _metered(self, call: Call, metered: Metered) -> None:
         if not metered.admitted:
             return
+        uncached = metered.prompt_tokens - metered.cached_tokens
+        metrics.tokens(self._spec.engine.model, uncached, metered.cached_tokens, metered.output_tokens)
         self._totals["requests"] += 1
         self._totals["prompt_tokens"] += metered.prompt_tokens
         self._totals["cached_tokens"] += metered.cached_tokens
@@ -91,6 +108,11 @@ class EngineServer:
         # The scheduler reports only when the engine steps; once nothing is in flight its last figures are stale.
         running = min(self._gauge.running, in_flight)
         return running, min(self._gauge.waiting, in_flight - running), in_flight
+
+    async def _report_pending(self) -> None:
+        while True:
+            metrics.usage_pending(self._replica, self._billing.outbox.pending)
+            await asyncio.sleep(METRICS_PERIOD_S)
 
     async def _report_load(self) -> None:
         while True:
