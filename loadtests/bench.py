@@ -337,6 +337,9 @@ def compare_targets(
             say(f"{target}: ready in {report.startup_s[target]:.0f}s at {endpoint.base_url}")
             warm_up(endpoint, sizes, args.seed)
             endpoints[target] = endpoint
+        for target, endpoint in endpoints.items():
+            report.idle_ms_per_s[target] = _at_rest(endpoint)
+            say(f"{target}: {sum(report.idle_ms_per_s[target].values()):,.0f} CPU ms/s at rest")
         pooled: dict[tuple[str, str], list[Measured]] = {}
         order = list(endpoints)
         for number in range(1, sizes.rounds + 1):
@@ -348,13 +351,26 @@ def compare_targets(
                     measured, cpu, client_ms = _measured_with_cpu(endpoints[target], workload, sizes, seed, args)
                     pooled.setdefault((target, workload), []).append(measured)
                     summary = summarize(target, workload, measured)
-                    report.rounds.append(bench_report.Round.of(number, summary, cpu, client_ms))
+                    idle = sum(report.idle_ms_per_s[target].values())
+                    report.rounds.append(bench_report.Round.of(number, summary, cpu, client_ms, idle))
                     say(_line(summary) + f", CPU {sum(cpu.values()):,.0f} ms")
             order = order[1:] + order[:1]
         for (target, workload), runs in pooled.items():
             merged = Measured([r for m in runs for r in m.results], sum(m.wall_s for m in runs))
             report.summaries.append(summarize(target, workload, merged))
         say("stopping every target ...")
+
+
+IDLE_S = 10.0  # how long each target's CPU at rest is measured
+
+
+def _at_rest(endpoint: Endpoint) -> dict[str, float]:
+    """CPU ms per second by process group of a target that serves no request (Ray's and Serve's own loops)."""
+    before, started = bench_cpu.snapshot(endpoint.roots), time.monotonic()
+    time.sleep(IDLE_S)
+    spent = bench_cpu.spent_ms(before, bench_cpu.snapshot(endpoint.roots))
+    elapsed = time.monotonic() - started
+    return {group: ms / elapsed for group, ms in spent.items()}
 
 
 def _measured_with_cpu(

@@ -57,9 +57,13 @@ class Round:
     ttft_p50_ms: float
     cpu_ms: dict[str, float]
     client_cpu_ms: float
+    wall_s: float = 0.0
+    idle_cpu_ms: float = 0.0  # what the target's processes spend in as long at rest (Report.idle_ms_per_s)
 
     @classmethod
-    def of(cls, number: int, s: Summary, cpu_ms: dict[str, float], client_cpu_ms: float) -> Round:
+    def of(
+        cls, number: int, s: Summary, cpu_ms: dict[str, float], client_cpu_ms: float, idle_ms_per_s: float = 0.0
+    ) -> Round:
         return cls(
             number,
             s.target,
@@ -71,7 +75,14 @@ class Round:
             s.ttft_ms.p50,
             dict(cpu_ms),
             client_cpu_ms,
+            s.wall_s,
+            idle_ms_per_s * s.wall_s,
         )
+
+    @property
+    def busy_cpu_ms(self) -> float:
+        """The CPU the work took: all of it less what the target spends at rest in as long."""
+        return self.cpu_total_ms - self.idle_cpu_ms
 
     @property
     def cpu_total_ms(self) -> float:
@@ -88,6 +99,7 @@ class Report:
     summaries: list[Summary] = field(default_factory=list)
     routing: list[Summary] = field(default_factory=list)
     rounds: list[Round] = field(default_factory=list)
+    idle_ms_per_s: dict[str, dict[str, float]] = field(default_factory=dict)  # target -> group -> CPU ms/s at rest
     failures: dict[str, str] = field(default_factory=dict)  # target or policy -> why it did not run
     startup_s: dict[str, float] = field(default_factory=dict)  # target or policy -> seconds until it served
     startup_notes: list[str] = field(default_factory=list)  # start-ups that had to be tried again
@@ -323,9 +335,9 @@ def _round_figures(rounds: Sequence[Round], workload: str, target: str) -> dict[
             "TTFT p50 added (ms)": r.ttft_p50_ms - base.ttft_p50_ms,
             "CPU ms per request": _per(r.cpu_total_ms, r.requests),
             "CPU ms per output token": _per(r.cpu_total_ms, r.output_tokens),
-            "CPU ms added per request": _per(r.cpu_total_ms, r.requests) - _per(base.cpu_total_ms, base.requests),
-            "CPU ms added per output token": _per(r.cpu_total_ms, r.output_tokens)
-            - _per(base.cpu_total_ms, base.output_tokens),
+            "CPU ms added per request": _per(r.busy_cpu_ms, r.requests) - _per(base.busy_cpu_ms, base.requests),
+            "CPU ms added per output token": _per(r.busy_cpu_ms, r.output_tokens)
+            - _per(base.busy_cpu_ms, base.output_tokens),
         }
         for key, value in row.items():
             figures.setdefault(key, []).append(value)
@@ -369,6 +381,15 @@ def _cpu_by_group(rounds: Sequence[Round]) -> list[str]:
                 per_request.append(_per(spent, sum(r.requests for r in these)))
             token_ms, request_ms = _num(_median(per_token), 3), _num(_median(per_request), 2)
             lines.append(f"| {_title(target)} | {group} | {token_ms} | {request_ms} |")
+    return lines
+
+
+def _idle_table(idle: dict[str, dict[str, float]]) -> list[str]:
+    lines = ["| target | process | CPU ms per second |", "| --- | --- | ---: |"]
+    for target, groups in idle.items():
+        for group, rate in sorted(groups.items()):
+            lines.append(f"| {_title(target)} | {group} | {rate:,.1f} |")
+        lines.append(f"| {_title(target)} | **all** | **{sum(groups.values()):,.1f}** |")
     return lines
 
 
@@ -426,8 +447,10 @@ def write(report: Report, out: Path, name: str) -> Path:
             "",
             "Each figure is taken per round against bare vLLM in the same round: the median over the rounds and, in "
             "brackets, the smallest and the largest. CPU is the user + system time of every process of the target "
-            "(its whole process tree: Ray's, Serve's replicas, vLLM's engine core, HAProxy) while it ran the "
-            "workload, from the kernel; the load client's own is apart, below.",
+            "(its whole process tree: Ray's, Serve's replicas, vLLM's engine core and worker, HAProxy) while it ran "
+            "the workload, from the kernel; the load client's own is apart, below. *Added* CPU is the work's: each "
+            "target's CPU less what it spends at rest in as long (measured before the rounds, below), less bare "
+            "vLLM's the same way.",
             "",
         ]
         for workload in workloads:
@@ -444,6 +467,13 @@ def write(report: Report, out: Path, name: str) -> Path:
             "Each round's CPU over all its workloads, per output token and per request; the median over rounds.",
             "",
             *_cpu_by_group(report.rounds),
+            "",
+            "### CPU at rest",
+            "",
+            "CPU milliseconds per second that each target's processes spent with no request, before the rounds "
+            "(a whole core is 1,000).",
+            "",
+            *_idle_table(report.idle_ms_per_s),
             "",
             "## All rounds pooled",
             "",
@@ -512,6 +542,7 @@ def write(report: Report, out: Path, name: str) -> Path:
         "summaries": [s.to_json() for s in report.summaries],
         "routing": [s.to_json() for s in report.routing],
         "rounds": [asdict(r) for r in report.rounds],
+        "idle_ms_per_s": report.idle_ms_per_s,
         "startup_s": report.startup_s,
         "startup_notes": report.startup_notes,
         "failures": report.failures,

@@ -63,3 +63,32 @@ def test_cpu_is_counted_from_the_kernel_for_a_process_tree() -> None:
     sum(i * i for i in range(2_000_000))  # some CPU of this process's own
     spent = bench_cpu.spent_ms(before, bench_cpu.snapshot([os.getpid()]))
     assert sum(spent.values()) > 0
+
+
+def test_added_cpu_is_the_works_net_of_what_each_target_spends_at_rest() -> None:
+    summary = {"requests": 10, "errors": 0, "output_tokens": 1000, "output_tokens_per_s": 100.0, "ttft_p50_ms": 50.0}
+    vllm = Round(
+        1,
+        "vllm",
+        "short_chat",
+        **summary,
+        cpu_ms={"vLLM engine core": 2000.0},
+        client_cpu_ms=0.0,
+        wall_s=10.0,
+        idle_cpu_ms=100.0,
+    )
+    # A Ray stack at rest spends 40 ms/s (400 ms in these 10 s) more than bare vLLM: not the work's.
+    anker = Round(
+        1,
+        "anker-direct",
+        "short_chat",
+        **summary,
+        cpu_ms={"vLLM engine core": 2000.0, "raylet": 550.0},
+        client_cpu_ms=0.0,
+        wall_s=10.0,
+        idle_cpu_ms=500.0,
+    )
+    figures = _round_figures([vllm, anker], "short_chat", "anker-direct")
+    # (2550 - 500) / 1000 for Anker against (2000 - 100) / 1000 for bare vLLM.
+    assert figures["CPU ms added per output token"] == pytest.approx([0.15])
+    assert figures["CPU ms per output token"] == pytest.approx([2.55])  # all of it, at rest or not
