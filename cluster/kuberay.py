@@ -67,6 +67,10 @@ def _env(config: AnkerConfig, profile: Path) -> list[dict[str, Any]]:
             {"name": "RAY_SERVE_HAPROXY_BINARY_PATH", "value": HAPROXY_PROGRAM},
             {"name": "RAY_SERVE_HAPROXY_METRICS_PORT", "value": str(config.server.haproxy_metrics_port)},
             {"name": "RAY_SERVE_HAPROXY_STATS_PORT", "value": str(config.server.haproxy_stats_port)},
+            {
+                "name": "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S",
+                "value": str(config.server.haproxy_deregistration_s),
+            },
         ]
     return env
 

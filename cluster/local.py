@@ -199,6 +199,7 @@ def haproxy_env(config: AnkerConfig) -> dict[str, str]:
         MODEL_MAP_ENV: str(map_path),
         "RAY_SERVE_HAPROXY_METRICS_PORT": str(config.server.haproxy_metrics_port),
         "RAY_SERVE_HAPROXY_STATS_PORT": str(config.server.haproxy_stats_port),
+        "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": str(config.server.haproxy_deregistration_s),
         "RAY_SERVE_HAPROXY_CONFIG_FILE_LOC": str(folder / "haproxy.cfg"),
         "RAY_SERVE_HAPROXY_SOCKET_PATH": str(folder / "admin.sock"),
         "RAY_SERVE_HAPROXY_SERVER_STATE_BASE": str(folder),

@@ -185,6 +185,12 @@ class ServerConfig(_Strict):
     max_request_bytes: int = Field(default=4 * 1024 * 1024, ge=1024)
     haproxy_metrics_port: Port = Field(default=9101, description="HAProxy's Prometheus listener (loopback).")
     haproxy_stats_port: Port = Field(default=8404, description="HAProxy's stats page (loopback).")
+    haproxy_deregistration_s: float = Field(
+        default=30.0,
+        ge=0,
+        description="How long a stopping engine replica stays reachable behind HAProxy, so that every HAProxy "
+        "takes it out of its servers before it stops taking connections (Serve's default: 30 s).",
+    )
 
 
 class RayConfig(_Strict):
