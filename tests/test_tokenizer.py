@@ -17,7 +17,7 @@ def core(tiny_models: dict[str, Path]) -> TokenizerCore:
     return TokenizerCore([TokenizerSpec(name, path, 256) for name, path in tiny_models.items()], block_size=16)
 
 
-def test_chat_template_is_chatml_and_tokenized_once(core: TokenizerCore, tiny_models: dict[str, Path]) -> None:
+def test_chat_template_is_qwens_chatml_and_tokenized_once(core: TokenizerCore, tiny_models: dict[str, Path]) -> None:
     from transformers import AutoTokenizer
 
     prepared = core.chat(
@@ -27,7 +27,7 @@ def test_chat_template_is_chatml_and_tokenized_once(core: TokenizerCore, tiny_mo
     assert text == (
         "<|im_start|>system\nVær kort.<|im_end|>\n"
         "<|im_start|>user\nHvad er æ, ø og å?<|im_end|>\n"
-        "<|im_start|>assistant\n"
+        "<|im_start|>assistant\n<think>\n"  # Qwen3.5's: the assistant's turn opens its thinking
     )
     assert prepared.prompt_tokens == len(prepared.token_ids) and prepared.max_tokens == 8
 
