@@ -236,22 +236,17 @@ async def test_auto_tool_choice_reads_a_call_the_model_writes(server: Server) ->
     """``auto`` leaves the choice to the model: vLLM's ``qwen3_coder`` parser finds the call in what it wrote (Qwen's
     XML form, as the tiny models' template asks for it) and types its arguments by the tool's schema."""
     with server.engine_writes(CALL_TEXT):
-        answer = await server.client.chat.completions.create(
-            model=MODEL,
-            messages=QUESTION,
-            tools=[WEATHER, ALARM],
-            tool_choice="auto",
-            max_tokens=4,
-            extra_body=NO_THINKING,
-        )
-        plain = await server.client.chat.completions.create(
-            model=MODEL,
-            messages=QUESTION,
-            tools=[WEATHER, ALARM],
-            tool_choice="none",
-            max_tokens=4,
-            extra_body=NO_THINKING,
-        )
+        answer, plain = [
+            await server.client.chat.completions.create(
+                model=MODEL,
+                messages=QUESTION,
+                tools=[WEATHER, ALARM],
+                tool_choice=choice,
+                max_tokens=4,
+                extra_body=NO_THINKING,
+            )
+            for choice in ("auto", "none")
+        ]
     choice = answer.choices[0]
     assert choice.finish_reason == "tool_calls", choice
     assert choice.message.content == "Jeg ser efter."
