@@ -36,7 +36,7 @@ system-deps:
 
 # Lint and types, then the tests: unit tests (seconds) and the real stack (anker up on free ports, tests, anker down).
 test: install system-deps lint
-	$(BIN)/python -m pytest
+	PYTHONFAULTHANDLER=1 $(BIN)/python -m pytest
 
 test-unit: install
 	$(BIN)/python -m pytest -m "not stack"

@@ -205,9 +205,19 @@ def stack(
             )
         yield Stack(stack.base_url, stack.new_key("tests"), env, data_dir, stack.gcs_address, tuple(startup))
     finally:
+        _disconnect()
         down = stack.anker("down", timeout=180)
         if down.returncode != 0:
             print(f"anker down failed: {down.stdout}\n{down.stderr}", file=sys.stderr)
+
+
+def _disconnect() -> None:
+    """This process stops being a driver of the stack's cluster, before `anker down` takes that cluster away: a
+    driver whose cluster is gone can crash the interpreter as it exits, after every test has passed."""
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
 
 
 SECOND_APP, SECOND_PREFIX, SECOND_MODEL = "second", "/second", "qwen3-next-tiny"
@@ -426,3 +436,5 @@ def second_app(stack: Stack, tmp_path_factory: pytest.TempPathFactory) -> Iterat
                 serve.delete(SECOND_APP)
             except Exception as exc:  # the cluster it ran on was restarted: the app went with it
                 print(f"second app not deleted ({type(exc).__name__}); the stack was restarted", file=sys.stderr)
+            finally:
+                _disconnect()
