@@ -65,6 +65,7 @@ def _env(config: AnkerConfig, profile: Path) -> list[dict[str, Any]]:
             {"name": "RAY_SERVE_ENABLE_HA_PROXY", "value": "1"},
             {"name": "RAY_SERVE_THROUGHPUT_OPTIMIZED", "value": "1"},
             {"name": "RAY_SERVE_HAPROXY_BINARY_PATH", "value": HAPROXY_PROGRAM},
+            {"name": "RAY_SERVE_INGRESS_REQUEST_ROUTER_FORWARD_BODY", "value": "1"},
             {"name": "RAY_SERVE_HAPROXY_METRICS_PORT", "value": str(config.server.haproxy_metrics_port)},
             {"name": "RAY_SERVE_HAPROXY_STATS_PORT", "value": str(config.server.haproxy_stats_port)},
             {

@@ -200,6 +200,8 @@ def haproxy_env(config: AnkerConfig) -> dict[str, str]:
         "RAY_SERVE_HAPROXY_METRICS_PORT": str(config.server.haproxy_metrics_port),
         "RAY_SERVE_HAPROXY_STATS_PORT": str(config.server.haproxy_stats_port),
         "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": str(config.server.haproxy_deregistration_s),
+        # A model's ingress request router reads the prompt (deployments/server/route.py).
+        "RAY_SERVE_INGRESS_REQUEST_ROUTER_FORWARD_BODY": "1",
         "RAY_SERVE_HAPROXY_CONFIG_FILE_LOC": str(folder / "haproxy.cfg"),
         "RAY_SERVE_HAPROXY_SOCKET_PATH": str(folder / "admin.sock"),
         "RAY_SERVE_HAPROXY_SERVER_STATE_BASE": str(folder),
@@ -243,7 +245,15 @@ def _wait_for_gcs(config: AnkerConfig, head: subprocess.Popen[bytes], timeout_s:
 
 
 def _deploy(config: AnkerConfig, say: Say, head: subprocess.Popen[bytes] | None = None) -> None:
+    if config.stack.ingress == "haproxy":
+        # Serve builds the applications in this process, and refuses an ingress request router unless HAProxy's
+        # switch is on here too; it reads the switch when first imported.
+        os.environ["RAY_SERVE_ENABLE_HA_PROXY"] = "1"
     from ray import serve
+    from ray.serve._private import constants
+
+    if config.stack.ingress == "haproxy" and not constants.RAY_SERVE_ENABLE_HA_PROXY:
+        raise RuntimeError("Ray Serve was imported before HAProxy's switch was set: the deploy cannot use HAProxy")
 
     from config.naming import APP_NAME
     from deployments.builder import build_app, build_apps

@@ -18,8 +18,16 @@ def deployment_suffix(model_name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_-]", "_", model_name)
 
 
+ENGINE_DEPLOYMENT_PREFIX = "Engine-"
+
+
 def engine_deployment_name(model: ModelConfig) -> str:
-    return f"Engine-{deployment_suffix(model.name)}"
+    return ENGINE_DEPLOYMENT_PREFIX + deployment_suffix(model.name)
+
+
+def router_deployment_name(model: ModelConfig) -> str:
+    """The ingress request router of a model's own application (the second edition's, when it may scale out)."""
+    return f"Router-{deployment_suffix(model.name)}"
 
 
 def model_route_prefix(model_name: str) -> str:

@@ -2,8 +2,9 @@
 
 The first edition (``build_app``): Ingress -> Tokenizer, Ingress -> one Engine deployment per model, Ingress ->
 Billing, composed with ``.bind()`` in one application. The second (``build_apps``): a control application at ``/``
-that holds the billing actor, and one application per model whose engine replicas serve HTTP themselves; they reach
-the billing actor by its application and deployment name, since Serve keeps an application's deployments its own.
+that holds the billing actor, and one application per model whose engine replicas serve HTTP themselves (with an
+ingress request router when the model may run more than one replica); they reach the billing actor by its
+application and deployment name, since Serve keeps an application's deployments its own.
 Deployments receive their specs and handles here.
 """
 
@@ -17,7 +18,13 @@ from ray import serve
 from ray.serve.config import RequestRouterConfig
 
 from autoscaling.queue_policy import QueuePolicyConfig, serve_autoscaling_config
-from config.naming import APP_NAME, engine_deployment_name, model_app_name, model_route_prefix
+from config.naming import (
+    APP_NAME,
+    engine_deployment_name,
+    model_app_name,
+    model_route_prefix,
+    router_deployment_name,
+)
 from config.placement import engine_placement
 from config.schema import AnkerConfig, ModelConfig
 from deployments.billing.actor import Billing
@@ -28,14 +35,18 @@ from deployments.ingress import Ingress, IngressSpec
 from deployments.openai.catalog import ServedModel
 from deployments.openai.responses import model_card
 from deployments.server.replica import EngineServer, ReplicaSpec
+from deployments.server.route import IngressRouter, RouteSpec
 from deployments.server.vllm_layer import ServingSpec
 from deployments.tokenizer import Tokenizer, TokenizerSpec
 
 # Serve's access log writes a line per request: not on the hot path (nor, under zero data retention, anywhere).
 NO_ACCESS_LOG = {"enable_access_log": False}
 
-# The engine deployments' request router (Ray Serve's extension point); it runs in the ingress, which holds the handles.
+# The engine deployments' request routers (Ray Serve's extension point): the first edition's runs in the ingress,
+# which holds the handles; the second edition's in the model application's ingress request router, which HAProxy asks.
 PREFIX_AWARE_ROUTER = "deployments.router.PrefixAwareRouter"
+INGRESS_PREFIX_ROUTER = "deployments.router.IngressPrefixRouter"
+ROUTING_STATS_PERIOD_S = 2.0  # how often Serve asks each engine replica for its queue, which the router weighs
 
 
 def engine_env(model: ModelConfig) -> dict[str, str]:
@@ -115,15 +126,21 @@ def engine_options(config: AnkerConfig, model: ModelConfig) -> dict[str, Any]:
     if placement.label_selector is not None:
         options["placement_group_bundle_label_selector"] = [dict(placement.label_selector)]
     if model.router.policy == "prefix_aware":
-        options["request_router_config"] = RequestRouterConfig(
-            request_router_class=PREFIX_AWARE_ROUTER,  # type: ignore[arg-type]
-            request_router_kwargs={
-                "model": model.name,
-                "max_imbalance": model.router.max_imbalance,
-                "max_blocks": model.router.max_blocks,
-            },
-        )
+        options["request_router_config"] = prefix_router_config(model, PREFIX_AWARE_ROUTER)
     return options
+
+
+def prefix_router_config(model: ModelConfig, router_class: str, **settings: Any) -> RequestRouterConfig:
+    """Serve's request-router settings for a model's engine deployment, with the model's prefix-routing policy."""
+    return RequestRouterConfig(
+        request_router_class=router_class,  # type: ignore[arg-type]
+        request_router_kwargs={
+            "model": model.name,
+            "max_imbalance": model.router.max_imbalance,
+            "max_blocks": model.router.max_blocks,
+        },
+        **settings,
+    )
 
 
 def bind_engine(config: AnkerConfig, model: ModelConfig) -> serve.Application:
@@ -178,7 +195,13 @@ def served_models(config: AnkerConfig, created: int) -> tuple[ServedModel, ...]:
 def model_app(config: AnkerConfig, model: ModelConfig, created: int) -> ServeApp:
     """A model's own application: its engine replicas serve the OpenAI API themselves (the application's ingress)."""
     options = engine_options(config, model)
-    options.pop("request_router_config", None)  # a handle's router; HAProxy's ingress request router is not yet
+    # The first edition's router sits in the ingress's handle; here HAProxy asks the model's own router, if any.
+    options.pop("request_router_config", None)
+    routed = model.max_replicas > 1 and model.router.policy == "prefix_aware"
+    if routed:
+        options["request_router_config"] = prefix_router_config(
+            model, INGRESS_PREFIX_ROUTER, request_routing_stats_period_s=ROUTING_STATS_PERIOD_S
+        )
     options["logging_config"] = NO_ACCESS_LOG
     served = served_models(config, created)[config.models.index(model)]
     card = model_card(served.name, served.created, served.owned_by, served.max_model_len)
@@ -193,6 +216,17 @@ def model_app(config: AnkerConfig, model: ModelConfig, created: int) -> ServeApp
         billing_app=APP_NAME,
     )
     app = EngineServer.options(**options).bind(spec)  # type: ignore[attr-defined]
+    if routed:
+        # Serve's hook for an ingress request router is internal and unstable in 2.60 (Ray Serve LLM's direct
+        # streaming uses it): HAProxy asks the router at /internal/route before it sends a request to a replica.
+        router = IngressRouter.options(  # type: ignore[attr-defined]
+            name=router_deployment_name(model),
+            logging_config=NO_ACCESS_LOG,
+            num_replicas=config.stack.tokenizer_replicas,
+            max_ongoing_requests=config.stack.tokenizer_max_ongoing_requests,
+            ray_actor_options={"num_cpus": config.stack.tokenizer_num_cpus},
+        ).bind(app, RouteSpec(model.name, config.model_path(model), config.stack.prefix_block_size))
+        app = app._with_ingress_request_router(router)
     return ServeApp(model_app_name(model.name), model_route_prefix(model.name), app)
 
 

@@ -30,7 +30,7 @@ from typing import Any
 import ray
 from starlette.responses import JSONResponse, Response
 
-from config.naming import MODEL_APP_PREFIX
+from config.naming import ENGINE_DEPLOYMENT_PREFIX, MODEL_APP_PREFIX
 from deployments.errors import RetryLater
 from deployments.openai.errors import error_response
 
@@ -212,12 +212,12 @@ def stop_draining() -> None:
 
 def _running_ingress_replicas(status: Any) -> dict[str, int]:
     """Running ingress replicas per application, from ``serve.status()``: the first edition's ``Ingress``, the
-    second edition's control application's ``Control``, and a model application's one deployment (its engine
-    replicas, which serve HTTP themselves)."""
+    second edition's control application's ``Control``, and a model application's engine replicas, which serve
+    HTTP themselves (its ingress request router, if any, holds no request: HAProxy sends them to the replicas)."""
     counts: dict[str, int] = {}
     for app, app_status in status.applications.items():
         if app.startswith(MODEL_APP_PREFIX):
-            ingresses = list(app_status.deployments.values())
+            ingresses = [d for name, d in app_status.deployments.items() if name.startswith(ENGINE_DEPLOYMENT_PREFIX)]
         else:
             named = (INGRESS_DEPLOYMENT, CONTROL_DEPLOYMENT)
             ingresses = [d for name, d in app_status.deployments.items() if name in named]

@@ -11,14 +11,18 @@ less loaded of two random replicas (Serve probes their queues and skips a full o
 ``PrefixRouting`` is the policy, plain Python so that unit tests drive its decisions; ``PrefixAwareRouter`` is the
 thin shell Serve calls. The memory is per ingress replica and approximate: vLLM may have evicted what the router
 still remembers (then the request is merely uncached), and a second ingress replica learns on its own.
+
+In the second edition HAProxy asks a model's ingress request router (deployments/server/route.py), which hashes the
+prompt itself and asks ``IngressPrefixRouter`` for a pick only.
 """
 
 from __future__ import annotations
 
 import logging
 import random
-from collections import OrderedDict
-from collections.abc import Hashable, Mapping, Sequence
+import time
+from collections import OrderedDict, deque
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, Literal, TypeVar
 
@@ -108,8 +112,11 @@ class PrefixRouting(Generic[K]):
         pool = [c for c in candidates if c != exclude]
         return self._rng.sample(pool, min(2, len(pool)))
 
-    def choose(self, candidates: Sequence[K], hashes: Sequence[int] | None) -> Route[K]:
-        """Where to send a request; ``hashes`` None for a call that is not a generation."""
+    def choose(
+        self, candidates: Sequence[K], hashes: Sequence[int] | None, load: Callable[[K], int] | None = None
+    ) -> Route[K]:
+        """Where to send a request; ``hashes`` None for a call that is not a generation. ``load`` is each replica's
+        requests in flight, by default as this policy counted them (``routed`` and ``completed``)."""
         if not candidates:
             return Route([], "no_match")
         if hashes is None:
@@ -117,9 +124,10 @@ class PrefixRouting(Generic[K]):
         matched, holders = self.table.longest_match(hashes, set(candidates))
         if not matched:
             return Route([self._two_random(candidates)], "no_match", 0, len(hashes))
-        best = min(holders, key=self.in_flight)
-        least = min(self.in_flight(c) for c in candidates)
-        if self.in_flight(best) - least > self.max_imbalance:
+        in_flight = load or self.in_flight
+        best = min(holders, key=in_flight)
+        least = min(in_flight(c) for c in candidates)
+        if in_flight(best) - least > self.max_imbalance:
             return Route([self._two_random(candidates)], "overloaded", 0, len(hashes))
         fallback = self._two_random(candidates, exclude=best)
         return Route([[best], fallback] if fallback else [[best]], "prefix", matched, len(hashes))
@@ -190,3 +198,89 @@ class PrefixAwareRouter(RequestRouter):
         super().update_replicas(replicas)
         for gone in before - set(self.curr_replicas):
             self._policy.forget(gone)
+
+
+class PickLoad(Generic[K]):
+    """A replica's load as a router that only picks can know it (HAProxy sends the request, and nobody tells the
+    router when it ends): the larger of the replica's own count of requests in flight, as it last reported it, and
+    the requests this router sent it in the last ``window_s`` seconds."""
+
+    def __init__(self, window_s: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self._window_s = window_s
+        self._clock = clock
+        self._picks: dict[K, deque[float]] = {}
+
+    def picked(self, replica: K) -> None:
+        self._picks.setdefault(replica, deque()).append(self._clock())
+
+    def recent(self, replica: K) -> int:
+        picks = self._picks.get(replica)
+        if not picks:
+            return 0
+        horizon = self._clock() - self._window_s
+        while picks and picks[0] < horizon:
+            picks.popleft()
+        return len(picks)
+
+    def __call__(self, replica: K, reported: float) -> int:
+        return max(int(reported), self.recent(replica))
+
+    def forget(self, replica: K) -> None:
+        self._picks.pop(replica, None)
+
+
+ROUTE_HASHES = "block_hashes"  # the keyword of ``choose_replica`` that carries the prompt's block hashes
+
+
+class IngressPrefixRouter(RequestRouter):
+    """The policy for the second edition, where HAProxy asks the model application's ingress request router
+    (deployments/server/route.py) which replica to send a request to. That router only picks
+    (``choose_replica(block_hashes=..., _reserve=False)``): Serve then never calls ``on_request_routed`` or
+    ``on_request_completed``. So this records its own pick at once, and weighs load by ``PickLoad``. Each rank is
+    ordered least loaded first, since a pick takes a rank's first replica."""
+
+    def initialize_state(
+        self,
+        model: str = "",
+        max_imbalance: int = 8,
+        max_blocks: int = 200_000,
+        load_window_s: float = 10.0,
+        **_: Any,
+    ) -> None:
+        self._model = model
+        self._policy: PrefixRouting[ReplicaID] = PrefixRouting(max_imbalance, max_blocks)
+        self._load: PickLoad[ReplicaID] = PickLoad(load_window_s)
+
+    async def choose_replicas(
+        self, candidate_replicas: list[RunningReplica], pending_request: PendingRequest | None = None
+    ) -> list[list[RunningReplica]]:
+        by_id: Mapping[ReplicaID, RunningReplica] = {r.replica_id: r for r in candidate_replicas}
+
+        def load(replica: ReplicaID) -> int:
+            return self._load(replica, float(by_id[replica].routing_stats.get("in_flight", 0)))
+
+        hashes = pending_request.kwargs.get(ROUTE_HASHES) if pending_request is not None else None
+        route = self._policy.choose(list(by_id), hashes, load)
+        ranks = [sorted(rank, key=load) for rank in route.ranks]
+        if ranks and ranks[0]:
+            if hashes:
+                self._policy.table.insert(hashes, ranks[0][0])
+            self._load.picked(ranks[0][0])
+        if pending_request is not None:
+            pending_request.routing_context.should_backoff = True
+        metrics.routed(self._model, route.decision, route.matched_blocks, route.blocks)
+        return [[by_id[r] for r in rank] for rank in ranks]
+
+    def on_replica_actor_died(self, replica_id: ReplicaID) -> None:
+        super().on_replica_actor_died(replica_id)
+        self._forget(replica_id)
+
+    def update_replicas(self, replicas: list[RunningReplica]) -> None:
+        before = set(self.curr_replicas)
+        super().update_replicas(replicas)
+        for gone in before - set(self.curr_replicas):
+            self._forget(gone)
+
+    def _forget(self, replica: ReplicaID) -> None:
+        self._policy.forget(replica)
+        self._load.forget(replica)

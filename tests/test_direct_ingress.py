@@ -1,7 +1,8 @@
 """The second edition's request path, as `anker up` starts it with `stack.ingress: haproxy`: Ray Serve's HAProxy
 direct ingress with Anker's model dispatch (deployments/server/haproxy.py), the control application at ``/``
 (deployments/control.py) and a model's own application whose engine replica serves the OpenAI API itself
-(deployments/server/replica.py) over a real vLLM. Called with the official ``openai`` SDK at one base URL.
+(deployments/server/replica.py) over a real vLLM, with its ingress request router (deployments/server/route.py).
+Called with the official ``openai`` SDK at one base URL.
 
 A stack of its own beside the session's (HAProxy is a cluster-wide switch, ``RAY_SERVE_ENABLE_HA_PROXY``, that the
 session's stack does not use yet), with one model and its own ports, data and Ray folders; `anker down` stops it.
@@ -77,6 +78,10 @@ def cluster(tiny_models: dict[str, Path], otlp: OtlpReceiver) -> Iterator[Cluste
         "ANKER_DATA_DIR": str(root / "data"),
         "ANKER_PORT": str(free_port()),
         "ANKER__STACK__INGRESS": "haproxy",
+        # A ceiling of two replicas gives the model its ingress request router (deployments/server/route.py); a
+        # queue target no test reaches keeps it at one, so the suite starts no second engine.
+        "ANKER__MODELS__0__MAX_REPLICAS": "2",
+        "ANKER__MODELS__0__AUTOSCALING__TARGET_QUEUE_PER_REPLICA": "1000",
         "ANKER__SERVER__HAPROXY_METRICS_PORT": str(free_port()),
         "ANKER__SERVER__HAPROXY_STATS_PORT": str(free_port()),
         "ANKER__RAY__GCS_PORT": str(free_port()),
@@ -260,6 +265,40 @@ def test_a_call_is_one_trace_and_is_measured(cluster: Cluster, otlp: OtlpReceive
     for line in text.splitlines():
         if line.startswith("ray_anker_"):
             assert "tenant" not in line and "ank_" not in line and CANARY not in line
+
+
+def test_haproxy_asks_the_models_router_which_replica_holds_the_prompts_prefix(cluster: Cluster) -> None:
+    """Every API request to the model goes through its ingress request router: HAProxy's Lua asks it at
+    /internal/route with the body, and it picks the replica by the prompt's blocks (a repeat of a prefix: the
+    replica that has it)."""
+    _wait_for_the_model(cluster)
+    config = next(haproxy_dir(cluster.config).rglob("*.cfg.anker")).read_text()
+    assert "lua.route_via_ingress_request_router" in config, "HAProxy's config has no ingress request router"
+    port = cluster.config.ray.metrics_export_port
+
+    def decisions() -> dict[str, float]:
+        text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+        found = samples(text, "ray_anker_router_decisions_total")
+        return {labels["decision"]: value for labels, value in found if labels["model"] == MODEL}
+
+    before = decisions().get("prefix", 0.0)
+    client = openai.OpenAI(base_url=f"{cluster.base_url}/v1", api_key=cluster.key, max_retries=0)
+    manual = "Du svarer på spørgsmål om havnens regler. " * 40
+    cached = []
+    for question in ("Hvornår åbner slusen?", "Hvor ligger færgen?"):
+        answer = client.chat.completions.create(
+            model=MODEL,
+            messages=[{"role": "system", "content": manual}, {"role": "user", "content": question}],
+            max_tokens=1,
+        )
+        assert answer.usage is not None and answer.usage.prompt_tokens_details is not None
+        cached.append(answer.usage.prompt_tokens_details.cached_tokens or 0)
+    assert cached[1] > 0, cached
+    # Workers push their metrics to the node's agent every few seconds: poll until the router's pick shows.
+    deadline = time.monotonic() + 90
+    while decisions().get("prefix", 0.0) <= before and time.monotonic() < deadline:
+        time.sleep(2)
+    assert decisions().get("prefix", 0.0) > before, decisions()
 
 
 def test_a_drain_lets_the_replicas_streams_finish_and_holds_until_undone(cluster: Cluster) -> None:

@@ -104,7 +104,9 @@ def test_a_drain_waits_for_every_applications_ingress_replicas() -> None:
     status = SimpleNamespace(
         applications={
             "anker": SimpleNamespace(deployments={"Control": deployment(2), "Billing": deployment(1)}),
-            "model-qwen3-moe-tiny": SimpleNamespace(deployments={"Engine-qwen3-moe-tiny": deployment(3)}),
+            "model-qwen3-moe-tiny": SimpleNamespace(
+                deployments={"Engine-qwen3-moe-tiny": deployment(3), "Router-qwen3-moe-tiny": deployment(1)}
+            ),
             "second": SimpleNamespace(
                 deployments={"Ingress": deployment(1), "Tokenizer": deployment(1), "Engine-x": deployment(2)}
             ),
