@@ -225,7 +225,12 @@ def model_app(config: AnkerConfig, model: ModelConfig, created: int) -> ServeApp
             num_replicas=config.stack.tokenizer_replicas,
             max_ongoing_requests=config.stack.tokenizer_max_ongoing_requests,
             ray_actor_options={"num_cpus": config.stack.tokenizer_num_cpus},
-        ).bind(app, RouteSpec(model.name, config.model_path(model), config.stack.prefix_block_size))
+        ).bind(
+            app,
+            RouteSpec(
+                model.name, config.model_path(model), config.stack.prefix_block_size, config.server.max_request_bytes
+            ),
+        )
         app = app._with_ingress_request_router(router)
     return ServeApp(model_app_name(model.name), model_route_prefix(model.name), app)
 

@@ -16,7 +16,7 @@ import pytest
 from ray.serve.exceptions import DeploymentUnavailableError
 
 from deployments.router import ROUTE_HASHES, IngressPrefixRouter, PickLoad, PrefixRouting
-from deployments.server.route import ROUTE_PATH, Hashes, PromptBlocks, RouteApp
+from deployments.server.route import MAX_ROUTED_CHARS, ROUTE_PATH, Hashes, PromptBlocks, RouteApp
 
 MODEL = "qwen3-moe-tiny"
 BLOCK = 16
@@ -25,7 +25,7 @@ MANUAL = "You answer questions about the operator's manual. " * 60  # a long sha
 
 @pytest.fixture(scope="module")
 def blocks(tiny_models: dict[str, Path]) -> PromptBlocks:
-    return PromptBlocks(tiny_models[MODEL], BLOCK)
+    return PromptBlocks(tiny_models[MODEL], BLOCK, max_body_bytes=1024 * 1024)
 
 
 def chat(question: str, **extra: Any) -> bytes:
@@ -77,6 +77,13 @@ def test_completions_and_responses_bodies_give_their_prompts_blocks(blocks: Prom
     assert as_response == as_chat  # the replica renders a Responses request with the same template
     items = [{"type": "message", "role": "user", "content": "Where is the fuse?"}]
     assert blocks(json.dumps({"model": MODEL, "instructions": MANUAL, "input": items}).encode()) == as_chat
+
+
+def test_only_the_head_of_a_long_prompt_is_read_and_a_body_over_the_limit_not_at_all(blocks: PromptBlocks) -> None:
+    head = blocks(chat("x" * MAX_ROUTED_CHARS))
+    assert head is not None and head == blocks(chat("x" * MAX_ROUTED_CHARS * 10)), "past the head, all the same"
+    assert len(head) * BLOCK <= MAX_ROUTED_CHARS
+    assert blocks(chat("y" * 2 * 1024 * 1024)) is None  # the replica answers 413
 
 
 @pytest.mark.parametrize(

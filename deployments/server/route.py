@@ -43,6 +43,10 @@ from deployments.tokenizer import block_hashes
 
 ROUTE_PATH = "/internal/route"
 Hashes = tuple[int, ...]
+# The head of the rendered prompt that routing reads: enough to tell conversations, documents and system prompts
+# apart, and a bounded cost (about 8 ms of tokenizing here); a 4 MB prompt would take seconds, past HAProxy's wait.
+MAX_ROUTED_CHARS = 16 * 1024
+MAX_ROUTED_TOKENS = MAX_ROUTED_CHARS // 2
 
 
 @dataclass(frozen=True)
@@ -52,7 +56,8 @@ class RouteSpec:
     model: str
     tokenizer_path: Path
     block_size: int
-    timeout_s: float = 5.0  # for a pick; HAProxy answers 503 when the router does not answer in time
+    max_body_bytes: int  # a larger body is the replica's to refuse (413): not read here
+    timeout_s: float = 4.0  # for a pick, within HAProxy's 5 s wait for the router (then it answers 503 itself)
 
 
 def _cache_key_mix(key: str) -> int:
@@ -83,13 +88,16 @@ class PromptBlocks:
     """A request body's prompt as chained block hashes, as far as the body allows; None when it holds no prompt
     this can read."""
 
-    def __init__(self, tokenizer_path: Path, block_size: int) -> None:
+    def __init__(self, tokenizer_path: Path, block_size: int, max_body_bytes: int) -> None:
         from transformers import AutoTokenizer
 
         self._tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_path))
         self._block_size = block_size
+        self._max_body_bytes = max_body_bytes
 
     def __call__(self, body: bytes) -> Hashes | None:
+        if len(body) > self._max_body_bytes:
+            return None
         try:
             data = json.loads(body)
         except ValueError:  # not JSON, or cut short by HAProxy's buffer
@@ -117,18 +125,21 @@ class PromptBlocks:
                 messages,
                 tools=tools if isinstance(tools, list) and tools else None,
                 add_generation_prompt=True,
-                tokenize=True,
-                return_dict=False,
+                tokenize=False,
             )
-            return list(rendered["input_ids"] if isinstance(rendered, dict) else rendered)
+            return self._head(rendered) if isinstance(rendered, str) else None
         prompt = data.get("prompt")
         if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
             prompt = prompt[0]  # a batch of prompts: the first decides
         if isinstance(prompt, str):
-            return list(self._tokenizer.encode(prompt, add_special_tokens=False))
+            return self._head(prompt)
         if isinstance(prompt, list) and all(isinstance(t, int) for t in prompt):
-            return prompt
+            return prompt[:MAX_ROUTED_TOKENS]
         return None
+
+    def _head(self, text: str) -> list[int]:
+        """The tokens of the text's head: a prefix of the text's tokens, but for the last few at the cut."""
+        return list(self._tokenizer.encode(text[:MAX_ROUTED_CHARS], add_special_tokens=False))
 
 
 Pick = Callable[[Hashes | None], Awaitable[str]]
@@ -176,7 +187,8 @@ class IngressRouter:
         self._spec = spec
 
     async def __serve_build_asgi_app__(self) -> Any:
-        blocks = await asyncio.to_thread(PromptBlocks, self._spec.tokenizer_path, self._spec.block_size)
+        spec = self._spec
+        blocks = await asyncio.to_thread(PromptBlocks, spec.tokenizer_path, spec.block_size, spec.max_body_bytes)
         return RouteApp(blocks, self._pick, self._spec.timeout_s)
 
     async def _pick(self, hashes: Hashes | None) -> str:
