@@ -422,6 +422,26 @@ async def test_vllms_errors_reach_the_client_in_ankers_words(server: Server) -> 
     assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found" and "gpt-9" not in r.text
 
 
+@pytest.mark.parametrize(
+    ("body", "code", "param"),
+    [
+        ({"tools": []}, "invalid_value", "tools"),
+        # Past what the model can do, however large the key's rate limit: told as such, not as a rate limit.
+        ({"max_tokens": 10**9}, "invalid_value", "max_tokens"),
+        ({"max_completion_tokens": 10**9}, "invalid_value", "max_completion_tokens"),
+        ({"n": 1000}, "invalid_value", "n"),
+        ({"n": 0}, "invalid_value", "n"),
+    ],
+)
+async def test_a_mistake_vllm_finds_is_a_400_that_says_which(
+    server: Server, body: dict[str, Any], code: str, param: str
+) -> None:
+    r = await server.http.post("/v1/chat/completions", json={"model": MODEL, "messages": QUESTION, **body})
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert (error["code"], error["param"]) == (code, param), error
+
+
 async def test_completions_and_models(server: Server) -> None:
     since = len(server.reports)
     answer = await server.client.completions.create(model=MODEL, prompt=["Hej", "Farvel"], max_tokens=3)

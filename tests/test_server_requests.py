@@ -7,7 +7,14 @@ import json
 
 import pytest
 
-from deployments.errors import ContextLengthExceeded, InternalError, InvalidJson, InvalidRequest, ModelNotFound
+from deployments.errors import (
+    ContextLengthExceeded,
+    InternalError,
+    InvalidJson,
+    InvalidRequest,
+    InvalidValue,
+    ModelNotFound,
+)
 from deployments.server.requests import ALLOWED, NO_STORAGE, checked_body, from_vllm
 
 
@@ -57,7 +64,7 @@ def test_vllms_messages_are_never_repeated() -> None:
             ContextLengthExceeded,
         ),
         ({"code": 404, "message": f"The model `{secret}` does not exist."}, ModelNotFound),
-        ({"code": 400, "message": f"'{secret}' is not a valid value", "param": "temperature"}, InvalidRequest),
+        ({"code": 400, "message": f"'{secret}' is not a valid value", "param": "temperature"}, InvalidValue),
         ({"code": 400, "message": secret, "param": secret}, InvalidRequest),
         ({"code": 500, "message": secret}, InternalError),
         ({}, InternalError),
@@ -67,3 +74,11 @@ def test_vllms_messages_are_never_repeated() -> None:
         assert type(error) is kind, info
         assert secret not in error.message and secret not in str(error.param), error
     assert from_vllm({"error": cases[2][0]}).param == "temperature"
+
+
+@pytest.mark.parametrize("n", [0, 17, 1000, 2.0, "4", True])
+def test_more_choices_than_a_request_may_ask_for_are_an_invalid_n(n: object) -> None:
+    with pytest.raises(InvalidValue) as refused:
+        checked_body(body(n=n), "chat")
+    assert refused.value.param == "n"
+    assert checked_body(body(n=16), "chat")["n"] == 16

@@ -19,6 +19,7 @@ from deployments.errors import (
     InternalError,
     InvalidJson,
     InvalidRequest,
+    InvalidValue,
     ModelNotFound,
     UnsupportedParameter,
 )
@@ -99,6 +100,7 @@ ALLOWED = {"chat": frozenset(_CHAT), "completions": frozenset(_COMPLETIONS), "re
 # previous_response_id that is null.
 _STRIPPED = ("user", "safety_identifier", "prompt_cache_key", "metadata", "store", "previous_response_id")
 _CHAT_TEMPLATE_KWARGS = frozenset({"enable_thinking"})
+MAX_CHOICES = 16  # choices per request (``n``)
 _IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
 NO_STORAGE = (
     "Responses are not stored (zero data retention), so they cannot be referred to: send the whole conversation in "
@@ -126,6 +128,10 @@ def checked_body(raw: bytes, endpoint: str) -> dict[str, Any]:
                 else "Unrecognized request argument supplied.",
                 name if named else None,
             )
+    choices = body.get("n")
+    if choices is not None and (type(choices) is not int or not 1 <= choices <= MAX_CHOICES):
+        # vLLM takes any n, and a key's rate limit would refuse a large one as if the client were too busy.
+        raise InvalidValue(f"'n' must be an integer from 1 to {MAX_CHOICES}.", "n")
     kwargs = body.get("chat_template_kwargs")
     if kwargs is not None and (not isinstance(kwargs, dict) or set(kwargs) - _CHAT_TEMPLATE_KWARGS):
         raise InvalidRequest("chat_template_kwargs may only set enable_thinking.", "chat_template_kwargs")
@@ -154,8 +160,8 @@ def from_vllm(error: dict[str, Any]) -> AnkerError:
         )
     if status == 404:
         return ModelNotFound.unnamed()
+    if 400 <= status < 500 and param:
+        return InvalidValue(f"Invalid value for '{param}' for this model.", param)
     if 400 <= status < 500:
-        return InvalidRequest(
-            "The request is not valid for this model" + (f" (see '{param}')." if param else "."), param
-        )
+        return InvalidRequest("The request is not valid for this model.")
     return InternalError("The model could not complete the request.")

@@ -111,6 +111,7 @@ async def serve(
 ) -> Response:
     """Runs one request of ``endpoint`` (chat, completions or responses) through ``create``, vLLM's handler for it."""
     from vllm.entrypoints.serve.engine.protocol import ErrorResponse
+    from vllm.exceptions import VLLMValidationError
 
     meter = current_meter()
     try:
@@ -121,6 +122,8 @@ async def serve(
             parsed = request_model.model_validate(body)
         except ValidationError as exc:
             raise _invalid(exc, endpoint) from None
+        except VLLMValidationError as exc:  # a check of vLLM's own model (an empty `tools`, …)
+            raise _failed(exc, endpoint) from None
         try:
             answer = await create(parsed, request)
         except Exception as exc:
