@@ -239,6 +239,10 @@ def test_a_call_is_one_trace_and_is_measured(cluster: Cluster, otlp: OtlpReceive
         assert CANARY not in s.name + repr(s.attributes)
     assert CANARY not in streamed
 
+    with pytest.raises(openai.NotFoundError):  # answered by the control application, for no model
+        openai.OpenAI(base_url=f"{cluster.base_url}/v1", api_key=cluster.key, max_retries=0).chat.completions.create(
+            model="no-such-model", messages=[{"role": "user", "content": "hej"}]
+        )
     port = cluster.config.ray.metrics_export_port
     wanted = {
         "ray_anker_time_to_first_token_seconds_bucket",
@@ -252,8 +256,12 @@ def test_a_call_is_one_trace_and_is_measured(cluster: Cluster, otlp: OtlpReceive
 
     def missing(text: str) -> set[str]:
         absent = {family for family in wanted if not samples(text, family)}
-        ok = [labels for labels, v in samples(text, "ray_anker_requests_total") if labels["status_code"] == "200"]
-        return absent | (set() if any(labels["model"] == MODEL for labels in ok) else {"a 200 of the model"})
+        requests = [labels for labels, v in samples(text, "ray_anker_requests_total")]
+        if not any(labels["status_code"] == "200" and labels["model"] == MODEL for labels in requests):
+            absent.add("a 200 of the model")
+        if not any(labels["status_code"] == "404" and labels["model"] == "-" for labels in requests):
+            absent.add("a 404 of no model")
+        return absent
 
     # Workers push their metrics to the node's agent every few seconds: poll until this traffic shows.
     deadline = time.monotonic() + 90
