@@ -14,6 +14,7 @@ from deployments.errors import (
     InvalidRequest,
     InvalidValue,
     ModelNotFound,
+    UnsupportedValue,
 )
 from deployments.server.requests import ALLOWED, NO_STORAGE, checked_body, from_vllm
 
@@ -82,3 +83,10 @@ def test_more_choices_than_a_request_may_ask_for_are_an_invalid_n(n: object) -> 
         checked_body(body(n=n), "chat")
     assert refused.value.param == "n"
     assert checked_body(body(n=16), "chat")["n"] == 16
+
+
+def test_a_chat_that_asks_to_be_stored_is_refused_and_one_that_does_not_passes() -> None:
+    with pytest.raises(UnsupportedValue) as refused:
+        checked_body(body(store=True), "chat")
+    assert refused.value.param == "store" and "zero data retention" in refused.value.message
+    assert "store" not in checked_body(body(store=False), "chat")

@@ -22,6 +22,7 @@ from deployments.errors import (
     InvalidValue,
     ModelNotFound,
     UnsupportedParameter,
+    UnsupportedValue,
 )
 
 _SAMPLING_EXTRAS = {"top_k", "min_p", "repetition_penalty"}
@@ -137,6 +138,12 @@ def checked_body(raw: bytes, endpoint: str) -> dict[str, Any]:
         raise InvalidRequest("chat_template_kwargs may only set enable_thinking.", "chat_template_kwargs")
     if body.get("previous_response_id") is not None:
         raise InvalidRequest(NO_STORAGE, "previous_response_id")
+    if endpoint == "chat" and body.get("store") is True:
+        # Asked for outright (OpenAI's chat default is not to store): refused, since nothing is kept. The Responses
+        # API stores by default, so there ``store`` is set false instead, and what would refer to it is refused.
+        raise UnsupportedValue(
+            "'store' must be false: this service keeps no prompts or completions (zero data retention).", "store"
+        )
     for name in _STRIPPED:
         body.pop(name, None)
     if endpoint == "responses":
