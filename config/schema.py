@@ -261,7 +261,9 @@ class StackConfig(_Strict):
         default=256,
         ge=1,
         description="Requests an ingress replica holds for a model while every engine replica is at "
-        "engine_max_ongoing_requests; beyond that, clients get 503 engine_overloaded with Retry-After at once.",
+        "engine_max_ongoing_requests; beyond that, clients get 503 engine_overloaded with Retry-After at once. "
+        "With stack.ingress haproxy, each engine replica takes engine_max_ongoing_requests + this many calls at "
+        "once (what vLLM does not run yet waits in its queue), and refuses the rest so.",
     )
     overload_retry_after_s: int = Field(default=2, ge=1, description="Retry-After of an engine_overloaded answer.")
     drain_timeout_s: float = Field(

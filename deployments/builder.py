@@ -46,6 +46,7 @@ NO_ACCESS_LOG = {"enable_access_log": False}
 # which holds the handles; the second edition's in the model application's ingress request router, which HAProxy asks.
 PREFIX_AWARE_ROUTER = "deployments.router.PrefixAwareRouter"
 INGRESS_PREFIX_ROUTER = "deployments.router.IngressPrefixRouter"
+CAPACITY_HEADROOM = 16  # Serve's limit of calls at once on a replica, above what its door takes
 ROUTING_STATS_PERIOD_S = 2.0  # how often Serve asks each engine replica for its queue, which the router weighs
 
 
@@ -203,6 +204,10 @@ def model_app(config: AnkerConfig, model: ModelConfig, created: int) -> ServeApp
             model, INGRESS_PREFIX_ROUTER, request_routing_stats_period_s=ROUTING_STATS_PERIOD_S
         )
     options["logging_config"] = NO_ACCESS_LOG
+    # The replica's door refuses what it cannot take (back-pressure in OpenAI's shape); Serve's own limit is above
+    # it, so that Serve never queues a call the door would take and a refusal always finds a slot.
+    max_calls = config.stack.engine_max_ongoing_requests + config.stack.engine_max_queued_requests
+    options["max_ongoing_requests"] = max_calls + CAPACITY_HEADROOM
     served = served_models(config, created)[config.models.index(model)]
     card = model_card(served.name, served.created, served.owned_by, served.max_model_len)
     spec = ReplicaSpec(
@@ -214,6 +219,8 @@ def model_app(config: AnkerConfig, model: ModelConfig, created: int) -> ServeApp
         usage_flush_interval_s=config.billing.usage_flush_interval_s,
         usage_spool_dir=config.data_dir.resolve() / "outbox",
         billing_app=APP_NAME,
+        max_calls=max_calls,
+        overload_retry_after_s=config.stack.overload_retry_after_s,
     )
     app = EngineServer.options(**options).bind(spec)  # type: ignore[attr-defined]
     if routed:

@@ -10,6 +10,7 @@ session's stack does not use yet), with one model and its own ports, data and Ra
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import secrets
@@ -39,9 +40,11 @@ from tests.conftest import ANKER, Stack, create_key
 from tests.test_stack_drain import drain_lets_running_streams_finish_and_holds_until_undone
 from tests.test_stack_metrics import samples
 from tests.test_stack_tracing import CANARY, wait_for_trace
+from tests.traffic import CLIENT_TIMEOUT_S, ledger_totals, stream_chat, wait_for_ledger
 
 MODEL = "qwen3-moe-tiny"
 READY_TIMEOUT_S = 420
+BURST = 20  # well above the 6 calls a replica takes at once
 
 
 @dataclass(frozen=True)
@@ -82,6 +85,9 @@ def cluster(tiny_models: dict[str, Path], otlp: OtlpReceiver) -> Iterator[Cluste
         # queue target no test reaches keeps it at one, so the suite starts no second engine.
         "ANKER__MODELS__0__MAX_REPLICAS": "2",
         "ANKER__MODELS__0__AUTOSCALING__TARGET_QUEUE_PER_REPLICA": "1000",
+        # A replica takes 2 + 4 calls at once (deployments/server/observed.py::Capacity): a burst overflows it.
+        "ANKER__STACK__ENGINE_MAX_ONGOING_REQUESTS": "2",
+        "ANKER__STACK__ENGINE_MAX_QUEUED_REQUESTS": "4",
         "ANKER__SERVER__HAPROXY_METRICS_PORT": str(free_port()),
         "ANKER__SERVER__HAPROXY_STATS_PORT": str(free_port()),
         "ANKER__RAY__GCS_PORT": str(free_port()),
@@ -307,6 +313,32 @@ def test_haproxy_asks_the_models_router_which_replica_holds_the_prompts_prefix(c
     while decisions().get("prefix", 0.0) <= before and time.monotonic() < deadline:
         time.sleep(2)
     assert decisions().get("prefix", 0.0) > before, decisions()
+
+
+async def test_a_burst_beyond_what_the_replica_takes_is_refused_at_once_in_openais_shape(cluster: Cluster) -> None:
+    """Back-pressure on the second edition: the replica takes 6 calls at once; the rest of a burst gets 503
+    ``engine_overloaded`` with Retry-After at once, what it took is served, and the ledger bills what clients were
+    told."""
+    _wait_for_the_model(cluster)
+    key = create_key(cluster.env, "burst")
+    before = ledger_totals(cluster.base_url, key)
+    async with httpx.AsyncClient(timeout=CLIENT_TIMEOUT_S) as client:
+        outcomes = await asyncio.gather(
+            *(stream_chat(client, cluster.base_url, key, MODEL, f"Spørgsmål nummer {i}?", 48) for i in range(BURST))
+        )
+    served = [o for o in outcomes if o.status == 200]
+    refused = [o for o in outcomes if o.status == 503]
+    assert len(served) + len(refused) == BURST, [o.status for o in outcomes]  # no timeouts, no other answers
+    assert len(served) >= 6 and refused, f"{len(served)} served, {len(refused)} refused"
+    for outcome in refused:
+        assert (outcome.error_code, outcome.error_type, outcome.retry_after) == (
+            "engine_overloaded",
+            "service_unavailable_error",
+            str(cluster.config.stack.overload_retry_after_s),
+        )
+    assert all(o.done and o.usage is not None and o.usage["completion_tokens"] > 0 for o in served)
+    billed, expected = wait_for_ledger(cluster.base_url, key, before, list(outcomes))
+    assert billed == expected
 
 
 def test_a_drain_lets_the_replicas_streams_finish_and_holds_until_undone(cluster: Cluster) -> None:

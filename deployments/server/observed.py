@@ -1,8 +1,12 @@
-"""What the engine replica's door tells operators: Anker's request metrics and a trace span per request.
+"""What the engine replica's door tells operators, and how much it takes at once.
 
 ``RequestMetrics`` times each call of the model (a POST): its duration and status, and for a stream the first event
 and the gaps between events (an event carries a token, or a few). Labels are the model and the status code only;
 nothing of a request's content is read.
+
+``Capacity`` is the replica's back-pressure: beyond ``limit`` calls at once (what vLLM runs and what waits in its
+queue), a call is answered at once with 503 ``engine_overloaded`` and Retry-After in OpenAI's shape, instead of
+waiting in a queue until the client times out.
 """
 
 from __future__ import annotations
@@ -11,6 +15,8 @@ import time
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from deployments.errors import EngineOverloaded
+from deployments.openai.errors import error_response
 from observability import metrics
 
 EVENT_STREAM = b"text/event-stream"
@@ -48,3 +54,26 @@ class RequestMetrics:
             await self.app(scope, receive, timed_send)
         finally:
             metrics.request_done(self.model, status, time.monotonic() - started)
+
+
+class Capacity:
+    def __init__(self, app: ASGIApp, limit: int, retry_after_s: int) -> None:
+        self.app = app
+        self.limit = limit
+        self.running = 0
+        self._refusal = EngineOverloaded(
+            "The model is busy with other requests. Please retry shortly.", retry_after_s=retry_after_s
+        )
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] != "POST":
+            await self.app(scope, receive, send)
+            return
+        if self.running >= self.limit:
+            await error_response(self._refusal)(scope, receive, send)
+            return
+        self.running += 1
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.running -= 1

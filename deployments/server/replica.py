@@ -23,7 +23,7 @@ from deployments.engine import SchedulerGauge, gauge_stat_logger
 from deployments.server.app import create_server_app
 from deployments.server.gate import Call, KeyGate
 from deployments.server.metering import Metered
-from deployments.server.observed import RequestMetrics
+from deployments.server.observed import Capacity, RequestMetrics
 from deployments.server.vllm_layer import ServingSpec, VllmLayer
 from observability import metrics, tracing
 from observability.tracing import TracingMiddleware
@@ -45,6 +45,8 @@ class ReplicaSpec:
     usage_flush_interval_s: float = 0.2
     usage_spool_dir: Path | None = None  # this node's folder of usage spool files (usage_outbox.Spool)
     billing_app: str = APP_NAME  # the application whose billing actor (BILLING_DEPLOYMENT) keeps the ledger
+    max_calls: int = 320  # calls at once (vLLM's batch and its queue); beyond, 503 engine_overloaded
+    overload_retry_after_s: int = 2
 
 
 @serve.deployment(name="EngineServer", health_check_period_s=5, health_check_timeout_s=30)
@@ -82,7 +84,8 @@ class EngineServer:
         # Outermost, the drain: while `anker down` or a pod's stop drains, new requests get 503 at once and the
         # running ones finish; the drain waits for this replica's usage outbox too.
         door = KeyGate(app, self._billing, model, spec.region, self._metered)
-        gate = DrainGate(TracingMiddleware(RequestMetrics(door, model)))
+        capacity = Capacity(door, spec.max_calls, spec.overload_retry_after_s)
+        gate = DrainGate(TracingMiddleware(RequestMetrics(capacity, model)))
         context = serve.get_replica_context()
         outbox = self._billing.outbox
         watch = watch_drain(gate, context.app_name, context.replica_id.to_full_id_str(), lambda: outbox.pending)
