@@ -12,6 +12,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -320,7 +321,9 @@ class SecondApp:
         ray.kill(ray.get_actor(victim, namespace="serve"), no_restart=True)
         self.wait_for_replacement(deployment, replicas, victim, timeout_s)
 
-    def kill_engine_mid_generation(self, deployment: str, replicas: int, timeout_s: float = 120) -> EngineKill:
+    def kill_engine_mid_generation(
+        self, deployment: str, replicas: int, timeout_s: float = 120, looking: threading.Event | None = None
+    ) -> EngineKill:
         """Kills an engine replica's process (SIGKILL, as a crash or the OOM killer does: at once; the test cluster
         is this machine) the moment its vLLM says it is generating, asked of every replica's actor at once, the
         first to say so being the victim: so the kill lands in the middle of generations. Then waits until Serve
@@ -328,18 +331,23 @@ class SecondApp:
 
         Generating is vLLM's ``running`` (in its batch, so past the first token), not ``in_flight``: a request
         still waiting for its first step has no response yet, and a kill then is answered with 503, not a cut. Only
-        an answer that came within ``FRESH_ANSWER_S`` of the question is acted on."""
+        an answer that came within ``FRESH_ANSWER_S`` of the question is acted on. ``looking`` is set once the
+        replicas' actors are found, which takes seconds (Ray's state API) that short streams may not last."""
         import ray
 
         self.connect()
         deadline = time.monotonic() + timeout_s
         said: list[str] = []
+        pids: dict[str, int] = {}
+        actors: dict[str, Any] = {}
         while time.monotonic() < deadline:
-            pids = self.alive_replicas(deployment)
-            actors = {}
-            for name in pids:
-                with contextlib.suppress(ValueError):  # gone since it was listed
-                    actors[name] = ray.get_actor(name, namespace="serve")
+            if not actors:  # found once (seconds, through Ray's state API), again only after a replica failed to answer
+                pids = self.alive_replicas(deployment)
+                for name in pids:
+                    with contextlib.suppress(ValueError):  # gone since it was listed
+                        actors[name] = ray.get_actor(name, namespace="serve")
+                if looking is not None:
+                    looking.set()
             asked = time.monotonic()
             asking = {actor.record_routing_stats.remote(): name for name, actor in actors.items()}
             ongoing = {name: actor.get_num_ongoing_requests.remote() for name, actor in actors.items()}
@@ -353,6 +361,7 @@ class SecondApp:
                     vllm = ray.get(ready[0])
                 except ray.exceptions.RayError as exc:
                     said.append(f"{_short(name)}: {type(exc).__name__}")
+                    actors = {}
                     continue
                 answered = time.monotonic()
                 if answered - asked > FRESH_ANSWER_S:

@@ -13,6 +13,7 @@ import asyncio
 import json
 import secrets
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -123,22 +124,20 @@ async def send_everything(stack: Stack, app: SecondApp, canary: str) -> Sent:
             async for _ in cancelled.aiter_bytes():
                 break
 
-    # An engine failure mid-stream: streams of the canary on the second app, one of whose engines is killed once
-    # the streams are delivering, in the middle of generating them.
-    delivering = [0]
-
-    def count(change: int) -> None:
-        delivering[0] += change
-
+    # An engine failure mid-stream: streams of the canary on the second app, one of whose engines is killed in the
+    # middle of generating them. The kill's watch (it kills the first replica whose vLLM is generating) has found the
+    # replicas before the streams start: finding them takes seconds, and on a fast moment of this machine the streams
+    # all ended within those seconds when the watch began after their first chunk (every replica then ran nothing).
+    looking = threading.Event()
+    watching = asyncio.create_task(
+        asyncio.to_thread(app.kill_engine_mid_generation, f"Engine-{SECOND_MODEL}", 2, looking=looking)
+    )
+    assert await asyncio.to_thread(looking.wait, 120), "the kill's watch found no replica"
     async with httpx.AsyncClient(timeout=CLIENT_TIMEOUT_S) as client:
         running = asyncio.gather(
-            *(
-                stream_chat(client, app.base_url, app_key, SECOND_MODEL, f"{i}. {canary}", 800, count)
-                for i in range(STREAMS)
-            )
+            *(stream_chat(client, app.base_url, app_key, SECOND_MODEL, f"{i}. {canary}", 800) for i in range(STREAMS))
         )
-        await wait_until(lambda: delivering[0] > 0, 120, lambda: "no stream of the canary delivered")
-        kill = await asyncio.to_thread(app.kill_engine_mid_generation, f"Engine-{SECOND_MODEL}", 2)
+        kill = await watching
         streams = await running
     # The four requests that reached an engine on the stack, and every stream on the second app.
     return Sent(ids, [(stack.base_url, key, 4), (app.base_url, app_key, STREAMS)], list(streams), kill)
