@@ -234,9 +234,7 @@ def model_app(config: AnkerConfig, model: ModelConfig, created: int) -> ServeApp
             ray_actor_options={"num_cpus": config.stack.tokenizer_num_cpus},
         ).bind(
             app,
-            RouteSpec(
-                model.name, config.model_path(model), config.stack.prefix_block_size, config.server.max_request_bytes
-            ),
+            RouteSpec(config.model_path(model), config.stack.prefix_block_size, config.server.max_request_bytes),
         )
         app = app._with_ingress_request_router(router)
     return ServeApp(model_app_name(model.name), model_route_prefix(model.name), app)

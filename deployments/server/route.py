@@ -53,7 +53,6 @@ MAX_ROUTED_TOKENS = MAX_ROUTED_CHARS // 2
 class RouteSpec:
     """What a model's ingress request router needs: the model's tokenizer and the routing block size."""
 
-    model: str
     tokenizer_path: Path
     block_size: int
     max_body_bytes: int  # a larger body is the replica's to refuse (413): not read here
