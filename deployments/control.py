@@ -35,7 +35,7 @@ from deployments.readiness import ReadinessWatch
 from deployments.server import responses
 from deployments.server.observed import RequestMetrics
 from deployments.server.requests import checked_body
-from observability import tracing
+from observability import metrics, tracing
 
 # The endpoints a model's replica serves, by the path HAProxy sends on when the body names no served model.
 MODEL_ENDPOINTS = {"/v1/chat/completions": "chat", "/v1/completions": "completions", "/v1/responses": "responses"}
@@ -110,9 +110,6 @@ def create_control_app(
     return finish_app(app, accounts, max_body_bytes)
 
 
-UNDISPATCHED = "-"  # the model label of the calls the control application answers
-
-
 @serve.deployment(name=CONTROL_DEPLOYMENT, health_check_period_s=5)
 @serve.ingress()
 class ControlServer:
@@ -130,8 +127,8 @@ class ControlServer:
         catalog = AppsCatalog(self._spec.models, lambda: {model: watch.ready for model, watch in watches.items()})
         prefixes = {a.model: a.route_prefix for a in self._spec.apps}
         app = create_control_app(catalog, self._billing, self._spec.max_body_bytes, prefixes)
-        # A call of a model that lands here reached no model: measured under the model label "-".
-        gate = DrainGate(RequestMetrics(app, UNDISPATCHED))
+        # A call of a model that lands here reached no model, and is measured so.
+        gate = DrainGate(RequestMetrics(app, metrics.NO_MODEL))
         context = serve.get_replica_context()
         replica = context.replica_id.to_full_id_str()
         self._tasks.append(loop.create_task(watch_drain(gate, context.app_name, replica, lambda: 0)))

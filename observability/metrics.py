@@ -18,6 +18,7 @@ from config.schema import LATENCY_BUCKETS_S
 LATENCY_S = list(LATENCY_BUCKETS_S)
 INTER_TOKEN_S = [0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5]
 TOKEN_KINDS = ("uncached", "cached", "output")
+NO_MODEL = "-"  # the model label of a call that reached no model (an unknown one, or one not up yet)
 
 _lock = threading.Lock()
 

@@ -223,7 +223,7 @@ def create_app(
         started = time.monotonic()
 
         def done(status: int) -> None:
-            metrics.request_done(ctx.model or "-", status, time.monotonic() - ctx.started_s)
+            metrics.request_done(ctx.model or metrics.NO_MODEL, status, time.monotonic() - ctx.started_s)
 
         try:
             result = await run(body, ctx)
