@@ -168,6 +168,11 @@ def _haproxy_listeners(config: AnkerConfig) -> list[tuple[str, int]]:
     ]
 
 
+def _scrape(cluster: Cluster) -> str:
+    """What Ray's metrics agent exports on this stack's node."""
+    return httpx.get(f"http://127.0.0.1:{cluster.config.ray.metrics_export_port}/metrics", timeout=10).text
+
+
 def _auth(cluster: Cluster) -> dict[str, str]:
     return {"Authorization": f"Bearer {cluster.key}"}
 
@@ -249,7 +254,6 @@ def test_a_call_is_one_trace_and_is_measured(cluster: Cluster, otlp: OtlpReceive
         openai.OpenAI(base_url=f"{cluster.base_url}/v1", api_key=cluster.key, max_retries=0).chat.completions.create(
             model="no-such-model", messages=[{"role": "user", "content": "hej"}]
         )
-    port = cluster.config.ray.metrics_export_port
     wanted = {
         "ray_anker_time_to_first_token_seconds_bucket",
         "ray_anker_inter_token_latency_seconds_bucket",
@@ -271,10 +275,10 @@ def test_a_call_is_one_trace_and_is_measured(cluster: Cluster, otlp: OtlpReceive
 
     # Workers push their metrics to the node's agent every few seconds: poll until this traffic shows.
     deadline = time.monotonic() + 90
-    text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+    text = _scrape(cluster)
     while missing(text) and time.monotonic() < deadline:
         time.sleep(2)
-        text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+        text = _scrape(cluster)
     assert not missing(text), missing(text)
     for line in text.splitlines():
         if line.startswith("ray_anker_"):
@@ -288,10 +292,9 @@ def test_haproxy_asks_the_models_router_which_replica_holds_the_prompts_prefix(c
     _wait_for_the_model(cluster)
     config = next(haproxy_dir(cluster.config).rglob("*.cfg.anker")).read_text()
     assert "lua.route_via_ingress_request_router" in config, "HAProxy's config has no ingress request router"
-    port = cluster.config.ray.metrics_export_port
 
     def decisions() -> dict[str, float]:
-        text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+        text = _scrape(cluster)
         found = samples(text, "ray_anker_router_decisions_total")
         return {labels["decision"]: value for labels, value in found if labels["model"] == MODEL}
 

@@ -19,6 +19,7 @@ import httpx
 import openai
 import pytest
 import uvicorn
+from openai.types.chat import ChatCompletion
 from openai.types.shared import Reasoning
 from pydantic import BaseModel
 
@@ -202,16 +203,21 @@ def assert_alarm_arguments(arguments: str) -> None:
     assert parsed["hour"] in {6, 7, 8} and isinstance(parsed["loud"], bool), parsed
 
 
-@pytest.mark.parametrize("choice", ["required", {"type": "function", "function": {"name": "set_alarm"}}])
-async def test_a_required_or_named_tool_choice_yields_a_schema_valid_call(server: Server, choice: Any) -> None:
-    answer = await server.client.chat.completions.create(
+async def ask_with_tools(server: Server, choice: Any, max_tokens: int) -> ChatCompletion:
+    """The question, with both tools offered and ``choice`` as the tool choice, thinking off."""
+    return await server.client.chat.completions.create(
         model=MODEL,
         messages=QUESTION,
         tools=[WEATHER, ALARM],
         tool_choice=choice,
-        max_tokens=120,
+        max_tokens=max_tokens,
         extra_body=NO_THINKING,
     )
+
+
+@pytest.mark.parametrize("choice", ["required", {"type": "function", "function": {"name": "set_alarm"}}])
+async def test_a_required_or_named_tool_choice_yields_a_schema_valid_call(server: Server, choice: Any) -> None:
+    answer = await ask_with_tools(server, choice, max_tokens=120)
     message = answer.choices[0].message
     assert message.tool_calls, answer
     for call in message.tool_calls:
@@ -236,17 +242,7 @@ async def test_auto_tool_choice_reads_a_call_the_model_writes(server: Server) ->
     """``auto`` leaves the choice to the model: vLLM's ``qwen3_coder`` parser finds the call in what it wrote (Qwen's
     XML form, as the tiny models' template asks for it) and types its arguments by the tool's schema."""
     with server.engine_writes(CALL_TEXT):
-        answer, plain = [
-            await server.client.chat.completions.create(
-                model=MODEL,
-                messages=QUESTION,
-                tools=[WEATHER, ALARM],
-                tool_choice=choice,
-                max_tokens=4,
-                extra_body=NO_THINKING,
-            )
-            for choice in ("auto", "none")
-        ]
+        answer, plain = [await ask_with_tools(server, choice, max_tokens=4) for choice in ("auto", "none")]
     choice = answer.choices[0]
     assert choice.finish_reason == "tool_calls", choice
     assert choice.message.content == "Jeg ser efter."
