@@ -56,6 +56,9 @@ def engine_env(model: ModelConfig) -> dict[str, str]:
         "VLLM_WORKER_MULTIPROC_METHOD": "spawn",
         "VLLM_CPU_KVCACHE_SPACE": str(model.kv_cache_space_gib),
         "TOKENIZERS_PARALLELISM": "false",
+        # Serve's throughput-optimized mode buffers a replica's log lines until 1,000 are waiting; with no access
+        # log, a replica's lines are its requests' usage lines and its own events, written as they happen.
+        "RAY_SERVE_REQUEST_PATH_LOG_BUFFER_SIZE": "1",
     }
     env.update(model.engine_env)
     return env

@@ -7,9 +7,11 @@ client's request must never take the engine down, and a request whose caller goe
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import logging.handlers
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,7 +25,8 @@ from observability import metrics, tracing
 
 METRICS_PERIOD_S = 2.0
 
-logger = logging.getLogger("ray.serve")
+SERVE_LOGGER = "ray.serve"  # the logger Serve writes a replica's log file with
+logger = logging.getLogger(SERVE_LOGGER)
 
 
 @dataclass(frozen=True)
@@ -177,15 +180,39 @@ def start_llm(args: Any, stat_loggers: list[Any]) -> Any:
     from vllm.usage.usage_lib import UsageContext
     from vllm.v1.engine.async_llm import AsyncLLM
 
-    config = args.create_engine_config(UsageContext.ENGINE_CONTEXT)
-    if config.model_config.is_hybrid:
-        config.cache_config.user_specified_block_size = True
-    return AsyncLLM.from_vllm_config(
-        config,
-        stat_loggers=stat_loggers,
-        enable_log_requests=args.enable_log_requests,
-        disable_log_stats=args.disable_log_stats,
-    )
+    with serve_logs_kept():
+        config = args.create_engine_config(UsageContext.ENGINE_CONTEXT)
+        if config.model_config.is_hybrid:
+            config.cache_config.user_specified_block_size = True
+        return AsyncLLM.from_vllm_config(
+            config,
+            stat_loggers=stat_loggers,
+            enable_log_requests=args.enable_log_requests,
+            disable_log_stats=args.disable_log_stats,
+        )
+
+
+@contextlib.contextmanager
+def serve_logs_kept() -> Iterator[None]:
+    """Keeps the replica's Serve log file through vLLM's start.
+
+    vLLM applies its logging config with ``logging.config.dictConfig`` as it builds the engine's config, and
+    ``dictConfig`` closes every handler of the process. Serve's replica logger writes through a ``MemoryHandler``,
+    which a close leaves without its file: from then on the replica's log lines (its usage lines among them) are
+    neither written nor dropped, but kept in memory, one more per line, for as long as the replica runs. The file
+    handler reopens its file on its next line once it is the target again."""
+    handlers = [
+        (handler, handler.target)
+        for handler in logging.getLogger(SERVE_LOGGER).handlers
+        if isinstance(handler, logging.handlers.MemoryHandler) and handler.target is not None
+    ]
+    try:
+        yield
+    finally:
+        for handler, target in handlers:
+            if handler.target is None:
+                handler.setTarget(target)
+                handler.flush()
 
 
 class EngineCore:
