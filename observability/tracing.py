@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import threading
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -158,12 +159,28 @@ def set_attributes(target: Span, attrs: Mapping[str, Any]) -> None:
     target.set_attributes(checked(attrs))
 
 
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
+
+
+def request_id(scope: Mapping[str, Any]) -> str:
+    """The HTTP request's ``X-Request-Id`` (HAProxy or Serve sets it, or the client sent one), if it is shaped like
+    an id: a header a client wrote may be text, and then it is not kept."""
+    for name, value in scope.get("headers", ()):
+        if name.lower() == b"x-request-id":
+            text = value.decode("latin-1")
+            return text if _REQUEST_ID.match(text) else ""
+    return ""
+
+
 class TracingMiddleware:
     """ASGI middleware: one SERVER span per HTTP request, child of an incoming ``traceparent`` if there is one, kept
-    open until the last body chunk of a streamed response has been sent. Names the span by the route template."""
+    open until the app has returned (after the last body chunk of a streamed response, and after what the app does
+    once the response is sent, such as metering the request). Names the span by the route template;
+    ``attributes`` (ids and names of the server itself, checked as every attribute is) go on each span."""
 
-    def __init__(self, app: Any) -> None:
+    def __init__(self, app: Any, attributes: Mapping[str, Any] | None = None) -> None:
         self.app = app
+        self.attributes = checked(attributes)
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -175,20 +192,12 @@ class TracingMiddleware:
             f"{method} {scope.get('path', '')}",
             context=extract(headers),
             kind=SpanKind.SERVER,
-            attributes=checked({"http.request.method": method}),
+            attributes={
+                **self.attributes,
+                **checked({"http.request.method": method, "anker.request_id": request_id(scope) or None}),
+            },
         )
         token = otel_context.attach(trace.set_span_in_context(current))
-        ended = False
-
-        def finish() -> None:
-            nonlocal ended
-            if not ended:
-                ended = True
-                route = scope.get("route")
-                template = getattr(route, "path", None)
-                current.update_name(f"{method} {template or 'unmatched'}")
-                current.set_attribute("url.path", template or "unmatched")  # templates only: no ids in paths
-                current.end()
 
         async def traced_send(message: dict[str, Any]) -> None:
             if message["type"] == "http.response.start":
@@ -197,8 +206,6 @@ class TracingMiddleware:
                 if status >= 500:
                     current.set_status(Status(StatusCode.ERROR))
             await send(message)
-            if message["type"] == "http.response.body" and not message.get("more_body", False):
-                finish()
 
         try:
             await self.app(scope, receive, traced_send)
@@ -206,5 +213,8 @@ class TracingMiddleware:
             current.set_status(Status(StatusCode.ERROR, type(error).__name__))
             raise
         finally:
-            finish()
+            template = getattr(scope.get("route"), "path", None)
+            current.update_name(f"{method} {template or 'unmatched'}")
+            current.set_attribute("url.path", template or "unmatched")  # templates only: no ids in paths
+            current.end()
             otel_context.detach(token)

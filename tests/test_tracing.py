@@ -116,3 +116,18 @@ def test_attributes_outside_the_allow_list_are_refused() -> None:
     with pytest.raises(ValueError):
         tracing.checked({"anker.model": "x" * 500})
     assert tracing.checked({"anker.model": "m", "anker.n": None}) == {"anker.model": "m"}
+
+
+@pytest.mark.parametrize(
+    ("header", "kept"),
+    [
+        (b"5a0e0bd7-2f0e-4c2b-a7d4-0e5b7c1e9f11", "5a0e0bd7-2f0e-4c2b-a7d4-0e5b7c1e9f11"),
+        (b"req_01:abc.def", "req_01:abc.def"),
+        (CANARY.encode(), ""),  # a header a client wrote as text is not an id, and is not kept
+        (b"x" * 65, ""),
+        (b"", ""),
+    ],
+)
+def test_only_an_id_shaped_request_id_is_kept(header: bytes, kept: str) -> None:
+    assert tracing.request_id({"headers": [(b"x-request-id", header)]}) == kept
+    assert tracing.request_id({"headers": []}) == ""

@@ -9,12 +9,14 @@ Counts and ids only: it reads the ``Authorization`` header and the path, never t
 from __future__ import annotations
 
 import contextlib
+import logging
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Protocol
 
+from opentelemetry import trace
 from opentelemetry.trace import SpanKind
 from starlette.requests import HTTPConnection
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -30,6 +32,8 @@ from deployments.openai.errors import error_response
 from deployments.server.metering import Metered, metering
 from deployments.tokenizer import cache_salt
 from observability import tracing
+
+logger = logging.getLogger("ray.serve")
 
 # The billing id's prefix by endpoint, as OpenAI's ids have (``chatcmpl-…``).
 PREFIXES = {"/v1/chat/completions": "chatcmpl", "/v1/completions": "cmpl", "/v1/responses": "resp"}
@@ -55,6 +59,7 @@ class Call:
     key: KeyRecord
     billing_id: str
     path: str  # below the application's route prefix: ``/v1/chat/completions``, …
+    request_id: str = ""  # the HTTP request's id (``X-Request-Id``, as HAProxy and Serve name it), if it is one
     started_at: datetime = field(default_factory=lambda: datetime.now(UTC))
     admission: Admission | None = None
     limit_headers: dict[str, str] = field(default_factory=dict)  # sent with the response, refused or not
@@ -100,7 +105,7 @@ class KeyGate:
         if scope["method"] != "POST":
             await self.app(scope, receive, send)
             return
-        call = Call(key, f"{PREFIXES.get(path, 'req')}-{uuid.uuid4().hex}", path)
+        call = Call(key, f"{PREFIXES.get(path, 'req')}-{uuid.uuid4().hex}", path, tracing.request_id(scope))
 
         async def admit(prompt_tokens: int, max_output_tokens: int) -> None:
             with tracing.span("admission", kind=SpanKind.CLIENT, attrs={"anker.billing_id": call.billing_id}):
@@ -132,6 +137,16 @@ class KeyGate:
             await self.app(scope, receive, send_with_limits)
 
     def _metered(self, call: Call, metered: Metered) -> None:
+        # The request's server span (the door runs inside it, and it ends once the door has returned) carries what
+        # the request made the engine do: counts only.
+        tracing.set_attributes(
+            trace.get_current_span(),
+            {
+                "anker.prompt_tokens": metered.prompt_tokens,
+                "anker.cached_tokens": metered.cached_tokens,
+                "anker.completion_tokens": metered.output_tokens,
+            },
+        )
         if metered.admitted and call.admission is not None:
             event = UsageEvent(
                 request_id=call.billing_id,
@@ -146,4 +161,16 @@ class KeyGate:
                 status=COMPLETED if metered.finished else "cancelled",
             )
             self.billing.submit(UsageReport(event, call.admission.reserved_tokens))
+            # Counts and ids only: this line is what zero data retention allows to be kept.
+            logger.info(
+                "usage request_id=%s billing_id=%s model=%s status=%s prompt_tokens=%d cached_tokens=%d "
+                "completion_tokens=%d",
+                call.request_id or "-",
+                call.billing_id,
+                self.model,
+                event.status,
+                event.prompt_tokens,
+                event.cached_tokens,
+                event.completion_tokens,
+            )
         self.report(call, metered)

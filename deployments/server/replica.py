@@ -85,7 +85,8 @@ class EngineServer:
         # running ones finish; the drain waits for this replica's usage outbox too.
         door = KeyGate(app, self._billing, model, spec.region, self._metered)
         capacity = Capacity(door, spec.max_calls, spec.overload_retry_after_s)
-        gate = DrainGate(TracingMiddleware(RequestMetrics(capacity, model)))
+        served_by = {"anker.model": model, "anker.engine_replica": self._replica}
+        gate = DrainGate(TracingMiddleware(RequestMetrics(capacity, model), served_by))
         context = serve.get_replica_context()
         outbox = self._billing.outbox
         watch = watch_drain(gate, context.app_name, context.replica_id.to_full_id_str(), lambda: outbox.pending)
