@@ -90,3 +90,11 @@ def test_a_chat_that_asks_to_be_stored_is_refused_and_one_that_does_not_passes()
         checked_body(body(store=True), "chat")
     assert refused.value.param == "store" and "zero data retention" in refused.value.message
     assert "store" not in checked_body(body(store=False), "chat")
+
+
+def test_a_message_of_a_role_openai_does_not_have_is_an_invalid_value() -> None:
+    with pytest.raises(InvalidValue) as refused:
+        checked_body(body(messages=[{"role": "hemmelig-rolle", "content": "hej"}]), "chat")
+    assert refused.value.param == "messages" and "hemmelig" not in str(refused.value)
+    for role in ("system", "developer", "user", "assistant", "tool", "function"):
+        assert checked_body(body(messages=[{"role": role, "content": "hej"}]), "chat")

@@ -102,6 +102,7 @@ ALLOWED = {"chat": frozenset(_CHAT), "completions": frozenset(_COMPLETIONS), "re
 _STRIPPED = ("user", "safety_identifier", "prompt_cache_key", "metadata", "store", "previous_response_id")
 _CHAT_TEMPLATE_KWARGS = frozenset({"enable_thinking"})
 MAX_CHOICES = 16  # choices per request (``n``)
+ROLES = ("system", "developer", "user", "assistant", "tool", "function")  # OpenAI's message roles
 _IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
 NO_STORAGE = (
     "Responses are not stored (zero data retention), so they cannot be referred to: send the whole conversation in "
@@ -138,6 +139,10 @@ def checked_body(raw: bytes, endpoint: str) -> dict[str, Any]:
         raise InvalidRequest("chat_template_kwargs may only set enable_thinking.", "chat_template_kwargs")
     if body.get("previous_response_id") is not None:
         raise InvalidRequest(NO_STORAGE, "previous_response_id")
+    messages = body.get("messages") if endpoint == "chat" else None
+    if isinstance(messages, list) and any(isinstance(m, dict) and m.get("role") not in ROLES for m in messages):
+        # vLLM renders whatever role it is given into the chat template; OpenAI's roles are these.
+        raise InvalidValue(f"Each message's 'role' must be one of: {', '.join(ROLES)}.", "messages")
     if endpoint == "chat" and body.get("store") is True:
         # Asked for outright (OpenAI's chat default is not to store): refused, since nothing is kept. The Responses
         # API stores by default, so there ``store`` is set false instead, and what would refer to it is refused.
@@ -167,6 +172,8 @@ def from_vllm(error: dict[str, Any]) -> AnkerError:
         )
     if status == 404:
         return ModelNotFound.unnamed()
+    if status == 400 and "out of vocabulary" in message:  # a prompt of token ids (vLLM names no parameter)
+        return InvalidValue("A token id of the prompt is not in the model's vocabulary.", param or "prompt")
     if 400 <= status < 500 and param:
         return InvalidValue(f"Invalid value for '{param}' for this model.", param)
     if 400 <= status < 500:
