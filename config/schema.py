@@ -245,10 +245,10 @@ class StackConfig(_Strict):
     """Per-stage deployment sizing: small enough that the whole stack fits on a 2-core machine."""
 
     ingress: Literal["serve_proxy", "haproxy"] = Field(
-        default="serve_proxy",
-        description="serve_proxy: the first edition, Serve's proxy in front of one application (ingress, tokenizer, "
-        "engines, billing). haproxy: the second, Serve's HAProxy direct ingress in front of one application per "
-        "model whose engine replicas serve HTTP, and a control application (docs/architecture.md).",
+        default="haproxy",
+        description="haproxy: Serve's HAProxy direct ingress in front of one application per model whose engine "
+        "replicas serve HTTP, and a control application (docs/architecture.md). serve_proxy: the first edition, "
+        "Serve's proxy in front of one application (ingress, tokenizer, engines, billing), until it is deleted.",
     )
 
     ingress_num_cpus: float = Field(default=0.25, ge=0)

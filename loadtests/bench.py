@@ -221,7 +221,8 @@ def launcher(
 ) -> contextlib.AbstractContextManager[Endpoint]:
     flags = EngineFlags.of(config, config.models[0])
     if target == "anker":
-        return anker(derived, work_dir, "side-by-side", {})
+        # The first edition: Serve's proxy, the ingress, the tokenizer and the engine deployments.
+        return anker(derived, work_dir, "side-by-side", {"ANKER__STACK__INGRESS": "serve_proxy"})
     if target == "anker-direct":
         # The second edition: Serve's HAProxy direct ingress, the engine replica serving the API itself.
         haproxy = {

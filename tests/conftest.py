@@ -1,7 +1,9 @@
 """Shared fixtures: the tiny models (built once) and the real stack (started once per session with `anker up`).
 
-The stack is the product as users run it: a Ray head, Ray Serve, the ingress, the tokenizer and real vLLM engines
-on loopback ports picked for this session, torn down with `anker down`. If it cannot start, the tests fail loudly.
+The stack is the product as users run it: a Ray head, Ray Serve with its HAProxy direct ingress, the control
+application and each model's own application of real vLLM engine replicas, on loopback ports picked for this session,
+torn down with `anker down`. If it cannot start, the tests fail loudly. A second stack (``second_app``) runs beside it
+on a Ray cluster of its own, for the tests that break things.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -19,10 +22,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
+import yaml
 
+from cluster.local import haproxy_dir
 from cluster.tiny_models import build_model
-from config.settings import DEFAULT_PROFILE
+from config.naming import APP_NAME, BILLING_DEPLOYMENT, ENGINE_DEPLOYMENT_PREFIX, deployment_suffix, model_app_name
+from config.schema import AnkerConfig
+from config.settings import DEFAULT_PROFILE, load_config
 from testkit.otlp import OtlpReceiver
 from testkit.ports import free_port
 from testkit.postgres import PostgresServer, postgres_server, throwaway_postgres
@@ -79,8 +87,58 @@ def create_key(env: dict[str, str], tenant: str, *flags: str) -> str:
     return created.stdout.strip().splitlines()[-1]
 
 
+def engine_of(model: str) -> tuple[str, str]:
+    """The Serve application and deployment of ``model``'s engine replicas."""
+    return model_app_name(model), ENGINE_DEPLOYMENT_PREFIX + deployment_suffix(model)
+
+
+BILLING = (APP_NAME, BILLING_DEPLOYMENT)  # the billing actor, in the control application
+
+
+@dataclass(frozen=True)
+class EngineKill:
+    """An engine replica killed mid-generation, and what the replicas said just before: vLLM's own queue (its
+    ``record_routing_stats``) and Serve's count of ongoing requests, asked of each replica's actor."""
+
+    victim: str  # actor name
+    vllm: dict[str, float]  # the victim's vLLM queue as it answered: running, waiting, in_flight
+    answered_in_s: float  # how long the victim took to answer
+    killed_after_s: float  # from its answer to the kill
+    killed_s: float  # time.monotonic() of the kill
+    ongoing: dict[str, int | str]  # Serve's ongoing requests per replica, asked with the same round (or why none)
+
+    def __str__(self) -> str:
+        return (
+            f"killed {_short(self.victim)} {self.killed_after_s:.3f} s after its vLLM said {self.vllm} "
+            f"(it answered in {self.answered_in_s:.3f} s); Serve's ongoing requests then: {self.ongoing}"
+        )
+
+
+def _short(replica: str) -> str:
+    return replica.rsplit("#", 1)[-1]
+
+
+def _answers(refs: dict[str, Any], timeout_s: float = 10) -> dict[str, int | str]:
+    """Each actor call's answer by name, or the name of the error it ended with (never a guessed value)."""
+    import ray
+
+    answers: dict[str, int | str] = {}
+    for name, ref in refs.items():
+        try:
+            answers[_short(name)] = int(ray.get(ref, timeout=timeout_s))
+        except Exception as exc:
+            answers[_short(name)] = type(exc).__name__
+    return answers
+
+
+READY_TIMEOUT_S = 600
+
+
 @dataclass(frozen=True)
 class Stack:
+    """A stack `anker up` started, as its clients and its operator reach it: the API, the CLI, and its Ray cluster
+    (for what only Ray can do: ask a replica's actor, kill one)."""
+
     base_url: str
     api_key: str
     env: dict[str, str]
@@ -94,6 +152,176 @@ class Stack:
     def new_key(self, tenant: str, *flags: str) -> str:
         """A new key of organisation ``tenant``; a tenant of its own gives a test a ledger no other test reaches."""
         return create_key(self.env, tenant, *flags)
+
+    @property
+    def config(self) -> AnkerConfig:
+        return load_config(environ=self.env)
+
+    def connect(self) -> None:
+        """This process as a driver on this stack's Ray cluster (leaving another stack's cluster first: a process
+        is a driver of one cluster at a time)."""
+        import ray
+
+        from cluster.local import connect
+
+        # Ray names the cluster by the node's address, not loopback's: the port tells the stacks apart.
+        port = self.gcs_address.rsplit(":", 1)[1]
+        if ray.is_initialized() and ray.get_runtime_context().gcs_address.rsplit(":", 1)[1] != port:
+            ray.shutdown()
+        connect(self.config)
+
+    def alive_replicas(self, where: tuple[str, str]) -> dict[str, int]:
+        """The live replicas of deployment ``where`` (application, deployment): actor name -> process id."""
+        from ray.util.state import list_actors
+
+        app, deployment = where
+        prefix = f"SERVE_REPLICA::{app}#{deployment}#"
+        return {
+            str(a["name"]): int(a["pid"])
+            # This stack's cluster (without an address, Ray's state API asks the one it finds first on the machine).
+            for a in list_actors(address=self.gcs_address, filters=[("state", "=", "ALIVE")], limit=10_000)
+            if str(a.get("name") or "").startswith(prefix)
+        }
+
+    def replica_states(self, where: tuple[str, str]) -> dict[str, int]:
+        """The deployment's replicas by state, as Serve reports them (RUNNING, STARTING, STOPPING)."""
+        from ray import serve
+
+        app, deployment = where
+        status = serve.status().applications[app].deployments[deployment]
+        return {str(state): int(n) for state, n in status.replica_states.items() if n}
+
+    def kill_replica(self, where: tuple[str, str], replicas: int, timeout_s: float = READY_TIMEOUT_S) -> None:
+        """Kills the first live replica of ``where`` and waits until Serve has replaced it (``replicas`` running)."""
+        import ray
+
+        self.connect()
+        victim = next(iter(self.alive_replicas(where)))
+        ray.kill(ray.get_actor(victim, namespace="serve"), no_restart=True)
+        self.wait_for_replacement(where, replicas, victim, timeout_s)
+
+    def kill_engine_mid_generation(
+        self, model: str, replicas: int, timeout_s: float = 120, looking: threading.Event | None = None
+    ) -> EngineKill:
+        """Kills an engine replica's process of ``model`` (SIGKILL, as a crash or the OOM killer does: at once; the
+        test cluster is this machine) the moment its vLLM says it is generating, asked of every replica's actor at
+        once, the first to say so being the victim: so the kill lands in the middle of generations. Then waits until
+        Serve has replaced it. Fails with what the replicas said if none generated within ``timeout_s``.
+
+        Generating is vLLM's ``running`` (in its batch, so past the first token), not ``in_flight``: a request
+        still waiting for its first step has no response yet, and a kill then is answered with 503, not a cut. Only
+        an answer that came within ``FRESH_ANSWER_S`` of the question is acted on. ``looking`` is set once the
+        replicas' actors are found, which takes seconds (Ray's state API) that short streams may not last."""
+        import ray
+
+        self.connect()
+        where = engine_of(model)
+        deadline = time.monotonic() + timeout_s
+        said: list[str] = []
+        pids: dict[str, int] = {}
+        actors: dict[str, Any] = {}
+        while time.monotonic() < deadline:
+            if not actors:  # found once (seconds, through Ray's state API), again only after a replica failed to answer
+                pids = self.alive_replicas(where)
+                for name in pids:
+                    with contextlib.suppress(ValueError):  # gone since it was listed
+                        actors[name] = ray.get_actor(name, namespace="serve")
+                if looking is not None:
+                    looking.set()
+            asked = time.monotonic()
+            asking = {actor.record_routing_stats.remote(): name for name, actor in actors.items()}
+            ongoing = {name: actor.get_num_ongoing_requests.remote() for name, actor in actors.items()}
+            pending = list(asking)
+            while pending:
+                ready, pending = ray.wait(pending, num_returns=1, timeout=max(0.1, deadline - time.monotonic()))
+                if not ready:
+                    break
+                name = asking[ready[0]]
+                try:
+                    vllm = ray.get(ready[0])
+                except ray.exceptions.RayError as exc:
+                    said.append(f"{_short(name)}: {type(exc).__name__}")
+                    actors = {}
+                    continue
+                answered = time.monotonic()
+                if answered - asked > FRESH_ANSWER_S:
+                    # On a starved machine an answer can take seconds (once 8 s, CI): its streams may be ending by
+                    # now, so a kill on it may cut nothing. Ask again.
+                    said.append(f"{_short(name)}: {vllm} after {answered - asked:.1f} s, too late to act on")
+                    continue
+                if vllm["running"] > 0:
+                    os.kill(pids[name], signal.SIGKILL)
+                    killed = time.monotonic()
+                    kill = EngineKill(name, vllm, answered - asked, killed - answered, killed, _answers(ongoing))
+                    self.wait_for_replacement(where, replicas, name)
+                    return kill
+                said.append(f"{_short(name)}: {vllm}")
+            time.sleep(0.05)
+        raise AssertionError(f"no replica of {model} generated within {timeout_s:g} s: {said[-6:]}")
+
+    def wait_for_replacement(
+        self, where: tuple[str, str], replicas: int, gone: str, timeout_s: float = READY_TIMEOUT_S
+    ) -> None:
+        """Waits until the replica ``gone`` (an actor name) is dead and ``replicas`` others are running."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            alive = self.alive_replicas(where)
+            if gone not in alive and len(alive) == replicas and self.replica_states(where).get("RUNNING") == replicas:
+                return
+            time.sleep(1)
+        raise AssertionError(f"{where} did not recover within {timeout_s} s")
+
+
+def stack_ports() -> dict[str, str]:
+    """The ports of a stack of its own, free on loopback now: its API, its Ray cluster's, HAProxy's listeners."""
+    names = (
+        "ANKER_PORT",
+        "ANKER__RAY__GCS_PORT",
+        "ANKER__RAY__DASHBOARD_PORT",
+        "ANKER__RAY__CLIENT_SERVER_PORT",
+        "ANKER__RAY__DASHBOARD_AGENT_LISTEN_PORT",
+        "ANKER__RAY__METRICS_EXPORT_PORT",
+        "ANKER__SERVER__HAPROXY_METRICS_PORT",
+        "ANKER__SERVER__HAPROXY_STATS_PORT",
+    )
+    return {name: str(free_port()) for name in names}
+
+
+def haproxies(config: AnkerConfig) -> list[psutil.Process]:
+    """The HAProxy processes that run this stack's patched config (Ray puts it in a folder per node)."""
+    folder = f"{haproxy_dir(config)}/"
+    return [
+        process
+        for process in psutil.process_iter(["name", "cmdline"])
+        if process.info["name"] == "haproxy"
+        and any(arg.startswith(folder) and arg.endswith(".cfg.anker") for arg in process.info["cmdline"] or [])
+    ]
+
+
+def outlive_the_cluster(config: AnkerConfig) -> list[int]:
+    """The HAProxy processes still running 10 s after the stack's cluster stopped, killed so that they free their
+    ports."""
+    deadline = time.monotonic() + 10
+    while (left := haproxies(config)) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    for process in left:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            process.kill()
+    return [process.pid for process in left]
+
+
+def stop_stack(stack: Stack, check: bool = True) -> None:
+    """`anker down`, after this process stopped being a driver of the stack's cluster; with ``check``, fails if it
+    failed, if HAProxy outlived the cluster, or if HAProxy's folder was left behind."""
+    _disconnect()
+    config = stack.config
+    down = stack.anker("down", timeout=180)
+    left = outlive_the_cluster(config)
+    if not check:
+        return
+    assert down.returncode == 0, f"anker down failed: {down.stdout[-3000:]}\n{down.stderr[-3000:]}"
+    assert not left, f"HAProxy outlived its Ray cluster (killed now): {left}"
+    assert not haproxy_dir(config).exists(), "`anker down` left HAProxy's folder behind"
 
 
 @pytest.fixture(scope="session")
@@ -170,19 +398,12 @@ def stack(
     data_dir = tmp_path_factory.mktemp("anker-data")
     for name, path in tiny_models.items():
         shutil.copytree(path, data_dir / "models" / name)
-    ports = {
-        "ANKER_PORT": free_port(),
-        "ANKER__RAY__GCS_PORT": free_port(),
-        "ANKER__RAY__DASHBOARD_PORT": free_port(),
-        "ANKER__RAY__CLIENT_SERVER_PORT": free_port(),
-        "ANKER__RAY__DASHBOARD_AGENT_LISTEN_PORT": free_port(),
-        "ANKER__RAY__METRICS_EXPORT_PORT": free_port(),
-    }
+    ports = stack_ports()
     env = {
         **os.environ,
         "ANKER_CONFIG": str(DEFAULT_PROFILE),
         "ANKER_DATA_DIR": str(data_dir),
-        **{k: str(v) for k, v in ports.items()},
+        **ports,
         **AUTOSCALING_ENV,
         **otlp.env(),
     }
@@ -197,19 +418,15 @@ def stack(
         data_dir=data_dir,
         gcs_address=f"127.0.0.1:{ports['ANKER__RAY__GCS_PORT']}",
     )
-    try:
-        if up.returncode != 0:
-            pytest.fail(
-                f"`anker up --detach` failed ({up.returncode}); the real stack is required.\n"
-                f"stdout:\n{up.stdout[-4000:]}\nstderr:\n{up.stderr[-4000:]}\n"
-                f"ray head log:\n{_tail(data_dir / 'run' / 'ray-head.log')}"
-            )
-        yield Stack(stack.base_url, stack.new_key("tests"), env, data_dir, stack.gcs_address, tuple(startup))
-    finally:
-        _disconnect()
-        down = stack.anker("down", timeout=180)
-        if down.returncode != 0:
-            print(f"anker down failed: {down.stdout}\n{down.stderr}", file=sys.stderr)
+    if up.returncode != 0:
+        stop_stack(stack, check=False)
+        pytest.fail(
+            f"`anker up --detach` failed ({up.returncode}); the real stack is required.\n"
+            f"stdout:\n{up.stdout[-4000:]}\nstderr:\n{up.stderr[-4000:]}\n"
+            f"ray head log:\n{_tail(data_dir / 'run' / 'ray-head.log')}"
+        )
+    yield Stack(stack.base_url, stack.new_key("tests"), env, data_dir, stack.gcs_address, tuple(startup))
+    stop_stack(stack)
 
 
 def _disconnect() -> None:
@@ -221,177 +438,42 @@ def _disconnect() -> None:
         ray.shutdown()
 
 
-SECOND_APP, SECOND_PREFIX, SECOND_MODEL = "second", "/second", "qwen3-next-tiny"
-SECOND_READY_TIMEOUT_S = 600
-# Small engine queues, so that a test can fill them: 2 replicas x 4 running + 4 waiting in the ingress.
+SECOND_MODEL = "qwen3-next-tiny"
+# One model at two engine replicas of small queues, so that a test can fill them: 2 x (4 running + 4 waiting).
 SECOND_ENV = {
     "ANKER__MODELS__0__MIN_REPLICAS": "2",
     "ANKER__MODELS__0__MAX_REPLICAS": "2",
     "ANKER__STACK__ENGINE_MAX_ONGOING_REQUESTS": "4",
     "ANKER__STACK__ENGINE_MAX_QUEUED_REQUESTS": "4",
+    "ANKER__RAY__NUM_CPUS": "6",
+    "ANKER__RAY__MIN_WORKER_PORT": "20000",
+    "ANKER__RAY__MAX_WORKER_PORT": "20999",
 }
 
 
-@dataclass(frozen=True)
-class EngineKill:
-    """An engine replica killed mid-generation, and what the replicas said just before: vLLM's own queue (its
-    ``Engine.record_routing_stats``) and Serve's count of ongoing requests, asked of each replica's actor."""
-
-    victim: str  # actor name
-    vllm: dict[str, float]  # the victim's vLLM queue as it answered: running, waiting, in_flight, kv_cache_usage
-    answered_in_s: float  # how long the victim took to answer
-    killed_after_s: float  # from its answer to the kill
-    killed_s: float  # time.monotonic() of the kill
-    ongoing: dict[str, int | str]  # Serve's ongoing requests per replica, asked with the same round (or why none)
-
-    def __str__(self) -> str:
-        return (
-            f"killed {_short(self.victim)} {self.killed_after_s:.3f} s after its vLLM said {self.vllm} "
-            f"(it answered in {self.answered_in_s:.3f} s); Serve's ongoing requests then: {self.ongoing}"
-        )
-
-
-def _short(replica: str) -> str:
-    return replica.rsplit("#", 1)[-1]
-
-
-def _answers(refs: dict[str, Any], timeout_s: float = 10) -> dict[str, int | str]:
-    """Each actor call's answer by name, or the name of the error it ended with (never a guessed value)."""
-    import ray
-
-    answers: dict[str, int | str] = {}
-    for name, ref in refs.items():
-        try:
-            answers[_short(name)] = int(ray.get(ref, timeout=timeout_s))
-        except Exception as exc:
-            answers[_short(name)] = type(exc).__name__
-    return answers
+def one_model_profile(root: Path, model: str) -> Path:
+    """The local profile with only ``model``."""
+    profile = yaml.safe_load(DEFAULT_PROFILE.read_text())
+    profile["models"] = [m for m in profile["models"] if m["name"] == model]
+    path = root / "profile.yaml"
+    path.write_text(yaml.safe_dump(profile))
+    return path
 
 
 @dataclass(frozen=True)
-class SecondApp:
-    """A second Anker application on the stack's Ray cluster (see the ``second_app`` fixture)."""
+class SecondApp(Stack):
+    """A second stack beside the session's, on a Ray cluster of its own (see the ``second_app`` fixture)."""
 
-    base_url: str
-    api_key: str  # the tests' key: its ledger holds only what the tests sent
-    env: dict[str, str]  # the `anker` CLI's environment for this app: its data folder and database
-    stack_env: dict[str, str]
-    data_dir: Path
-    postgres: PostgresServer
+    postgres: PostgresServer | None = None
     probe_key: str = ""  # the readiness probe's own key (a probe that timed out is still billed, later)
 
-    def anker(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([ANKER, *args], env=self.env, capture_output=True, text=True, timeout=timeout)
+    @property
+    def ledger(self) -> PostgresServer:
+        assert self.postgres is not None
+        return self.postgres
 
-    def new_key(self, tenant: str) -> str:
-        """A key of a new organisation: a test's own ledger, which no other test's late usage reaches."""
-        return create_key(self.env, tenant)
-
-    def connect(self) -> None:
-        """This process as a driver on the stack's cluster (again, if a test module disconnected it)."""
-        from cluster.local import connect
-        from config.settings import load_config
-
-        connect(load_config(environ=self.stack_env))
-
-    def alive_replicas(self, deployment: str) -> dict[str, int]:
-        """The deployment's live replicas: actor name -> process id."""
-        from ray.util.state import list_actors
-
-        prefix = f"SERVE_REPLICA::{SECOND_APP}#{deployment}#"
-        return {
-            str(a["name"]): int(a["pid"])
-            for a in list_actors(filters=[("state", "=", "ALIVE")], limit=10_000)
-            if str(a.get("name") or "").startswith(prefix)
-        }
-
-    def running_replicas(self, deployment: str) -> int:
-        from ray import serve
-
-        status = serve.status().applications[SECOND_APP].deployments[deployment]
-        return int(status.replica_states.get("RUNNING", 0))
-
-    def kill_replica(self, deployment: str, replicas: int, timeout_s: float = SECOND_READY_TIMEOUT_S) -> None:
-        """Kills the first live replica of ``deployment`` and waits until Serve has replaced it (``replicas``
-        running)."""
-        import ray
-
-        self.connect()
-        victim = next(iter(self.alive_replicas(deployment)))
-        ray.kill(ray.get_actor(victim, namespace="serve"), no_restart=True)
-        self.wait_for_replacement(deployment, replicas, victim, timeout_s)
-
-    def kill_engine_mid_generation(
-        self, deployment: str, replicas: int, timeout_s: float = 120, looking: threading.Event | None = None
-    ) -> EngineKill:
-        """Kills an engine replica's process (SIGKILL, as a crash or the OOM killer does: at once; the test cluster
-        is this machine) the moment its vLLM says it is generating, asked of every replica's actor at once, the
-        first to say so being the victim: so the kill lands in the middle of generations. Then waits until Serve
-        has replaced it. Fails with what the replicas said if none generated within ``timeout_s``.
-
-        Generating is vLLM's ``running`` (in its batch, so past the first token), not ``in_flight``: a request
-        still waiting for its first step has no response yet, and a kill then is answered with 503, not a cut. Only
-        an answer that came within ``FRESH_ANSWER_S`` of the question is acted on. ``looking`` is set once the
-        replicas' actors are found, which takes seconds (Ray's state API) that short streams may not last."""
-        import ray
-
-        self.connect()
-        deadline = time.monotonic() + timeout_s
-        said: list[str] = []
-        pids: dict[str, int] = {}
-        actors: dict[str, Any] = {}
-        while time.monotonic() < deadline:
-            if not actors:  # found once (seconds, through Ray's state API), again only after a replica failed to answer
-                pids = self.alive_replicas(deployment)
-                for name in pids:
-                    with contextlib.suppress(ValueError):  # gone since it was listed
-                        actors[name] = ray.get_actor(name, namespace="serve")
-                if looking is not None:
-                    looking.set()
-            asked = time.monotonic()
-            asking = {actor.record_routing_stats.remote(): name for name, actor in actors.items()}
-            ongoing = {name: actor.get_num_ongoing_requests.remote() for name, actor in actors.items()}
-            pending = list(asking)
-            while pending:
-                ready, pending = ray.wait(pending, num_returns=1, timeout=max(0.1, deadline - time.monotonic()))
-                if not ready:
-                    break
-                name = asking[ready[0]]
-                try:
-                    vllm = ray.get(ready[0])
-                except ray.exceptions.RayError as exc:
-                    said.append(f"{_short(name)}: {type(exc).__name__}")
-                    actors = {}
-                    continue
-                answered = time.monotonic()
-                if answered - asked > FRESH_ANSWER_S:
-                    # On a starved machine an answer can take seconds (once 8 s, CI): its streams may be ending by
-                    # now, so a kill on it may cut nothing. Ask again.
-                    said.append(f"{_short(name)}: {vllm} after {answered - asked:.1f} s, too late to act on")
-                    continue
-                if vllm["running"] > 0:
-                    os.kill(pids[name], signal.SIGKILL)
-                    killed = time.monotonic()
-                    kill = EngineKill(name, vllm, answered - asked, killed - answered, killed, _answers(ongoing))
-                    self.wait_for_replacement(deployment, replicas, name)
-                    return kill
-                said.append(f"{_short(name)}: {vllm}")
-            time.sleep(0.05)
-        raise AssertionError(f"no replica of {deployment} generated within {timeout_s:g} s: {said[-6:]}")
-
-    def wait_for_replacement(
-        self, deployment: str, replicas: int, gone: str, timeout_s: float = SECOND_READY_TIMEOUT_S
-    ) -> None:
-        """Waits until the replica ``gone`` (an actor name) is dead and ``replicas`` others are running."""
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            alive = self.alive_replicas(deployment)
-            if gone not in alive and len(alive) == replicas and self.running_replicas(deployment) == replicas:
-                return
-            time.sleep(1)
-        raise AssertionError(f"{deployment} did not recover within {timeout_s} s")
-
-    def wait_until_serving(self, timeout_s: float = SECOND_READY_TIMEOUT_S) -> None:
+    def wait_until_serving(self, timeout_s: float = READY_TIMEOUT_S) -> None:
+        """Until both engine replicas run and the model answers."""
         import httpx
 
         deadline = time.monotonic() + timeout_s
@@ -405,45 +487,77 @@ class SecondApp:
                     timeout=30,
                 )
                 if r.status_code == 200:
-                    return
-                last = f"{r.status_code} {r.text[:200]}"
+                    self.connect()
+                    if self.replica_states(engine_of(SECOND_MODEL)).get("RUNNING") == 2:
+                        return
+                    last = f"replicas {self.replica_states(engine_of(SECOND_MODEL))}"
+                else:
+                    last = f"{r.status_code} {r.text[:200]}"
             except httpx.HTTPError as exc:
                 last = type(exc).__name__
             time.sleep(2)
-        raise AssertionError(f"the second app did not serve within {timeout_s} s: {last}")
+        raise AssertionError(f"the second stack did not serve within {timeout_s} s: {last}")
+
+
+_SECOND_RUNNING: list[SecondApp] = []  # the second stack while it runs
+
+
+@pytest.fixture
+def alone() -> None:
+    """The session's stack alone on the machine: stops the second stack if it runs (its tests run before)."""
+    while _SECOND_RUNNING:
+        stop_stack(_SECOND_RUNNING.pop())
 
 
 @pytest.fixture(scope="session")
-def second_app(stack: Stack, tmp_path_factory: pytest.TempPathFactory) -> Iterator[SecondApp]:
-    """The application `anker up` deploys, built from the same config but with one model at two engine replicas,
-    small engine queues, its own data folder and its ledger on a PostgreSQL server of its own (which fault tests stop
-    and start), deployed beside the stack's under ``/second``: for routing, back-pressure and fault tests."""
-    from ray import serve
-
-    from config.settings import load_config
-    from deployments.builder import build_app
-
-    data_dir = tmp_path_factory.mktemp("second-data")
-    shutil.copytree(stack.data_dir / "models" / SECOND_MODEL, data_dir / "models" / SECOND_MODEL)
-    with postgres_server() as postgres:
-        env = {**stack.env, **SECOND_ENV, "ANKER_DATA_DIR": str(data_dir), "ANKER_DATABASE_URL": postgres.url}
-        keys = [create_key(env, tenant) for tenant in ("second", "second-probe")]
-        config = load_config(environ=env)
-        config = config.model_copy(update={"models": [m for m in config.models if m.name == SECOND_MODEL]})
-        app = SecondApp(f"{stack.base_url}{SECOND_PREFIX}", keys[0], env, dict(stack.env), data_dir, postgres, keys[1])
-        app.connect()
-        serve.run(build_app(config), name=SECOND_APP, route_prefix=SECOND_PREFIX)
-        try:
-            app.wait_until_serving()
-            yield app
-        finally:
-            import ray
-
-            ray.shutdown()  # the restart test may have replaced the cluster this driver knew
-            app.connect()
+def second_app(stack: Stack, tiny_models: dict[str, Path], otlp: OtlpReceiver) -> Iterator[SecondApp]:
+    """A second stack, as `anker up` starts it, on a Ray cluster of its own: one model at two engine replicas with
+    small engine queues, its own data folder and its ledger on a PostgreSQL server of its own (which fault tests
+    stop and start): for routing, back-pressure and fault tests, which break what the session's stack must keep."""
+    # A short folder: Ray's Unix sockets live in it (their paths have at most 107 bytes).
+    root = Path(tempfile.mkdtemp(prefix="aks-", dir="/tmp"))
+    data_dir = root / "data"
+    shutil.copytree(tiny_models[SECOND_MODEL], data_dir / "models" / SECOND_MODEL)
+    # The session stack's Ray token: this process is a driver of either cluster in turn, and Ray reads a process's
+    # token once.
+    (data_dir / "secrets").mkdir(parents=True)
+    shutil.copy2(stack.data_dir / "secrets" / "ray_auth_token", data_dir / "secrets" / "ray_auth_token")
+    try:
+        with postgres_server() as postgres:
+            ports = stack_ports()
+            env = {
+                **os.environ,
+                "ANKER_CONFIG": str(one_model_profile(root, SECOND_MODEL)),
+                "ANKER_DATA_DIR": str(data_dir),
+                "ANKER_DATABASE_URL": postgres.url,
+                "ANKER__RAY__TEMP_DIR": str(root / "ray"),
+                **ports,
+                **SECOND_ENV,
+                **otlp.env(),
+            }
+            keys = [create_key(env, tenant) for tenant in ("second", "second-probe")]
+            app = SecondApp(
+                f"http://127.0.0.1:{ports['ANKER_PORT']}",
+                keys[0],
+                env,
+                data_dir,
+                f"127.0.0.1:{ports['ANKER__RAY__GCS_PORT']}",
+                postgres=postgres,
+                probe_key=keys[1],
+            )
+            up = app.anker("up", "--detach", timeout=STACK_START_TIMEOUT_S)
+            if up.returncode != 0:
+                stop_stack(app, check=False)
+                pytest.fail(f"the second stack did not start:\n{up.stdout[-3000:]}\n{up.stderr[-3000:]}")
             try:
-                serve.delete(SECOND_APP)
-            except Exception as exc:  # the cluster it ran on was restarted: the app went with it
-                print(f"second app not deleted ({type(exc).__name__}); the stack was restarted", file=sys.stderr)
-            finally:
-                _disconnect()
+                app.wait_until_serving()
+            except BaseException:
+                stop_stack(app, check=False)
+                raise
+            _SECOND_RUNNING.append(app)
+            yield app
+            if app in _SECOND_RUNNING:
+                _SECOND_RUNNING.remove(app)
+                stop_stack(app)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)

@@ -17,7 +17,7 @@ import pytest
 import yaml
 
 from cluster import kuberay
-from config.naming import REGION_LABEL
+from config.naming import REGION_LABEL, model_app_name
 from config.placement import engine_placement
 from config.settings import DEFAULT_PROFILE, PROFILES_DIR, load_config
 
@@ -114,8 +114,9 @@ def test_rayservice_has_what_production_needs(profile: Path) -> None:
     assert container["resources"]["limits"]["nvidia.com/gpu"] == str(model.hardware.gpus_per_node)
 
     serve_config = yaml.safe_load(service["spec"]["serveConfigV2"])
-    [app] = serve_config["applications"]
-    assert app["import_path"] == "deployments.builder:app_from_args"
+    apps = serve_config["applications"]
+    assert [a["name"] for a in apps] == ["anker", *(model_app_name(m.name) for m in config.models)]
+    assert {a["import_path"] for a in apps} == {"deployments.builder:app_from_args"}
     assert docs["ConfigMap"]["data"][profile.name] == profile.read_text()  # the cluster runs this very profile
 
     name = service["metadata"]["name"]
@@ -147,29 +148,30 @@ def test_launcher_config_passes_rays_schema(profile: Path) -> None:
     assert f"{REGION_LABEL}=dk" in " ".join(launcher["worker_start_ray_commands"])
 
 
-def test_the_serve_config_import_path_builds_the_app() -> None:
+def test_the_serve_config_import_path_builds_the_first_editions_app(tmp_path: Path) -> None:
     from ray.serve import Application
 
     from deployments.builder import app_from_args
 
-    assert isinstance(app_from_args({"config": str(DEFAULT_PROFILE)}), Application)
+    profile = tmp_path / "first.yaml"
+    profile.write_text(DEFAULT_PROFILE.read_text().replace("stack:\n", "stack:\n  ingress: serve_proxy\n", 1))
+    assert isinstance(app_from_args({"config": str(profile)}), Application)
 
 
-def test_the_second_edition_deploys_an_application_per_model_behind_haproxy(
+def test_the_rayservice_deploys_an_application_per_model_behind_haproxy(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """With `stack.ingress: haproxy` the RayService runs the control application at "/" and one application per
-    model at its route prefix, each built by the same import path from the mounted profile, on pods whose Ray runs
-    Serve's HAProxy through Anker's program; that program finds the served models in the profile alone."""
+    """The RayService runs the control application at "/" and one application per model at its route prefix, each
+    built by the same import path from the mounted profile, on pods whose Ray runs Serve's HAProxy through Anker's
+    program; that program finds the served models in the profile alone."""
     from ray.serve import Application
 
     from deployments.builder import app_from_args
     from deployments.server import haproxy
 
-    profile = tmp_path / "direct.yaml"
-    profile.write_text(DEFAULT_PROFILE.read_text().replace("stack:\n", "stack:\n  ingress: haproxy\n", 1))
+    profile = DEFAULT_PROFILE
     config = load_config(profile, {})
-    assert config.stack.ingress == "haproxy"
+    assert config.stack.ingress == "haproxy"  # the default
     [*_, service] = [d for d in kuberay.rayservice_documents(config, profile) if d["kind"] == "RayService"]
     apps = yaml.safe_load(service["spec"]["serveConfigV2"])["applications"]
     assert [(a["name"], a["route_prefix"]) for a in apps] == [

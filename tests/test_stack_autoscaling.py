@@ -12,14 +12,12 @@ from collections.abc import Callable, Iterator
 import httpx
 import pytest
 
-from config.naming import APP_NAME
 from testkit.sse import DONE, aiter_events
-from tests.conftest import AUTOSCALED_MODEL, Stack
+from tests.conftest import AUTOSCALED_MODEL, Stack, engine_of
 from tests.traffic import wait_until
 
 pytestmark = pytest.mark.stack
 
-DEPLOYMENT = f"Engine-{AUTOSCALED_MODEL}"
 BURST = 12  # in flight at once: a queue of 12 against a target of 4 per replica asks for the ceiling, 2
 
 
@@ -27,18 +25,9 @@ BURST = 12  # in flight at once: a queue of 12 against a target of 4 per replica
 def replica_states(stack: Stack) -> Iterator[Callable[[], dict[str, int]]]:
     """The autoscaled engine deployment's replicas by state, as Serve reports them (RUNNING, STARTING, STOPPING)."""
     import ray
-    from ray import serve
 
-    from cluster.local import connect
-    from config.settings import load_config
-
-    connect(load_config(None, dict(stack.env)))
-
-    def states() -> dict[str, int]:
-        deployment = serve.status().applications[APP_NAME].deployments[DEPLOYMENT]
-        return {str(state): int(n) for state, n in deployment.replica_states.items() if n}
-
-    yield states
+    stack.connect()
+    yield lambda: stack.replica_states(engine_of(AUTOSCALED_MODEL))
     ray.shutdown()
 
 

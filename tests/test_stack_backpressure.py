@@ -1,8 +1,9 @@
-"""Back-pressure on the real stack: when every engine replica of a model is busy and the ingress's queue for it is
-full, the API answers at once with 503 `engine_overloaded` in OpenAI's shape with Retry-After, instead of letting
-clients time out; the admitted requests finish, and the ledger bills exactly what the clients were told.
+"""Back-pressure on a real stack: when every engine replica of a model holds all the calls its door takes (vLLM's
+batch and its queue, deployments/server/observed.py::Capacity), the API answers at once with 503 `engine_overloaded`
+in OpenAI's shape with Retry-After, instead of letting clients time out; the admitted requests finish, and the
+ledger bills exactly what the clients were told.
 
-Runs on conftest's ``second_app``: two engine replicas of 4 running requests each, and 4 queued in the ingress.
+Runs on conftest's ``second_app``: two engine replicas that take 4 running and 4 waiting calls each.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from tests.traffic import CLIENT_TIMEOUT_S, ledger_totals, stream_chat, wait_for
 
 pytestmark = pytest.mark.stack
 
-BURST = 28  # well above 2 x 4 running + 4 queued
+BURST = 28  # well above 2 x (4 running + 4 waiting)
 
 
 async def test_a_full_queue_is_answered_at_once_with_503_and_retry_after(second_app: SecondApp) -> None:

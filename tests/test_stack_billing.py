@@ -19,7 +19,7 @@ from deployments.billing.budgets import month_bounds, month_period
 from deployments.billing.ledger import Ledger
 from deployments.database import database_url
 from tests.browser import chromium_page, sign_in
-from tests.conftest import Stack
+from tests.conftest import BILLING, Stack
 
 pytestmark = pytest.mark.stack
 
@@ -137,22 +137,13 @@ def test_the_dashboard_shows_what_the_ledger_holds(stack: Stack, tmp_path: Path)
 
 def test_a_killed_billing_actor_is_restarted_and_no_usage_is_lost(stack: Stack) -> None:
     import ray
-    from ray.util.state import list_actors
-
-    from cluster.local import connect
-    from config.settings import load_config
 
     key = stack.new_key("restart-kommune")
     client = openai.OpenAI(base_url=f"{stack.base_url}/v1", api_key=key, max_retries=0, timeout=120)
-    config = load_config(None, dict(stack.env))
-    connect(config)
+    stack.connect()
     try:
-        [billing] = [
-            a
-            for a in list_actors(filters=[("state", "=", "ALIVE")])
-            if (a.get("name") or "").startswith("SERVE_REPLICA::anker#Billing#")
-        ]
-        ray.kill(ray.get_actor(billing["name"], namespace="serve"), no_restart=True)
+        [billing] = stack.alive_replicas(BILLING)
+        ray.kill(ray.get_actor(billing, namespace="serve"), no_restart=True)
         answered = 0
         deadline = time.monotonic() + 120
         while answered < 3 and time.monotonic() < deadline:

@@ -1,10 +1,11 @@
-"""Faults under concurrent streaming load on the real stack (conftest's ``second_app``: two engine replicas, the
+"""Faults under concurrent streaming load on a real stack (conftest's ``second_app``: two engine replicas, the
 billing actor, its ledger on a PostgreSQL server of its own), all on loopback: an engine replica killed mid-stream,
 the billing actor killed, PostgreSQL stopped and started again.
 
 After each: the service recovers by itself (every replica running again, requests served), every client got a
-clean answer (a finished stream, or an error in OpenAI's shape; never a hung stream or a dropped connection), and
-the ledger bills exactly the usage the clients were told, with no record lost or doubled.
+clean answer (a finished stream, or an error in OpenAI's shape; never a hung stream; a dropped connection only for
+the streams of the engine replica that died, which was their HTTP server), and the ledger bills exactly the usage
+the clients were told, with no record lost or doubled.
 """
 
 from __future__ import annotations
@@ -16,12 +17,11 @@ from collections.abc import Callable
 
 import pytest
 
-from tests.conftest import SECOND_MODEL, EngineKill, SecondApp
+from tests.conftest import BILLING, SECOND_MODEL, EngineKill, SecondApp
 from tests.traffic import Outcome, SteadyLoad, during, ledger_totals, wait_for_ledger
 
 pytestmark = pytest.mark.stack
 
-ENGINE = f"Engine-{SECOND_MODEL}"
 CLIENTS = 6  # under the app's 2 x 4 running + 4 queued: a refusal here would be a fault's doing
 LONG_STREAM_TOKENS = 800  # seconds of generation each: a kill that finds one running lands mid-way
 TRAFFIC_WAIT_S = 180  # for the clients' streams before and after a fault (an engine replica restarts in between)
@@ -43,9 +43,13 @@ async def under_load(app: SecondApp, key: str, fault: Callable[[], None], max_to
     return await running
 
 
-def assert_clean_and_billed(app: SecondApp, key: str, before: dict[str, int], outcomes: list[Outcome]) -> None:
+def assert_clean_and_billed(
+    app: SecondApp, key: str, before: dict[str, int], outcomes: list[Outcome], cut: list[Outcome] | None = None
+) -> None:
+    """Every request but the ``cut`` ones got a clean answer, the last ones were served, and the ledger bills what
+    the clients were told."""
     assert outcomes
-    unclean = [o for o in outcomes if not o.clean]
+    unclean = [o for o in outcomes if not o.clean and o not in (cut or [])]
     assert not unclean, unclean[:5]
     # The service recovered by itself: the last requests of the run were served.
     assert all(o.status == 200 and o.error_code is None for o in outcomes[-CLIENTS:]), outcomes[-CLIENTS:]
@@ -54,28 +58,32 @@ def assert_clean_and_billed(app: SecondApp, key: str, before: dict[str, int], ou
 
 
 def test_an_engine_replica_killed_mid_stream(second_app: SecondApp) -> None:
+    """The engine replica is the HTTP server of its streams: when its process dies, so do their connections, and no
+    one is left to tell their clients why (as with `vllm serve`). Those streams end without `[DONE]` and without
+    usage, and bill nothing the client was not told; every other request is answered cleanly, and the service
+    recovers by itself."""
     key = second_app.new_key("faults-engine-killed")
     before = ledger_totals(second_app.base_url, key)
     kills: list[EngineKill] = []
 
     def kill() -> None:
-        kills.append(second_app.kill_engine_mid_generation(ENGINE, 2))
+        kills.append(second_app.kill_engine_mid_generation(SECOND_MODEL, 2))
 
     outcomes = asyncio.run(under_load(second_app, key, kill, max_tokens=LONG_STREAM_TOKENS))
     [killed] = kills
-    cut = [o for o in outcomes if o.cut_off]
+    cut = [o for o in outcomes if o.status == 200 and not o.done and o.started_s <= killed.killed_s <= o.ended_s]
     open_then = during(outcomes, killed.killed_s, killed.killed_s)
     seen = Counter((o.status, o.error_code, o.done) for o in outcomes)
     assert cut, f"the kill cut no stream ({killed}); streams open at the kill: {open_then}; all: {seen}"
-    for outcome in cut:  # cut mid-way: told what it is billed for, then the error, then the end of the stream
-        assert outcome.error_code == "engine_unavailable" and outcome.usage is not None and outcome.done, outcome
-    assert_clean_and_billed(second_app, key, before, outcomes)
+    for outcome in cut:  # its connection ended with the replica's process: never a hang, never a made-up end
+        assert outcome.usage is None and outcome.ended_s - killed.killed_s < 30, outcome
+    assert_clean_and_billed(second_app, key, before, outcomes, cut)
 
 
 def test_the_billing_actor_killed_under_load(second_app: SecondApp) -> None:
     key = second_app.new_key("faults-billing-killed")
     before = ledger_totals(second_app.base_url, key)
-    outcomes = asyncio.run(under_load(second_app, key, lambda: second_app.kill_replica("Billing", 1)))
+    outcomes = asyncio.run(under_load(second_app, key, lambda: second_app.kill_replica(BILLING, 1)))
     assert_clean_and_billed(second_app, key, before, outcomes)
 
 
@@ -84,9 +92,9 @@ def test_postgresql_stopped_and_started_under_load(second_app: SecondApp) -> Non
     before = ledger_totals(second_app.base_url, key)
 
     def outage() -> None:
-        second_app.postgres.stop("fast")
+        second_app.ledger.stop("fast")
         time.sleep(15)  # the outage itself: usage reports pile up in the outbox meanwhile
-        second_app.postgres.start()
+        second_app.ledger.start()
 
     outcomes = asyncio.run(under_load(second_app, key, outage))
     assert_clean_and_billed(second_app, key, before, outcomes)

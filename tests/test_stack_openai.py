@@ -1,6 +1,8 @@
 """The real stack through the official ``openai`` SDK, unchanged: both models, sync and async, streaming and not.
 
-Everything here runs against `anker up`: Ray Serve, the tokenizer deployment and real vLLM engines on the tiny models.
+Everything here runs against `anker up`: HAProxy, each model's engine replicas serving the API over real vLLM
+engines on the tiny models. Their template thinks unless told not to (``enable_thinking``), and random weights
+never stop thinking: where a test reads the text, it asks for none.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from tests.conftest import MODELS, Stack
 pytestmark = pytest.mark.stack
 
 # Numbered sentences, so that the byte-level BPE cannot fold repetitions: about 1,000 tokens on the tiny models.
+NO_THINKING = {"chat_template_kwargs": {"enable_thinking": False}}
 LONG_PROMPT = " ".join(f"Afsnit {i}: kommunen behandler personoplysninger efter forordningen." for i in range(90))
 
 
@@ -36,7 +39,10 @@ def test_models_lists_both_tiny_models(client: openai.OpenAI) -> None:
 @pytest.mark.parametrize("model", sorted(MODELS))
 def test_chat_non_streaming(client: openai.OpenAI, model: str) -> None:
     r = client.chat.completions.create(
-        model=model, messages=[{"role": "user", "content": "Hej! Hvad hedder hovedstaden?"}], max_tokens=6
+        model=model,
+        messages=[{"role": "user", "content": "Hej! Hvad hedder hovedstaden?"}],
+        max_tokens=6,
+        extra_body=NO_THINKING,
     )
     assert r.object == "chat.completion" and r.model == model and r.id.startswith("chatcmpl-")
     choice = r.choices[0]
@@ -56,6 +62,7 @@ async def test_chat_streaming_with_usage(aclient: openai.AsyncOpenAI, model: str
         n=2,
         stream=True,
         stream_options={"include_usage": True},
+        extra_body=NO_THINKING,
     )
     text = {0: "", 1: ""}
     finish = {}
@@ -69,7 +76,7 @@ async def test_chat_streaming_with_usage(aclient: openai.AsyncOpenAI, model: str
             text[choice.index] += choice.delta.content or ""
             if choice.finish_reason:
                 finish[choice.index] = choice.finish_reason
-    assert set(finish) == {0, 1}
+    assert set(finish) == {0, 1} and all(text.values()), text
     assert usage is not None and 0 < usage.completion_tokens <= 16
     assert usage.prompt_tokens_details is not None and usage.prompt_tokens_details.cached_tokens is not None
 
@@ -144,11 +151,15 @@ def test_one_organisation_cannot_hit_anothers_prefix_cache(client: openai.OpenAI
 
 def test_greedy_is_deterministic_and_max_tokens_is_respected(client: openai.OpenAI) -> None:
     kwargs = dict(
-        model="qwen3-moe-tiny", messages=[{"role": "user", "content": "Tæl til ti."}], max_tokens=7, temperature=0.0
+        model="qwen3-moe-tiny",
+        messages=[{"role": "user", "content": "Tæl til ti."}],
+        max_tokens=7,
+        temperature=0.0,
+        extra_body=NO_THINKING,
     )
     a = client.chat.completions.create(**kwargs)  # type: ignore[call-overload]
     b = client.chat.completions.create(**kwargs)  # type: ignore[call-overload]
-    assert a.choices[0].message.content == b.choices[0].message.content
+    assert a.choices[0].message.content and a.choices[0].message.content == b.choices[0].message.content
     if a.choices[0].finish_reason == "length":
         assert a.usage.completion_tokens == 7
 
@@ -187,13 +198,11 @@ def test_errors_surface_as_the_sdks_exceptions(client: openai.OpenAI, stack: Sta
     with pytest.raises(openai.BadRequestError) as too_long:
         client.chat.completions.create(model="qwen3-next-tiny", messages=[{"role": "user", "content": LONG_PROMPT * 4}])
     assert too_long.value.code == "context_length_exceeded"
-    with pytest.raises(openai.BadRequestError) as unsupported:
+    with pytest.raises(openai.BadRequestError) as unsupported:  # an engine control no tenant may set
         client.chat.completions.create(
-            model="qwen3-next-tiny",
-            messages=[{"role": "user", "content": "x"}],
-            tools=[{"type": "function", "function": {"name": "f", "parameters": {}}}],
+            model="qwen3-next-tiny", messages=[{"role": "user", "content": "x"}], extra_body={"cache_salt": "x"}
         )
-    assert unsupported.value.code == "unsupported_parameter"
+    assert (unsupported.value.code, unsupported.value.param) == ("unsupported_parameter", "cache_salt")
     bad = openai.OpenAI(base_url=f"{stack.base_url}/v1", api_key="ank_wrong", max_retries=0)
     with pytest.raises(openai.AuthenticationError):
         bad.models.list()

@@ -36,7 +36,7 @@ BEGAN = re.compile(r"(\d+) requests were running when it began")  # what `anker 
 RESTART_TRAFFIC_WAIT_S = 300
 
 
-def test_the_whole_cluster_stopped_and_started_under_load(stack: Stack) -> None:
+def test_the_whole_cluster_stopped_and_started_under_load(stack: Stack, alone: None) -> None:
     key = stack.new_key("restart-under-load")
     before = ledger_totals(stack.base_url, key)
 

@@ -1,7 +1,7 @@
-"""Prefix-aware routing on the local cluster: the second Anker application on the stack's Ray cluster (conftest's
-``second_app``) serves qwen3-next-tiny from two engine replicas; each turn of a multi-turn conversation lands on the
-replica that served the turns before it (read from the engine span of the request's trace) and reports cached prompt
-tokens.
+"""Prefix-aware routing on the local cluster: the second stack (conftest's ``second_app``) serves qwen3-next-tiny
+from two engine replicas, so HAProxy asks the model's ingress request router where each request goes; each turn of a
+multi-turn conversation lands on the replica that served the turns before it (read from the replica's server span of
+the request's trace) and reports cached prompt tokens.
 """
 
 from __future__ import annotations
@@ -58,10 +58,10 @@ def engine_replica(otlp: OtlpReceiver, trace_id: str, timeout_s: float = 60) -> 
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         for span in otlp.trace(trace_id):
-            if span.name == "engine.generate":
+            if span.name == "POST /v1/chat/completions" and "anker.engine_replica" in span.attributes:
                 return str(span.attributes["anker.engine_replica"])
         time.sleep(0.5)
-    raise AssertionError(f"no engine span for trace {trace_id}")
+    raise AssertionError(f"no span of an engine replica for trace {trace_id}")
 
 
 def test_a_multi_turn_conversation_keeps_landing_on_the_replica_that_holds_its_prefix(

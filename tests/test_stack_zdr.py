@@ -1,6 +1,6 @@
 """Zero data retention, proven on the real stack: requests carrying a canary that exists nowhere else (successes,
-streams, client errors, an engine failure mid-stream, a stream the client cancels) go through both applications,
-then every place that could keep it is searched: every file under both data folders and the Ray session folder
+streams, client errors, an engine failure mid-stream, a stream the client cancels) go through both stacks, then
+every place that could keep it is searched: every file under both data folders and both Ray session folders
 (logs, spilled objects, runtime resources), every file written under the temp folders since the test began, every
 span the stack exported, the metrics scrape, and every row of both ledgers (SQLite and PostgreSQL). Zero hits; and
 the same search finds the requests' ids (metadata, which may be kept), so it did look where those requests left
@@ -76,6 +76,28 @@ def session_dir(stack: Stack) -> Path:
     return Path(state["ray_session_dir"])
 
 
+def tool(canary: str) -> dict[str, object]:
+    """A strict function tool whose description carries the canary (its arguments are numbers: see
+    tests/test_server_inprocess.py's ALARM)."""
+    return {
+        "type": "function",
+        "function": {
+            "name": "set_alarm",
+            "description": f"Sætter vækkeuret {canary}",
+            "strict": True,
+            "parameters": {
+                "type": "object",
+                "properties": {"hour": {"type": "integer", "enum": [6, 7, 8]}},
+                "required": ["hour"],
+                "additionalProperties": False,
+            },
+        },
+    }
+
+
+TOOL_CALL = {"name": "set_alarm", "arguments": '{"hour": 7}'}
+
+
 @dataclass(frozen=True)
 class Sent:
     """What ``send_everything`` sent: the ids of the requests the server took, how many each key's ledger must
@@ -105,12 +127,47 @@ async def send_everything(stack: Stack, app: SecondApp, canary: str) -> Sent:
         )
         assert completion.status_code == 200
         ids.append(completion.headers["x-request-id"])
+        # The agents' paths: a forced tool call with a tool turn in the history, structured output, the Responses
+        # API plain and streamed; the canary in every part of the request they read.
+        history = [
+            *chat["messages"],
+            {"role": "assistant", "tool_calls": [{"id": "call_1", "type": "function", "function": TOOL_CALL}]},
+            {"role": "tool", "tool_call_id": "call_1", "content": f"Svar {canary}"},
+        ]
+        thinking_off = {"chat_template_kwargs": {"enable_thinking": False}}
+        for route, body in (
+            (
+                "/v1/chat/completions",
+                {
+                    **chat,
+                    **thinking_off,
+                    "messages": history,
+                    "tools": [tool(canary)],
+                    "tool_choice": "required",
+                    "max_tokens": 40,
+                },
+            ),
+            ("/v1/chat/completions", {**chat, **thinking_off, "response_format": {"type": "json_object"}}),
+            (
+                "/v1/responses",
+                {"model": chat["model"], "instructions": canary, "input": f"Hej {canary}", "max_output_tokens": 3},
+            ),
+            (
+                "/v1/responses",
+                {"model": chat["model"], "input": f"Hej {canary}", "max_output_tokens": 3, "stream": True},
+            ),
+        ):
+            served = await http.post(route, json=body)
+            assert served.status_code == 200, served.text[:300]
+            if "instructions" not in body:  # a response repeats its own instructions to its client, as OpenAI's do
+                assert canary not in served.text, served.text[:300]
+            ids.append(served.headers["x-request-id"])
         for bad in (
             {**chat, "max_tokens": canary},
-            {**chat, canary: 1},
+            {**chat, f"{canary} tak": 1},  # a parameter's name is named back; a key shaped like text is not
             {**chat, "model": canary},
             {**chat, "messages": [{"role": canary, "content": canary}]},
-            {"model": "qwen3-moe-tiny", "prompt": canary, "echo": True},
+            {"model": "qwen3-moe-tiny", "prompt": canary, "max_tokens": -1},
             {**chat, "messages": [{"role": "user", "content": canary * 20_000}]},  # past the context
         ):
             route = "/v1/completions" if "prompt" in bad else "/v1/chat/completions"
@@ -124,14 +181,12 @@ async def send_everything(stack: Stack, app: SecondApp, canary: str) -> Sent:
             async for _ in cancelled.aiter_bytes():
                 break
 
-    # An engine failure mid-stream: streams of the canary on the second app, one of whose engines is killed in the
+    # An engine failure mid-stream: streams of the canary on the second stack, one of whose engines is killed in the
     # middle of generating them. The kill's watch (it kills the first replica whose vLLM is generating) has found the
     # replicas before the streams start: finding them takes seconds, and on a fast moment of this machine the streams
     # all ended within those seconds when the watch began after their first chunk (every replica then ran nothing).
     looking = threading.Event()
-    watching = asyncio.create_task(
-        asyncio.to_thread(app.kill_engine_mid_generation, f"Engine-{SECOND_MODEL}", 2, looking=looking)
-    )
+    watching = asyncio.create_task(asyncio.to_thread(app.kill_engine_mid_generation, SECOND_MODEL, 2, looking=looking))
     assert await asyncio.to_thread(looking.wait, 120), "the kill's watch found no replica"
     async with httpx.AsyncClient(timeout=CLIENT_TIMEOUT_S) as client:
         running = asyncio.gather(
@@ -139,15 +194,15 @@ async def send_everything(stack: Stack, app: SecondApp, canary: str) -> Sent:
         )
         kill = await watching
         streams = await running
-    # The four requests that reached an engine on the stack, and every stream on the second app.
-    return Sent(ids, [(stack.base_url, key, 4), (app.base_url, app_key, STREAMS)], list(streams), kill)
+    # The eight requests that reached an engine on the stack, and every stream on the second stack.
+    return Sent(ids, [(stack.base_url, key, 8), (app.base_url, app_key, STREAMS)], list(streams), kill)
 
 
 def test_no_trace_of_request_content_anywhere(stack: Stack, second_app: SecondApp, otlp: OtlpReceiver) -> None:
     canary = f"zdr{secrets.token_hex(12)}"
     started = time.time()
     sent = asyncio.run(send_everything(stack, second_app, canary))
-    cut = [o for o in sent.streams if o.cut_off]
+    cut = [o for o in sent.streams if o.status == 200 and not o.done]  # their replica's process died with them
     assert cut, f"the kill cut no stream of the canary ({sent.kill}): {during(sent.streams, 0.0, sent.kill.killed_s)}"
     needle = canary.encode()
 
@@ -156,6 +211,7 @@ def test_no_trace_of_request_content_anywhere(stack: Stack, second_app: SecondAp
             *files_under(stack.data_dir),
             *files_under(second_app.data_dir),
             *files_under(session_dir(stack)),
+            *files_under(session_dir(second_app)),
             *files_under(Path(tempfile.gettempdir()), since=started),
             *files_under(Path("/dev/shm"), since=started),
         ]
@@ -183,8 +239,9 @@ def test_no_trace_of_request_content_anywhere(stack: Stack, second_app: SecondAp
     assert otlp.payloads, "no spans were exported"
     assert needle not in b"".join(otlp.payloads)  # the raw exports: names, attributes, events, statuses
 
-    scrape = httpx.get(f"http://127.0.0.1:{stack.env['ANKER__RAY__METRICS_EXPORT_PORT']}/metrics", timeout=30).text
-    assert "ray_anker_requests_total" in scrape and canary not in scrape
+    for each in (stack, second_app):
+        scrape = httpx.get(f"http://127.0.0.1:{each.env['ANKER__RAY__METRICS_EXPORT_PORT']}/metrics", timeout=30).text
+        assert "ray_anker_requests_total" in scrape and canary not in scrape
 
-    ledgers = ledger_dump(f"sqlite:///{stack.data_dir / 'anker.db'}") + ledger_dump(second_app.postgres.url)
+    ledgers = ledger_dump(f"sqlite:///{stack.data_dir / 'anker.db'}") + ledger_dump(second_app.ledger.url)
     assert canary not in ledgers
