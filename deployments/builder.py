@@ -30,13 +30,14 @@ from config.schema import AnkerConfig, ModelConfig
 from deployments.billing.actor import Billing
 from deployments.billing.service import billing_spec
 from deployments.control import ControlServer, ControlSpec, ModelApp
-from deployments.engine import Engine, EngineSpec
+from deployments.engine import Engine
 from deployments.ingress import Ingress, IngressSpec
 from deployments.openai.catalog import ServedModel
 from deployments.openai.responses import model_card
 from deployments.server.replica import EngineServer, ReplicaSpec
 from deployments.server.route import IngressRouter, RouteSpec
 from deployments.server.vllm_layer import ServingSpec
+from deployments.server.vllm_start import EngineSpec
 from deployments.tokenizer import Tokenizer, TokenizerSpec
 
 # Serve's access log writes a line per request: not on the hot path (nor, under zero data retention, anywhere).

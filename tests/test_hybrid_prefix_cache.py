@@ -13,7 +13,7 @@ import os
 import uuid
 from pathlib import Path
 
-from deployments.engine import start_llm
+from deployments.server.vllm_start import start_llm
 
 PROMPT = [(i * 7919) % 500 + 10 for i in range(1500)]  # token ids inside the tiny vocabulary, no repeats nearby
 

@@ -1,5 +1,5 @@
 """A replica's log file outlives vLLM's start: vLLM applies its logging config with ``dictConfig``, which closes every
-handler of the process, Serve's replica logger among them (deployments/engine.py::serve_logs_kept)."""
+handler of the process, Serve's replica logger among them (deployments/server/vllm_start.py::serve_logs_kept)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from deployments.engine import SERVE_LOGGER, serve_logs_kept
+from deployments.server.vllm_start import SERVE_LOGGER, serve_logs_kept
 
 
 @pytest.fixture

@@ -27,11 +27,11 @@ from deployments.billing.actor import Billing
 from deployments.billing.client import ServeBillingClient
 from deployments.billing.governance import Actor
 from deployments.billing.service import BillingService, BillingSpec
-from deployments.engine import EngineSpec
 from deployments.server.app import create_server_app
 from deployments.server.gate import Call, KeyGate
 from deployments.server.metering import Metered
 from deployments.server.vllm_layer import ServingSpec, VllmLayer
+from deployments.server.vllm_start import EngineSpec
 from testkit.doubles import InProcessHandleDouble, ScriptedOutputEngineDouble
 from testkit.ports import free_port
 from tests.inprocess import PRICES

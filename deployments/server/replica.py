@@ -19,12 +19,12 @@ from autoscaling.queue_policy import KV_CACHE_METRIC, QUEUE_METRIC
 from config.naming import APP_NAME, BILLING_DEPLOYMENT
 from deployments.billing.client import ServeBillingClient
 from deployments.drain import DrainGate, watch_drain
-from deployments.engine import SchedulerGauge, gauge_stat_logger
 from deployments.server.app import create_server_app
 from deployments.server.gate import Call, KeyGate
 from deployments.server.metering import Metered
 from deployments.server.observed import Capacity, RequestMetrics
 from deployments.server.vllm_layer import ServingSpec, VllmLayer
+from deployments.server.vllm_start import SchedulerGauge, gauge_stat_logger
 from observability import metrics, tracing
 from observability.tracing import TracingMiddleware
 

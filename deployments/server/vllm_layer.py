@@ -12,8 +12,8 @@ from argparse import Namespace
 from dataclasses import dataclass
 from typing import Any
 
-from deployments.engine import EngineSpec, start_llm
 from deployments.server.metering import MeteredEngineClient
+from deployments.server.vllm_start import EngineSpec, start_llm
 
 
 @dataclass(frozen=True)
