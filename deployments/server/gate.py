@@ -30,10 +30,11 @@ from deployments.keys import KeyRecord
 from deployments.openai.accounts import authenticate
 from deployments.openai.errors import error_response
 from deployments.server.metering import Metered, metering
+from deployments.server.vllm_start import SERVE_LOGGER
 from deployments.tokenizer import cache_salt
 from observability import tracing
 
-logger = logging.getLogger("ray.serve")
+logger = logging.getLogger(SERVE_LOGGER)  # the replica's log file
 
 # The billing id's prefix by endpoint, as OpenAI's ids have (``chatcmpl-…``).
 PREFIXES = {"/v1/chat/completions": "chatcmpl", "/v1/completions": "cmpl", "/v1/responses": "resp"}
