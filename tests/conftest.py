@@ -488,9 +488,10 @@ class SecondApp(Stack):
                 )
                 if r.status_code == 200:
                     self.connect()
-                    if self.replica_states(engine_of(SECOND_MODEL)).get("RUNNING") == 2:
+                    states = self.replica_states(engine_of(SECOND_MODEL))
+                    if states.get("RUNNING") == 2:
                         return
-                    last = f"replicas {self.replica_states(engine_of(SECOND_MODEL))}"
+                    last = f"replicas {states}"
                 else:
                     last = f"{r.status_code} {r.text[:200]}"
             except httpx.HTTPError as exc:
