@@ -32,8 +32,7 @@ from deployments.billing.service import billing_spec
 from deployments.control import ControlServer, ControlSpec, ModelApp
 from deployments.engine import Engine
 from deployments.ingress import Ingress, IngressSpec
-from deployments.openai.catalog import ServedModel
-from deployments.openai.responses import model_card
+from deployments.openai.catalog import ServedModel, model_card
 from deployments.server.replica import EngineServer, ReplicaSpec
 from deployments.server.route import IngressRouter, RouteSpec
 from deployments.server.vllm_layer import ServingSpec

@@ -27,14 +27,13 @@ from deployments.errors import AnkerError, EngineUnavailable, RouteNotFound
 from deployments.keys import KeyRecord
 from deployments.openai.accounts import Accounts
 from deployments.openai.accounts import authenticate as authenticate_with
-from deployments.openai.app import accounts_app, finish_app
 from deployments.openai.catalog import ModelCatalog, ServedModel
+from deployments.openai.control_app import accounts_app, finish_app
 from deployments.openai.errors import error_response
-from deployments.openai.parsing import read_body
 from deployments.readiness import ReadinessWatch
 from deployments.server import responses
 from deployments.server.observed import RequestMetrics
-from deployments.server.requests import checked_body
+from deployments.server.requests import checked_body, read_body
 from observability import metrics, tracing
 
 # The endpoints a model's replica serves, by the path HAProxy sends on when the body names no served model.

@@ -18,6 +18,7 @@ prompt itself and asks ``IngressPrefixRouter`` for a pick only.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import random
 import time
@@ -35,6 +36,18 @@ logger = logging.getLogger("ray.serve")
 K = TypeVar("K", bound=Hashable)
 Decision = Literal["prefix", "no_match", "overloaded", "other_call"]
 ROUTED_METHOD = "generate"
+
+
+def block_hashes(token_ids: Sequence[int], block_size: int) -> tuple[int, ...]:
+    """Chained hashes of the prompt's full blocks: equal prefixes give equal leading hashes, in every process."""
+    hashes: list[int] = []
+    parent = b""
+    for start in range(0, len(token_ids) - block_size + 1, block_size):
+        block = token_ids[start : start + block_size]
+        digest = hashlib.blake2b(parent + b"".join(t.to_bytes(4, "little") for t in block), digest_size=8).digest()
+        hashes.append(int.from_bytes(digest, "little"))
+        parent = digest
+    return tuple(hashes)
 
 
 class PrefixTable(Generic[K]):

@@ -6,7 +6,6 @@ and never logs or returns any text of the prompt (errors carry counts and field 
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -18,6 +17,8 @@ from ray import serve
 
 from deployments.contracts import ChatTurn, Prepared
 from deployments.errors import AnkerError, ContextLengthExceeded, InvalidValue, ModelNotFound
+from deployments.router import block_hashes
+from deployments.server.salt import cache_salt, salt
 from observability import tracing
 
 
@@ -30,31 +31,10 @@ class TokenizerSpec:
     max_model_len: int
 
 
-def block_hashes(token_ids: Sequence[int], block_size: int) -> tuple[int, ...]:
-    """Chained hashes of the prompt's full blocks: equal prefixes give equal leading hashes, in every process."""
-    hashes: list[int] = []
-    parent = b""
-    for start in range(0, len(token_ids) - block_size + 1, block_size):
-        block = token_ids[start : start + block_size]
-        digest = hashlib.blake2b(parent + b"".join(t.to_bytes(4, "little") for t in block), digest_size=8).digest()
-        hashes.append(int.from_bytes(digest, "little"))
-        parent = digest
-    return tuple(hashes)
-
-
-def _salt(owner: str) -> bytes:
-    return hashlib.blake2b(owner.encode("utf-8"), digest_size=16, person=b"anker-cache-salt").digest()
-
-
-def cache_salt(owner: str) -> str:
-    """vLLM's ``cache_salt`` for ``owner``'s own prefix cache: a digest of the owner, not its name."""
-    return _salt(owner).hex()
-
-
 def isolated(prepared: Prepared, owner: str) -> Prepared:
     """The prompt in ``owner``'s own prefix cache: vLLM's ``cache_salt`` and block hashes mixed with the same salt,
     so that the request router follows the salted cache."""
-    mix = int.from_bytes(_salt(owner)[:8], "little")
+    mix = int.from_bytes(salt(owner)[:8], "little")
     return replace(prepared, cache_salt=cache_salt(owner), block_hashes=tuple(h ^ mix for h in prepared.block_hashes))
 
 

@@ -8,8 +8,7 @@ from typing import Any
 
 import pytest
 
-from deployments.router import PrefixAwareRouter, PrefixRouting, PrefixTable, block_hashes_of
-from deployments.tokenizer import block_hashes
+from deployments.router import PrefixAwareRouter, PrefixRouting, PrefixTable, block_hashes, block_hashes_of
 
 REPLICAS = ["a", "b", "c"]
 

@@ -15,7 +15,7 @@ from starlette.responses import JSONResponse, Response
 from deployments.billing.governance import Actor
 from deployments.errors import InvalidApiKey, InvalidJson, InvalidRequest, InvalidValue
 from deployments.openai.accounts import BAD_KEY, Accounts, bearer
-from deployments.openai.parsing import read_body
+from deployments.server.requests import read_body
 
 ADMIN_NO_TOKEN = "Administration needs the operator's admin token or an owner's or admin's API key (Bearer auth)."
 

@@ -13,7 +13,10 @@ from typing import Any
 from deployments.billing.governance import check_model_allowed, model_allowed
 from deployments.errors import ModelNotFound
 from deployments.keys import KeyRecord
-from deployments.openai.responses import model_card
+
+
+def model_card(name: str, created: int, owned_by: str, max_model_len: int) -> dict[str, Any]:
+    return {"id": name, "object": "model", "created": created, "owned_by": owned_by, "max_model_len": max_model_len}
 
 
 @dataclass(frozen=True)

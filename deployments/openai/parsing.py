@@ -11,9 +11,8 @@ import re
 from typing import Any
 
 from pydantic import BaseModel, ValidationError
-from starlette.requests import Request
 
-from deployments.errors import InvalidJson, InvalidRequest, InvalidValue, RequestTooLarge, UnsupportedParameter
+from deployments.errors import InvalidJson, InvalidRequest, InvalidValue, UnsupportedParameter
 from deployments.openai.protocol import (
     ChatCompletionRequest,
     ChatMessage,
@@ -151,17 +150,3 @@ def parse_request(model_cls: type[BaseModel], body: bytes, unsupported: tuple[st
         if kind == "missing":
             raise InvalidRequest(f"Missing required parameter: '{name}'.", name) from None
         raise InvalidValue(f"Invalid value for '{name}': {first['msg']}.", name) from None
-
-
-async def read_body(request: Request, limit: int) -> bytes:
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise RequestTooLarge(f"The request body is larger than the limit of {limit} bytes.")
-    chunks: list[bytes] = []
-    size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise RequestTooLarge(f"The request body is larger than the limit of {limit} bytes.")
-        chunks.append(chunk)
-    return b"".join(chunks)

@@ -210,7 +210,3 @@ def completion_delta_choice(index: int, delta: Delta, with_logprobs: bool, text_
 
 def usage_chunk(chunk: dict[str, Any], usage: Usage) -> dict[str, Any]:
     return {**chunk, "choices": [], "usage": usage.as_dict()}
-
-
-def model_card(name: str, created: int, owned_by: str, max_model_len: int) -> dict[str, Any]:
-    return {"id": name, "object": "model", "created": created, "owned_by": owned_by, "max_model_len": max_model_len}

@@ -30,8 +30,8 @@ from deployments.keys import KeyRecord
 from deployments.openai.accounts import authenticate
 from deployments.openai.errors import error_response
 from deployments.server.metering import Metered, metering
+from deployments.server.salt import cache_salt
 from deployments.server.vllm_start import SERVE_LOGGER
-from deployments.tokenizer import cache_salt
 from observability import tracing
 
 logger = logging.getLogger(SERVE_LOGGER)  # the replica's log file

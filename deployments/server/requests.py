@@ -13,6 +13,8 @@ import json
 import re
 from typing import Any
 
+from starlette.requests import Request
+
 from deployments.errors import (
     AnkerError,
     ContextLengthExceeded,
@@ -21,6 +23,7 @@ from deployments.errors import (
     InvalidRequest,
     InvalidValue,
     ModelNotFound,
+    RequestTooLarge,
     UnsupportedParameter,
     UnsupportedValue,
 )
@@ -179,3 +182,19 @@ def from_vllm(error: dict[str, Any]) -> AnkerError:
     if 400 <= status < 500:
         return InvalidRequest("The request is not valid for this model.")
     return InternalError("The model could not complete the request.")
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The body, read up to ``limit`` bytes (the config's ``server.max_request_bytes``): 413 beyond, whether or not
+    the client declared its length."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise RequestTooLarge(f"The request body is larger than the limit of {limit} bytes.")
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise RequestTooLarge(f"The request body is larger than the limit of {limit} bytes.")
+        chunks.append(chunk)
+    return b"".join(chunks)

@@ -2,7 +2,7 @@
 body (``RAY_SERVE_INGRESS_REQUEST_ROUTER_FORWARD_BODY``), which of the model's engine replicas serves a request.
 
 It renders the prompt as the replica will (the model's chat template), hashes its token blocks
-(``deployments.tokenizer.block_hashes``), and lets the engine deployment's ``IngressPrefixRouter``
+(``deployments.router.block_hashes``), and lets the engine deployment's ``IngressPrefixRouter``
 (deployments/router.py) pick the replica that holds the longest prefix, unless that one is too busy. The builder
 attaches it (Serve's ``_with_ingress_request_router``) only to a model that may run more than one replica: with one,
 HAProxy sends every request straight to it.
@@ -38,8 +38,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.types import Receive, Scope, Send
 
-from deployments.router import ROUTE_HASHES
-from deployments.tokenizer import block_hashes
+from deployments.router import ROUTE_HASHES, block_hashes
 
 ROUTE_PATH = "/internal/route"
 Hashes = tuple[int, ...]

@@ -18,9 +18,8 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from deployments.errors import AnkerError, InvalidValue, ModelNotFound
 from deployments.openai.errors import error_body, error_response
-from deployments.openai.parsing import read_body
 from deployments.server.metering import RequestMeter, current_meter
-from deployments.server.requests import ALLOWED, checked_body, from_vllm
+from deployments.server.requests import ALLOWED, checked_body, from_vllm, read_body
 
 logger = logging.getLogger("ray.serve")
 
