@@ -562,3 +562,24 @@ def second_app(stack: Stack, tiny_models: dict[str, Path], otlp: OtlpReceiver) -
                 stop_stack(app)
     finally:
         shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def vllm_cpu_env() -> Iterator[None]:
+    """vLLM's CPU settings for an engine a test module starts in the test's own process: a small KV cache, its
+    worker spawned (not forked from a process that has threads) and tokenizers without their own threads."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("VLLM_CPU_KVCACHE_SPACE", "1")
+        patch.setenv("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
+        patch.setenv("TOKENIZERS_PARALLELISM", "false")
+        yield
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db(request: pytest.FixtureRequest) -> str | None:
+    """A ledger's database URL: None for the embedded SQLite file, or a fresh throwaway PostgreSQL database."""
+    if request.param == "sqlite":
+        return None
+    from tests.inprocess import clean_postgres
+
+    return clean_postgres(request.getfixturevalue("postgres_url"))

@@ -63,7 +63,8 @@ def start_llm(args: Any, stat_loggers: list[Any]) -> Any:
     vLLM's hybrid models (attention beside Gated-DeltaNet or Mamba layers; Qwen3-Next, Qwen3.5) keep a recurrent
     state only at block bounds, and in its ``align`` cache mode the scheduler ends a prefill chunk at the last bound
     it may cache. Left unset, the block size is the CPU platform's 128 in the scheduler while the cache aligns its
-    blocks to the recurrent state's page (256 tokens on ``qwen3-next-tiny``): a first sighting's chunk ends on a
+    blocks to the recurrent state's page whenever that page is larger than an attention block's (256 tokens on
+    ``qwen3-next-tiny`` with a float32 state): a first sighting's chunk ends on a
     128 bound the cache cannot keep (1,408 of 1,500 tokens), and only a third sighting of a prompt hits. Held, the
     worker's alignment sets one block size for both, so a prompt's first repeat hits (1,280 of 1,500 tokens;
     ``tests/test_hybrid_prefix_cache.py``). A ``block_size`` in the profile's engine arguments is held anyway.
