@@ -222,18 +222,23 @@ class ScriptedOutputEngineDouble:
     """vLLM's engine client, whose answer says a given text while ``script`` is set: the real engine runs each
     request (it is tokenized, admitted, metered and finished as any), and its final output's text and token ids
     become the script's. For what vLLM's serving layer makes of model output that random weights never write (a
-    tool call under ``tool_choice: auto``); only for requests that ask for the final output alone (not streamed)."""
+    tool call under ``tool_choice: auto``); only for requests that ask for the final output alone (not streamed).
+    While ``failure`` is set, each request fails with it instead, as ``AsyncLLM.generate`` fails when its engine
+    does."""
 
     def __init__(self, engine: Any, encode: Callable[[str], list[int]]) -> None:
         self._engine = engine
         self._encode = encode
         self.script: str | None = None
+        self.failure: Exception | None = None  # while set, every request fails with it before any output
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._engine, name)
 
     async def generate(self, prompt: Any, sampling_params: Any, request_id: str, **kwargs: Any) -> AsyncGenerator[Any]:
         script = self.script
+        if self.failure is not None:
+            raise self.failure
         async for output in self._engine.generate(prompt, sampling_params, request_id, **kwargs):
             if output.finished and script is not None:
                 ids = self._encode(script)

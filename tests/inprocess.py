@@ -6,6 +6,7 @@ Only transports are replaced: handles by ``InProcessHandleDouble``, engines by `
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -26,8 +27,18 @@ from deployments.ingress import ServeTokenizerClient
 from deployments.openai.app import create_app
 from deployments.openai.catalog import ServedModel
 from deployments.openai.serving import OpenAIService
+from deployments.server.app import create_server_app
+from deployments.server.gate import Call, KeyGate
+from deployments.server.metering import Metered
+from deployments.server.vllm_layer import ServingSpec, VllmLayer
+from deployments.server.vllm_start import EngineSpec
 from deployments.tokenizer import Tokenizer, TokenizerCore
-from testkit.doubles import InProcessHandleDouble, InstantEngineDouble, LocalTokenizerClient
+from testkit.doubles import (
+    InProcessHandleDouble,
+    InstantEngineDouble,
+    LocalTokenizerClient,
+    ScriptedOutputEngineDouble,
+)
 
 CTX = 512
 PRICES = TokenPrices.from_dkk_per_million(Decimal("6.00"), Decimal("3.00"), Decimal("45.00"))
@@ -131,3 +142,102 @@ def clean_postgres(url: str) -> str:
         c.execute(sa.text("CREATE SCHEMA public"))
     engine.dispose()
     return url
+
+
+# -- the second edition: an engine replica's door over a real vLLM ---------------------------------------------------
+
+REPLICA_MODEL = "qwen3-moe-tiny"
+REPLICA_BODY_LIMIT = 64 * 1024
+
+
+@asynccontextmanager
+async def serving_layer(path: Path, model: str = REPLICA_MODEL) -> AsyncIterator[ServingLayer]:
+    """vLLM's serving layer over a real ``AsyncLLM`` on a tiny model, with the profile's parsers, as an engine
+    replica starts it (about 20 s); its engine client's engine is a ``ScriptedOutputEngineDouble`` around the real
+    one, behind the replica's meter. The caller sets vLLM's CPU environment (``VLLM_CPU_KVCACHE_SPACE``, …)."""
+    spec = ServingSpec(
+        EngineSpec(
+            model=model,
+            path=path,
+            max_model_len=2048,
+            tensor_parallel_size=1,
+            pipeline_parallel_size=1,
+            engine_args={"dtype": "bfloat16", "enforce_eager": True, "max_num_seqs": 8},
+        ),
+        reasoning_parser="qwen3",
+        tool_call_parser="qwen3_coder",
+    )
+    layer = VllmLayer(spec)
+    await layer.start()
+    try:
+        meter = layer.state.openai_serving_chat.engine_client  # every serving object reaches the engine through it
+        tokenizer = layer.llm.get_tokenizer()
+        scripted = ScriptedOutputEngineDouble(
+            meter._engine, lambda text: tokenizer.encode(text, add_special_tokens=False)
+        )
+        meter._engine = scripted
+        yield ServingLayer(layer, model, scripted)
+    finally:
+        layer.shutdown()
+
+
+@dataclass
+class ServingLayer:
+    layer: VllmLayer
+    model: str
+    scripted: ScriptedOutputEngineDouble
+
+
+@dataclass
+class InProcessReplica:
+    """An engine replica's HTTP app and door (``KeyGate``) over one ``ServingLayer``, its billing the deployment's
+    own class on a real ledger, reached through a handle double as the replica reaches it."""
+
+    client: httpx.AsyncClient
+    service: BillingService
+    accounts: ServeBillingClient
+    reports: list[tuple[Call, Metered]]
+
+    def key(self, tenant: str = "t", **settings: Any) -> str:
+        """A new key made by the operator (``role``, ``allowed_models``, ``budget_dkk``, ``rpm``, ``tpm`` ...)."""
+        _, key = self.service.governance.create_key(Actor.operator("test"), tenant, **settings)
+        return key
+
+    async def ledger(self, tenant: str = "t") -> list[dict[str, Any]]:
+        """The tenant's ledger rows, once the replica's outbox has handed every usage report to billing."""
+        assert await self.accounts.outbox.drain(timeout_s=10.0), "usage reports were not acknowledged"
+        return list(self.service.ledger.events(tenant))
+
+    async def budget(self, key: str) -> dict[str, Any]:
+        """The key's budget as ``/v1/usage/summary`` shows it (the control application's route, not a replica's)."""
+        record = await self.accounts.verify(key)
+        assert record is not None
+        budget: dict[str, Any] = (await self.service.summary(record))["budget"]
+        return budget
+
+
+@asynccontextmanager
+async def inprocess_replica(
+    serving: ServingLayer,
+    data_dir: Path,
+    database_url: str | None = None,
+    region: str = "dk",
+    default_rpm: int = 600,
+    default_tpm: int = 2_000_000,
+) -> AsyncIterator[InProcessReplica]:
+    spec = BillingSpec(data_dir, database_url, {serving.model: PRICES}, default_rpm, default_tpm)
+    billing = Billing.func_or_class(spec)
+    accounts = ServeBillingClient(InProcessHandleDouble(billing), key_cache_ttl_s=0.0, flush_interval_s=0.05)  # type: ignore[arg-type]
+    outbox = asyncio.create_task(accounts.outbox.run())
+    reports: list[tuple[Call, Metered]] = []
+    cards = [{"id": serving.model, "object": "model", "created": 0, "owned_by": "anker"}]
+    app = create_server_app(serving.layer.state, serving.model, cards, REPLICA_BODY_LIMIT)
+    door = KeyGate(app, accounts, serving.model, region, lambda call, metered: reports.append((call, metered)))
+    try:
+        transport = httpx.ASGITransport(app=door)
+        async with httpx.AsyncClient(transport=transport, base_url="http://anker", timeout=120) as client:
+            yield InProcessReplica(client, billing._service, accounts, reports)
+    finally:
+        outbox.cancel()
+        billing._sweeper.cancel()
+        billing._service.ledger.dispose()

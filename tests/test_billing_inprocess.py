@@ -21,7 +21,7 @@ from deployments.openai.usage import RequestContext
 from deployments.tokenizer import TokenizerCore, TokenizerSpec
 from testkit.doubles import InstantEngineDouble
 from testkit.sse import parse_events
-from tests.inprocess import CTX, InProcessStack, clean_postgres, inprocess_stack
+from tests.inprocess import CTX, InProcessStack, inprocess_stack
 
 RATE_HEADERS = {
     f"x-ratelimit-{kind}-{what}" for kind in ("limit", "remaining", "reset") for what in ("requests", "tokens")
@@ -34,14 +34,6 @@ def core(tiny_models: dict[str, Path]) -> TokenizerCore:
     specs = [TokenizerSpec(n, p, CTX) for n, p in tiny_models.items()]
     specs.append(TokenizerSpec("elsewhere-tiny", tiny_models["qwen3-moe-tiny"], CTX))
     return TokenizerCore(specs, block_size=16)
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def db(request: pytest.FixtureRequest) -> str | None:
-    """The same tests on the embedded SQLite file and on a throwaway PostgreSQL server."""
-    if request.param == "sqlite":
-        return None
-    return clean_postgres(request.getfixturevalue("postgres_url"))
 
 
 @pytest.fixture

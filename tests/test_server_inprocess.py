@@ -30,11 +30,9 @@ from deployments.billing.service import BillingService, BillingSpec
 from deployments.server.app import create_server_app
 from deployments.server.gate import Call, KeyGate
 from deployments.server.metering import Metered
-from deployments.server.vllm_layer import ServingSpec, VllmLayer
-from deployments.server.vllm_start import EngineSpec
 from testkit.doubles import InProcessHandleDouble, ScriptedOutputEngineDouble
 from testkit.ports import free_port
-from tests.inprocess import PRICES
+from tests.inprocess import PRICES, ServingLayer, serving_layer
 
 MODEL = "qwen3-moe-tiny"
 BODY_LIMIT = 64 * 1024
@@ -126,24 +124,13 @@ class Server:
 
 
 @pytest.fixture(scope="module")
-async def server(
-    tiny_models: dict[str, Path], monkeypatch_module: pytest.MonkeyPatch, tmp_path_factory: pytest.TempPathFactory
-) -> AsyncIterator[Server]:
-    monkeypatch_module.setenv("VLLM_CPU_KVCACHE_SPACE", "1")
-    monkeypatch_module.setenv("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
-    monkeypatch_module.setenv("TOKENIZERS_PARALLELISM", "false")
-    spec = ServingSpec(
-        EngineSpec(
-            model=MODEL,
-            path=tiny_models[MODEL],
-            max_model_len=2048,
-            tensor_parallel_size=1,
-            pipeline_parallel_size=1,
-            engine_args={"dtype": "bfloat16", "enforce_eager": True, "max_num_seqs": 8},
-        ),
-        reasoning_parser="qwen3",
-        tool_call_parser="qwen3_coder",
-    )
+async def layer(tiny_models: dict[str, Path], vllm_cpu_env: None) -> AsyncIterator[ServingLayer]:
+    async with serving_layer(tiny_models[MODEL]) as serving:
+        yield serving
+
+
+@pytest.fixture(scope="module")
+async def server(layer: ServingLayer, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Server]:
     # The billing deployment's own class on a real SQLite ledger, reached as the replica reaches it (its handle
     # replaced by a double that calls it in this process).
     actor = Billing.func_or_class(
@@ -151,20 +138,13 @@ async def server(
     )
     accounts = ServeBillingClient(InProcessHandleDouble(actor), key_cache_ttl_s=0.0, flush_interval_s=0.05)  # type: ignore[arg-type]
     outbox = asyncio.create_task(accounts.outbox.run())
-    layer = VllmLayer(spec)
-    await layer.start()
-    # Every serving object reaches the engine through the one meter: the double goes behind it.
-    meter = layer.state.openai_serving_chat.engine_client
-    tokenizer = layer.llm.get_tokenizer()
-    scripted = ScriptedOutputEngineDouble(meter._engine, lambda text: tokenizer.encode(text, add_special_tokens=False))
-    meter._engine = scripted
     reports: list[tuple[str, Metered]] = []
     cards = [{"id": MODEL, "object": "model", "created": 0, "owned_by": "anker"}]
 
     def report(call: Call, metered: Metered) -> None:
         reports.append((call.path, metered))
 
-    app = KeyGate(create_server_app(layer.state, MODEL, cards, BODY_LIMIT), accounts, MODEL, "dk", report)
+    app = KeyGate(create_server_app(layer.layer.state, MODEL, cards, BODY_LIMIT), accounts, MODEL, "dk", report)
     billing: BillingService = actor._service
     _, key = billing.governance.create_key(Actor.operator("test"), "tests")
     # A real HTTP server on loopback: streams arrive as they are sent, and a client can leave mid-stream.
@@ -181,20 +161,13 @@ async def server(
         keyed = {"Authorization": f"Bearer {key}"}
         async with httpx.AsyncClient(base_url=base, timeout=120, headers=keyed) as http:
             client = openai.AsyncOpenAI(base_url=f"{base}/v1", api_key=key, http_client=http, max_retries=0)
-            yield Server(client, http, reports, billing, accounts, scripted)
+            yield Server(client, http, reports, billing, accounts, layer.scripted)
     finally:
         http_server.should_exit = True
         await serving
-        layer.shutdown()
         outbox.cancel()
         actor._sweeper.cancel()
         billing.ledger.dispose()
-
-
-@pytest.fixture(scope="module")
-def monkeypatch_module() -> AsyncIterator[pytest.MonkeyPatch]:
-    with pytest.MonkeyPatch.context() as patch:
-        yield patch
 
 
 def assert_alarm_arguments(arguments: str) -> None:

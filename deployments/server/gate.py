@@ -38,6 +38,8 @@ logger = logging.getLogger(SERVE_LOGGER)  # the replica's log file
 
 # The billing id's prefix by endpoint, as OpenAI's ids have (``chatcmpl-…``).
 PREFIXES = {"/v1/chat/completions": "chatcmpl", "/v1/completions": "cmpl", "/v1/responses": "resp"}
+REGION_HEADER = b"x-anker-processing-region"  # where the call was processed, on every answer to one
+FAILED = "failed"  # the usage status of a call that failed on our side (a 5xx)
 
 
 class ReplicaBilling(Protocol):
@@ -64,6 +66,7 @@ class Call:
     started_at: datetime = field(default_factory=lambda: datetime.now(UTC))
     admission: Admission | None = None
     limit_headers: dict[str, str] = field(default_factory=dict)  # sent with the response, refused or not
+    status: int = 0  # the response's, once it has started
 
 
 def route(scope: Scope) -> str:
@@ -128,9 +131,14 @@ class KeyGate:
             call.limit_headers = call.admission.rate_limit_headers
 
         async def send_with_limits(message: Message) -> None:
-            if message["type"] == "http.response.start" and call.limit_headers:
-                limits = [(k.lower().encode(), v.encode()) for k, v in call.limit_headers.items()]
-                message = {**message, "headers": [*message.get("headers", ()), *limits]}
+            if message["type"] == "http.response.start":
+                call.status = message["status"]
+                if not call.limit_headers:  # turned away before admission (a mistake in the body, say)
+                    with contextlib.suppress(AnkerError):  # billing is away: the answer goes out without them
+                        call.limit_headers = await self.billing.rate_limit_headers(key)
+                added = [(k.lower().encode(), v.encode()) for k, v in call.limit_headers.items()]
+                added.append((REGION_HEADER, self.region.encode()))
+                message = {**message, "headers": [*message.get("headers", ()), *added]}
             await send(message)
 
         # Each organisation its own prefix cache: no tenant's prompt can be timed against another's.
@@ -159,7 +167,7 @@ class KeyGate:
                 completion_tokens=metered.output_tokens,
                 started_at=call.started_at,
                 finished_at=datetime.now(UTC),
-                status=COMPLETED if metered.finished else "cancelled",
+                status=COMPLETED if metered.finished else FAILED if call.status >= 500 else "cancelled",
             )
             self.billing.submit(UsageReport(event, call.admission.reserved_tokens))
             # Counts and ids only: this line is what zero data retention allows to be kept.

@@ -16,7 +16,7 @@ from pydantic import BaseModel, ValidationError
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
-from deployments.errors import AnkerError, InvalidValue, ModelNotFound
+from deployments.errors import AnkerError, EngineUnavailable, InvalidValue, ModelNotFound
 from deployments.openai.errors import error_body, error_response
 from deployments.server.metering import RequestMeter, current_meter
 from deployments.server.requests import ALLOWED, checked_body, from_vllm, read_body
@@ -70,9 +70,13 @@ def _refusal(meter: RequestMeter | None) -> AnkerError | None:
 def _failed(exc: Exception, endpoint: str) -> AnkerError:
     """An exception of vLLM's handler, in Anker's words."""
     from vllm.exceptions import VLLMValidationError
+    from vllm.v1.engine.exceptions import EngineDeadError, EngineGenerateError
 
     if isinstance(exc, AnkerError):
         return exc
+    if isinstance(exc, (EngineGenerateError, EngineDeadError)):  # the engine failed, not the request: retry it
+        logger.error("%s request failed in the engine: %s", endpoint, type(exc).__name__)
+        return EngineUnavailable("The model could not complete the request. Please retry.", retry_after_s=2)
     if isinstance(exc, VLLMValidationError):  # vLLM's checks of the request against the model (context length, …)
         return from_vllm({"error": {"code": 400, "message": str(exc), "param": exc.parameter}})
     if isinstance(exc, ValueError):  # how vLLM refuses a request it cannot run (a tool_choice naming no tool)

@@ -1,0 +1,168 @@
+"""The engine replica's door (``deployments/server/gate.py``) and what it bills, over a real vLLM on the tiny
+Qwen3-MoE: the ledger on SQLite and on PostgreSQL, budgets under concurrency, prepaid credit, rate limits and their
+headers on every answer, allow-lists by model and region, ids no client can merge, and a failure of ours that costs
+nothing. One engine for the module; each test its own billing and ledger.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from deployments.billing.governance import Actor
+from tests.inprocess import (
+    REPLICA_MODEL,
+    InProcessReplica,
+    ServingLayer,
+    inprocess_replica,
+    serving_layer,
+)
+
+MODEL = REPLICA_MODEL
+RATE_HEADERS = {
+    f"x-ratelimit-{kind}-{what}" for kind in ("limit", "remaining", "reset") for what in ("requests", "tokens")
+}
+QUESTION = [{"role": "user", "content": "Hvad koster en rødgrød med fløde?"}]
+
+
+@pytest.fixture(scope="module")
+async def serving(tiny_models: dict[str, Path], vllm_cpu_env: None) -> AsyncIterator[ServingLayer]:
+    async with serving_layer(tiny_models[MODEL]) as layer:
+        yield layer
+
+
+@pytest.fixture
+async def replica(serving: ServingLayer, tmp_path: Path) -> AsyncIterator[InProcessReplica]:
+    async with inprocess_replica(serving, tmp_path) as r:
+        yield r
+
+
+def chat(**extra: Any) -> dict[str, Any]:
+    return {"model": MODEL, "messages": QUESTION, "chat_template_kwargs": {"enable_thinking": False}, **extra}
+
+
+def auth(key: str, **headers: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}", **headers}
+
+
+def assert_error(r: httpx.Response, status: int, code: str) -> dict[str, Any]:
+    assert r.status_code == status, r.text
+    error: dict[str, Any] = r.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["code"] == code, error
+    return error
+
+
+async def test_a_client_request_id_can_neither_merge_two_requests_nor_break_one(replica: InProcessReplica) -> None:
+    key = replica.key()
+    ids = ["same-id", "same-id", "x" * 200, "ikke et id <script>"]
+    answers = [
+        await replica.client.post(
+            "/v1/chat/completions", json=chat(max_tokens=2), headers=auth(key, **{"X-Request-Id": i})
+        )
+        for i in ids
+    ]
+    assert [r.status_code for r in answers] == [200] * 4, [r.text for r in answers]
+    rows = await replica.ledger()
+    assert len(rows) == 4 and len({row["request_id"] for row in rows}) == 4
+    assert not {row["request_id"] for row in rows} & set(ids)  # the ledger's ids are the door's own
+    # Kept for correlation only when shaped like an id (observability.tracing.request_id).
+    assert [call.request_id for call, _ in replica.reports] == ["same-id", "same-id", "", ""]
+
+
+async def test_a_request_the_engine_fails_before_any_output_is_503_and_costs_nothing(
+    replica: InProcessReplica, serving: ServingLayer
+) -> None:
+    from vllm.v1.engine.exceptions import EngineGenerateError
+
+    key = replica.key(budget_dkk="1")
+    serving.scripted.failure = EngineGenerateError()
+    try:
+        r = await replica.client.post("/v1/chat/completions", json=chat(max_tokens=5), headers=auth(key))
+    finally:
+        serving.scripted.failure = None
+    assert_error(r, 503, "engine_unavailable")
+    assert int(r.headers["retry-after"]) >= 1 and set(r.headers) >= RATE_HEADERS
+    [row] = await replica.ledger()
+    assert (row["status"], row["completion_tokens"], row["cost_nano_dkk"]) == ("failed", 0, 0)
+    budget = await replica.budget(key)
+    assert budget["reserved_dkk"] == "0" and budget["spent_dkk"] == "0"
+
+
+async def test_concurrent_requests_overspend_by_at_most_one_request(
+    serving: ServingLayer, tmp_path: Path, db: str | None
+) -> None:
+    async with inprocess_replica(serving, tmp_path, database_url=db) as replica:
+        # A request's most cost: its prompt (under 40 tokens, uncached) and 20 output tokens; the budget fits 3.
+        max_cost_nano = 40 * 6000 + 20 * 45000
+        budget_nano = 3 * max_cost_nano
+        key = replica.key(budget_dkk=str(budget_nano / 10**9))
+        answers = await asyncio.gather(
+            *(
+                replica.client.post("/v1/chat/completions", json=chat(max_tokens=20), headers=auth(key))
+                for _ in range(16)
+            )
+        )
+        ok = [r for r in answers if r.status_code == 200]
+        refused = [r for r in answers if r.status_code == 429]
+        assert ok and refused and len(ok) + len(refused) == 16, [r.text for r in answers]
+        assert all(r.json()["error"]["code"] == "insufficient_quota" for r in refused)
+        rows = await replica.ledger()
+        assert len(rows) == len(ok)  # a refused request never ran, and is not in the ledger
+        assert sum(int(row["cost_nano_dkk"]) for row in rows) <= budget_nano + max_cost_nano
+        assert (await replica.budget(key))["reserved_dkk"] == "0"  # every reservation was settled
+
+
+async def test_an_organisations_prepaid_credit_covers_all_its_keys(replica: InProcessReplica) -> None:
+    operator = Actor.operator("test")
+    replica.service.governance.create_tenant(operator, "kommune", budget_kind="prepaid", budget_dkk="0.0001")
+    a, b = replica.key("kommune"), replica.key("kommune")
+    first = await replica.client.post("/v1/chat/completions", json=chat(max_tokens=5), headers=auth(a))
+    assert first.status_code == 200, first.text
+    await replica.ledger("kommune")  # spent more than 0.0001 DKK: the credit is gone for every key
+    assert_error(
+        await replica.client.post("/v1/chat/completions", json=chat(max_tokens=5), headers=auth(b)),
+        429,
+        "insufficient_quota",
+    )
+    replica.service.governance.update_tenant(operator, "kommune", budget_kind="prepaid", budget_dkk="1")
+    again = await replica.client.post("/v1/chat/completions", json=chat(max_tokens=5), headers=auth(b))
+    assert again.status_code == 200, again.text
+
+
+async def test_rate_limits_answer_429_with_retry_after_and_every_answer_carries_the_headers(
+    replica: InProcessReplica,
+) -> None:
+    key = replica.key(rpm=2)
+    first = await replica.client.post("/v1/chat/completions", json=chat(max_tokens=1), headers=auth(key))
+    assert set(first.headers) >= RATE_HEADERS and first.headers["x-ratelimit-remaining-requests"] == "1"
+    await replica.client.post("/v1/chat/completions", json=chat(max_tokens=1), headers=auth(key))
+    r = await replica.client.post("/v1/chat/completions", json=chat(max_tokens=1), headers=auth(key))
+    assert assert_error(r, 429, "rate_limit_exceeded")["type"] == "requests"
+    assert int(r.headers["retry-after"]) >= 1 and r.headers["x-ratelimit-remaining-requests"] == "0"
+    # A client's mistake, turned away before admission, still says where its limits stand.
+    bad = await replica.client.post("/v1/chat/completions", json={"model": MODEL}, headers=auth(key))
+    assert bad.status_code == 400 and set(bad.headers) >= RATE_HEADERS
+    assert len(await replica.ledger()) == 2
+
+
+async def test_tokens_per_minute_count_the_prompt_and_max_tokens(replica: InProcessReplica) -> None:
+    key = replica.key(tpm=100)
+    r = await replica.client.post("/v1/chat/completions", json=chat(max_tokens=300), headers=auth(key))
+    assert assert_error(r, 429, "rate_limit_exceeded")["type"] == "tokens"
+    ok = await replica.client.post("/v1/chat/completions", json=chat(max_tokens=10), headers=auth(key))
+    assert ok.status_code == 200 and int(ok.headers["x-ratelimit-remaining-tokens"]) < 100
+
+
+async def test_allow_lists_by_region_and_the_region_of_processing(replica: InProcessReplica) -> None:
+    abroad = replica.key(allowed_models=["region:us"])
+    r = await replica.client.post("/v1/chat/completions", json=chat(max_tokens=1), headers=auth(abroad))
+    assert_error(r, 403, "model_not_allowed")
+    home = replica.key(allowed_models=["region:dk"])
+    ok = await replica.client.post("/v1/chat/completions", json=chat(max_tokens=1), headers=auth(home))
+    assert ok.status_code == 200 and ok.headers["x-anker-processing-region"] == "dk"
+    assert len(await replica.ledger()) == 1
