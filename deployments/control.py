@@ -99,10 +99,13 @@ def create_control_app(
     @app.api_route("/models/{prefix}/{rest:path}", methods=["GET", "POST", "DELETE"], include_in_schema=False)
     async def model_app_down(prefix: str, request: Request) -> Response:
         # HAProxy put the model's prefix on the path, but Serve has no application there yet: it is deploying.
-        await key(request)
+        record = await key(request)
         model = by_prefix.get(f"/models/{prefix}")
         if model is None:
             return error_response(RouteNotFound(f"Unknown request URL: {request.method} {request.url.path}."))
+        if request.method == "POST":  # a call of the model: the key's role and allow-list, as the replica checks
+            served = catalog.model(model)
+            authorize_call(record, served.name, served.region)
         return error_response(starting(model))
 
     app.include_router(responses.stored, dependencies=[Depends(key)])

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from fastapi import FastAPI
 
 from config.naming import model_route_prefix
 from deployments.billing.actor import Billing
@@ -108,6 +109,7 @@ class InProcessControl:
     client: httpx.AsyncClient
     service: BillingService
     ready: dict[str, bool]  # each model application's readiness, as the control application's watches see it
+    app: FastAPI
 
     def key(self, tenant: str = "t", **settings: Any) -> str:
         _, key = self.service.governance.create_key(Actor.operator("test"), tenant, **settings)
@@ -126,7 +128,7 @@ async def inprocess_control(data_dir: Path, models: tuple[str, ...]) -> AsyncIte
     app = create_control_app(catalog, accounts, 64 * 1024, {m: model_route_prefix(m) for m in models})
     try:
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://anker") as client:
-            yield InProcessControl(client, billing._service, ready)
+            yield InProcessControl(client, billing._service, ready, app)
     finally:
         billing._sweeper.cancel()
         billing._service.ledger.dispose()

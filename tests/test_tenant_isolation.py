@@ -1,28 +1,36 @@
 """Tenant isolation in-process (OWASP API1 broken object-level and API5 broken function-level authorization): every
-route of the app is classified, and for each one another organisation's key finds nothing (404) and changes nothing,
-a member's or viewer's key cannot manage, no key at all is a 401, and operator-only routes need the admin token.
+route of the one base URL is classified, and for each one another organisation's key finds nothing (404) and
+changes nothing, a member's or viewer's key cannot manage, no key at all is a 401, and operator-only routes need the
+admin token.
 
-The route table below must list every route of the app: a new route without a row fails the first test.
+The routes are the control application's (deployments/control.py) and an engine replica's (deployments/server/),
+which HAProxy puts behind one base URL. They run here on the control application: a call of a model that passes
+its checks is answered 503 (no model's application is up in process), which is the sign that it got past the door.
+The replica's own door (``KeyGate``) is tested over a real vLLM in test_server_door.py and test_server_inprocess.py.
+
+The route table below must list every route of both apps: a new route without a row fails the first test.
 """
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
+from starlette.datastructures import State
 from starlette.routing import Route as StarletteRoute
 
 from deployments.billing.governance import Actor
-from deployments.billing.service import load_or_create_admin_token
+from deployments.billing.ledger import COMPLETED, UsageEvent
+from deployments.billing.service import UsageReport, load_or_create_admin_token
 from deployments.keys import ROLES
-from deployments.openai.app import create_app
-from deployments.tokenizer import TokenizerCore, TokenizerSpec
-from testkit.doubles import InstantEngineDouble
-from tests.inprocess import CTX, InProcessStack, inprocess_stack
+from deployments.server.app import create_server_app
+from tests.inprocess import InProcessControl, inprocess_control
 
 MODEL = "qwen3-next-tiny"
 OPERATOR = Actor.operator("isolation-test")
@@ -43,7 +51,9 @@ class Org:
 class RouteCase:
     """How a route is guarded, and a valid request to it aimed at an organisation's objects."""
 
-    access: str  # public | keyed (any key, own data) | caller (may call models) | tenant | manager | operator
+    # public | keyed (any key, own data) | stored (any key, and nothing is stored: 404) | caller (may call models)
+    # | tenant | manager | operator
+    access: str
     path: Callable[[Org], str]
     body: dict[str, Any] | None = None
 
@@ -70,6 +80,18 @@ ROUTES: dict[tuple[str, str], RouteCase] = {
     ("POST", "/v1/completions"): RouteCase(
         "caller", _fixed("/v1/completions"), {"model": MODEL, "prompt": "hej", "max_tokens": 2}
     ),
+    ("POST", "/v1/responses"): RouteCase("caller", _fixed("/v1/responses"), {"model": MODEL, "input": "hej"}),
+    # A model's application, by the prefix HAProxy puts on the path, before Serve has it there.
+    ("POST", "/models/{prefix}/{rest:path}"): RouteCase(
+        "caller",
+        _fixed(f"/models/{MODEL}/v1/chat/completions"),
+        {"model": MODEL, "messages": [{"role": "user", "content": "hej"}], "max_tokens": 2},
+    ),
+    ("GET", "/models/{prefix}/{rest:path}"): RouteCase("caller", _fixed(f"/models/{MODEL}/v1/models")),
+    ("DELETE", "/models/{prefix}/{rest:path}"): RouteCase("caller", _fixed(f"/models/{MODEL}/v1/responses/resp_1")),
+    ("GET", "/v1/responses/{response_id}"): RouteCase("stored", _fixed("/v1/responses/resp_1")),
+    ("DELETE", "/v1/responses/{response_id}"): RouteCase("stored", _fixed("/v1/responses/resp_1")),
+    ("POST", "/v1/responses/{response_id}/cancel"): RouteCase("stored", _fixed("/v1/responses/resp_1/cancel")),
     ("GET", "/admin/tenants"): RouteCase("operator", _fixed("/admin/tenants")),
     ("POST", "/admin/tenants"): RouteCase("operator", _fixed("/admin/tenants"), {"id": "brand-new-org"}),
     ("GET", "/admin/audit"): RouteCase("operator", _fixed("/admin/audit")),
@@ -98,19 +120,14 @@ GUARDED = {name: case for name, case in ROUTES.items() if case.access != "public
 OBJECT_ROUTES = {name: case for name, case in ROUTES.items() if case.access in ("tenant", "manager")}
 
 
-@pytest.fixture(scope="module")
-def core(tiny_models: dict[str, Path]) -> TokenizerCore:
-    return TokenizerCore([TokenizerSpec(n, p, CTX) for n, p in tiny_models.items()], block_size=16)
-
-
 @pytest.fixture
-async def stack(core: TokenizerCore, tmp_path: Path) -> AsyncIterator[InProcessStack]:
-    engines = {MODEL: InstantEngineDouble(), "qwen3-moe-tiny": InstantEngineDouble()}
-    async with inprocess_stack(core, tmp_path, engines) as s:
-        yield s
+async def stack(tmp_path: Path) -> AsyncIterator[InProcessControl]:
+    async with inprocess_control(tmp_path, (MODEL, "qwen3-moe-tiny")) as control:
+        control.ready.update(dict.fromkeys(control.ready, True))  # healthy, though no call reaches a model here
+        yield control
 
 
-def make_org(stack: InProcessStack, tenant: str) -> Org:
+def make_org(stack: InProcessControl, tenant: str) -> Org:
     governance = stack.service.governance
     governance.create_tenant(OPERATOR, tenant, budget_kind="monthly", budget_dkk="100")
     org = Org(tenant)
@@ -122,7 +139,7 @@ def make_org(stack: InProcessStack, tenant: str) -> Org:
     return org
 
 
-def snapshot(stack: InProcessStack, org: Org) -> dict[str, Any]:
+def snapshot(stack: InProcessControl, org: Org) -> dict[str, Any]:
     """Everything the operator can see of an organisation, to show that a refused call changed nothing."""
     governance = stack.service.governance
     return {
@@ -134,11 +151,21 @@ def snapshot(stack: InProcessStack, org: Org) -> dict[str, Any]:
     }
 
 
+async def bill(stack: InProcessControl, org: Org, key: str, requests: int) -> None:
+    """Usage of ``requests`` calls by ``key``, recorded as an engine replica reports it."""
+    now = datetime.now(UTC)
+    reports = [
+        UsageReport(UsageEvent(uuid.uuid4().hex, org.tenant, key.split("_")[1], MODEL, 5, 0, 2, now, now, COMPLETED), 0)
+        for _ in range(requests)
+    ]
+    assert len(await stack.service.record(reports)) == requests
+
+
 def bearer(token: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {token}"}
 
 
-async def call(stack: InProcessStack, route: tuple[str, str], target: Org, headers: dict[str, str]) -> httpx.Response:
+async def call(stack: InProcessControl, route: tuple[str, str], target: Org, headers: dict[str, str]) -> httpx.Response:
     case = ROUTES[route]
     return await stack.client.request(route[0], case.path(target), json=case.body, headers=headers)
 
@@ -149,10 +176,11 @@ def expect(r: httpx.Response, status: int, code: str | None, what: str, failures
         failures.append(f"{what}: expected {status} {code or ''}, got {r.status_code} {got_code or r.text[:80]}")
 
 
-async def test_every_route_of_the_app_is_classified(stack: InProcessStack) -> None:
-    app = create_app(stack.openai, stack.accounts, max_body_bytes=64 * 1024)  # the same factory the stack serves
+async def test_every_route_of_the_app_is_classified(stack: InProcessControl) -> None:
+    replica = create_server_app(State(), MODEL, [], max_body_bytes=64 * 1024)  # the routes, without an engine
     served = {
         (method, route.path)
+        for app in (stack.app, replica)
         for route in app.routes
         if isinstance(route, StarletteRoute)
         for method in (route.methods or set()) - {"HEAD"}
@@ -163,7 +191,7 @@ async def test_every_route_of_the_app_is_classified(stack: InProcessStack) -> No
     )
 
 
-async def test_no_key_a_bad_key_or_a_dead_key_is_401_on_every_guarded_route(stack: InProcessStack) -> None:
+async def test_no_key_a_bad_key_or_a_dead_key_is_401_on_every_guarded_route(stack: InProcessControl) -> None:
     org = make_org(stack, "org-a")
     governance = stack.service.governance
     revoked = governance.create_key(OPERATOR, org.tenant)
@@ -192,7 +220,7 @@ async def test_no_key_a_bad_key_or_a_dead_key_is_401_on_every_guarded_route(stac
     assert snapshot(stack, org) == before
 
 
-async def test_another_organisations_objects_answer_404_and_stay_unchanged(stack: InProcessStack) -> None:
+async def test_another_organisations_objects_answer_404_and_stay_unchanged(stack: InProcessControl) -> None:
     a, b = make_org(stack, "org-a"), make_org(stack, "org-b")
     ghost = Org("org-ghost", spare_member="mem_0123456789abcdef", spare_key_id="0123456789ab")  # exists nowhere
     before = snapshot(stack, b)
@@ -222,7 +250,7 @@ async def test_another_organisations_objects_answer_404_and_stay_unchanged(stack
 
 
 async def test_members_and_viewers_cannot_manage_and_only_the_operator_runs_operator_routes(
-    stack: InProcessStack,
+    stack: InProcessControl,
 ) -> None:
     a = make_org(stack, "org-a")
     before = snapshot(stack, a)
@@ -237,20 +265,22 @@ async def test_members_and_viewers_cannot_manage_and_only_the_operator_runs_oper
             if case.access == "operator":
                 r = await call(stack, route, a, bearer(a.keys[role]))
                 expect(r, 403, "permission_denied", f"{role} on operator route {route}", failures)
-    r = await call(stack, ("POST", "/v1/chat/completions"), a, bearer(a.keys["viewer"]))
-    expect(r, 403, "permission_denied", "viewer calling a model", failures)
+    for route, case in ROUTES.items():
+        if case.access == "caller" and route[0] == "POST":
+            r = await call(stack, route, a, bearer(a.keys["viewer"]))
+            expect(r, 403, "permission_denied", f"viewer calling a model: {route}", failures)
     assert not failures, "\n".join(failures)
     assert snapshot(stack, a) == before
     assert stack.service.governance.list_tenants(OPERATOR) == [before["tenant"]]  # no organisation was created
 
 
-async def test_the_admin_token_runs_every_admin_route_and_managers_run_their_own(stack: InProcessStack) -> None:
+async def test_the_admin_token_runs_every_admin_route_and_managers_run_their_own(stack: InProcessControl) -> None:
     """The positive side, so that the refusals above are refusals and not broken requests."""
     a, b, c = make_org(stack, "org-a"), make_org(stack, "org-b"), make_org(stack, "org-c")
     token = bearer(load_or_create_admin_token(stack.service._spec.data_dir))
     failures: list[str] = []
     administration = {"public", "operator", "tenant", "manager"}
-    everything_but_the_operators = set(ROUTES_BY_ACCESS) - {"operator"}
+    everything_but_the_operators = set(ROUTES_BY_ACCESS) - {"operator", "caller", "stored"}  # those two: below
     callers = ((token, a, administration), (bearer(b.keys["owner"]), b, everything_but_the_operators))
     for caller, org, accesses in (*callers, (bearer(c.keys["admin"]), c, everything_but_the_operators)):
         for route, case in ROUTES.items():
@@ -259,19 +289,21 @@ async def test_the_admin_token_runs_every_admin_route_and_managers_run_their_own
                 if not 200 <= r.status_code < 300:
                     failures.append(f"{route} on {org.tenant}: {r.status_code} {r.text[:120]}")
     for role in ("owner", "admin", "member"):
-        r = await call(stack, ("POST", "/v1/chat/completions"), a, bearer(a.keys[role]))
-        expect(r, 200, None, f"{role} calling a model", failures)
+        for route, case in ROUTES.items():
+            r = await call(stack, route, a, bearer(a.keys[role]))
+            if case.access == "caller":  # past the door: the model's application is not up in process
+                expect(r, 503, "engine_unavailable", f"{role} on {route}", failures)
+            if case.access == "stored":  # nothing is stored (zero data retention)
+                expect(r, 404, "not_found", f"{role} on {route}", failures)
     assert not failures, "\n".join(failures)
 
 
-async def test_usage_and_summary_show_only_the_callers_own_data(stack: InProcessStack) -> None:
+async def test_usage_and_summary_show_only_the_callers_own_data(stack: InProcessControl) -> None:
     a, b = make_org(stack, "org-a"), make_org(stack, "org-b")
     sent = {"org-a": {"owner": 1, "member": 2}, "org-b": {"member": 3}}
     for org in (a, b):
         for role, count in sent[org.tenant].items():
-            for _ in range(count):
-                await call(stack, ("POST", "/v1/chat/completions"), org, bearer(org.keys[role]))
-    await stack.deliver_usage()
+            await bill(stack, org, org.keys[role], count)
     usage = "/v1/usage"
     expected = {"owner": ("organization", 3), "admin": ("organization", 3), "viewer": ("organization", 3)}
     for role, (scope, requests) in {**expected, "member": ("key", 2)}.items():
@@ -288,7 +320,7 @@ async def test_usage_and_summary_show_only_the_callers_own_data(stack: InProcess
         assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_value", param
 
 
-async def test_roles_cannot_be_raised_from_below(stack: InProcessStack) -> None:
+async def test_roles_cannot_be_raised_from_below(stack: InProcessControl) -> None:
     """Function-level checks inside allowed routes: what an admin or member may not grant or change."""
     a = make_org(stack, "org-a")
     governance = stack.service.governance
