@@ -51,6 +51,9 @@ AUTOSCALING_ENV = {
     "ANKER__MODELS__1__AUTOSCALING__DOWNSCALE_DELAY_S": "15",
     "ANKER__MODELS__1__AUTOSCALING__LOOK_BACK_PERIOD_S": "4",
 }
+# Time enough for a drain to let the longest test stream finish (tests/test_stack_restart.py's 1,900 tokens): on a
+# busy machine three of them at once have taken over two minutes (CI, 92ed0a4), past the default of 60 s.
+DRAIN_ENV = {"ANKER__STACK__DRAIN_TIMEOUT_S": "240"}
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -315,7 +318,7 @@ def stop_stack(stack: Stack, check: bool = True) -> None:
     failed, if HAProxy outlived the cluster, or if HAProxy's folder was left behind."""
     _disconnect()
     config = stack.config
-    down = stack.anker("down", timeout=180)
+    down = stack.anker("down", timeout=360)  # a drain of up to DRAIN_ENV's 240 s, then the stop
     left = outlive_the_cluster(config)
     if not check:
         return
@@ -405,6 +408,7 @@ def stack(
         "ANKER_DATA_DIR": str(data_dir),
         **ports,
         **AUTOSCALING_ENV,
+        **DRAIN_ENV,
         **otlp.env(),
     }
     # A key made before the stack starts (the key store is a file): with it, a client calls the API all through

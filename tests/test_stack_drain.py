@@ -63,7 +63,7 @@ def drain_lets_running_streams_finish_and_holds_until_undone(stack: Stack) -> No
         load = StaggeredStreams(stack.base_url, key, MODEL, MAX_TOKENS, at_most=AT_ONCE, temperature=GREEDY)
         streams = asyncio.create_task(load.run())
         await load.wait_for(lambda: load.receiving > 0, 120, "a stream delivering before the drain")
-        drain = asyncio.create_task(asyncio.to_thread(timed, stack.anker, "drain", timeout=180))
+        drain = asyncio.create_task(asyncio.to_thread(timed, stack.anker, "drain", timeout=300))
         said: set[tuple[int, str]] = set()
         refused: Outcome | None = None
         async with httpx.AsyncClient(timeout=120) as client:
@@ -107,7 +107,7 @@ def drain_lets_running_streams_finish_and_holds_until_undone(stack: Stack) -> No
 
         # The drain holds after the command returned (the pod stops next); a worker's hook joins it.
         assert health(stack.base_url) == (503, "draining")
-        follower = stack.anker("drain", "--follow", "5", timeout=180)
+        follower = stack.anker("drain", "--follow", "5", timeout=300)
         assert follower.returncode == 0 and "drained in" in follower.stdout, follower.stdout + follower.stderr
     finally:
         undone = stack.anker("drain", "--undo")
