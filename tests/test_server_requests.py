@@ -20,7 +20,7 @@ from deployments.server.requests import ALLOWED, NO_STORAGE, checked_body, from_
 
 
 def body(**fields: object) -> bytes:
-    return json.dumps({"model": "m", "messages": [], **fields}).encode()
+    return json.dumps({"model": "m", "messages": [{"role": "user", "content": "hej"}], **fields}).encode()
 
 
 def test_correlation_ids_and_hints_never_reach_the_engine() -> None:
@@ -77,12 +77,32 @@ def test_vllms_messages_are_never_repeated() -> None:
     assert from_vllm({"error": cases[2][0]}).param == "temperature"
 
 
-@pytest.mark.parametrize("n", [0, 17, 1000, 2.0, "4", True])
+@pytest.mark.parametrize("n", [0, 17, 1000, 2.5, "4", True])
 def test_more_choices_than_a_request_may_ask_for_are_an_invalid_n(n: object) -> None:
     with pytest.raises(InvalidValue) as refused:
         checked_body(body(n=n), "chat")
     assert refused.value.param == "n"
     assert checked_body(body(n=16), "chat")["n"] == 16
+    assert checked_body(body(n=2.0), "chat")["n"] == 2.0  # the integer 2, as JSON Schema counts it
+
+
+def test_an_empty_conversation_or_prompt_is_an_invalid_value_that_says_which() -> None:
+    for raw, endpoint, param in (
+        (json.dumps({"model": "m", "messages": []}).encode(), "chat", "messages"),
+        (json.dumps({"model": "m", "prompt": []}).encode(), "completions", "prompt"),
+        (json.dumps({"model": "m", "prompt": ""}).encode(), "completions", "prompt"),
+    ):
+        with pytest.raises(InvalidValue) as refused:
+            checked_body(raw, endpoint)
+        assert refused.value.param == param
+
+
+def test_a_lone_surrogate_is_invalid_json_and_a_pair_is_one_character() -> None:
+    lone = b'{"model": "m", "messages": [{"role": "user", "content": "a\\ud800"}]}'
+    with pytest.raises(InvalidJson):
+        checked_body(lone, "chat")
+    pair = b'{"model": "m", "messages": [{"role": "user", "content": "\\ud83d\\ude00"}]}'
+    assert checked_body(pair, "chat")["messages"][0]["content"] == "\U0001f600"
 
 
 def test_a_chat_that_asks_to_be_stored_is_refused_and_one_that_does_not_passes() -> None:

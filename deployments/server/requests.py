@@ -105,7 +105,17 @@ ALLOWED = {"chat": frozenset(_CHAT), "completions": frozenset(_COMPLETIONS), "re
 _STRIPPED = ("user", "safety_identifier", "prompt_cache_key", "metadata", "store", "previous_response_id")
 _CHAT_TEMPLATE_KWARGS = frozenset({"enable_thinking"})
 MAX_CHOICES = 16  # choices per request (``n``)
+# OpenAI's bounds, which vLLM does not hold: stop sequences, metadata pairs, the correlation ids, prompts per request.
+MAX_STOP = 4
+MAX_STOP_CHARS = 256
+MAX_METADATA = 16
+MAX_METADATA_KEY = 64
+MAX_METADATA_VALUE = 512
+MAX_ID_CHARS = {"user": 256, "safety_identifier": 64, "prompt_cache_key": 256}
+MAX_PROMPTS = 64
+MAX_TOKEN_ID = 2**31 - 1
 ROLES = ("system", "developer", "user", "assistant", "tool", "function")  # OpenAI's message roles
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")  # the escape of half a surrogate pair
 _IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
 NO_STORAGE = (
     "Responses are not stored (zero data retention), so they cannot be referred to: send the whole conversation in "
@@ -122,6 +132,11 @@ def checked_body(raw: bytes, endpoint: str) -> dict[str, Any]:
         raise InvalidJson("We could not parse the JSON body of your request. The body must be a JSON object.") from None
     if not isinstance(body, dict):
         raise InvalidJson("The request body must be a JSON object.")
+    if _SURROGATE_ESCAPE.search(raw) is not None:
+        try:  # a pair is one character; a lone half is no character, which no tokenizer takes
+            json.dumps(body, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError:
+            raise InvalidJson("The JSON body holds an invalid \\u escape (a lone surrogate).") from None
     allowed = ALLOWED[endpoint]
     for name in body:
         if name not in allowed:
@@ -134,6 +149,8 @@ def checked_body(raw: bytes, endpoint: str) -> dict[str, Any]:
                 name if named else None,
             )
     choices = body.get("n")
+    if isinstance(choices, float) and choices.is_integer():
+        choices = int(choices)  # 2.0 is the integer 2, as JSON Schema counts it
     if choices is not None and (type(choices) is not int or not 1 <= choices <= MAX_CHOICES):
         # vLLM takes any n, and a key's rate limit would refuse a large one as if the client were too busy.
         raise InvalidValue(f"'n' must be an integer from 1 to {MAX_CHOICES}.", "n")
@@ -143,6 +160,8 @@ def checked_body(raw: bytes, endpoint: str) -> dict[str, Any]:
     if body.get("previous_response_id") is not None:
         raise InvalidRequest(NO_STORAGE, "previous_response_id")
     messages = body.get("messages") if endpoint == "chat" else None
+    if messages == []:
+        raise InvalidValue("'messages' must hold at least one message.", "messages")
     if isinstance(messages, list) and any(isinstance(m, dict) and m.get("role") not in ROLES for m in messages):
         # vLLM renders whatever role it is given into the chat template; OpenAI's roles are these.
         raise InvalidValue(f"Each message's 'role' must be one of: {', '.join(ROLES)}.", "messages")
@@ -152,11 +171,51 @@ def checked_body(raw: bytes, endpoint: str) -> dict[str, Any]:
         raise UnsupportedValue(
             "'store' must be false: this service keeps no prompts or completions (zero data retention).", "store"
         )
+    _check_bounds(body, endpoint)
     for name in _STRIPPED:
         body.pop(name, None)
     if endpoint == "responses":
         body["store"] = False
     return body
+
+
+def _check_bounds(body: dict[str, Any], endpoint: str) -> None:
+    """OpenAI's bounds on what vLLM takes unbounded (or, for what Anker strips, never sees)."""
+    stop = body.get("stop")
+    if stop is not None:
+        stops = [stop] if isinstance(stop, str) else stop
+        if not isinstance(stops, list) or not all(isinstance(s, str) and s for s in stops):
+            raise InvalidValue("'stop' must be a non-empty string or a list of non-empty strings.", "stop")
+        if len(stops) > MAX_STOP:
+            raise InvalidValue(f"'stop' may hold at most {MAX_STOP} sequences.", "stop")
+        if any(len(s) > MAX_STOP_CHARS for s in stops):
+            raise InvalidValue(f"Stop sequences may be at most {MAX_STOP_CHARS} characters long.", "stop")
+    metadata = body.get("metadata")
+    if metadata is not None and not (
+        isinstance(metadata, dict)
+        and len(metadata) <= MAX_METADATA
+        and all(isinstance(k, str) and len(k) <= MAX_METADATA_KEY for k in metadata)
+        and all(isinstance(v, str) and len(v) <= MAX_METADATA_VALUE for v in metadata.values())
+    ):
+        raise InvalidValue(
+            f"'metadata' must map at most {MAX_METADATA} keys of up to {MAX_METADATA_KEY} characters to strings of "
+            f"up to {MAX_METADATA_VALUE}.",
+            "metadata",
+        )
+    for name, most in MAX_ID_CHARS.items():
+        value = body.get(name)
+        if value is not None and not (isinstance(value, str) and len(value) <= most):
+            raise InvalidValue(f"'{name}' must be a string of at most {most} characters.", name)
+    prompt = body.get("prompt") if endpoint == "completions" else None
+    if prompt == [] or prompt == "":
+        raise InvalidValue("'prompt' must not be empty.", "prompt")
+    if isinstance(prompt, list):
+        prompts = prompt if not all(isinstance(t, int) for t in prompt) else [prompt]
+        if len(prompts) > MAX_PROMPTS:
+            raise InvalidValue(f"At most {MAX_PROMPTS} prompts per request.", "prompt")
+        ids = [t for p in prompts if isinstance(p, list) for t in p]
+        if any(type(t) is not int or not 0 <= t <= MAX_TOKEN_ID for t in ids if not isinstance(t, float)):
+            raise InvalidValue(f"Token ids must be integers from 0 to {MAX_TOKEN_ID}.", "prompt")
 
 
 _KNOWN_NAMES = frozenset().union(*ALLOWED.values())
