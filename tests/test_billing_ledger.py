@@ -15,7 +15,7 @@ import pytest
 import sqlalchemy as sa
 
 from config.settings import load_config
-from deployments.billing.ledger import Ledger, UnknownPrice, UsageEvent
+from deployments.billing.ledger import FAILED, Ledger, UnknownPrice, UsageEvent
 from deployments.billing.pricing import TokenPrices
 from deployments.billing.retention import purge, retention_cutoff
 from deployments.billing.service import BillingService, billing_spec
@@ -243,9 +243,10 @@ def test_failed_requests_without_output_cost_nothing_cut_off_ones_pay_what_they_
     at = T0 + timedelta(days=1)
     failed = UsageEvent("f", "kommune-x", "k1", "m", 500, 0, 0, at, at, "engine_unavailable")
     cut = UsageEvent("c", "kommune-x", "k1", "m", 500, 0, 7, at, at, "cancelled")
-    ledger.record([failed, cut])
+    answered_with_an_error = UsageEvent("e", "kommune-x", "k1", "m", 500, 0, 7, at, at, FAILED)
+    ledger.record([failed, cut, answered_with_an_error])
     rows = {r["request_id"]: r for r in ledger.events("kommune-x")}
-    assert rows["f"]["cost_nano_dkk"] == 0
+    assert rows["f"]["cost_nano_dkk"] == 0 and rows["e"]["cost_nano_dkk"] == 0
     assert rows["c"]["cost_nano_dkk"] == 500 * 6000 + 7 * 45000
 
 

@@ -2,7 +2,8 @@
 
 Records usage events idempotently on ``request_id`` (an event delivered twice is billed once) at the price in effect
 when the request started, and settles the request's budget reservation in the same transaction. A request cut off
-after producing tokens is billed for what it produced; a failed one that produced nothing costs nothing. Stores
+after producing tokens is billed for what it produced; a failed one that produced nothing, or that was answered
+with an error (``FAILED``), costs nothing. Stores
 counts, ids, model names, timestamps and amounts; never prompt or completion text.
 """
 
@@ -22,6 +23,9 @@ from deployments.billing.tables import MODEL_PRICES, USAGE_EVENTS
 
 # Statuses of a request that ran to its end; any other status with no output token is not billed.
 COMPLETED = "ok"
+# A request that failed on the service's side and was answered with an error (a 5xx): nothing was delivered, so
+# nothing is billed, whatever the engine had produced.
+FAILED = "failed"
 
 
 class UnknownPrice(LookupError):
@@ -69,8 +73,8 @@ class Charge:
 
 
 def charge(event: UsageEvent, prices: TokenPrices) -> Charge:
-    if event.status != COMPLETED and event.completion_tokens == 0:
-        return Charge(0, 0, 0)  # failed or cut off before any output: nothing was delivered, nothing is billed
+    if event.status == FAILED or (event.status != COMPLETED and event.completion_tokens == 0):
+        return Charge(0, 0, 0)  # failed, or cut off before any output: nothing was delivered, nothing is billed
     counts = event.counts
     return Charge(
         counts.uncached_tokens * prices.input_uncached_nano_dkk,

@@ -22,7 +22,7 @@ from starlette.requests import HTTPConnection
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from deployments.billing.governance import authorize_call
-from deployments.billing.ledger import COMPLETED, UsageEvent
+from deployments.billing.ledger import COMPLETED, FAILED, UsageEvent
 from deployments.billing.service import UsageReport
 from deployments.contracts import Admission, AdmissionRequest
 from deployments.errors import AnkerError
@@ -39,7 +39,6 @@ logger = logging.getLogger(SERVE_LOGGER)  # the replica's log file
 # The billing id's prefix by endpoint, as OpenAI's ids have (``chatcmpl-…``).
 PREFIXES = {"/v1/chat/completions": "chatcmpl", "/v1/completions": "cmpl", "/v1/responses": "resp"}
 REGION_HEADER = b"x-anker-processing-region"  # where the call was processed, on every answer to one
-FAILED = "failed"  # the usage status of a call that failed on our side (a 5xx)
 
 
 class ReplicaBilling(Protocol):
