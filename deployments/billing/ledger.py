@@ -3,8 +3,8 @@
 Records usage events idempotently on ``request_id`` (an event delivered twice is billed once) at the price in effect
 when the request started, and settles the request's budget reservation in the same transaction. A request cut off
 after producing tokens is billed for what it produced; a failed one that produced nothing, or that was answered
-with an error (``FAILED``), costs nothing. Stores
-counts, ids, model names, timestamps and amounts; never prompt or completion text.
+with an error (``FAILED``), costs nothing. Stores counts, ids, model names, timestamps and amounts; never prompt or
+completion text.
 """
 
 from __future__ import annotations
