@@ -249,7 +249,7 @@ class PickLoad(Generic[K]):
 ROUTE_HASHES = "block_hashes"  # the keyword of ``choose_replica`` that carries the prompt's block hashes
 
 
-class IngressPrefixRouter(PrefixAwareRouter):
+class IngressPrefixRouter(RequestRouter):
     """The policy for the second edition, where HAProxy asks the model application's ingress request router
     (deployments/server/route.py) which replica to send a request to. That router only picks
     (``choose_replica(block_hashes=..., _reserve=False)``): Serve then never calls ``on_request_routed`` or
@@ -288,6 +288,17 @@ class IngressPrefixRouter(PrefixAwareRouter):
         metrics.routed(self._model, route.decision, route.matched_blocks, route.blocks)
         return [[by_id[r] for r in rank] for rank in ranks]
 
+    def on_replica_actor_died(self, replica_id: ReplicaID) -> None:
+        super().on_replica_actor_died(replica_id)
+        self._forget(replica_id)
+
+    def update_replicas(self, replicas: list[RunningReplica]) -> None:
+        before = set(self.curr_replicas)
+        super().update_replicas(replicas)
+        for gone in before - set(self.curr_replicas):
+            self._forget(gone)
+
     def _forget(self, replica: ReplicaID) -> None:
-        super()._forget(replica)
+        """A replica that died or left: its cache and its picks went with it."""
+        self._policy.forget(replica)
         self._load.forget(replica)

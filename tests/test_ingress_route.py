@@ -210,6 +210,18 @@ async def test_a_replica_busy_by_its_own_count_loses_its_prefix() -> None:
     assert ranks[0][0].replica_id != chosen
 
 
+async def test_a_replica_that_died_takes_its_prefixes_and_picks_with_it() -> None:
+    router = _serve_router()
+    router._replicas, router._replicas_list, router._replica_id_set = {}, [], set()  # Serve's own bookkeeping
+    router._queue_len_gauge_last_update = {}
+    replicas = [_replica("a"), _replica("b")]
+    chosen = (await router.choose_replicas(replicas, _pending((11, 12, 13))))[0][0].replica_id
+    assert router._policy.table.longest_match((11, 12, 13), {chosen})[0] == 3 and router._load.recent(chosen) == 1
+    router.on_replica_actor_died(chosen)
+    assert router._policy.table.longest_match((11, 12, 13), {chosen}) == (0, set())
+    assert router._load.recent(chosen) == 0
+
+
 async def test_a_body_without_a_prompt_goes_to_the_less_loaded_replica() -> None:
     router = _serve_router()
     replicas = [_replica("a", in_flight=3.0), _replica("b", in_flight=0.0)]
