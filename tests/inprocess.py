@@ -199,6 +199,7 @@ class InProcessReplica:
     service: BillingService
     accounts: ServeBillingClient
     reports: list[tuple[Call, Metered]]
+    handle: InProcessHandleDouble  # the billing actor's: ``down`` makes it unreachable
 
     def key(self, tenant: str = "t", **settings: Any) -> str:
         """A new key made by the operator (``role``, ``allowed_models``, ``budget_dkk``, ``rpm``, ``tpm`` ...)."""
@@ -229,7 +230,8 @@ async def inprocess_replica(
 ) -> AsyncIterator[InProcessReplica]:
     spec = BillingSpec(data_dir, database_url, {serving.model: PRICES}, default_rpm, default_tpm)
     billing = Billing.func_or_class(spec)
-    accounts = ServeBillingClient(InProcessHandleDouble(billing), key_cache_ttl_s=0.0, flush_interval_s=0.05)  # type: ignore[arg-type]
+    handle = InProcessHandleDouble(billing)
+    accounts = ServeBillingClient(handle, key_cache_ttl_s=0.0, flush_interval_s=0.05)  # type: ignore[arg-type]
     outbox = asyncio.create_task(accounts.outbox.run())
     reports: list[tuple[Call, Metered]] = []
     cards = [{"id": serving.model, "object": "model", "created": 0, "owned_by": "anker"}]
@@ -238,7 +240,7 @@ async def inprocess_replica(
     try:
         transport = httpx.ASGITransport(app=door)
         async with httpx.AsyncClient(transport=transport, base_url="http://anker", timeout=120) as client:
-            yield InProcessReplica(client, billing._service, accounts, reports)
+            yield InProcessReplica(client, billing._service, accounts, reports, handle)
     finally:
         outbox.cancel()
         billing._sweeper.cancel()

@@ -7,8 +7,10 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import httpx
 import pytest
 
+from deployments.billing.service import load_or_create_admin_token
 from deployments.server.requests import NO_STORAGE
 from tests.inprocess import InProcessControl, inprocess_control
 
@@ -127,3 +129,95 @@ async def test_usage_and_administration_are_served_here(control: InProcessContro
     assert (r.status_code, r.json()["error"]["code"]) == (403, "permission_denied")  # a member's key is no operator's
     r = await control.client.get("/dashboard/")
     assert r.status_code == 200 and r.headers["content-type"].startswith("text/html")
+
+
+def assert_error(r: httpx.Response, status: int, code: str) -> None:
+    assert r.status_code == status, r.text
+    error = r.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["code"] == code, error
+
+
+async def test_admin_api_roles_and_audit_log(control: InProcessControl) -> None:
+    admin_token = load_or_create_admin_token(control.service._spec.data_dir)  # in the data folder
+    op = auth(admin_token)
+    r = await control.client.post(
+        "/admin/tenants",
+        json={"id": "aarhus", "plan": "monthly", "monthly_fee_dkk": "500", "discount_percent": "10"},
+        headers=op,
+    )
+    assert r.status_code == 201 and r.json()["plan"] == {
+        "name": "monthly",
+        "monthly_fee_dkk": "500.00",
+        "discount_percent": "10",
+    }
+    owner = (
+        await control.client.post("/admin/tenants/aarhus/members", json={"name": "Ida", "role": "owner"}, headers=op)
+    ).json()
+    created = await control.client.post("/admin/tenants/aarhus/keys", json={"member_id": owner["id"]}, headers=op)
+    assert created.status_code == 201 and created.json()["role"] == "owner"
+    owner_key = created.json()["key"]
+    # The owner runs the organisation: adds an admin and a member, gives the member a key limited to Danish models.
+    mem = (
+        await control.client.post(
+            "/admin/tenants/aarhus/members", json={"name": "Bo", "role": "member"}, headers=auth(owner_key)
+        )
+    ).json()
+    member_key = (
+        await control.client.post(
+            "/admin/tenants/aarhus/keys",
+            json={"member_id": mem["id"], "allowed_models": ["region:dk"], "budget_dkk": "25", "rpm": 30},
+            headers=auth(owner_key),
+        )
+    ).json()
+    assert member_key["role"] == "member" and member_key["budget_dkk"] == "25" and member_key["rpm"] == 30
+    # A member cannot manage keys; an owner cannot change plans; nobody but the operator lists tenants.
+    assert_error(
+        await control.client.post("/admin/tenants/aarhus/keys", json={}, headers=auth(member_key["key"])),
+        403,
+        "permission_denied",
+    )
+    assert_error(
+        await control.client.patch("/admin/tenants/aarhus", json={"discount_percent": "50"}, headers=auth(owner_key)),
+        403,
+        "permission_denied",
+    )
+    assert_error(await control.client.get("/admin/tenants", headers=auth(owner_key)), 403, "permission_denied")
+    # Bad input is a 400 in OpenAI's shape, never a 500.
+    assert_error(
+        await control.client.post("/admin/tenants/aarhus/keys", json={"rpm": -1}, headers=auth(owner_key)),
+        400,
+        "invalid_value",
+    )
+    assert_error(
+        await control.client.post("/admin/tenants/aarhus/keys", json={"colour": 1}, headers=auth(owner_key)),
+        400,
+        "invalid_value",
+    )
+    assert_error(
+        await control.client.post("/admin/tenants/aarhus/keys", content=b"{", headers=auth(owner_key)),
+        400,
+        "invalid_json",
+    )
+    assert_error(await control.client.get("/admin/tenants", headers=auth("ank_admin_wrong")), 401, "invalid_api_key")
+    # Removing the member revokes what their key can do at once.
+    assert (
+        await control.client.delete(f"/admin/tenants/aarhus/members/{mem['id']}", headers=auth(owner_key))
+    ).status_code == 200
+    assert_error(await control.client.get("/v1/models", headers=auth(member_key["key"])), 401, "invalid_api_key")
+    revoked = await control.client.delete(f"/admin/keys/{member_key['id']}", headers=auth(owner_key))
+    assert revoked.json()["revoked_at"] is not None
+    audit = (await control.client.get("/admin/tenants/aarhus/audit", headers=auth(owner_key))).json()["data"]
+    actions = [e["action"] for e in reversed(audit)]
+    assert actions == [
+        "tenant.create",
+        "tenant.update",
+        "member.add",
+        "key.create",
+        "member.add",
+        "key.create",
+        "member.remove",
+        "key.revoke",
+    ]
+    assert {e["actor"] for e in audit} == {"admin-token", f"key:{created.json()['id']}"}
+    dump = str(audit)
+    assert owner_key not in dump and member_key["key"] not in dump

@@ -166,3 +166,31 @@ async def test_allow_lists_by_region_and_the_region_of_processing(replica: InPro
     ok = await replica.client.post("/v1/chat/completions", json=chat(max_tokens=1), headers=auth(home))
     assert ok.status_code == 200 and ok.headers["x-anker-processing-region"] == "dk"
     assert len(await replica.ledger()) == 1
+
+
+async def test_while_billing_is_away_pay_as_you_go_keeps_working_and_no_usage_is_lost(
+    replica: InProcessReplica,
+) -> None:
+    payg, capped = replica.key(), replica.key(budget_dkk="5")
+    told = []
+    for key in (payg, capped):  # both verified while billing is up
+        r = await replica.client.post("/v1/chat/completions", json=chat(max_tokens=1), headers=auth(key))
+        assert r.status_code == 200, r.text
+        told.append(r.json()["usage"]["completion_tokens"])
+    await replica.ledger()
+    replica.accounts._ttl_s = 60.0  # the keys stay in the replica's cache while billing is away
+    for key in (payg, capped):
+        assert (await replica.client.get("/v1/models", headers=auth(key))).status_code == 200
+    replica.handle.down = True
+    r = await replica.client.post("/v1/chat/completions", json=chat(max_tokens=2), headers=auth(payg))
+    assert r.status_code == 200, r.text  # pay-as-you-go keeps working; its usage waits in the outbox
+    told.append(r.json()["usage"]["completion_tokens"])
+    refused = await replica.client.post("/v1/chat/completions", json=chat(max_tokens=2), headers=auth(capped))
+    assert_error(refused, 503, "billing_unavailable")
+    assert int(refused.headers["retry-after"]) >= 1
+    with pytest.raises(ConnectionError):  # a delivery while billing is away fails, and the report is kept
+        await replica.accounts.outbox.flush_once()
+    assert replica.accounts.outbox.pending == 1
+    replica.handle.down = False
+    rows = await replica.ledger()
+    assert len(rows) == 3 and sum(int(row["completion_tokens"]) for row in rows) == sum(told)
