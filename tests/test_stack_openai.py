@@ -77,8 +77,9 @@ async def test_chat_streaming_with_usage(aclient: openai.AsyncOpenAI, model: str
             if choice.finish_reason:
                 finish[choice.index] = choice.finish_reason
     assert set(finish) == {0, 1}, finish
-    # Random weights may end a choice at once (its first token the end of text): that choice says nothing, and stops.
-    assert all(text[i] or finish[i] == "stop" for i in (0, 1)) and any(text.values()), (text, finish)
+    # Random weights may give a choice only tokens that are not text (the end of text, a special token): it says
+    # nothing, and still finishes. What the model writes is not what this test measures; the stream's framing is.
+    assert any(text.values()), (text, finish)
     assert usage is not None and 0 < usage.completion_tokens <= 16
     assert usage.prompt_tokens_details is not None and usage.prompt_tokens_details.cached_tokens is not None
 
