@@ -177,7 +177,24 @@ def block_hashes_of(pending: PendingRequest | None) -> tuple[int, ...] | None:
     return tuple(hashes) if isinstance(hashes, (tuple, list)) else ()
 
 
-class PrefixAwareRouter(RequestRouter):
+class _ForgetsGoneReplicas(RequestRouter):
+    """A router whose memory of a replica goes when the replica does: it died, or Serve's set no longer holds it."""
+
+    def on_replica_actor_died(self, replica_id: ReplicaID) -> None:
+        super().on_replica_actor_died(replica_id)
+        self._forget(replica_id)
+
+    def update_replicas(self, replicas: list[RunningReplica]) -> None:
+        before = set(self.curr_replicas)
+        super().update_replicas(replicas)
+        for gone in before - set(self.curr_replicas):
+            self._forget(gone)
+
+    def _forget(self, replica: ReplicaID) -> None:
+        raise NotImplementedError
+
+
+class PrefixAwareRouter(_ForgetsGoneReplicas):
     """Ray Serve's side: ``RequestRouterConfig(request_router_class=PrefixAwareRouter, request_router_kwargs={...})``
     on an engine deployment (deployments/builder.py); Serve builds one in every process that holds its handle."""
 
@@ -201,16 +218,6 @@ class PrefixAwareRouter(RequestRouter):
 
     def on_request_completed(self, replica_id: ReplicaID, internal_request_id: str) -> None:
         self._policy.completed(internal_request_id)
-
-    def on_replica_actor_died(self, replica_id: ReplicaID) -> None:
-        super().on_replica_actor_died(replica_id)
-        self._forget(replica_id)
-
-    def update_replicas(self, replicas: list[RunningReplica]) -> None:
-        before = set(self.curr_replicas)
-        super().update_replicas(replicas)
-        for gone in before - set(self.curr_replicas):
-            self._forget(gone)
 
     def _forget(self, replica: ReplicaID) -> None:
         """A replica that died or left: its cache went with it."""
@@ -249,7 +256,7 @@ class PickLoad(Generic[K]):
 ROUTE_HASHES = "block_hashes"  # the keyword of ``choose_replica`` that carries the prompt's block hashes
 
 
-class IngressPrefixRouter(RequestRouter):
+class IngressPrefixRouter(_ForgetsGoneReplicas):
     """The policy for the second edition, where HAProxy asks the model application's ingress request router
     (deployments/server/route.py) which replica to send a request to. That router only picks
     (``choose_replica(block_hashes=..., _reserve=False)``): Serve then never calls ``on_request_routed`` or
@@ -287,16 +294,6 @@ class IngressPrefixRouter(RequestRouter):
             pending_request.routing_context.should_backoff = True
         metrics.routed(self._model, route.decision, route.matched_blocks, route.blocks)
         return [[by_id[r] for r in rank] for rank in ranks]
-
-    def on_replica_actor_died(self, replica_id: ReplicaID) -> None:
-        super().on_replica_actor_died(replica_id)
-        self._forget(replica_id)
-
-    def update_replicas(self, replicas: list[RunningReplica]) -> None:
-        before = set(self.curr_replicas)
-        super().update_replicas(replicas)
-        for gone in before - set(self.curr_replicas):
-            self._forget(gone)
 
     def _forget(self, replica: ReplicaID) -> None:
         """A replica that died or left: its cache and its picks went with it."""
