@@ -148,11 +148,17 @@ def span(
             current.set_attribute("anker.status", "cancelled")
             raise
         except BaseException as error:
-            code = getattr(error, "code", None)
-            current.set_status(Status(StatusCode.ERROR, type(error).__name__))
-            if isinstance(code, str):
-                current.set_attribute("anker.error_code", code)
+            failed(current, error)
             raise
+
+
+def failed(current: Span, error: BaseException) -> None:
+    """Marks ``current`` as ended by ``error``: status ERROR with the error's type (and its Anker error code), never
+    its message. For an error a span's code returns rather than raises (a refusal the billing actor hands back)."""
+    code = getattr(error, "code", None)
+    current.set_status(Status(StatusCode.ERROR, type(error).__name__))
+    if isinstance(code, str):
+        current.set_attribute("anker.error_code", code)
 
 
 def set_attributes(target: Span, attrs: Mapping[str, Any]) -> None:

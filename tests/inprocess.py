@@ -34,6 +34,7 @@ from deployments.server.metering import Metered
 from deployments.server.vllm_layer import ServingSpec, VllmLayer
 from deployments.server.vllm_start import EngineSpec
 from deployments.tokenizer import Tokenizer, TokenizerCore
+from observability.tracing import TracingMiddleware
 from testkit.doubles import (
     InProcessHandleDouble,
     InstantEngineDouble,
@@ -150,6 +151,7 @@ def clean_postgres(url: str) -> str:
 
 REPLICA_MODEL = "qwen3-moe-tiny"
 REPLICA_BODY_LIMIT = 64 * 1024
+REPLICA_ID = "inprocess-replica"
 
 
 @asynccontextmanager
@@ -192,8 +194,9 @@ class ServingLayer:
 
 @dataclass
 class InProcessReplica:
-    """An engine replica's HTTP app and door (``KeyGate``) over one ``ServingLayer``, its billing the deployment's
-    own class on a real ledger, reached through a handle double as the replica reaches it."""
+    """An engine replica's HTTP app and door (``KeyGate``) over one ``ServingLayer``, inside the replica's server
+    span (``TracingMiddleware``), its billing the deployment's own class on a real ledger, reached through a handle
+    double as the replica reaches it."""
 
     client: httpx.AsyncClient
     service: BillingService
@@ -237,8 +240,9 @@ async def inprocess_replica(
     cards = [{"id": serving.model, "object": "model", "created": 0, "owned_by": "anker"}]
     app = create_server_app(serving.layer.state, serving.model, cards, REPLICA_BODY_LIMIT)
     door = KeyGate(app, accounts, serving.model, region, lambda call, metered: reports.append((call, metered)))
+    traced = TracingMiddleware(door, {"anker.model": serving.model, "anker.engine_replica": REPLICA_ID})
     try:
-        transport = httpx.ASGITransport(app=door)
+        transport = httpx.ASGITransport(app=traced)
         async with httpx.AsyncClient(transport=transport, base_url="http://anker", timeout=120) as client:
             yield InProcessReplica(client, billing._service, accounts, reports, handle)
     finally:

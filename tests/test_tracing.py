@@ -1,6 +1,7 @@
-"""Tracing in-process: the span tree of a streaming request (ingress, admission and billing, tokenizer, engine
-routing, usage report) as the SDK's in-memory exporter records it, joined to the client's ``traceparent``, carried
-over handle calls that share no context, and with no prompt or completion text anywhere in it.
+"""Tracing in-process: the span tree of a streaming request on an engine replica over a real vLLM (the door's
+server span, admission below it, the billing actor's span below that, reached through a handle call that shares no
+context), joined to the client's ``traceparent``, with the request's counts on it and no prompt or completion text
+anywhere in it; errors as a status with a code, never a message.
 """
 
 from __future__ import annotations
@@ -14,15 +15,21 @@ from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-from deployments.tokenizer import TokenizerCore, TokenizerSpec
 from observability import tracing
-from testkit.doubles import InstantEngineDouble
 from testkit.sse import parse_events
-from tests.inprocess import CTX, InProcessStack, inprocess_stack
+from tests.inprocess import (
+    REPLICA_ID,
+    REPLICA_MODEL,
+    InProcessReplica,
+    ServingLayer,
+    inprocess_replica,
+    serving_layer,
+)
 
 CANARY = "Kanariefuglen synger om Øresund"
 TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
 PARENT_ID = "00f067aa0ba902b7"
+SERVER_SPAN = "POST /v1/chat/completions"
 
 
 @pytest.fixture(scope="module")
@@ -34,80 +41,115 @@ def exporter() -> Iterator[InMemorySpanExporter]:
     yield memory
 
 
+@pytest.fixture(scope="module")
+async def serving(tiny_models: dict[str, Path], vllm_cpu_env: None) -> AsyncIterator[ServingLayer]:
+    async with serving_layer(tiny_models[REPLICA_MODEL]) as layer:
+        yield layer
+
+
 @pytest.fixture
-async def stack(tiny_models: dict[str, Path], tmp_path: Path) -> AsyncIterator[InProcessStack]:
-    core = TokenizerCore([TokenizerSpec(n, p, CTX) for n, p in tiny_models.items()], block_size=16)
-    engines = {"qwen3-next-tiny": InstantEngineDouble()}
-    async with inprocess_stack(core, tmp_path, engines, tokenizer_deployment=True) as s:
-        yield s
+async def replica(
+    serving: ServingLayer, tmp_path: Path, exporter: InMemorySpanExporter
+) -> AsyncIterator[InProcessReplica]:
+    async with inprocess_replica(serving, tmp_path) as r:
+        exporter.clear()
+        yield r
 
 
 def by_name(spans: tuple[ReadableSpan, ...]) -> dict[str, ReadableSpan]:
     return {s.name: s for s in spans}
 
 
-async def test_a_streaming_request_is_one_trace_with_every_stage(
-    stack: InProcessStack, exporter: InMemorySpanExporter
-) -> None:
-    key = stack.key("t")
-    exporter.clear()
-    body = {
-        "model": "qwen3-next-tiny",
-        "messages": [{"role": "user", "content": CANARY}],
-        "max_tokens": 4,
-        "stream": True,
-        "stream_options": {"include_usage": True},
+def chat(content: str, **extra: object) -> dict[str, object]:
+    return {
+        "model": REPLICA_MODEL,
+        "messages": [{"role": "user", "content": content}],
+        "chat_template_kwargs": {"enable_thinking": False},
+        **extra,
     }
-    r = await stack.client.post(
-        "/v1/chat/completions",
-        json=body,
-        headers={"Authorization": f"Bearer {key}", "traceparent": f"00-{TRACE_ID}-{PARENT_ID}-01"},
-    )
+
+
+def assert_no_text(spans: tuple[ReadableSpan, ...], *texts: str) -> None:
+    """Zero data retention: no span's name, attributes, status or events carry any of ``texts``."""
+    for s in spans:
+        kept = s.name + repr(dict(s.attributes or {})) + (s.status.description or "")
+        kept += repr([(e.name, dict(e.attributes or {})) for e in s.events])
+        for text in texts:
+            assert text not in kept, (s.name, text)
+
+
+async def test_a_streaming_request_is_one_trace_with_every_stage(
+    replica: InProcessReplica, exporter: InMemorySpanExporter
+) -> None:
+    key = replica.key("t")
+    body = chat(CANARY, max_tokens=12, stream=True, stream_options={"include_usage": True})
+    headers = {"Authorization": f"Bearer {key}", "traceparent": f"00-{TRACE_ID}-{PARENT_ID}-01"}
+    r = await replica.client.post("/v1/chat/completions", json=body, headers=headers)
     assert r.status_code == 200
-    usage = parse_events(r.content)[-2]["usage"]
+    events = parse_events(r.content)
+    usage = events[-2]["usage"]
+    completion = "".join(
+        choice["delta"].get("content") or ""
+        for event in events[:-1]
+        if isinstance(event, dict)
+        for choice in event.get("choices", ())
+    )
     spans = by_name(exporter.get_finished_spans())
-    server = spans["POST /v1/chat/completions"]
+    server = spans[SERVER_SPAN]
     assert server.kind == trace.SpanKind.SERVER
     assert format(server.context.trace_id, "032x") == TRACE_ID  # the client's trace is honoured
     assert server.parent is not None and format(server.parent.span_id, "016x") == PARENT_ID
-    expected_parents = {
-        "tokenizer.prepare": "POST /v1/chat/completions",
-        "admission": "POST /v1/chat/completions",
-        "billing.admit": "admission",
-        "engine.route": "POST /v1/chat/completions",
-        "billing.usage_report": "POST /v1/chat/completions",
-    }
-    for name, parent in expected_parents.items():
+    for name, parent in {"admission": SERVER_SPAN, "billing.admit": "admission"}.items():
         assert name in spans, f"no {name} span: {sorted(spans)}"
         assert spans[name].context.trace_id == server.context.trace_id
         assert spans[name].parent is not None and spans[name].parent.span_id == spans[parent].context.span_id, name
-    assert server.attributes is not None
+    assert spans["admission"].kind == trace.SpanKind.CLIENT and spans["billing.admit"].kind == trace.SpanKind.SERVER
+    attributes = dict(server.attributes or {})
+    assert attributes["http.response.status_code"] == 200 and attributes["url.path"] == "/v1/chat/completions"
+    assert attributes["anker.model"] == REPLICA_MODEL and attributes["anker.engine_replica"] == REPLICA_ID
+    assert attributes["anker.completion_tokens"] == usage["completion_tokens"] > 0
+    assert attributes["anker.prompt_tokens"] == usage["prompt_tokens"]
+    assert server.status.status_code == trace.StatusCode.UNSET
+    # The admission's billing id is the ledger's: the trace finds the row, the row never holds the trace.
+    (row,) = await replica.ledger("t")
     assert (
-        server.attributes["http.response.status_code"] == 200
-        and server.attributes["url.path"] == "/v1/chat/completions"
+        spans["admission"].attributes is not None
+        and spans["admission"].attributes["anker.billing_id"] == row["request_id"]
     )
-    assert server.attributes["anker.completion_tokens"] == usage["completion_tokens"] == 4
-    assert server.attributes["anker.prompt_tokens"] == usage["prompt_tokens"]
-    assert spans["tokenizer.prepare"].attributes["anker.prompt_tokens"] == usage["prompt_tokens"]  # type: ignore[index]
-    # Zero data retention: no span name or attribute carries the prompt, or the completion the double produced.
-    for s in exporter.get_finished_spans():
-        text = s.name + repr(dict(s.attributes or {}))
-        assert CANARY not in text and "Kanariefuglen" not in text and "t0t1" not in text
+    texts = [CANARY, "Kanariefuglen", "Øresund"] + ([completion] if len(completion) >= 8 else [])
+    assert_no_text(exporter.get_finished_spans(), *texts)
 
 
-async def test_an_error_is_a_status_with_a_code_never_a_message(
-    stack: InProcessStack, exporter: InMemorySpanExporter
+async def test_a_refusal_is_an_error_status_with_a_code_never_a_message(
+    replica: InProcessReplica, exporter: InMemorySpanExporter
 ) -> None:
-    key = stack.key("t")
-    exporter.clear()
-    too_long = {"model": "qwen3-next-tiny", "messages": [{"role": "user", "content": CANARY * 200}]}
-    r = await stack.client.post("/v1/chat/completions", json=too_long, headers={"Authorization": f"Bearer {key}"})
-    assert r.status_code == 400
+    broke = replica.key("broke", budget_dkk="0")
+    r = await replica.client.post(
+        "/v1/chat/completions", json=chat(CANARY, max_tokens=4), headers={"Authorization": f"Bearer {broke}"}
+    )
+    assert r.status_code == 429 and r.json()["error"]["code"] == "insufficient_quota"
     spans = by_name(exporter.get_finished_spans())
-    assert spans["tokenizer.prepare"].attributes["anker.error_code"] == "context_length_exceeded"  # type: ignore[index]
-    assert spans["POST /v1/chat/completions"].attributes["http.response.status_code"] == 400  # type: ignore[index]
-    for s in exporter.get_finished_spans():
-        assert CANARY not in (s.status.description or "") and CANARY not in repr(dict(s.attributes or {}))
+    for name in ("admission", "billing.admit"):
+        assert spans[name].status.status_code == trace.StatusCode.ERROR, name
+        assert spans[name].status.description == "InsufficientQuota", name  # the error's type, not its message
+        assert spans[name].attributes is not None and spans[name].attributes["anker.error_code"] == "insufficient_quota"
+    assert spans[SERVER_SPAN].attributes is not None
+    assert spans[SERVER_SPAN].attributes["http.response.status_code"] == 429
+    assert_no_text(exporter.get_finished_spans(), CANARY, r.json()["error"]["message"])
+
+
+async def test_a_clients_mistake_is_a_status_and_keeps_no_text(
+    replica: InProcessReplica, exporter: InMemorySpanExporter
+) -> None:
+    key = replica.key("t")
+    too_long = chat(CANARY * 400, max_tokens=4)
+    r = await replica.client.post("/v1/chat/completions", json=too_long, headers={"Authorization": f"Bearer {key}"})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"
+    spans = exporter.get_finished_spans()
+    server = by_name(spans)[SERVER_SPAN]
+    assert server.attributes is not None and server.attributes["http.response.status_code"] == 400
+    assert "admission" not in by_name(spans)  # refused before the engine: nothing was admitted or billed
+    assert_no_text(spans, CANARY, "Kanariefuglen")
 
 
 def test_attributes_outside_the_allow_list_are_refused() -> None:

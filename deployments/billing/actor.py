@@ -73,7 +73,7 @@ class Billing:
             try:
                 admission = await self._service.admit(key, request)
             except AnkerError as error:
-                current.set_attribute("anker.error_code", error.code or "error")
+                tracing.failed(current, error)
                 return error
             current.set_attribute("anker.budget_reserved", admission.budget_reserved)
             return admission
