@@ -6,6 +6,7 @@ They replace only what a test does not measure (token generation); the default p
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import dataclasses
 import inspect
@@ -223,27 +224,37 @@ class ScriptedOutputEngineDouble:
     request (it is tokenized, admitted, metered and finished as any), and its final output's text and token ids
     become the script's. For what vLLM's serving layer makes of model output that random weights never write (a
     tool call under ``tool_choice: auto``); only for requests that ask for the final output alone (not streamed).
-    While ``failure`` is set, each request fails with it instead, as ``AsyncLLM.generate`` fails when its engine
-    does."""
+    While ``failure`` is set, each request fails with it, as ``AsyncLLM.generate`` fails when its engine does:
+    before any output, or after ``failure_after`` of them (mid-stream)."""
 
     def __init__(self, engine: Any, encode: Callable[[str], list[int]]) -> None:
         self._engine = engine
         self._encode = encode
         self.script: str | None = None
-        self.failure: Exception | None = None  # while set, every request fails with it before any output
+        self.failure: Exception | None = None  # while set, every request fails with it
+        self.failure_after = 0  # outputs each request yields before it fails (or fewer, if it would finish first)
+        self.produced = 0  # output tokens the last request that failed had yielded
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._engine, name)
 
     async def generate(self, prompt: Any, sampling_params: Any, request_id: str, **kwargs: Any) -> AsyncGenerator[Any]:
-        script = self.script
-        if self.failure is not None:
-            raise self.failure
-        async for output in self._engine.generate(prompt, sampling_params, request_id, **kwargs):
-            if output.finished and script is not None:
-                ids = self._encode(script)
-                output.outputs = [
-                    dataclasses.replace(c, text=script, token_ids=ids, finish_reason="stop", stop_reason=None)
-                    for c in output.outputs
-                ]
-            yield output
+        script, failure, failure_after = self.script, self.failure, self.failure_after
+        if failure is not None and failure_after == 0:
+            raise failure
+        yielded = tokens = 0
+        outputs = self._engine.generate(prompt, sampling_params, request_id, **kwargs)
+        async with contextlib.aclosing(outputs):  # closing it aborts the engine request, as a failed engine's is
+            async for output in outputs:
+                if failure is not None and (yielded == failure_after or output.finished):
+                    self.produced = tokens
+                    raise failure
+                yielded += 1
+                tokens += sum(len(c.token_ids) for c in output.outputs)
+                if output.finished and script is not None:
+                    ids = self._encode(script)
+                    output.outputs = [
+                        dataclasses.replace(c, text=script, token_ids=ids, finish_reason="stop", stop_reason=None)
+                        for c in output.outputs
+                    ]
+                yield output

@@ -15,6 +15,7 @@ import httpx
 import pytest
 
 from deployments.billing.governance import Actor
+from testkit.sse import parse_events
 from tests.inprocess import (
     REPLICA_MODEL,
     InProcessReplica,
@@ -91,6 +92,60 @@ async def test_a_request_the_engine_fails_before_any_output_is_503_and_costs_not
     assert (row["status"], row["completion_tokens"], row["cost_nano_dkk"]) == ("failed", 0, 0)
     budget = await replica.budget(key)
     assert budget["reserved_dkk"] == "0" and budget["spent_dkk"] == "0"
+
+
+async def test_an_engine_failing_mid_stream_ends_the_stream_in_openai_shape_and_bills_what_was_sent(
+    replica: InProcessReplica, serving: ServingLayer
+) -> None:
+    from vllm.v1.engine.exceptions import EngineGenerateError
+
+    key = replica.key()
+    body = chat(max_tokens=8, stream=True, stream_options={"include_usage": True})
+    serving.scripted.failure, serving.scripted.failure_after = EngineGenerateError(), 3
+    try:
+        r = await replica.client.post("/v1/chat/completions", json=body, headers=auth(key))
+    finally:
+        serving.scripted.failure, serving.scripted.failure_after = None, 0
+    assert r.status_code == 200 and set(r.headers) >= RATE_HEADERS  # the stream had started
+    events = parse_events(r.content)
+    assert events[-1] == "[DONE]"
+    error = events[-2]["error"]
+    assert (error["code"], error["type"]) == ("engine_unavailable", "service_unavailable_error"), error
+    assert error["message"] == "The model could not complete the request. Please retry."
+    chunks = events[:-2]
+    assert chunks and all("error" not in c and c["object"] == "chat.completion.chunk" for c in chunks)
+    assert not any(c["choices"] and c["choices"][0]["finish_reason"] for c in chunks)  # it did not finish
+    [row] = await replica.ledger()
+    # What the engine produced before it failed reached the client: it is billed for that and the prompt.
+    produced = serving.scripted.produced
+    assert (row["status"], row["completion_tokens"]) == ("engine_unavailable", produced), (row, produced)
+    assert 0 < produced <= 3 and row["prompt_tokens"] > 0 and int(row["cost_nano_dkk"]) > 0
+
+
+async def test_a_usage_report_delivered_again_is_acknowledged_and_billed_once(replica: InProcessReplica) -> None:
+    from deployments.billing.ledger import UsageEvent
+    from deployments.billing.service import UsageReport
+
+    key = replica.key()
+    r = await replica.client.post("/v1/chat/completions", json=chat(max_tokens=2), headers=auth(key))
+    assert r.status_code == 200, r.text
+    [row] = await replica.ledger()
+    # As the outbox sends a batch again when billing's acknowledgement was lost, twice within one batch too.
+    event = UsageEvent(
+        str(row["request_id"]),
+        str(row["tenant"]),
+        str(row["key_id"]),
+        MODEL,
+        int(row["prompt_tokens"]),
+        int(row["cached_tokens"]),
+        int(row["completion_tokens"]),
+        row["started_at"],
+        row["finished_at"],
+        str(row["status"]),
+    )
+    acked = await replica.service.record([UsageReport(event, 0), UsageReport(event, 0)])
+    assert acked == [event.request_id] * 2
+    assert await replica.ledger() == [row]
 
 
 async def test_concurrent_requests_overspend_by_at_most_one_request(

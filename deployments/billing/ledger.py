@@ -26,6 +26,9 @@ COMPLETED = "ok"
 # A request that failed on the service's side and was answered with an error (a 5xx): nothing was delivered, so
 # nothing is billed, whatever the engine had produced.
 FAILED = "failed"
+# Cut off by the client, or by the engine failing mid-stream: billed for the tokens it produced.
+CANCELLED = "cancelled"
+ENGINE_FAILED = "engine_unavailable"  # the client was told so, in an error event after what it got
 
 
 class UnknownPrice(LookupError):

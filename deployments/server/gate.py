@@ -22,7 +22,7 @@ from starlette.requests import HTTPConnection
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from deployments.billing.governance import authorize_call
-from deployments.billing.ledger import COMPLETED, FAILED, UsageEvent
+from deployments.billing.ledger import CANCELLED, COMPLETED, ENGINE_FAILED, FAILED, UsageEvent
 from deployments.billing.service import UsageReport
 from deployments.contracts import Admission, AdmissionRequest
 from deployments.errors import AnkerError
@@ -73,6 +73,15 @@ def route(scope: Scope) -> str:
     path: str = scope["path"]
     root: str = scope.get("root_path", "")
     return path[len(root) :] if root and path.startswith(root) else path
+
+
+def _status(call: Call, metered: Metered) -> str:
+    """How the request ended, for the ledger (``ledger.charge`` bills by it)."""
+    if metered.finished:
+        return COMPLETED
+    if call.status >= 500:  # answered with an error: nothing was delivered
+        return FAILED
+    return ENGINE_FAILED if metered.engine_failed else CANCELLED  # cut off mid-stream: what it got is billed
 
 
 class KeyGate:
@@ -166,7 +175,7 @@ class KeyGate:
                 completion_tokens=metered.output_tokens,
                 started_at=call.started_at,
                 finished_at=datetime.now(UTC),
-                status=COMPLETED if metered.finished else FAILED if call.status >= 500 else "cancelled",
+                status=_status(call, metered),
             )
             self.billing.submit(UsageReport(event, call.admission.reserved_tokens))
             # Counts and ids only: this line is what zero data retention allows to be kept.

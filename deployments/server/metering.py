@@ -31,6 +31,7 @@ class Metered:
     generations: int  # engine requests it started (one per prompt of a completions batch)
     finished: bool  # every generation ran to its end (stop or length), none was cut off or cancelled
     admitted: bool = False  # admission let it run (with no admission: never)
+    engine_failed: bool = False  # the engine raised in one of its generations (not a cancellation)
 
 
 # Admits one HTTP request's engine work before any of it runs: (prompt tokens, most output tokens), summed over its
@@ -48,6 +49,7 @@ class RequestMeter:
         self.output_tokens = 0
         self.generations = 0
         self.unfinished = 0
+        self.engine_failures = 0  # generations the engine ended by raising, not by finishing or being cancelled
         self._admit = admit
         self.planned_prompt_tokens = 0  # of the engine requests made so far, as vLLM hands them over
         self.planned_output_tokens = 0
@@ -99,6 +101,7 @@ class RequestMeter:
             self.generations,
             self.unfinished == 0,
             self.admitted,
+            self.engine_failures > 0,
         )
 
 
@@ -186,5 +189,8 @@ class MeteredEngineClient:
             async for output in self._engine.generate(prompt, sampling_params, request_id, **kwargs):
                 generation.observe(output)
                 yield output
+        except Exception:  # the engine failed it (a cancellation or a closed stream is no Exception)
+            meter.engine_failures += 1
+            raise
         finally:
             generation.add_to(meter)

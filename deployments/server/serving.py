@@ -24,6 +24,11 @@ from deployments.server.requests import ALLOWED, checked_body, from_vllm, read_b
 logger = logging.getLogger("ray.serve")
 
 
+def _engine_failed() -> EngineUnavailable:
+    """The engine failed the request, not the request the engine: the client may retry it."""
+    return EngineUnavailable("The model could not complete the request. Please retry.", retry_after_s=2)
+
+
 def _invalid(exc: ValidationError, endpoint: str) -> InvalidValue:
     """A validation error of vLLM's request model, naming the parameter (if it is one) and never the value."""
     first = exc.errors(include_input=False, include_url=False)[0]
@@ -32,25 +37,30 @@ def _invalid(exc: ValidationError, endpoint: str) -> InvalidValue:
     return InvalidValue(f"Invalid value for '{name}'." if name else "Invalid value in the request.", name)
 
 
-def _error_event(payload: str) -> bytes:
-    """A streamed error of vLLM's (``data: {"error": ...}``) as Anker's error event."""
+def _streamed_error(payload: str, meter: RequestMeter | None) -> AnkerError:
+    """A streamed error of vLLM's (its ``{"error": ...}``) in Anker's words: the engine's failure mid-stream is
+    ``engine_unavailable``, as it is before the stream starts (``_failed``)."""
+    if meter is not None and meter.engine_failures:
+        return _engine_failed()
     try:
-        error = from_vllm(json.loads(payload))
+        return from_vllm(json.loads(payload))
     except ValueError:
-        error = from_vllm({})
-    return b"data: " + json.dumps(error_body(error)).encode() + b"\n\n"
+        return from_vllm({})
 
 
-async def _chat_events(stream: AsyncIterator[str]) -> AsyncIterator[bytes | str]:
+async def _chat_events(stream: AsyncIterator[str], meter: RequestMeter | None) -> AsyncIterator[bytes | str]:
     async for event in stream:
-        yield _error_event(event[6:]) if event.startswith('data: {"error"') else event
+        if event.startswith('data: {"error"'):
+            yield b"data: " + json.dumps(error_body(_streamed_error(event[6:], meter))).encode() + b"\n\n"
+        else:
+            yield event
 
 
-async def _responses_events(stream: AsyncIterator[Any]) -> AsyncIterator[str]:
+async def _responses_events(stream: AsyncIterator[Any], meter: RequestMeter | None) -> AsyncIterator[str]:
     async for event in stream:
         kind = getattr(event, "type", "unknown")
         if kind == "error":
-            error = from_vllm({"error": {"code": 500}})
+            error = _streamed_error('{"error": {"code": 500}}', meter)
             data = json.dumps({"type": "error", "code": error.code, "message": error.message, "param": None})
         else:
             data = event.model_dump_json(indent=None, by_alias=True)
@@ -76,7 +86,7 @@ def _failed(exc: Exception, endpoint: str) -> AnkerError:
         return exc
     if isinstance(exc, (EngineGenerateError, EngineDeadError)):  # the engine failed, not the request: retry it
         logger.error("%s request failed in the engine: %s", endpoint, type(exc).__name__)
-        return EngineUnavailable("The model could not complete the request. Please retry.", retry_after_s=2)
+        return _engine_failed()
     if isinstance(exc, VLLMValidationError):  # vLLM's checks of the request against the model (context length, …)
         return from_vllm({"error": {"code": 400, "message": str(exc), "param": exc.parameter}})
     if isinstance(exc, ValueError):  # how vLLM refuses a request it cannot run (a tool_choice naming no tool)
@@ -139,7 +149,7 @@ async def serve(
         return error_response(from_vllm(answer.model_dump(mode="json")))
     if isinstance(answer, BaseModel):
         return JSONResponse(answer.model_dump(mode="json", by_alias=True))
-    events = _responses_events(answer) if endpoint == "responses" else _chat_events(answer)
+    events = _responses_events(answer, meter) if endpoint == "responses" else _chat_events(answer, meter)
     if meter is not None:
         head = await _until_admitted(events, meter)
         if (refused := _refusal(meter)) is not None:
