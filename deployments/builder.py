@@ -196,7 +196,9 @@ def served_models(config: AnkerConfig, created: int) -> tuple[ServedModel, ...]:
     return tuple(ServedModel(m.name, m.max_model_len, m.owned_by, created, m.region) for m in config.models)
 
 
-def model_app(config: AnkerConfig, model: ModelConfig, created: int) -> ServeApp:
+def model_app(
+    config: AnkerConfig, model: ModelConfig, created: int, engine_client_double: str | None = None
+) -> ServeApp:
     """A model's own application: its engine replicas serve the OpenAI API themselves (the application's ingress)."""
     options = engine_options(config, model)
     # The first edition's router sits in the ingress's handle; here HAProxy asks the model's own router, if any.
@@ -214,7 +216,12 @@ def model_app(config: AnkerConfig, model: ModelConfig, created: int) -> ServeApp
     served = served_models(config, created)[config.models.index(model)]
     card = model_card(served.name, served.created, served.owned_by, served.max_model_len)
     spec = ReplicaSpec(
-        serving=ServingSpec(engine_spec(config, model), model.serving.reasoning_parser, model.serving.tool_call_parser),
+        serving=ServingSpec(
+            engine_spec(config, model),
+            model.serving.reasoning_parser,
+            model.serving.tool_call_parser,
+            engine_client_double=engine_client_double,
+        ),
         model_cards=(card,),
         region=model.region,
         max_body_bytes=config.server.max_request_bytes,
@@ -243,12 +250,12 @@ def model_app(config: AnkerConfig, model: ModelConfig, created: int) -> ServeApp
     return ServeApp(model_app_name(model.name), model_route_prefix(model.name), app)
 
 
-def build_apps(config: AnkerConfig) -> list[ServeApp]:
+def build_apps(config: AnkerConfig, engine_client_double: str | None = None) -> list[ServeApp]:
     """The second edition's graph: the control application at ``/`` (the billing actor, the model list, usage,
     administration, the dashboard) first, then one application per model at its route prefix, reached through
     HAProxy by the model the request's body names (docs/architecture.md)."""
     created = int(time.time())
-    apps = [model_app(config, m, created) for m in config.models]
+    apps = [model_app(config, m, created, engine_client_double) for m in config.models]
     billing = Billing.options(  # type: ignore[attr-defined]
         ray_actor_options={"num_cpus": config.billing.num_cpus},
     ).bind(billing_spec(config))

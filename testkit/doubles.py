@@ -258,3 +258,72 @@ class ScriptedOutputEngineDouble:
                         for c in output.outputs
                     ]
                 yield output
+
+
+class InstantOutputEngineDouble:
+    """vLLM's engine client whose ``generate`` answers at once, without the engine: for the control-plane
+    benchmark, which measures everything but generation. Everything else (tokenizer, model config, renderer,
+    errors, supported tasks) is the real ``AsyncLLM``'s, so vLLM's serving layer and the meter above it run as
+    they do in production. Each request gets ``output_tokens`` made-up tokens in deltas of ``tokens_per_delta``,
+    in the request's output kind (DELTA, CUMULATIVE or FINAL_ONLY), and finishes for "length"; its prompt token ids
+    are the real tokenized prompt's. ``num_cached_tokens`` is the prompt's whole blocks but the last token, as a
+    warm prefix cache would report for a repeated prompt."""
+
+    TOKEN_ID = 0
+    TOKEN_TEXT = " x"
+    BLOCK = 16
+
+    def __init__(self, engine: Any, output_tokens: int = 16, tokens_per_delta: int = 1) -> None:
+        self._engine = engine
+        self.output_tokens = output_tokens
+        self.tokens_per_delta = max(1, tokens_per_delta)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._engine, name)
+
+    def _prompt_ids(self, prompt: Any) -> list[int]:
+        ids = prompt.get("prompt_token_ids") if isinstance(prompt, dict) else getattr(prompt, "prompt_token_ids", None)
+        if ids is not None:
+            return list(ids)
+        text = prompt.get("prompt") if isinstance(prompt, dict) else prompt
+        if isinstance(text, str):
+            return list(self._engine.tokenizer.encode(text))
+        raise TypeError(f"{type(self).__name__} cannot read the prompt token ids of {type(prompt).__name__}")
+
+    async def generate(self, prompt: Any, sampling_params: Any, request_id: str, **kwargs: Any) -> AsyncGenerator[Any]:
+        from vllm.outputs import CompletionOutput, RequestOutput
+        from vllm.sampling_params import RequestOutputKind
+
+        prompt_ids = self._prompt_ids(prompt)
+        cached = max(0, (len(prompt_ids) - 1) // self.BLOCK * self.BLOCK)
+        total = self.output_tokens
+        if getattr(sampling_params, "max_tokens", None) is not None:
+            total = min(total, sampling_params.max_tokens)
+        kind = getattr(sampling_params, "output_kind", RequestOutputKind.CUMULATIVE)
+        n = getattr(sampling_params, "n", 1) or 1
+        done = 0
+        while True:
+            step = min(self.tokens_per_delta, total - done)
+            done += step
+            finished = done >= total
+            if kind == RequestOutputKind.FINAL_ONLY and not finished:
+                continue
+            count = step if kind == RequestOutputKind.DELTA else done
+            outputs = [
+                CompletionOutput(
+                    index=i,
+                    text=self.TOKEN_TEXT * count,
+                    token_ids=[self.TOKEN_ID] * count,
+                    cumulative_logprob=None,
+                    logprobs=None,
+                    finish_reason="length" if finished else None,
+                )
+                for i in range(n)
+            ]
+            yield RequestOutput(request_id, None, prompt_ids, None, outputs, finished, num_cached_tokens=cached)
+            if finished:
+                return
+            await asyncio.sleep(0)
+
+
+INSTANT_OUTPUT_ENGINE_DOUBLE = f"{__name__}.InstantOutputEngineDouble"

@@ -23,6 +23,9 @@ class ServingSpec:
     engine: EngineSpec
     reasoning_parser: str | None = None
     tool_call_parser: str | None = None
+    # A test double's import path ("module.Class"), called with the real engine client, that stands in for it
+    # under the meter: only the control-plane benchmark sets it (testkit.doubles.InstantOutputEngineDouble).
+    engine_client_double: str | None = None
 
 
 def frontend_argv(spec: ServingSpec) -> list[str]:
@@ -75,6 +78,14 @@ def engine_args(spec: ServingSpec, args: Namespace) -> Any:
     )
 
 
+def load_double(path: str) -> Any:
+    """The class at ``module.Class``: a test double named by its import path, so that Ray pickles a string."""
+    import importlib
+
+    module, _, name = path.rpartition(".")
+    return getattr(importlib.import_module(module), name)
+
+
 class VllmLayer:
     """One replica's ``AsyncLLM`` and the serving objects over it. ``start`` builds them; ``state`` is what vLLM's
     handlers read (``openai_serving_chat``, ``openai_serving_completion``, ``openai_serving_responses``,
@@ -96,8 +107,13 @@ class VllmLayer:
             raise RuntimeError("vLLM's frontend and engine disagree on the reasoning parser")
         tasks = await self.llm.get_supported_tasks()
         self.state = State()
+        client = (
+            self.llm
+            if self.spec.engine_client_double is None
+            else load_double(self.spec.engine_client_double)(self.llm)
+        )
         # The meter stands in for the engine client: it has the same methods, and counts every generate.
-        await init_app_state(MeteredEngineClient(self.llm), self.state, self.args, tasks)  # type: ignore[arg-type]
+        await init_app_state(MeteredEngineClient(client), self.state, self.args, tasks)  # type: ignore[arg-type]
 
     @property
     def dead(self) -> bool:
