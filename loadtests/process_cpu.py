@@ -18,6 +18,7 @@ PROXY_TITLE = "ray::ProxyActor"
 REPLICA_TITLE = "ray::ServeReplica:"
 CLIENT = "load client"
 PROXY = "HTTP proxy"
+HAPROXY = "HAProxy"  # the second edition's direct ingress: Serve starts haproxy as a child of its proxy actor
 OTHER = "rest of Ray"
 POSTGRES = "PostgreSQL"
 
@@ -27,6 +28,8 @@ def _part(process: psutil.Process) -> str:
         title = " ".join(process.cmdline())
     except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
         return OTHER
+    if os.path.basename(title.split(" ", 1)[0]) == "haproxy":
+        return HAPROXY
     if title.startswith(PROXY_TITLE):
         return PROXY
     if title.startswith(REPLICA_TITLE):
