@@ -35,7 +35,7 @@ from deployments.ingress import Ingress, IngressSpec
 from deployments.openai.catalog import ServedModel, model_card
 from deployments.server.replica import EngineServer, ReplicaSpec
 from deployments.server.route import IngressRouter, RouteSpec
-from deployments.server.vllm_layer import ServingSpec
+from deployments.server.vllm_layer import EngineClientDouble, ServingSpec
 from deployments.server.vllm_start import EngineSpec
 from deployments.tokenizer import Tokenizer, TokenizerSpec
 
@@ -197,7 +197,7 @@ def served_models(config: AnkerConfig, created: int) -> tuple[ServedModel, ...]:
 
 
 def model_app(
-    config: AnkerConfig, model: ModelConfig, created: int, engine_client_double: str | None = None
+    config: AnkerConfig, model: ModelConfig, created: int, engine_client_double: EngineClientDouble | None = None
 ) -> ServeApp:
     """A model's own application: its engine replicas serve the OpenAI API themselves (the application's ingress)."""
     options = engine_options(config, model)
@@ -250,7 +250,7 @@ def model_app(
     return ServeApp(model_app_name(model.name), model_route_prefix(model.name), app)
 
 
-def build_apps(config: AnkerConfig, engine_client_double: str | None = None) -> list[ServeApp]:
+def build_apps(config: AnkerConfig, engine_client_double: EngineClientDouble | None = None) -> list[ServeApp]:
     """The second edition's graph: the control application at ``/`` (the billing actor, the model list, usage,
     administration, the dashboard) first, then one application per model at its route prefix, reached through
     HAProxy by the model the request's body names (docs/architecture.md)."""

@@ -291,10 +291,19 @@ class InstantOutputEngineDouble:
         raise TypeError(f"{type(self).__name__} cannot read the prompt token ids of {type(prompt).__name__}")
 
     async def generate(self, prompt: Any, sampling_params: Any, request_id: str, **kwargs: Any) -> AsyncGenerator[Any]:
+        from vllm.logprobs import Logprob
         from vllm.outputs import CompletionOutput, RequestOutput
         from vllm.sampling_params import RequestOutputKind
 
         prompt_ids = self._prompt_ids(prompt)
+        # Each made-up token is certain (log-probability 0, rank 1), where the request asks for log-probabilities.
+        certain = {self.TOKEN_ID: Logprob(0.0, 1, self.TOKEN_TEXT)}
+        wants_logprobs = getattr(sampling_params, "logprobs", None) is not None
+        prompt_logprobs = (
+            [None] + [{t: Logprob(0.0, 1, None)} for t in prompt_ids[1:]]
+            if getattr(sampling_params, "prompt_logprobs", None) is not None
+            else None
+        )
         cached = max(0, (len(prompt_ids) - 1) // self.BLOCK * self.BLOCK)
         total = self.output_tokens
         if getattr(sampling_params, "max_tokens", None) is not None:
@@ -314,13 +323,15 @@ class InstantOutputEngineDouble:
                     index=i,
                     text=self.TOKEN_TEXT * count,
                     token_ids=[self.TOKEN_ID] * count,
-                    cumulative_logprob=None,
-                    logprobs=None,
+                    cumulative_logprob=0.0 if wants_logprobs else None,
+                    logprobs=[certain] * count if wants_logprobs else None,
                     finish_reason="length" if finished else None,
                 )
                 for i in range(n)
             ]
-            yield RequestOutput(request_id, None, prompt_ids, None, outputs, finished, num_cached_tokens=cached)
+            yield RequestOutput(
+                request_id, None, prompt_ids, prompt_logprobs, outputs, finished, num_cached_tokens=cached
+            )
             if finished:
                 return
             await asyncio.sleep(0)

@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 from vllm.sampling_params import RequestOutputKind, SamplingParams
 
-from deployments.server.vllm_layer import load_double
+from deployments.server.vllm_layer import EngineClientDouble
 from testkit.doubles import INSTANT_OUTPUT_ENGINE_DOUBLE, InstantOutputEngineDouble
 
 
@@ -47,7 +47,10 @@ def test_cumulative_and_final_only() -> None:
 
 
 def test_delegates_and_loads_by_path() -> None:
-    assert load_double(INSTANT_OUTPUT_ENGINE_DOUBLE) is InstantOutputEngineDouble
+    settings = {"output_tokens": 3, "tokens_per_delta": 2}
+    double = EngineClientDouble(INSTANT_OUTPUT_ENGINE_DOUBLE, settings).wrap(_Engine())
+    assert isinstance(double, InstantOutputEngineDouble)
+    assert (double.output_tokens, double.tokens_per_delta) == (3, 2)
     assert InstantOutputEngineDouble(_Engine()).model_config == "the real model config"
     with pytest.raises(TypeError):
         InstantOutputEngineDouble(_Engine())._prompt_ids(object())

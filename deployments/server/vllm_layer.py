@@ -9,11 +9,25 @@ from __future__ import annotations
 
 import dataclasses
 from argparse import Namespace
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 from deployments.server.metering import MeteredEngineClient
 from deployments.server.vllm_start import EngineSpec, start_llm
+
+
+@dataclass(frozen=True)
+class EngineClientDouble:
+    """A test double that stands in for the real engine client under the meter, called with it and ``kwargs``:
+    named by its import path ("module.Class"), so that Ray pickles a string. Only the control-plane benchmark
+    uses one (testkit.doubles.InstantOutputEngineDouble)."""
+
+    path: str
+    kwargs: Mapping[str, Any] = field(default_factory=dict)
+
+    def wrap(self, client: Any) -> Any:
+        return load_double(self.path)(client, **self.kwargs)
 
 
 @dataclass(frozen=True)
@@ -23,9 +37,7 @@ class ServingSpec:
     engine: EngineSpec
     reasoning_parser: str | None = None
     tool_call_parser: str | None = None
-    # A test double's import path ("module.Class"), called with the real engine client, that stands in for it
-    # under the meter: only the control-plane benchmark sets it (testkit.doubles.InstantOutputEngineDouble).
-    engine_client_double: str | None = None
+    engine_client_double: EngineClientDouble | None = None
 
 
 def frontend_argv(spec: ServingSpec) -> list[str]:
@@ -107,11 +119,8 @@ class VllmLayer:
             raise RuntimeError("vLLM's frontend and engine disagree on the reasoning parser")
         tasks = await self.llm.get_supported_tasks()
         self.state = State()
-        client = (
-            self.llm
-            if self.spec.engine_client_double is None
-            else load_double(self.spec.engine_client_double)(self.llm)
-        )
+        double = self.spec.engine_client_double
+        client = self.llm if double is None else double.wrap(self.llm)
         # The meter stands in for the engine client: it has the same methods, and counts every generate.
         await init_app_state(MeteredEngineClient(client), self.state, self.args, tasks)  # type: ignore[arg-type]
 
