@@ -31,7 +31,7 @@ from deployments.openai.serving import OpenAIService
 from deployments.server.app import create_server_app
 from deployments.server.gate import Call, KeyGate
 from deployments.server.metering import Metered
-from deployments.server.vllm_layer import ServingSpec, VllmLayer
+from deployments.server.vllm_layer import EngineClientDouble, ServingSpec, VllmLayer
 from deployments.server.vllm_start import EngineSpec
 from deployments.tokenizer import Tokenizer, TokenizerCore
 from observability.tracing import TracingMiddleware
@@ -118,11 +118,16 @@ class InProcessControl:
 
 
 @asynccontextmanager
-async def inprocess_control(data_dir: Path, models: tuple[str, ...]) -> AsyncIterator[InProcessControl]:
-    """The second edition's control application (deployments/control.py) over the real billing class and ledger;
-    its model applications are not there: whether each is up is ``ready``, which the test sets."""
-    spec = BillingSpec(data_dir, None, {name: PRICES for name in models}, default_rpm=600, default_tpm=2_000_000)
-    billing = Billing.func_or_class(spec)
+async def inprocess_control(
+    data_dir: Path, models: tuple[str, ...], billing: Any = None
+) -> AsyncIterator[InProcessControl]:
+    """The second edition's control application (deployments/control.py) over the real billing class and ledger
+    (``billing``'s, if given: a replica's, say); its model applications are not there: whether each is up is
+    ``ready``, which the test sets."""
+    own = billing is None
+    if own:
+        spec = BillingSpec(data_dir, None, {name: PRICES for name in models}, default_rpm=600, default_tpm=2_000_000)
+        billing = Billing.func_or_class(spec)
     accounts = ServeBillingClient(InProcessHandleDouble(billing), 0.0, 0.05)  # type: ignore[arg-type]
     ready = dict.fromkeys(models, False)
     catalog = AppsCatalog(tuple(ServedModel(m, CTX, "anker", 1, REGIONS.get(m, "dk")) for m in models), ready.copy)
@@ -131,8 +136,9 @@ async def inprocess_control(data_dir: Path, models: tuple[str, ...]) -> AsyncIte
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://anker") as client:
             yield InProcessControl(client, billing._service, ready, app)
     finally:
-        billing._sweeper.cancel()
-        billing._service.ledger.dispose()
+        if own:
+            billing._sweeper.cancel()
+            billing._service.ledger.dispose()
 
 
 def clean_postgres(url: str) -> str:
@@ -155,10 +161,13 @@ REPLICA_ID = "inprocess-replica"
 
 
 @asynccontextmanager
-async def serving_layer(path: Path, model: str = REPLICA_MODEL) -> AsyncIterator[ServingLayer]:
+async def serving_layer(
+    path: Path, model: str = REPLICA_MODEL, engine_client_double: EngineClientDouble | None = None
+) -> AsyncIterator[ServingLayer]:
     """vLLM's serving layer over a real ``AsyncLLM`` on a tiny model, with the profile's parsers, as an engine
     replica starts it (about 20 s); its engine client's engine is a ``ScriptedOutputEngineDouble`` around the real
-    one, behind the replica's meter. The caller sets vLLM's CPU environment (``VLLM_CPU_KVCACHE_SPACE``, …)."""
+    one (or around ``engine_client_double`` over it), behind the replica's meter. The caller sets vLLM's CPU
+    environment (``VLLM_CPU_KVCACHE_SPACE``, …)."""
     spec = ServingSpec(
         EngineSpec(
             model=model,
@@ -170,6 +179,7 @@ async def serving_layer(path: Path, model: str = REPLICA_MODEL) -> AsyncIterator
         ),
         reasoning_parser="qwen3",
         tool_call_parser="qwen3_coder",
+        engine_client_double=engine_client_double,
     )
     layer = VllmLayer(spec)
     await layer.start()
@@ -203,6 +213,8 @@ class InProcessReplica:
     accounts: ServeBillingClient
     reports: list[tuple[Call, Metered]]
     handle: InProcessHandleDouble  # the billing actor's: ``down`` makes it unreachable
+    app: Any  # the ASGI app the client reaches: the traced door over the replica's HTTP app
+    billing: Any  # the billing deployment's instance (``Billing``), for a control application beside it
 
     def key(self, tenant: str = "t", **settings: Any) -> str:
         """A new key made by the operator (``role``, ``allowed_models``, ``budget_dkk``, ``rpm``, ``tpm`` ...)."""
@@ -244,7 +256,7 @@ async def inprocess_replica(
     try:
         transport = httpx.ASGITransport(app=traced)
         async with httpx.AsyncClient(transport=transport, base_url="http://anker", timeout=120) as client:
-            yield InProcessReplica(client, billing._service, accounts, reports, handle)
+            yield InProcessReplica(client, billing._service, accounts, reports, handle, traced, billing)
     finally:
         outbox.cancel()
         billing._sweeper.cancel()

@@ -54,15 +54,17 @@ async def test_lists_every_model_and_is_healthy_once_each_application_answers(co
 
 
 @pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/completions", "/v1/responses"])
-async def test_a_model_that_is_not_served_is_404_without_its_name(control: InProcessControl, path: str) -> None:
+async def test_a_model_that_is_not_served_is_404_without_its_name_and_none_is_400(
+    control: InProcessControl, path: str
+) -> None:
     body = {"input": "hej"} if path == "/v1/responses" else {"prompt": "hej"} if path == "/v1/completions" else CHAT
     r = await control.client.post(path, json={**body, "model": "gpt-secret-name"}, headers=auth(control.key()))
     assert r.status_code == 404
     error = r.json()["error"]
     assert (error["code"], error["type"]) == ("model_not_found", "invalid_request_error")
     assert "gpt-secret-name" not in r.text
-    r = await control.client.post(path, json=body, headers=auth(control.key()))  # no model at all
-    assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
+    r = await control.client.post(path, json=body, headers=auth(control.key()))  # no model at all: as OpenAI says
+    assert (r.status_code, r.json()["error"]["param"]) == (400, "model"), r.text
 
 
 async def test_a_key_comes_first_and_a_clients_mistake_gets_the_replicas_answer(control: InProcessControl) -> None:

@@ -1,5 +1,6 @@
-"""The published OpenAPI document: docs/openapi.json is what the code generates, the app serves the same document
-without a key, it is valid Open API 3.1, and it covers the customer API and nothing else."""
+"""The published OpenAPI document: docs/openapi.json is what the code generates from the served routes (the engine
+replica's and the control application's), the control application serves it without a key, it is valid Open API
+3.1, and it covers the customer API and nothing else."""
 
 from __future__ import annotations
 
@@ -12,8 +13,8 @@ import schemathesis
 
 from deployments.openai import openapi
 from deployments.openai.accounts import Accounts
-from deployments.openai.app import create_app, openapi_document
-from deployments.openai.serving import OpenAIService
+from deployments.openai.control_app import Catalog, accounts_app
+from deployments.openai.openapi import openapi_document
 
 CUSTOMER_API = {
     ("get", "/v1/models"),
@@ -22,6 +23,7 @@ CUSTOMER_API = {
     ("get", "/v1/usage/summary"),
     ("post", "/v1/chat/completions"),
     ("post", "/v1/completions"),
+    ("post", "/v1/responses"),
 }
 ERROR_SCHEMA = {"$ref": "#/components/schemas/ErrorResponse"}
 
@@ -41,8 +43,8 @@ def test_generator_writes_and_checks_the_file(tmp_path: Path) -> None:
     assert openapi.main(["--check", "--output", str(target)]) == 0
 
 
-async def test_app_serves_the_document_without_a_key() -> None:
-    app = create_app(cast(OpenAIService, None), cast(Accounts, None), max_body_bytes=1024)
+async def test_the_control_application_serves_the_document_without_a_key() -> None:
+    app = accounts_app(cast(Catalog, None), cast(Accounts, None))
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://anker") as client:
         response = await client.get("/openapi.json")
         assert response.status_code == 200 and response.json() == openapi_document()
@@ -83,16 +85,29 @@ def test_every_error_status_has_openai_error_shape() -> None:
     assert set(generation["200"]["content"]) == {"application/json", "text/event-stream"}
 
 
-def test_request_bodies_are_the_strict_models() -> None:
+def test_request_bodies_are_each_endpoints_allow_list() -> None:
+    from deployments.server.requests import ALLOWED, MAX_CHOICES
+
     doc = openapi_document()
     schemas = doc["components"]["schemas"]
-    for path, name in (("/v1/chat/completions", "ChatCompletionRequest"), ("/v1/completions", "CompletionRequest")):
+    for path, endpoint, name in (
+        ("/v1/chat/completions", "chat", "ChatCompletionRequest"),
+        ("/v1/completions", "completions", "CompletionRequest"),
+        ("/v1/responses", "responses", "ResponsesRequest"),
+    ):
         body = doc["paths"][path]["post"]["requestBody"]
         assert body["required"] is True
         assert body["content"]["application/json"]["schema"] == {"$ref": f"#/components/schemas/{name}"}
-        assert schemas[name]["additionalProperties"] is False
+        assert schemas[name]["additionalProperties"] is False and set(schemas[name]["properties"]) == ALLOWED[endpoint]
     chat = schemas["ChatCompletionRequest"]["properties"]
-    assert chat["n"]["minimum"] == 1 and chat["n"]["maximum"] == 16
-    assert chat["store"]["enum"] == [False, None]  # zero data retention, stated where clients read it
-    message = schemas["ChatMessage"]
-    assert message["required"] == ["role", "content"] and "tool" not in message["properties"]["role"]["enum"]
+    assert chat["n"]["anyOf"][0]["maximum"] == MAX_CHOICES
+    assert {"tools", "tool_choice", "response_format", "reasoning_effort"} <= set(chat)
+
+
+def test_generation_responses_are_vllms_own_models() -> None:
+    doc = openapi_document()
+    schemas = doc["components"]["schemas"]
+    ok = doc["paths"]["/v1/chat/completions"]["post"]["responses"]["200"]["content"]
+    assert ok["application/json"]["schema"] == {"$ref": "#/components/schemas/ChatCompletionResponse"}
+    usage = schemas["UsageInfo"]["properties"]
+    assert {"prompt_tokens", "completion_tokens", "prompt_tokens_details"} <= set(usage)

@@ -1,5 +1,11 @@
-"""Schemathesis against the published OpenAPI document: the real app in-process (real tokenizer logic, real billing
-on SQLite, instant engine doubles), with valid and invalid requests from the document, under every check.
+"""Schemathesis against the published OpenAPI document, as HAProxy serves it at one base URL: the generation routes
+on an engine replica's door over vLLM's serving layer (the tiny Qwen3-MoE), the rest on the control application,
+both over one real billing on SQLite; valid and invalid requests from the document, under every check.
+
+What this measures is the API, not generation: ``InstantOutputEngineDouble`` answers each ``generate`` with a few
+made-up tokens at once (a schema-valid ``max_tokens`` may ask for the whole context, which a CPU engine takes
+minutes over). vLLM's tokenizer, renderer, parsers and request checks are real; what only the engine refuses (a
+grammar it cannot compile) is tested on the real engine in test_server_inprocess.py.
 
 The run is seeded and derandomized, so it is the same run each time; ``FUZZ_EXAMPLES`` bounds its length.
 """
@@ -23,9 +29,10 @@ from schemathesis.engine import events
 from schemathesis.python import asgi
 from schemathesis.transport import requests as schemathesis_requests
 
-from deployments.openai.app import create_app
-from deployments.tokenizer import TokenizerCore, TokenizerSpec
-from tests.inprocess import CTX, inprocess_stack
+from deployments.openai.openapi import EXAMPLE_MODEL
+from deployments.server.vllm_layer import EngineClientDouble
+from testkit.doubles import INSTANT_OUTPUT_ENGINE_DOUBLE
+from tests.inprocess import REPLICA_MODEL, ServingLayer, inprocess_control, inprocess_replica, serving_layer
 
 Scope = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
@@ -52,47 +59,63 @@ CONFIG = schemathesis.Config.from_dict(
 )
 
 
-class StackApp:
-    """The in-process stack as one ASGI app. Its lifespan builds the stack on the event loop that then serves the
-    requests (schemathesis's), since the billing service and the outbox belong to the loop they start on."""
+GENERATION = ("/v1/chat/completions", "/v1/completions", "/v1/responses")  # a replica's; HAProxy routes them there
 
-    def __init__(self, core: TokenizerCore, data_dir: Path) -> None:
-        self._core = core
+
+class OneBaseUrl:
+    """The replica and the control application as one ASGI app, routed by path as HAProxy routes them. Its lifespan
+    builds both on the event loop that then serves the requests (schemathesis's), since billing and the outbox
+    belong to the loop they start on."""
+
+    def __init__(self, serving: ServingLayer, data_dir: Path) -> None:
+        self._serving = serving
         self._data_dir = data_dir
-        self._app: Any = None
+        self._replica: Any = None
+        self._control: Any = None
         self.key = ""
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
             await self._lifespan(receive, send)
             return
-        await self._app(scope, receive, send)
+        app = self._replica if scope["path"] in GENERATION else self._control
+        await app(scope, receive, send)
 
     async def _lifespan(self, receive: Receive, send: Send) -> None:
         await receive()  # lifespan.startup
-        async with self._stack():
+        async with self._apps():
             await send({"type": "lifespan.startup.complete"})
             await receive()  # lifespan.shutdown
         await send({"type": "lifespan.shutdown.complete"})
 
     @asynccontextmanager
-    async def _stack(self) -> AsyncIterator[None]:
+    async def _apps(self) -> AsyncIterator[None]:
         # Limits far above what the run sends: a 429 would end a request before the paths worth exploring.
-        async with inprocess_stack(self._core, self._data_dir, default_rpm=10**6, default_tpm=10**12) as stack:
-            self.key = stack.key("fuzz")
-            self._app = create_app(stack.openai, stack.accounts, max_body_bytes=64 * 1024)
+        async with (
+            inprocess_replica(self._serving, self._data_dir, default_rpm=10**6, default_tpm=10**12) as replica,
+            inprocess_control(self._data_dir, (REPLICA_MODEL,), replica.billing) as control,
+        ):
+            control.ready[REPLICA_MODEL] = True
+            self.key = replica.key("fuzz")
+            self._replica, self._control = replica.app, control.app
             yield
 
 
 @pytest.fixture(scope="module")
-def api_schema(tiny_models: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
-    core = TokenizerCore([TokenizerSpec(n, p, CTX) for n, p in tiny_models.items()], block_size=16)
-    target = StackApp(core, tmp_path_factory.mktemp("fuzz"))
+async def serving(tiny_models: dict[str, Path], vllm_cpu_env: None) -> AsyncIterator[ServingLayer]:
+    double = EngineClientDouble(INSTANT_OUTPUT_ENGINE_DOUBLE, {"output_tokens": 8})
+    async with serving_layer(tiny_models[REPLICA_MODEL], engine_client_double=double) as layer:
+        yield layer
+
+
+@pytest.fixture
+def api_schema(serving: ServingLayer, tmp_path: Path) -> Iterator[Any]:
+    target = OneBaseUrl(serving, tmp_path)
     with pytest.MonkeyPatch.context() as patch:
         # grafana-client's niquests installs urllib3-future over urllib3, whose pool container has no keys(); this
         # count only decides whether to resend a request dropped on a stale keep-alive socket: none in-process.
         patch.setattr(schemathesis_requests, "_count_opened_connections", lambda session: 0)
-        schema = schemathesis.openapi.from_asgi("/openapi.json", target, config=CONFIG)  # starts the stack
+        schema = schemathesis.openapi.from_asgi("/openapi.json", target, config=CONFIG)  # starts both
 
         @schema.auth()
         class FuzzKey:
@@ -111,8 +134,18 @@ RUNTIME_REFUSALS: dict[tuple[str, str | None], str] = {
     ("context_length_exceeded", "messages"): "prompt and max_tokens beyond the model's context",
     ("context_length_exceeded", "prompt"): "prompt and max_tokens beyond the model's context",
     ("invalid_value", "prompt"): "token ids beyond the model's vocabulary",
+    ("invalid_value", "logit_bias"): "token ids beyond the model's vocabulary",
     ("unsupported_value", "best_of"): "best_of other than n (JSON Schema cannot compare two fields)",
     ("invalid_value", "n"): "a streamed request's prompts times n above 16 (nor multiply them)",
+    ("invalid_value", "max_tokens"): "max_tokens beyond what the prompt leaves of the model's context",
+    ("invalid_value", "max_completion_tokens"): "max_tokens beyond what the prompt leaves of the model's context",
+    ("invalid_value", "max_output_tokens"): "max_tokens beyond what the prompt leaves of the model's context",
+    ("invalid_value", "response_format"): "a JSON Schema the grammar compiler does not take",
+    ("unsupported_value", "messages"): "an image for a model that reads none",
+    ("unsupported_value", "input"): "an image for a model that reads none",
+    ("invalid_value", "stream_options"): "stream_options without stream (nor relate two fields)",
+    ("invalid_value", "top_logprobs"): "top_logprobs without logprobs (nor relate two fields)",
+    ("invalid_value", "tool_choice"): "a tool_choice that names no tool in tools (nor relate two fields)",
     ("invalid_value", "end"): "a range that ends before it starts",
     ("invalid_value", "end_time"): "a range that ends before it starts",
 }
@@ -166,6 +199,8 @@ class RunReport:
 
 
 def test_api_conforms_to_its_document(api_schema: Any) -> None:
+    # The document's examples name the model the replica serves: the examples are how the run reaches a 200.
+    assert EXAMPLE_MODEL == REPLICA_MODEL
     report = RunReport(api_schema.raw_schema)
     for event in schemathesis.engine.from_schema(api_schema).execute():
         if isinstance(event, events.ScenarioFinished | events.FuzzScenarioFinished):

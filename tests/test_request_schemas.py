@@ -1,17 +1,19 @@
 """The request bodies the published document describes (``deployments/server/request_schemas.py``) name exactly
-what the replica's allow-lists take, and hold what its checks hold: so the document cannot drift from the door."""
+what the replica's allow-lists take, and hold what its checks hold: so the document cannot drift from the door.
+The door then holds every body to them, as strictly as JSON Schema types it."""
 
 from __future__ import annotations
 
 import json
+import typing
 from typing import Any
 
 import pytest
 from pydantic import ValidationError
 
-from deployments.errors import AnkerError
-from deployments.server.request_schemas import REQUESTS, documented
-from deployments.server.requests import ALLOWED, MAX_CHOICES, MAX_STOP, checked_body
+from deployments.errors import AnkerError, InvalidValue
+from deployments.server.request_schemas import INCLUDABLE, REQUESTS, documented
+from deployments.server.requests import ALLOWED, MAX_CHOICES, MAX_STOP, ROLES, checked_body
 
 BODIES: dict[str, dict[str, Any]] = {
     "chat": {
@@ -34,7 +36,26 @@ BODIES: dict[str, dict[str, Any]] = {
         "chat_template_kwargs": {"enable_thinking": False},
     },
     "completions": {"model": "m", "prompt": ["a", "b"], "max_tokens": 3, "logprobs": 2, "stop": ["x"]},
-    "responses": {"model": "m", "input": "Hej", "reasoning": {"effort": "low"}, "max_output_tokens": 5},
+    "responses": {
+        "model": "m",
+        # A tool turn as the Agents SDK sends it back: output items echoed with their ids and statuses.
+        "input": [
+            {"role": "user", "content": "Hej"},
+            {"type": "reasoning", "id": "rs_1", "summary": []},
+            {"type": "function_call", "id": "fc_1", "call_id": "c1", "name": "f", "arguments": "{}"},
+            {"type": "function_call_output", "call_id": "c1", "output": "42"},
+            {
+                "type": "message",
+                "id": "msg_1",
+                "role": "assistant",
+                "status": "completed",
+                "content": [{"type": "output_text", "text": "42", "annotations": []}],
+            },
+        ],
+        "reasoning": {"effort": "low"},
+        "max_output_tokens": 5,
+        "include": ["reasoning.encrypted_content"],
+    },
 }
 
 
@@ -47,8 +68,58 @@ def test_each_endpoint_documents_exactly_what_its_allow_list_takes(endpoint: str
 @pytest.mark.parametrize("endpoint", sorted(BODIES))
 def test_a_body_the_door_takes_is_one_the_document_describes(endpoint: str) -> None:
     body = BODIES[endpoint]
-    checked_body(json.dumps(body).encode(), endpoint)
+    taken = checked_body(json.dumps(body).encode(), endpoint)
+    assert taken == ({**body, "store": False} if endpoint == "responses" else body)  # nothing is stored
     REQUESTS[endpoint].model_validate(body)
+
+
+def test_each_role_has_its_message() -> None:
+    messages = REQUESTS["chat"].model_json_schema()["properties"]["messages"]["items"]
+    assert set(messages["discriminator"]["mapping"]) == set(ROLES)
+
+
+def test_nulls_are_not_set_and_integral_numbers_are_integers() -> None:
+    raw = b'{"model": "m", "input": "Hej", "tool_choice": null, "max_output_tokens": 16.0, "temperature": 1}'
+    assert checked_body(raw, "responses") == {
+        "model": "m",
+        "input": "Hej",
+        "max_output_tokens": 16,
+        "temperature": 1,
+        "store": False,
+    }
+
+
+def test_include_names_what_vllm_includes() -> None:
+    from vllm.entrypoints.openai.responses.protocol import ResponsesRequest
+
+    annotation = ResponsesRequest.model_fields["include"].annotation
+    (listed,) = [a for a in typing.get_args(annotation) if a is not type(None)]
+    assert set(typing.get_args(typing.get_args(listed)[0])) == set(INCLUDABLE)
+
+
+@pytest.mark.parametrize(
+    ("endpoint", "change", "param"),
+    [
+        # What vLLM's lax models would take (false as 0), or fail on (len() of a bool), or render into the template.
+        ("completions", {"seed": False}, "seed"),
+        ("completions", {"logprobs": "hemmelig"}, "logprobs"),
+        ("responses", {"tools": False}, "tools"),
+        ("responses", {"include": [""]}, "include"),
+        ("responses", {"input": [{}]}, "input"),
+        ("responses", {"input": [{"type": "message", "role": "assistant", "content": []}]}, "input"),  # vLLM: 500
+        ("chat", {"chat_template_kwargs": {"enable_thinking": {}}}, "chat_template_kwargs"),
+        ("chat", {"messages": [{"role": "tool", "content": [{}]}]}, "messages"),
+        ("chat", {"model": None}, "model"),
+        ("chat", {"store": 0}, "store"),  # checked before it is taken off
+    ],
+)
+def test_what_the_document_excludes_is_a_400_that_names_the_parameter(
+    endpoint: str, change: dict[str, Any], param: str
+) -> None:
+    with pytest.raises(InvalidValue) as refused:
+        checked_body(json.dumps({**BODIES[endpoint], **change}).encode(), endpoint)
+    assert refused.value.param == param
+    assert "hemmelig" not in str(refused.value)
 
 
 @pytest.mark.parametrize(

@@ -463,6 +463,8 @@ async def test_a_call_needs_a_key_that_may_call_this_model(server: Server) -> No
         assert (r.status_code, r.json()["error"]["code"]) == (status, code), r.text
     r = await server.http.get("/v1/models", headers={"Authorization": "Bearer sk-anker-not-a-key"})
     assert r.status_code == 401, r.text
+    r = await server.http.post("/v1/chat/completions", content=b"{bad", headers={"Authorization": ""})  # key first
+    assert (r.status_code, r.json()["error"]["code"]) == (401, "invalid_api_key"), r.text
     # Turned away at the door: nothing metered, nothing billed.
     assert server.reports[since:] == []
     assert await server.ledger("doors") == []

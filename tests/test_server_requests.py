@@ -16,7 +16,7 @@ from deployments.errors import (
     ModelNotFound,
     UnsupportedValue,
 )
-from deployments.server.requests import ALLOWED, NO_STORAGE, checked_body, from_vllm
+from deployments.server.requests import ALLOWED, NO_STORAGE, checked_body, from_vllm, refuse_images
 
 
 def body(**fields: object) -> bytes:
@@ -116,5 +116,22 @@ def test_a_message_of_a_role_openai_does_not_have_is_an_invalid_value() -> None:
     with pytest.raises(InvalidValue) as refused:
         checked_body(body(messages=[{"role": "hemmelig-rolle", "content": "hej"}]), "chat")
     assert refused.value.param == "messages" and "hemmelig" not in str(refused.value)
-    for role in ("system", "developer", "user", "assistant", "tool", "function"):
+    for role in ("system", "developer", "user", "assistant"):
         assert checked_body(body(messages=[{"role": role, "content": "hej"}]), "chat")
+    assert checked_body(body(messages=[{"role": "tool", "content": "42", "tool_call_id": "c1"}]), "chat")
+    assert checked_body(body(messages=[{"role": "function", "content": "42", "name": "f"}]), "chat")
+    with pytest.raises(InvalidValue):  # a tool's answer says which call it answers
+        checked_body(body(messages=[{"role": "tool", "content": "42"}]), "chat")
+
+
+def test_an_image_for_a_model_that_reads_none_is_refused_by_name() -> None:
+    image = {"type": "image_url", "image_url": {"url": "data:image/png;base64,aGVq"}}
+    with pytest.raises(UnsupportedValue) as refused:
+        refuse_images({"messages": [{"role": "user", "content": [image]}]}, "chat")
+    assert refused.value.param == "messages"
+    with pytest.raises(UnsupportedValue):
+        refuse_images(
+            {"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "x"}]}]}, "responses"
+        )
+    refuse_images({"messages": [{"role": "user", "content": [{"type": "text", "text": "hej"}]}]}, "chat")
+    refuse_images({"prompt": "hej"}, "completions")

@@ -80,7 +80,7 @@ def test_auth_errors(stack: Stack) -> None:
         (json.dumps(chat(temperature="hot")).encode(), 400, "invalid_value", "temperature"),
         (json.dumps(chat(n=1000)).encode(), 400, "invalid_value", "n"),
         (json.dumps(chat(max_tokens=10**9)).encode(), 400, "invalid_value", "max_tokens"),
-        (json.dumps(chat(logprobs=True, top_logprobs=99)).encode(), 400, "invalid_value", "logprobs"),
+        (json.dumps(chat(logprobs=True, top_logprobs=99)).encode(), 400, "invalid_value", "top_logprobs"),
         (json.dumps(chat(stop=["a"] * 9)).encode(), 400, "invalid_value", "stop"),
         (json.dumps(chat(unknown_field=CANARY)).encode(), 400, "unsupported_parameter", "unknown_field"),
         # A key not shaped like a parameter's name may be text: it is not repeated.

@@ -12,7 +12,7 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
-from typing import Any, cast
+from typing import Any
 
 from fastapi import FastAPI, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
@@ -106,13 +106,6 @@ def create_app(
         return await _serve(request, "cmpl", run)
 
     return finish_app(app, accounts, max_body_bytes)
-
-
-def openapi_document() -> dict[str, Any]:
-    """The published OpenAPI document (``docs/openapi.json``), as every app serves it at ``/openapi.json``.
-
-    It depends on the routes only, so the app is built without a service or accounts behind it."""
-    return create_app(cast(OpenAIService, None), cast(Accounts, None), max_body_bytes=0).openapi()
 
 
 async def _guard_stream(events: AsyncIterator[bytes], on_done: Callable[[], None]) -> AsyncIterator[bytes]:

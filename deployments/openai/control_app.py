@@ -98,7 +98,7 @@ def accounts_app(catalog: Catalog, accounts: Accounts) -> FastAPI:
     """An app with Anker's error handlers and the routes that need no engine: ``/healthz``, the models, usage.
     ``finish_app`` adds administration, the dashboard and tracing once the caller has added its own routes."""
     app = FastAPI(title="Anker", version="0.1.0", docs_url=None, redoc_url=None)
-    app.openapi = lambda: openapi.document(app)  # type: ignore[method-assign]  # FastAPI's way to shape the document
+    app.openapi = openapi.published  # type: ignore[method-assign]  # FastAPI's way to serve its own document
 
     @app.exception_handler(AnkerError)
     async def _anker_error(request: Request, error: AnkerError) -> Response:

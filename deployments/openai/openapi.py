@@ -1,14 +1,17 @@
-"""The published OpenAPI document of the customer API (``/v1``): request bodies from the strict request models, the
-responses and their status codes, OpenAI's error shape and the bearer scheme; ``python -m deployments.openai.openapi``
-writes it to ``docs/openapi.json``.
+"""The published OpenAPI document of the customer API (``/v1``): the engine replica's routes (chat, completions,
+responses) and the control application's (models, usage), their request bodies, responses and status codes,
+OpenAI's error shape and the bearer scheme; ``python -m deployments.openai.openapi`` writes it to
+``docs/openapi.json``, and the control application serves that file at ``/openapi.json``.
 
-Responses are described by the models of ``response_schemas.py``, requests by the strict request models of
-``protocol.py``. Nothing here validates or serves a request.
+Requests are described by ``deployments/server/request_schemas.py`` (each endpoint's allow-list, exactly), the
+generation responses by vLLM's own response models (what the replica serves), and the rest by
+``response_schemas.py``. Nothing here validates or serves a request.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 from pathlib import Path
@@ -19,18 +22,16 @@ from fastapi.openapi.utils import get_openapi
 from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
-from deployments.openai.protocol import ChatCompletionRequest, CompletionRequest
 from deployments.openai.response_schemas import (
-    ChatCompletion,
-    ChatCompletionChunk,
     ErrorResponse,
     Model,
     ModelList,
-    TextCompletion,
-    TextCompletionChunk,
+    ResponseObject,
+    ResponseStreamEvent,
     UsageReport,
     UsageSummary,
 )
+from deployments.server.request_schemas import REQUESTS
 
 DOCUMENT_PATH = Path(__file__).resolve().parents[2] / "docs" / "openapi.json"
 REF = "#/components/schemas/{model}"
@@ -38,24 +39,30 @@ SECURITY_SCHEME = "apiKey"
 CUSTOMER_API_PREFIX = "/v1/"
 
 DESCRIPTION = """\
-OpenAI-compatible chat and text completions on the models this deployment serves, and the usage and cost of the \
-caller's organisation. Every route takes an Anker API key (`Authorization: Bearer ank_...`); every completion \
-names where it was processed (`x-anker-processing-region`).
+OpenAI-compatible chat completions (with tools, structured outputs and reasoning), text completions and the \
+Responses API on the models this deployment serves, and the usage and cost of the caller's organisation. Every \
+route takes an Anker API key (`Authorization: Bearer ank_...`); every completion names where it was processed \
+(`x-anker-processing-region`).
 
-Requests are validated strictly: an unknown field, a parameter Anker does not support or a value out of range is \
-refused with 400 and names the field in `param`, instead of being ignored. Every error has OpenAI's shape \
+A parameter this service does not take is refused with 400 `unsupported_parameter`, naming it in `param`, instead \
+of being ignored; a value this document does not allow (of another type, out of range) is refused with 400 \
+`invalid_value`, naming the parameter. A null is taken as not set. Every error has OpenAI's shape \
 `{"error": {"message", "type", "param", "code"}}`; messages never quote the request's content. Nothing of a \
-prompt or completion is kept after the response (zero data retention), so `store` must be false.
+prompt or completion is kept after the response (zero data retention): `store` is false, and no response can be \
+referred to later.
 """
 
-
+# The generation responses: vLLM's own models, which the engine replica serializes (``deployments/server``).
+VLLM_RESPONSES = {
+    "ChatCompletionResponse": "vllm.entrypoints.openai.chat_completion.protocol",
+    "ChatCompletionStreamResponse": "vllm.entrypoints.openai.chat_completion.protocol",
+    "CompletionResponse": "vllm.entrypoints.openai.completion.protocol",
+    "CompletionStreamResponse": "vllm.entrypoints.openai.completion.protocol",
+}
 COMPONENTS: tuple[type[BaseModel], ...] = (
-    ChatCompletionRequest,
-    CompletionRequest,
-    ChatCompletion,
-    ChatCompletionChunk,
-    TextCompletion,
-    TextCompletionChunk,
+    *REQUESTS.values(),
+    ResponseObject,
+    ResponseStreamEvent,
     ModelList,
     Model,
     UsageReport,
@@ -105,18 +112,18 @@ GENERATION_HEADERS = {
         "schema": {"type": "string"},
     },
     "X-Request-Id": {
-        "description": "The request's id; the response's `id` ends with it.",
+        "description": "The request's id, for correlation (a client's own is kept only if shaped like an id).",
         "schema": {"type": "string"},
     },
     **RATE_LIMIT_HEADERS,
 }
 
 
-def _ref(model: type[BaseModel]) -> dict[str, str]:
-    return {"$ref": REF.format(model=model.__name__)}
+def _ref(model: type[BaseModel] | str) -> dict[str, str]:
+    return {"$ref": REF.format(model=model if isinstance(model, str) else model.__name__)}
 
 
-def _event_stream(chunk: type[BaseModel]) -> dict[str, Any]:
+def _event_stream(chunk: type[BaseModel] | str) -> dict[str, Any]:
     """One server-sent event (Open API 3.1 describes a stream by its events): a chunk, an error object (the last
     event before ``[DONE]`` of a stream that fails after it started), or ``[DONE]``."""
     payload = {"anyOf": [_ref(chunk), _ref(ErrorResponse)]}
@@ -140,10 +147,10 @@ def _error(status: int) -> dict[str, Any]:
 
 def route(
     summary: str,
-    ok: type[BaseModel],
+    ok: type[BaseModel] | str,
     errors: tuple[int, ...],
     *,
-    stream: type[BaseModel] | None = None,
+    stream: type[BaseModel] | str | None = None,
     body: type[BaseModel] | None = None,
     example: dict[str, Any] | None = None,
     parameters: list[dict[str, Any]] | None = None,
@@ -181,22 +188,30 @@ def _time_parameter(name: str, description: str) -> dict[str, Any]:
 
 
 GENERATION_ERRORS = (400, 401, 403, 404, 413, 429, 503)
-EXAMPLE_MODEL = "qwen3-next-tiny"  # a model of the local profile (config/profiles/local.yaml)
+EXAMPLE_MODEL = "qwen3-moe-tiny"  # a model of the local profile (config/profiles/local.yaml)
 CHAT_COMPLETIONS = route(
     "Create a chat completion",
-    ChatCompletion,
+    "ChatCompletionResponse",
     GENERATION_ERRORS,
-    stream=ChatCompletionChunk,
-    body=ChatCompletionRequest,
+    stream="ChatCompletionStreamResponse",
+    body=REQUESTS["chat"],
     example={"model": EXAMPLE_MODEL, "messages": [{"role": "user", "content": "Hej!"}], "max_tokens": 16},
 )
 COMPLETIONS = route(
     "Create a text completion",
-    TextCompletion,
+    "CompletionResponse",
     GENERATION_ERRORS,
-    stream=TextCompletionChunk,
-    body=CompletionRequest,
+    stream="CompletionStreamResponse",
+    body=REQUESTS["completions"],
     example={"model": EXAMPLE_MODEL, "prompt": "Danmarks hovedstad er", "max_tokens": 8},
+)
+RESPONSES = route(
+    "Create a model response",
+    ResponseObject,
+    GENERATION_ERRORS,
+    stream=ResponseStreamEvent,
+    body=REQUESTS["responses"],
+    example={"model": EXAMPLE_MODEL, "input": "Hej!", "max_output_tokens": 16},
 )
 LIST_MODELS = route("List the models this key may use", ModelList, (401, 503))
 GET_MODEL = route("Retrieve a model", Model, (401, 403, 404, 503))
@@ -228,7 +243,11 @@ def document(app: FastAPI) -> dict[str, Any]:
         for operation in operations.values():
             # FastAPI declares 422 for parameter validation; this app never answers 422 (it is 400 in OpenAI's shape).
             operation["responses"].pop("422", None)
-    _, schemas = models_json_schema([(model, "validation") for model in COMPONENTS], ref_template=REF)
+    import importlib
+
+    vllm = [getattr(importlib.import_module(module), name) for name, module in VLLM_RESPONSES.items()]
+    described = [(model, "validation") for model in COMPONENTS] + [(model, "serialization") for model in vllm]
+    _, schemas = models_json_schema(described, ref_template=REF)  # type: ignore[arg-type]
     doc["components"] = {
         "schemas": schemas["$defs"],
         "securitySchemes": {
@@ -244,6 +263,28 @@ def document(app: FastAPI) -> dict[str, Any]:
     return doc
 
 
+def openapi_document() -> dict[str, Any]:
+    """The published document, from the routes as they are served: the control application's and the engine
+    replica's. It depends on the routes only, so neither is built with a service behind it."""
+    from typing import cast
+
+    from deployments.openai.accounts import Accounts
+    from deployments.openai.control_app import Catalog, accounts_app
+    from deployments.server import chat, completions, responses
+
+    app = accounts_app(cast(Catalog, None), cast(Accounts, None))
+    for endpoint in (chat, completions, responses):
+        app.include_router(endpoint.router)
+    return document(app)
+
+
+@functools.cache
+def published() -> dict[str, Any]:
+    """``docs/openapi.json`` as committed (the test suite holds it equal to ``openapi_document()``): what the control
+    application serves at ``/openapi.json``, without importing vLLM to describe vLLM's responses."""
+    return json.loads(DOCUMENT_PATH.read_text())  # type: ignore[no-any-return]
+
+
 def render(doc: dict[str, Any]) -> str:
     return json.dumps(doc, indent=2, ensure_ascii=False) + "\n"
 
@@ -255,8 +296,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output", type=Path, default=DOCUMENT_PATH, help="where to write it (%(default)s)")
     parser.add_argument("--check", action="store_true", help="exit 1 if the file differs from the code instead")
     args = parser.parse_args(argv)
-    from deployments.openai.app import openapi_document  # the app imports this module for its route docs
-
     text = render(openapi_document())
     if args.check:
         current = args.output.read_text() if args.output.exists() else ""

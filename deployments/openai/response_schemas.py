@@ -166,6 +166,48 @@ class TextCompletionChunk(_Doc):
     )
 
 
+# -- the Responses API -----------------------------------------------------------------------------------------------
+
+
+class _Open(BaseModel):
+    """A shape described by the fields clients read, open to the others vLLM's serving layer sends."""
+
+    model_config = ConfigDict(extra="allow")
+
+
+class ResponseInputTokensDetails(_Open):
+    cached_tokens: int = Field(description="Input tokens served from the prefix cache.")
+
+
+class ResponseOutputTokensDetails(_Open):
+    reasoning_tokens: int
+
+
+class ResponseUsage(_Open):
+    input_tokens: int
+    input_tokens_details: ResponseInputTokensDetails
+    output_tokens: int
+    output_tokens_details: ResponseOutputTokensDetails
+    total_tokens: int
+
+
+class ResponseObject(_Open):
+    id: str
+    object: Literal["response"]
+    created_at: int
+    model: str
+    status: str
+    output: list[dict[str, Any]] = Field(description="Output items: messages, reasoning and function calls.")
+    usage: ResponseUsage | None
+
+
+class ResponseStreamEvent(_Open):
+    """One streamed event (`event:` names its `type`): `response.created`, `response.output_text.delta`, ...,
+    `response.completed` (with the response and its usage), or `error`."""
+
+    type: str
+
+
 # -- models and usage -----------------------------------------------------------------------------------------------
 
 

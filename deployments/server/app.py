@@ -42,6 +42,8 @@ def create_server_app(
     app.state.served_model = served_model
     app.state.model_cards = tuple(model_cards)
     app.state.max_body_bytes = max_body_bytes
+    config = getattr(vllm_state, "vllm_config", None)
+    app.state.reads_images = config is not None and config.model_config.is_multimodal_model
     for endpoint in (chat, completions, responses, models):
         app.include_router(endpoint.router)
     app.include_router(responses.stored)

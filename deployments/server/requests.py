@@ -127,7 +127,7 @@ def checked_body(raw: bytes, endpoint: str) -> dict[str, Any]:
     """The JSON object of a request to ``endpoint``, checked against its allow-list. Raises Anker's errors, whose
     messages name a parameter only if it is one Anker knows (a client's own word is request content)."""
     try:
-        body = json.loads(raw)
+        body = json.loads(raw, parse_float=_number)
     except (ValueError, RecursionError):
         raise InvalidJson("We could not parse the JSON body of your request. The body must be a JSON object.") from None
     if not isinstance(body, dict):
@@ -172,11 +172,40 @@ def checked_body(raw: bytes, endpoint: str) -> dict[str, Any]:
             "'store' must be false: this service keeps no prompts or completions (zero data retention).", "store"
         )
     _check_bounds(body, endpoint)
+    # Then held to the published document's model, which builds on this module's bounds (hence imported here).
+    from deployments.server.request_schemas import conforming
+
+    body = conforming(body, endpoint)
     for name in _STRIPPED:
         body.pop(name, None)
     if endpoint == "responses":
         body["store"] = False
     return body
+
+
+_IMAGE_PARTS = {"chat": ("messages", "image_url"), "responses": ("input", "input_image")}
+
+
+def refuse_images(body: dict[str, Any], endpoint: str) -> None:
+    """For a model that reads no images: an image part anywhere in the conversation is refused by name (vLLM
+    refuses it without saying what it refused)."""
+    if endpoint not in _IMAGE_PARTS:
+        return
+    param, kind = _IMAGE_PARTS[endpoint]
+    turns = body.get(param)
+    if not isinstance(turns, list):
+        return
+    for turn in turns:
+        content = turn.get("content") if isinstance(turn, dict) else None
+        if isinstance(content, list) and any(isinstance(p, dict) and p.get("type") == kind for p in content):
+            raise UnsupportedValue("This model does not read images: send text only.", param)
+
+
+def _number(text: str) -> int | float:
+    """A JSON number with a fraction or exponent: an integer if it has no fractional part, as JSON Schema counts
+    (``16.0`` is a valid ``max_tokens``)."""
+    value = float(text)
+    return int(value) if value.is_integer() and abs(value) <= 2**53 else value
 
 
 def _check_bounds(body: dict[str, Any], endpoint: str) -> None:

@@ -7,6 +7,7 @@ from fastapi import APIRouter, Request
 from starlette.responses import Response
 
 from deployments.errors import NotFound
+from deployments.openai import openapi
 from deployments.openai.errors import error_response
 from deployments.server.requests import NO_STORAGE
 from deployments.server.serving import serve
@@ -17,7 +18,7 @@ router = APIRouter()
 stored = APIRouter()
 
 
-@router.post("/v1/responses")
+@router.post("/v1/responses", **openapi.RESPONSES)
 async def create_response(request: Request) -> Response:
     from vllm.entrypoints.openai.responses.protocol import ResponsesRequest
 

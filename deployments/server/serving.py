@@ -19,7 +19,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from deployments.errors import AnkerError, EngineUnavailable, InvalidValue, ModelNotFound
 from deployments.openai.errors import error_body, error_response
 from deployments.server.metering import RequestMeter, current_meter
-from deployments.server.requests import ALLOWED, checked_body, from_vllm, read_body
+from deployments.server.requests import ALLOWED, checked_body, from_vllm, read_body, refuse_images
 
 logger = logging.getLogger("ray.serve")
 
@@ -131,6 +131,8 @@ async def serve(
         body = checked_body(await read_body(request, request.app.state.max_body_bytes), endpoint)
         if body.get("model") != served_model:
             raise ModelNotFound.unnamed()
+        if not request.app.state.reads_images:
+            refuse_images(body, endpoint)
         try:
             parsed = request_model.model_validate(body)
         except ValidationError as exc:
