@@ -22,7 +22,6 @@ BODIES: dict[str, dict[str, Any]] = {
             {"role": "user", "content": "Hej"},
             {
                 "role": "assistant",
-                "content": None,
                 "tool_calls": [{"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}],
             },
             {"role": "tool", "tool_call_id": "c1", "content": "42"},
@@ -87,6 +86,15 @@ def test_nulls_are_not_set_and_integral_numbers_are_integers() -> None:
         "temperature": 1,
         "store": False,
     }
+
+
+def test_a_turns_nulls_are_not_set() -> None:
+    # As the SDK gives an assistant's message back: vLLM takes its `tool_calls: null` only beside a content.
+    answer = {"role": "assistant", "content": None, "tool_calls": None, "refusal": None, "audio": None}
+    raw = json.dumps({"model": "m", "messages": [{"role": "user", "content": "Hej"}, answer]}).encode()
+    assert checked_body(raw, "chat")["messages"][1] == {"role": "assistant"}
+    raw = json.dumps({"model": "m", "input": [{"type": None, "role": "user", "content": "Hej"}]}).encode()
+    assert checked_body(raw, "responses")["input"] == [{"role": "user", "content": "Hej"}]
 
 
 def test_include_names_what_vllm_includes() -> None:

@@ -101,7 +101,7 @@ class ImagePart(_Body):
 
 
 def _optional(**field: Any) -> Any:
-    """A field that may be left out but is never null: vLLM's message and item types take no null there."""
+    """A field that may be left out but is never null: vLLM's types of a turn's parts take no null there."""
     return Field(default=None, json_schema_extra=_no_default, **field)
 
 
@@ -112,13 +112,13 @@ def _no_default(schema: dict[str, Any]) -> None:
 class SystemMessage(_Body):
     role: Literal["system", "developer"]
     content: str | Annotated[list[TextPart], Field(min_length=1)]
-    name: str = _optional()
+    name: str | None = None
 
 
 class UserMessage(_Body):
     role: Literal["user"]
     content: str | Annotated[list[TextPart | ImagePart], Field(min_length=1)]
-    name: str = _optional()
+    name: str | None = None
 
 
 class AssistantMessage(_Body):
@@ -127,8 +127,8 @@ class AssistantMessage(_Body):
 
     role: Literal["assistant"]
     content: str | Annotated[list[TextPart], Field(min_length=1)] | None = None
-    name: str = _optional()
-    tool_calls: list[AssistantToolCall] = _optional()
+    name: str | None = None
+    tool_calls: list[AssistantToolCall] | None = None
     reasoning: str | None = None
     refusal: str | None = None
     annotations: list[dict[str, Any]] | None = None
@@ -271,7 +271,7 @@ class InputImage(_Item):
 class InputMessage(_Item):
     """A turn as text or parts; a list of no parts is refused (vLLM fails on one rather than refusing it)."""
 
-    type: Literal["message"] = _optional()
+    type: Literal["message"] | None = None
     role: Literal["user", "assistant", "system", "developer"]
     content: str | Annotated[list[InputText | InputImage], Field(min_length=1)]
 
@@ -311,7 +311,7 @@ class ReasoningItem(_Item):
     type: Literal["reasoning"]
     id: str
     summary: list[SummaryText]
-    content: list[ReasoningText] = _optional()
+    content: list[ReasoningText] | None = None
 
 
 class FunctionTool(_Body):
@@ -357,11 +357,16 @@ def documented(endpoint: str) -> frozenset[str]:
     return frozenset(field.alias or name for name, field in REQUESTS[endpoint].model_fields.items())
 
 
+# Where a turn's fields are: a null there is not set either (vLLM takes an assistant turn's ``tool_calls: null``
+# only beside a ``content``, and an input item's ``type: null`` not at all).
+_TURNS = {"chat": "messages", "responses": "input"}
+
+
 def conforming(body: dict[str, Any], endpoint: str) -> dict[str, Any]:
     """``body`` (past ``checked_body``'s own checks) if the document allows it for ``endpoint``, typed strictly as JSON
-    Schema types it (``true`` is no integer, ``"5"`` no number), without its top-level nulls: OpenAI takes a null
-    for "not set", and vLLM does not always (the Responses API's ``tool_choice``). Raises ``InvalidValue`` that
-    names the top-level parameter and what it must be, never the value."""
+    Schema types it (``true`` is no integer, ``"5"`` no number), without its nulls at the top and in each turn:
+    OpenAI takes a null for "not set", and vLLM does not always (the Responses API's ``tool_choice``). Raises
+    ``InvalidValue`` that names the top-level parameter and what it must be, never the value."""
     try:
         REQUESTS[endpoint].model_validate(body, strict=True)
     except ValidationError as exc:
@@ -371,4 +376,8 @@ def conforming(body: dict[str, Any], endpoint: str) -> dict[str, Any]:
             raise InvalidValue(f"Missing required parameter: '{param}'.", param) from None
         where = f"'{param}'" if param is not None else "the request body"
         raise InvalidValue(f"Invalid value for {where}: {first['msg']}.", param) from None
-    return {name: value for name, value in body.items() if value is not None}
+    body = {name: value for name, value in body.items() if value is not None}
+    turns = body.get(_TURNS.get(endpoint, ""))
+    if isinstance(turns, list):  # (validated: each turn is an object)
+        body[_TURNS[endpoint]] = [{k: v for k, v in turn.items() if v is not None} for turn in turns]
+    return body
