@@ -1,9 +1,12 @@
-"""The control-plane benchmark: how many requests one ingress replica serves through Ray Serve's HTTP proxy, and how
-many usage events the billing actor records, with generation taken out of the way (issue 7).
+"""The control-plane benchmark: how many requests one engine replica's serving path carries through HAProxy, and how
+many usage events the billing actor records, with generation taken out of the way (issues 7 and 14).
 
-It runs the real ingress, tokenizer and billing actor (SQLite ledger in a temp data folder; PostgreSQL on request)
-against ``InstantEngineDeploymentDouble`` on a Ray cluster of its own, checks the ledger after every run, and writes
-a Markdown report. It never touches another Ray cluster (no ``ray stop``; a new local instance, shut down after).
+It deploys the second edition as ``anker up`` does (HAProxy direct ingress, the control application and billing
+actor, one application for the model whose engine replica serves the OpenAI API with vLLM's own serving layer), on
+a Ray cluster of its own. The replica's engine client is ``InstantOutputEngineDouble``: vLLM's tokenizer, renderer,
+parsers and the replica's door, meter and billing are real; only generation answers at once. The ledger (SQLite in
+a temp data folder; PostgreSQL on request) is checked after every run, and a Markdown report written. It never
+touches another Ray cluster (no ``ray stop``; a new local instance, shut down after).
 
     python -m loadtests.control_plane --report docs/benchmarks/control-plane.md
 """
@@ -15,7 +18,9 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 import shlex
+import shutil
 import sys
 import tempfile
 import time
@@ -59,8 +64,15 @@ def _int_list(value: str) -> list[int]:
 
 
 def bench_config(data_dir: Path, port: int, models_dir: Path | None) -> AnkerConfig:
-    """The local profile with one model, its data in ``data_dir`` and its HTTP port at ``port``."""
-    config = load_config(DEFAULT_PROFILE, {"ANKER_DATA_DIR": str(data_dir), "ANKER_PORT": str(port)})
+    """The local profile with one model, its data in ``data_dir``, its HTTP port at ``port`` and HAProxy's own
+    listeners on free ports."""
+    env = {
+        "ANKER_DATA_DIR": str(data_dir),
+        "ANKER_PORT": str(port),
+        "ANKER__SERVER__HAPROXY_METRICS_PORT": str(free_port()),
+        "ANKER__SERVER__HAPROXY_STATS_PORT": str(free_port()),
+    }
+    config = load_config(DEFAULT_PROFILE, env)
     model = config.models[0]
     if models_dir is not None:
         model = model.model_copy(update={"path": models_dir.resolve() / model.name})
@@ -68,10 +80,17 @@ def bench_config(data_dir: Path, port: int, models_dir: Path | None) -> AnkerCon
 
 
 @contextlib.contextmanager
-def own_ray() -> Iterator[None]:
-    """A new local Ray instance for this process (random ports, no dashboard), and Serve on it; both shut down."""
+def own_ray(env: dict[str, str]) -> Iterator[None]:
+    """A new local Ray instance for this process (random ports, no dashboard), and Serve on it; both shut down.
+    ``env`` is set first, in this process and so in every Ray process it starts (Serve reads HAProxy's switch when
+    it is first imported)."""
+    os.environ.update(env)
     import ray
     from ray import serve
+    from ray.serve._private import constants
+
+    if env.get("RAY_SERVE_ENABLE_HA_PROXY") and not constants.RAY_SERVE_ENABLE_HA_PROXY:
+        raise RuntimeError("Ray Serve was imported before HAProxy's switch was set")
 
     for attempt in (1, 2):
         try:
@@ -98,7 +117,7 @@ def own_ray() -> Iterator[None]:
         ray.shutdown()
 
 
-# -- (a) the ingress through the HTTP proxy ----------------------------------------------------------------------
+# -- (a) an engine replica's serving path through HAProxy -------------------------------------------------------
 
 
 def create_keys(config: AnkerConfig, tenants: Sequence[str]) -> dict[str, str]:
@@ -116,28 +135,24 @@ def create_keys(config: AnkerConfig, tenants: Sequence[str]) -> dict[str, str]:
         billing.ledger.dispose()
 
 
-def engine_double(config: AnkerConfig, output_tokens: int, tokens_per_delta: int) -> Any:
-    """The instant engine double with the real engine's Serve options (name, request router, max ongoing requests,
-    CPU bundle): only the class differs."""
-    from deployments.builder import engine_options
-    from testkit.doubles import InstantEngineDeploymentDouble
+def engine_double(output_tokens: int, tokens_per_delta: int) -> Any:
+    """The instant engine client double, which the engine replica puts under its meter in place of the real one."""
+    from deployments.server.vllm_layer import EngineClientDouble
+    from testkit.doubles import INSTANT_OUTPUT_ENGINE_DOUBLE
 
-    model = config.models[0]
-    return InstantEngineDeploymentDouble.options(**engine_options(config, model)).bind(  # type: ignore[attr-defined]
-        model.name, output_tokens, tokens_per_delta
-    )
+    settings = {"output_tokens": output_tokens, "tokens_per_delta": tokens_per_delta}
+    return EngineClientDouble(INSTANT_OUTPUT_ENGINE_DOUBLE, settings)
 
 
-def deploy_stack(config: AnkerConfig, engine: Any | None) -> str:
-    """The real app, its engine replaced by ``engine`` unless None (then real vLLM), deployed or redeployed;
-    returns the base URL once /healthz is 200."""
+def deploy_stack(config: AnkerConfig, double: Any | None) -> str:
+    """The second edition's applications, the engine client replaced by ``double`` unless None (then real vLLM),
+    deployed or redeployed; returns the base URL once /healthz is 200."""
     from ray import serve
 
-    from config.naming import APP_NAME
-    from deployments.builder import build_app
+    from deployments.builder import build_apps
 
-    replacements = {config.models[0].name: engine} if engine is not None else None
-    serve.run(build_app(config, engines=replacements), name=APP_NAME, route_prefix="/")
+    apps = build_apps(config, engine_client_double=double)
+    serve.run_many([serve.RunTarget(a.app, a.name, a.route_prefix) for a in apps])
     base_url = f"http://127.0.0.1:{config.server.port}"
     deadline = time.monotonic() + config.stack.startup_timeout_s
     while True:
@@ -188,14 +203,13 @@ async def _measure(
     return await task, process_cpu.between(before, after)
 
 
-def ingress_benchmark(args: argparse.Namespace, data_dir: Path) -> list[IngressRow]:
+def ingress_benchmark(args: argparse.Namespace, config: AnkerConfig) -> list[IngressRow]:
     """Rows per engine double item size, mode and client count; then, with --real-engine, a streaming row on vLLM."""
     from ray import serve
 
     from cluster.local import ensure_models
-    from config.naming import APP_NAME
+    from testkit.doubles import InstantOutputEngineDouble
 
-    config = bench_config(data_dir, free_port(), args.models_dir)
     ensure_models(config, _say)
     # Every client count with the first item size; the other sizes (which only split per-request from per-item
     # cost) and the real engine at the highest count.
@@ -212,10 +226,10 @@ def ingress_benchmark(args: argparse.Namespace, data_dir: Path) -> list[IngressR
     try:
         for (per_delta, stream, concurrency), (tenant, key) in zip(plan, keys.items(), strict=True):
             if not rows or rows[-1].tokens_per_delta != per_delta:
-                what = f"the instant engine double, {per_delta} token(s) per item" if per_delta else "real vLLM"
-                _say(f"deploying the ingress, tokenizer and billing actor with {what} ...")
-                engine = engine_double(config, args.output_tokens, per_delta) if per_delta else None
-                base_url = deploy_stack(config, engine)
+                what = f"the instant engine client double, {per_delta} token(s) per output" if per_delta else "vLLM"
+                _say(f"deploying the second edition, its engine replica on {what} ...")
+                double = engine_double(args.output_tokens, per_delta) if per_delta else None
+                base_url = deploy_stack(config, double)
             load = run_load(
                 base_url,
                 key,
@@ -225,7 +239,7 @@ def ingress_benchmark(args: argparse.Namespace, data_dir: Path) -> list[IngressR
                 output_tokens=args.output_tokens,
                 duration_s=args.duration_s,
                 warmup_s=args.warmup_s,
-                exact=per_delta is not None,
+                piece=InstantOutputEngineDouble.TOKEN_TEXT if per_delta is not None else None,
             )
             run, cpu = asyncio.run(_measure(load, args.warmup_s, args.duration_s))
             row = IngressRow(run, per_delta, cpu, check_ledger(ledger, tenant, run))
@@ -238,7 +252,8 @@ def ingress_benchmark(args: argparse.Namespace, data_dir: Path) -> list[IngressR
             )
     finally:
         ledger.dispose()
-        serve.delete(APP_NAME)
+        for app in serve.status().applications:
+            serve.delete(app)
     return rows
 
 
@@ -262,35 +277,38 @@ def billing_benchmark(
     handle = serve.run(deployment.bind(billing_spec(config)), name=app, route_prefix=None)
     ledger = Ledger(database.database_url(config.data_dir, database_url))
     postgres = process_cpu.postgres_root(database_url) if database_url else None
-    rows = []
-    try:
+
+    async def measure() -> list[BillingRow]:
+        # One event loop for every row: Serve binds the handle's router to the loop that first uses it.
+        rows = []
         for senders in args.billing_senders:
             for batch_size in args.batch_sizes:
                 tenant = f"bench-{label.lower()}-s{senders}-b{batch_size}"
                 before = process_cpu.sample(postgres)
-                run, replay = asyncio.run(
-                    drive_billing(
-                        handle,
-                        label,
-                        tenant,
-                        "bench-key",
-                        config.models[0].name,
-                        batch_size=batch_size,
-                        senders=senders,
-                        duration_s=args.billing_duration_s,
-                    )
+                run, replay = await drive_billing(
+                    handle,
+                    label,
+                    tenant,
+                    "bench-key",
+                    config.models[0].name,
+                    batch_size=batch_size,
+                    senders=senders,
+                    duration_s=args.billing_duration_s,
                 )
                 cpu = process_cpu.between(before, process_cpu.sample(postgres))
-                asyncio.run(check_recorded_once(handle, ledger, run, replay))
+                await check_recorded_once(handle, ledger, run, replay)
                 rows.append(BillingRow(run, cpu))
                 _say(
                     f"  {label:<10} senders={senders} batch={batch_size:<4} {run.events_per_s:8.0f} events/s  "
                     f"call p50 {run.call_ms_median():7.1f} ms  recorded once: {'yes' if run.recorded_once else 'NO'}"
                 )
+        return rows
+
+    try:
+        return asyncio.run(measure())
     finally:
         ledger.dispose()
         serve.delete(app)
-    return rows
 
 
 # -- the command ---------------------------------------------------------------------------------------------------
@@ -299,9 +317,10 @@ def billing_benchmark(
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m loadtests.control_plane",
-        description="Control-plane benchmark: requests/s of one ingress replica through Ray Serve's HTTP proxy (real "
-        "ingress, tokenizer and billing actor; an instant engine double), and usage events/s of the billing actor "
-        "on SQLite (and PostgreSQL with --postgres). Starts a Ray instance of its own and shuts it down.",
+        description="Control-plane benchmark: requests/s of one engine replica's serving path through HAProxy (the "
+        "replica's door, vLLM's serving layer and the billing actor are real; generation answers at once), and usage "
+        "events/s of the billing actor on SQLite (and PostgreSQL with --postgres). Starts a Ray instance of its own "
+        "and shuts it down.",
     )
     load = parser.add_argument_group("ingress load")
     load.add_argument("--concurrency", type=_int_list, default=[1, 4, 16], help="client counts (default: 1,4,16)")
@@ -312,9 +331,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--tokens-per-delta",
         type=_int_list,
         default=[1, 16],
-        help="tokens per item the engine double streams (default: 1,16): every client count with the first, the "
-        "highest with the others (1: one item per token, as vLLM streams; 16: the whole answer in one item, which "
-        "separates the cost per request from the cost per item)",
+        help="tokens per engine output the double gives (default: 1,16): every client count with the first, the "
+        "highest with the others (1: one output per token, as vLLM's engine gives them; 16: the whole answer in one, "
+        "which separates the cost per request from the cost per streamed chunk)",
     )
     billing = parser.add_argument_group("billing load")
     billing.add_argument("--batch-sizes", type=_int_list, default=[1, 16, 256], help="default: 1,16,256")
@@ -338,17 +357,30 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def run(args: argparse.Namespace, command: str) -> Results:
-    started, machine_at_start = datetime.now(UTC), machine()
-    with tempfile.TemporaryDirectory(prefix="anker-cp-bench-") as tmp, own_ray():
-        root = Path(tmp)
-        ingress = ingress_benchmark(args, root / "ingress")
-        billing = billing_benchmark(args, root / "billing-sqlite", "SQLite", None)
-        if args.postgres:
-            from testkit.postgres import throwaway_postgres
+@contextlib.contextmanager
+def _removed(folder: Path) -> Iterator[None]:
+    try:
+        yield
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
 
-            with throwaway_postgres() as url:
-                billing += billing_benchmark(args, root / "billing-postgres", "PostgreSQL", url)
+
+def run(args: argparse.Namespace, command: str) -> Results:
+    from cluster.local import haproxy_dir, haproxy_env
+
+    started, machine_at_start = datetime.now(UTC), machine()
+    with tempfile.TemporaryDirectory(prefix="anker-cp-bench-") as tmp:
+        root = Path(tmp)
+        config = bench_config(root / "ingress", free_port(), args.models_dir)
+        config.run_dir.mkdir(parents=True)
+        with own_ray(haproxy_env(config)), _removed(haproxy_dir(config)):
+            ingress = ingress_benchmark(args, config)
+            billing = billing_benchmark(args, root / "billing-sqlite", "SQLite", None)
+            if args.postgres:
+                from testkit.postgres import throwaway_postgres
+
+                with throwaway_postgres() as url:
+                    billing += billing_benchmark(args, root / "billing-postgres", "PostgreSQL", url)
     return Results(
         command=command,
         started=started,

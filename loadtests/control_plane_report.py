@@ -1,5 +1,5 @@
 """The control-plane benchmark's results and their Markdown report: tables of one run, CPU per request by process,
-the ledger checks, and the headroom arithmetic (cost per request and per streamed item, against engine output).
+the ledger checks, and the headroom arithmetic (cost per request and per streamed output, against the engine's).
 
 It only holds and formats what ``loadtests.control_plane`` measured; it measures nothing itself.
 """
@@ -17,9 +17,12 @@ import psutil
 
 from loadtests.billing_load import BillingRun
 from loadtests.http_load import LoadRun
-from loadtests.process_cpu import CLIENT, OTHER, POSTGRES, PROXY, CpuUse
+from loadtests.process_cpu import CLIENT, HAPROXY, OTHER, POSTGRES, PROXY, CpuUse
 
-PARTS = [CLIENT, PROXY, "Ingress", "Tokenizer", "Billing", "Engine", OTHER]
+# The engine replica (its door, vLLM's serving layer, the engine client and the engine core it started), the
+# control application (models, usage; no generation passes it) and the billing actor, by their deployment names.
+SERVING = "Engine"
+PARTS = [CLIENT, HAPROXY, PROXY, SERVING, "Control", "Billing", OTHER]
 
 
 @dataclass
@@ -48,7 +51,7 @@ class IngressRow:
     def engine(self) -> str:
         if self.tokens_per_delta is None:
             return "vLLM, tiny model"
-        return f"double, {self.tokens_per_delta} token{'s' if self.tokens_per_delta > 1 else ''}/item"
+        return f"double, {self.tokens_per_delta} token{'s' if self.tokens_per_delta > 1 else ''}/output"
 
     @property
     def done(self) -> int:
@@ -181,9 +184,11 @@ def _ingress_tables(results: Results) -> list[str]:
         )
     lines += [
         "",
-        "CPU milliseconds per successful request, by process, over the measured window. *Engine* is the double "
-        "(its Ray streaming cost is real, its generation is not); *load client* is this benchmark's httpx client; "
-        "*outside* is what other work on the shared machine used meanwhile, per request of ours.",
+        "CPU milliseconds per successful request, by process, over the measured window. *Engine* is the engine "
+        "replica: its door (key, admission, metering), vLLM's serving layer (chat template, tokenizer, parsers, "
+        "response and SSE encoding) and, on the double, an idle engine core; with real vLLM it includes generation. "
+        "*HTTP proxy* is Serve's proxy actor, which runs HAProxy beside it; *load client* is this benchmark's httpx "
+        "client; *outside* is what other work on the shared machine used meanwhile, per request of ours.",
         "",
         "| engine | mode | clients | " + " | ".join(PARTS) + " | outside |",
         "| --- | ---: | ---: | " + " | ".join("---:" for _ in PARTS) + " | ---: |",
@@ -265,35 +270,35 @@ def _headroom(results: Results) -> list[str]:
             continue
         rps = best.run.requests_per_s()
         lines.append(
-            f"- **{'Streaming' if stream else 'Non-streaming'}**, {first} token per item: one ingress replica served "
+            f"- **{'Streaming' if stream else 'Non-streaming'}**, {first} token per output: one engine replica served "
             f"**{rps:,.0f} req/s** ({best.run.output_tokens_per_s():,.0f} output tokens/s) at {best.run.concurrency} "
             "clients, the "
-            f"machine {best.cpu.machine_busy_share:.0%} busy. CPU per request: ingress "
-            f"{_fmt(best.cpu_ms_per_request('Ingress'), 2)} ms, HTTP proxy {_fmt(best.cpu_ms_per_request(PROXY), 2)} "
+            f"machine {best.cpu.machine_busy_share:.0%} busy. CPU per request: the engine replica's serving path "
+            f"{_fmt(best.cpu_ms_per_request(SERVING), 2)} ms, HAProxy {_fmt(best.cpu_ms_per_request(HAPROXY), 2)} "
             f"ms, billing actor (key check, admission, usage record) {_fmt(best.cpu_ms_per_request('Billing'), 2)} "
-            f"ms, so one core carries {_per_core(best.cpu_ms_per_request('Ingress'))} req/s through an ingress "
-            f"replica, {_per_core(best.cpu_ms_per_request(PROXY))} through a proxy and "
+            f"ms, so one core carries {_per_core(best.cpu_ms_per_request(SERVING))} req/s through a replica's serving "
+            f"path, {_per_core(best.cpu_ms_per_request(HAPROXY))} through HAProxy and "
             f"{_per_core(best.cpu_ms_per_request('Billing'))} through the billing actor."
         )
-        for part in ("Ingress", PROXY) if stream else ("Ingress",):
+        for part in (SERVING, HAPROXY) if stream else (SERVING,):
             split = _split(results.ingress, stream, part)
             if split is None:
                 continue
             fixed, per_item, small, large = split
             if per_item <= 0:
-                lines.append(f"  - {part}: no cost per streamed item measurable above the noise.")
+                lines.append(f"  - {part}: no cost per streamed output measurable above the noise.")
                 continue
             lines.append(
-                f"  - {part}: about {fixed:.2f} ms per request plus {per_item:.2f} ms per item the engine streams "
-                f"(rows with {small} and {large} tokens per item, same clients), so one core passes at most "
-                f"{_per_core(per_item)} items/s: tokens/s, when the engine sends one token per step."
+                f"  - {part}: about {fixed:.2f} ms per request plus {per_item:.2f} ms per engine output streamed "
+                f"(rows with {small} and {large} tokens per output, same clients), so one core passes at most "
+                f"{_per_core(per_item)} outputs/s: tokens/s, when the engine gives one token per step."
             )
     best_events: dict[str, float] = {}
     for b in results.billing:
         best_events[b.run.database] = max(best_events.get(b.run.database, 0.0), b.run.events_per_s)
     json_best = _best(results.ingress, False, first)
     for database, events in best_events.items():
-        ratio = f", {events / json_best.run.requests_per_s():,.0f}x the ingress's best req/s" if json_best else ""
+        ratio = f", {events / json_best.run.requests_per_s():,.0f}x the replica's best req/s" if json_best else ""
         record_ms = min(b.cpu_ms_per_event("Billing") for b in results.billing if b.run.database == database)
         admission = ""
         if json_best is not None and database == "SQLite":
@@ -311,27 +316,28 @@ def _headroom(results: Results) -> list[str]:
     stream_best = _best(results.ingress, True, first)
     if real is not None and stream_best is not None:
         engine_tps, ingress_tps = real.run.output_tokens_per_s(), stream_best.run.output_tokens_per_s()
+        serving = stream_best.cpu_ms_per_request(SERVING) / max(1.0, _mean_tokens(stream_best))
         lines.append(
             f"- **Engine**: the real vLLM engine (tiny model, one CPU replica) streamed **{engine_tps:,.0f} output "
             f"tokens/s** ({real.run.requests_per_s():,.1f} req/s) at {real.run.concurrency} clients through the same "
-            f"ingress; with the instant double the ingress passed {ingress_tps:,.0f} tokens/s, "
-            f"**{ingress_tps / engine_tps:,.1f}x** what the engine produced. The engine used "
-            f"{_fmt(real.cpu_ms_per_request('Engine') / max(1.0, _mean_tokens(real)), 2)} ms of CPU per output token, "
-            f"the ingress {_fmt(real.cpu_ms_per_request('Ingress') / max(1.0, _mean_tokens(real)), 2)} ms (its whole "
-            "cost per request spread over the answer's tokens)."
+            f"path; with the instant double the replica passed {ingress_tps:,.0f} tokens/s, "
+            f"**{ingress_tps / engine_tps:,.1f}x** what the engine produced. The replica used "
+            f"{_fmt(real.cpu_ms_per_request(SERVING) / max(1.0, _mean_tokens(real)), 2)} ms of CPU per output token "
+            f"with generation, {_fmt(serving, 2)} ms without (its serving path's whole cost per request on the double, "
+            "spread over the answer's tokens)."
             if engine_tps > 0
             else "- **Engine**: the real vLLM engine produced no tokens in its window."
         )
-    costs = [stream_best.cpu_ms_per_request(part) for part in ("Ingress", "Billing")] if stream_best else []
+    costs = [stream_best.cpu_ms_per_request(part) for part in (SERVING, "Billing")] if stream_best else []
     if real is not None and real.run.requests_per_s() > 0 and costs and all(c > 0 for c in costs):
         engine_rps = real.run.requests_per_s()
         ingress_cap, billing_cap = (1000 / c for c in costs)
         lines.append(
-            f"- **Verdict**: per core, one ingress replica carries ~{ingress_cap:,.0f} streamed req/s and the billing "
-            f"actor ~{billing_cap:,.0f} req/s (key check, admission and usage record together), against "
-            f"{engine_rps:,.1f} req/s from the engine: {ingress_cap / engine_rps:,.0f}x and "
-            f"{billing_cap / engine_rps:,.0f}x headroom. The ingress scales out (`stack.ingress_replicas`: it is "
-            "stateless); the billing actor is one replica for the whole deployment, so its figure is the ceiling of "
+            f"- **Verdict**: per core, an engine replica's serving path carries ~{ingress_cap:,.0f} streamed req/s "
+            f"and the billing actor ~{billing_cap:,.0f} req/s (key check, admission and usage record together), "
+            f"against {engine_rps:,.1f} req/s from the engine: {ingress_cap / engine_rps:,.0f}x and "
+            f"{billing_cap / engine_rps:,.0f}x headroom. The serving path comes with each engine replica (it scales "
+            "with them); the billing actor is one replica for the whole deployment, so its figure is the ceiling of "
             "the control plane, however many engine replicas serve."
         )
     engine = args.get("engine_output_tokens_per_s")
@@ -339,7 +345,7 @@ def _headroom(results: Results) -> list[str]:
         ingress_tps = stream_best.run.output_tokens_per_s()
         source = f" ({args['engine_source']})" if args.get("engine_source") else ""
         lines.append(
-            f"- **Engine replica elsewhere**: {engine:,.0f} output tokens/s{source}; the streaming ingress passed "
+            f"- **Engine replica elsewhere**: {engine:,.0f} output tokens/s{source}; the streaming serving path passed "
             f"{ingress_tps:,.0f} tokens/s here, **{ingress_tps / engine:,.1f}x** that."
         )
     return lines
@@ -350,9 +356,10 @@ def render(results: Results) -> str:
     args = results.args
     load = m["load_average"]
     lines = [
-        "# Control-plane benchmark: one ingress replica and the billing actor",
+        "# Control-plane benchmark: an engine replica's serving path and the billing actor",
         "",
-        "Generated by `loadtests/control_plane.py` (issue 7, part 4); every number comes from this one run:",
+        "Generated by `loadtests/control_plane.py` (issue 7, part 4; the second edition since issue 14); every "
+        "number comes from this one run:",
         "",
         "```",
         results.command,
@@ -363,12 +370,13 @@ def render(results: Results) -> str:
         f"(load average {load[0]} / {load[1]} / {load[2]} at the start). Python {m['python']}, Ray {m['ray']}. The "
         "load client, Ray and every deployment share these cores, so absolute rates are low; CPU per request is the "
         "figure that carries over to other machines.",
-        "- Stack: Ray Serve's HTTP proxy, **one** `Ingress` replica, the real `Tokenizer` (chat template and "
-        "tokenizer of the tiny model), the real `Billing` actor (key check, rate limits, usage ledger on SQLite in a "
-        "temp data folder) and `InstantEngineDeploymentDouble` (testkit/doubles.py) with the real engine's Serve "
-        f"options (request router included): {args['output_tokens']} tokens per answer, sent as items of "
-        "*tokens per item* tokens (1: one item per token, as vLLM streams), half the prompt reported as cached; no "
-        "model, no sleep.",
+        "- Stack: the second edition as `anker up` deploys it: Serve's HAProxy direct ingress (with Anker's model "
+        "dispatch), the `Control` application, the real `Billing` actor (key check, rate limits, usage ledger on "
+        "SQLite in a temp data folder) and **one** engine replica serving the OpenAI API with vLLM's own serving "
+        "layer on the tiny model, its engine client replaced by `InstantOutputEngineDouble` (testkit/doubles.py): "
+        f"{args['output_tokens']} tokens per answer, given as engine outputs of *tokens per output* tokens (1: one "
+        "per token, as vLLM's engine gives them), the prompt's whole blocks reported as cached; no generation, no "
+        "sleep.",
         f"- Load: a closed loop of N httpx clients, each sending its next chat completion when its last one ended, "
         f"{args['warmup_s']:g} s warm-up, then {args['duration_s']:g} s measured per row. Every answer is checked "
         "(token count, usage, `[DONE]`). Keys are made through the governance layer as `anker keys create` does, "
@@ -376,14 +384,14 @@ def render(results: Results) -> str:
         "- Ledger check: after each row the ledger must hold exactly one `ok` usage row per successful request "
         "(nothing lost, nothing doubled), with prompt, cached and output tokens summing to what the clients were told.",
         "",
-        "## Ingress through the HTTP proxy",
+        "## An engine replica through HAProxy",
         "",
         *_ingress_tables(results),
         "",
         "## Billing actor: `record` through a deployment handle",
         "",
         "Batches of the outbox's own `UsageReport`s (prompt 100, cached 50, output 16 tokens), sent by concurrent "
-        f"senders that each wait for their acknowledgement, {args['billing_duration_s']:g} s per row. An ingress "
+        f"senders that each wait for their acknowledgement, {args['billing_duration_s']:g} s per row. An engine "
         "replica's outbox sends up to 256 reports per batch, one batch at a time. After each row one acknowledged "
         "batch is sent again (as after a lost acknowledgement): it must add nothing.",
         "",
@@ -394,13 +402,13 @@ def render(results: Results) -> str:
         *_headroom(results),
         "",
         "How to read it: every process here shares two cores, so a req/s row is what the whole stack, load client "
-        "included, manages together, not what the ingress alone could do; the *machine busy* column shows the cores "
+        "included, manages together, not what one part alone could do; the *machine busy* column shows the cores "
         "were the limit. CPU per request is the figure that carries over: 1000 divided by a process's milliseconds "
-        "is what one core of it carries. The engine double makes a token cost nothing, so the ingress's cost per "
-        "streamed item (Ray streaming each item from the engine replica, and the OpenAI chunk it becomes) is what "
-        "bounds the tokens/s one ingress replica passes. The ingress is stateless and scales out with "
-        "`stack.ingress_replicas`; the billing actor does not, so its cost per request (admission and usage record) "
-        "bounds the whole deployment.",
+        "is what one core of it carries. The engine double makes a token cost nothing, so the replica's cost per "
+        "streamed output (vLLM's serving layer turning it into an OpenAI chunk, the meter counting it, the SSE "
+        "bytes) is what bounds the tokens/s one replica's serving path passes beside its engine. The serving path "
+        "comes with every engine replica; the billing actor does not scale out, so its cost per request (admission "
+        "and usage record) bounds the whole deployment.",
         "",
     ]
     return "\n".join(lines)

@@ -105,27 +105,32 @@ def _http_error(response: httpx.Response) -> str:
 
 
 def _token_count_error(body: dict[str, Any], usage: tuple[int, int, int], pieces: int | None) -> str | None:
-    """The instant engine double answers exactly ``max_tokens`` words `` w<k>``; a real engine (``pieces`` None) may
-    stop early, never late."""
+    """The instant engine double answers exactly ``max_tokens`` tokens, each its one text; a real engine (``pieces``
+    None) may stop early, never late."""
     if pieces is None:
         return None if 1 <= usage[0] <= body["max_tokens"] else "wrong token count"
     return None if usage[0] == body["max_tokens"] == pieces else "wrong token count"
 
 
 async def _non_streaming(
-    client: httpx.AsyncClient, body: dict[str, Any], exact: bool
+    client: httpx.AsyncClient, body: dict[str, Any], piece: str | None
 ) -> tuple[str | None, tuple[int, int, int]]:
     response = await client.post("/v1/chat/completions", json=body)
     if response.status_code != 200:
         return _http_error(response), (0, 0, 0)
     answer = response.json()
-    text = answer["choices"][0]["message"]["content"] or ""
+    text = _text(answer["choices"][0]["message"])
     usage = _usage(answer.get("usage"))
-    return _token_count_error(body, usage, text.count(" w") if exact else None), usage
+    return _token_count_error(body, usage, text.count(piece) if piece else None), usage
+
+
+def _text(message: dict[str, Any]) -> str:
+    """What a message or delta says, its reasoning included (a reasoning parser may take any of it for thinking)."""
+    return "".join(message.get(field) or "" for field in ("reasoning", "reasoning_content", "content"))
 
 
 async def _streaming(
-    client: httpx.AsyncClient, body: dict[str, Any], exact: bool
+    client: httpx.AsyncClient, body: dict[str, Any], piece: str | None
 ) -> tuple[str | None, tuple[int, int, int]]:
     usage: tuple[int, int, int] = (0, 0, 0)
     pieces = 0
@@ -141,12 +146,12 @@ async def _streaming(
             if "error" in chunk:
                 return f"error event {chunk['error'].get('code')}", usage
             for choice in chunk.get("choices", ()):
-                pieces += (choice["delta"].get("content") or "").count(" w")
+                pieces += _text(choice["delta"]).count(piece) if piece else 0
             if chunk.get("usage"):
                 usage = _usage(chunk["usage"])
     if not done:
         return "stream without [DONE]", usage
-    return _token_count_error(body, usage, pieces if exact else None), usage
+    return _token_count_error(body, usage, pieces if piece else None), usage
 
 
 async def run_load(
@@ -159,11 +164,11 @@ async def run_load(
     output_tokens: int,
     duration_s: float,
     warmup_s: float,
-    exact: bool = True,
+    piece: str | None = None,
     timeout_s: float = 60.0,
 ) -> LoadRun:
     """``concurrency`` clients send requests for ``warmup_s + duration_s``; the last ``duration_s`` are measured.
-    ``exact``: every answer must be exactly ``output_tokens`` long (the engine double's answers)."""
+    ``piece``: every answer must be exactly ``output_tokens`` of this text long (the engine double's answers)."""
     body = chat_body(model, output_tokens, stream)
     call = _streaming if stream else _non_streaming
     run = LoadRun(stream, concurrency, output_tokens)
@@ -176,7 +181,7 @@ async def run_load(
         while time.monotonic() < run.window[1]:
             sent = time.monotonic()
             try:
-                error, usage = await call(client, body, exact)
+                error, usage = await call(client, body, piece)
             except httpx.HTTPError as exc:
                 error, usage = type(exc).__name__, (0, 0, 0)
             run.answers.append(Answer(time.monotonic() - sent, sent, error, *usage))

@@ -13,14 +13,10 @@ import inspect
 from collections.abc import AsyncGenerator, Callable
 from typing import Any
 
-from ray import serve
-
-from autoscaling.queue_policy import KV_CACHE_METRIC, QUEUE_METRIC
 from deployments.contracts import (
     ChatTurn,
     Delta,
     EngineFailure,
-    EngineLoad,
     Prepared,
     Sampling,
     TokenLogprob,
@@ -142,7 +138,6 @@ class _RemoteMethod:
 
 __all__ = [
     "InProcessHandleDouble",
-    "InstantEngineDeploymentDouble",
     "InstantEngineDouble",
     "LocalTokenizerClient",
     "PlacementProbeDouble",
@@ -161,62 +156,6 @@ class PlacementProbeDouble:
 
         context = ray.get_runtime_context()
         return {"node_id": context.get_node_id(), "gpu_ids": context.get_accelerator_ids().get("GPU", [])}
-
-
-@serve.deployment(name="InstantEngineDeploymentDouble", health_check_period_s=5)
-class InstantEngineDeploymentDouble:
-    """Stands in for the ``Engine`` deployment where generation is not what is measured (the control-plane benchmark,
-    loadtests/control_plane.py): the same methods, no model and no sleep. Every request gets
-    ``min(max_tokens, output_tokens)`` tokens at once, ``tokens_per_delta`` per streamed item (1: one item per token,
-    as vLLM decodes), with half the prompt reported as cached, so the ingress, tokenizer and billing run as in
-    production."""
-
-    def __init__(self, model: str, output_tokens: int = 16, tokens_per_delta: int = 1) -> None:
-        if output_tokens < 1 or tokens_per_delta < 1:
-            raise ValueError("output_tokens and tokens_per_delta must be at least 1")
-        self._model = model
-        self._output_tokens = output_tokens
-        self._tokens_per_delta = tokens_per_delta
-        self._in_flight = 0
-
-    async def generate(
-        self,
-        request_id: str,
-        token_ids: tuple[int, ...],
-        sampling: Sampling,
-        max_tokens: int,
-        trace: dict[str, str] | None = None,
-        block_hashes: tuple[int, ...] = (),
-        cache_salt: str | None = None,
-    ) -> AsyncGenerator[EngineItem, None]:
-        count = min(max_tokens, self._output_tokens)
-        finish = "length" if count == max_tokens else "stop"
-        cached = len(token_ids) // 2
-        self._in_flight += 1
-        try:
-            for start in range(0, count, self._tokens_per_delta):
-                end = min(count, start + self._tokens_per_delta)
-                yield [
-                    Delta(
-                        index=index,
-                        text="".join(f" w{k}" for k in range(start, end)),
-                        token_ids=tuple(range(start, end)),
-                        num_cached_tokens=cached,
-                        finish_reason=finish if end == count else None,
-                    )
-                    for index in range(sampling.n)
-                ]
-        finally:
-            self._in_flight -= 1
-
-    async def ready(self) -> bool:
-        return True
-
-    async def load(self) -> EngineLoad:
-        return EngineLoad(self._model, True, running=self._in_flight, waiting=0, in_flight=self._in_flight)
-
-    async def record_autoscaling_stats(self) -> dict[str, float]:
-        return {QUEUE_METRIC: float(self._in_flight), KV_CACHE_METRIC: 0.0}
 
 
 class ScriptedOutputEngineDouble:

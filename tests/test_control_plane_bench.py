@@ -1,5 +1,6 @@
 """The control-plane benchmark (loadtests/control_plane.py) at tiny size, run as its documented command: it starts
-a Ray instance of its own, drives the real ingress and billing actor, and its ledger checks must pass.
+a Ray instance of its own, deploys the second edition behind HAProxy (an engine replica whose engine client answers
+at once), drives it and the billing actor, and its ledger checks must pass.
 
 No timing threshold: only that every figure is there and sane, every answer was right and every request was billed
 exactly once, on SQLite and on PostgreSQL.
@@ -18,7 +19,9 @@ import pytest
 pytestmark = pytest.mark.stack
 
 ROOT = Path(__file__).resolve().parent.parent
-PARTS = ("HTTP proxy", "Ingress", "Tokenizer", "Billing", "Engine")
+# HAProxy, the engine replica (door and vLLM's serving layer) and the billing actor each did work for every row; the
+# control application serves no generation, and Serve's proxy actor only manages HAProxy.
+PARTS = ("HAProxy", "Engine", "Billing")
 
 
 def test_control_plane_benchmark_measures_and_bills_each_request_once(
@@ -89,5 +92,5 @@ def test_control_plane_benchmark_measures_and_bills_each_request_once(
 
     text = report.read_text()
     assert "python -m loadtests.control_plane --concurrency 2" in text
-    assert "## Ingress through the HTTP proxy" in text and "## Billing actor" in text and "## Headroom" in text
+    assert "## An engine replica through HAProxy" in text and "## Billing actor" in text and "## Headroom" in text
     assert "❌" not in text
