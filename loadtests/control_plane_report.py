@@ -280,7 +280,8 @@ def _headroom(results: Results) -> list[str]:
             f"path, {_per_core(best.cpu_ms_per_request(HAPROXY))} through HAProxy and "
             f"{_per_core(best.cpu_ms_per_request('Billing'))} through the billing actor."
         )
-        for part in (SERVING, HAPROXY) if stream else (SERVING,):
+        # A non-streamed answer is one engine output (vLLM asks for the final one only): nothing to split.
+        for part in (SERVING, HAPROXY) if stream else ():
             split = _split(results.ingress, stream, part)
             if split is None:
                 continue
