@@ -15,7 +15,7 @@ import functools
 import json
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
@@ -266,8 +266,6 @@ def document(app: FastAPI) -> dict[str, Any]:
 def openapi_document() -> dict[str, Any]:
     """The published document, from the routes as they are served: the control application's and the engine
     replica's. It depends on the routes only, so neither is built with a service behind it."""
-    from typing import cast
-
     from deployments.openai.accounts import Accounts
     from deployments.openai.control_app import Catalog, accounts_app
     from deployments.server import chat, completions, responses

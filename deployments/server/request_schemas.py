@@ -21,6 +21,7 @@ from deployments.server.requests import (
     MAX_STOP,
     MAX_STOP_CHARS,
     MAX_TOKEN_ID,
+    TURNS,
 )
 
 
@@ -357,11 +358,6 @@ def documented(endpoint: str) -> frozenset[str]:
     return frozenset(field.alias or name for name, field in REQUESTS[endpoint].model_fields.items())
 
 
-# Where a turn's fields are: a null there is not set either (vLLM takes an assistant turn's ``tool_calls: null``
-# only beside a ``content``, and an input item's ``type: null`` not at all).
-_TURNS = {"chat": "messages", "responses": "input"}
-
-
 def conforming(body: dict[str, Any], endpoint: str) -> dict[str, Any]:
     """``body`` (past ``checked_body``'s own checks) if the document allows it for ``endpoint``, typed strictly as JSON
     Schema types it (``true`` is no integer, ``"5"`` no number), without its nulls at the top and in each turn:
@@ -377,7 +373,9 @@ def conforming(body: dict[str, Any], endpoint: str) -> dict[str, Any]:
         where = f"'{param}'" if param is not None else "the request body"
         raise InvalidValue(f"Invalid value for {where}: {first['msg']}.", param) from None
     body = {name: value for name, value in body.items() if value is not None}
-    turns = body.get(_TURNS.get(endpoint, ""))
+    # A null in a turn is not set either: vLLM takes an assistant turn's ``tool_calls: null`` only beside a
+    # ``content``, and an input item's ``type: null`` not at all.
+    turns = body.get(TURNS.get(endpoint, ""))
     if isinstance(turns, list):  # (validated: each turn is an object)
-        body[_TURNS[endpoint]] = [{k: v for k, v in turn.items() if v is not None} for turn in turns]
+        body[TURNS[endpoint]] = [{k: v for k, v in turn.items() if v is not None} for turn in turns]
     return body

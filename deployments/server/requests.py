@@ -148,9 +148,7 @@ def checked_body(raw: bytes, endpoint: str) -> dict[str, Any]:
                 else "Unrecognized request argument supplied.",
                 name if named else None,
             )
-    choices = body.get("n")
-    if isinstance(choices, float) and choices.is_integer():
-        choices = int(choices)  # 2.0 is the integer 2, as JSON Schema counts it
+    choices = body.get("n")  # (2.0 was parsed as the integer 2, as JSON Schema counts it)
     if choices is not None and (type(choices) is not int or not 1 <= choices <= MAX_CHOICES):
         # vLLM takes any n, and a key's rate limit would refuse a large one as if the client were too busy.
         raise InvalidValue(f"'n' must be an integer from 1 to {MAX_CHOICES}.", "n")
@@ -183,15 +181,16 @@ def checked_body(raw: bytes, endpoint: str) -> dict[str, Any]:
     return body
 
 
-_IMAGE_PARTS = {"chat": ("messages", "image_url"), "responses": ("input", "input_image")}
+TURNS = {"chat": "messages", "responses": "input"}  # where an endpoint's body holds the conversation's turns
+_IMAGE_PART = {"chat": "image_url", "responses": "input_image"}  # the type of an image part of a turn's content
 
 
 def refuse_images(body: dict[str, Any], endpoint: str) -> None:
     """For a model that reads no images: an image part anywhere in the conversation is refused by name (vLLM
     refuses it without saying what it refused)."""
-    if endpoint not in _IMAGE_PARTS:
+    if endpoint not in TURNS:
         return
-    param, kind = _IMAGE_PARTS[endpoint]
+    param, kind = TURNS[endpoint], _IMAGE_PART[endpoint]
     turns = body.get(param)
     if not isinstance(turns, list):
         return
