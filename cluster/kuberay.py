@@ -58,21 +58,20 @@ def _env(config: AnkerConfig, profile: Path) -> list[dict[str, Any]]:
             "valueFrom": {"secretKeyRef": {"name": "anker-database", "key": "url"}},
         },
     ]
-    if config.stack.ingress == "haproxy":
-        # Ray Serve's HAProxy on every node, through Anker's program, which adds the model dispatch (it reads the
-        # served models from ANKER_CONFIG) and keeps the metrics and stats listeners on loopback.
-        env += [
-            {"name": "RAY_SERVE_ENABLE_HA_PROXY", "value": "1"},
-            {"name": "RAY_SERVE_THROUGHPUT_OPTIMIZED", "value": "1"},
-            {"name": "RAY_SERVE_HAPROXY_BINARY_PATH", "value": HAPROXY_PROGRAM},
-            {"name": "RAY_SERVE_INGRESS_REQUEST_ROUTER_FORWARD_BODY", "value": "1"},
-            {"name": "RAY_SERVE_HAPROXY_METRICS_PORT", "value": str(config.server.haproxy_metrics_port)},
-            {"name": "RAY_SERVE_HAPROXY_STATS_PORT", "value": str(config.server.haproxy_stats_port)},
-            {
-                "name": "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S",
-                "value": str(config.server.haproxy_deregistration_s),
-            },
-        ]
+    # Ray Serve's HAProxy on every node, through Anker's program, which adds the model dispatch (it reads the
+    # served models from ANKER_CONFIG) and keeps the metrics and stats listeners on loopback.
+    env += [
+        {"name": "RAY_SERVE_ENABLE_HA_PROXY", "value": "1"},
+        {"name": "RAY_SERVE_THROUGHPUT_OPTIMIZED", "value": "1"},
+        {"name": "RAY_SERVE_HAPROXY_BINARY_PATH", "value": HAPROXY_PROGRAM},
+        {"name": "RAY_SERVE_INGRESS_REQUEST_ROUTER_FORWARD_BODY", "value": "1"},
+        {"name": "RAY_SERVE_HAPROXY_METRICS_PORT", "value": str(config.server.haproxy_metrics_port)},
+        {"name": "RAY_SERVE_HAPROXY_STATS_PORT", "value": str(config.server.haproxy_stats_port)},
+        {
+            "name": "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S",
+            "value": str(config.server.haproxy_deregistration_s),
+        },
+    ]
     return env
 
 
@@ -108,11 +107,9 @@ def _volumes(name: str) -> list[dict[str, Any]]:
 
 
 def serve_applications(config: AnkerConfig, profile: Path) -> list[dict[str, Any]]:
-    """serveConfigV2's applications: the first edition's one, or the second's control application and one per
-    model (``deployments.builder.build_apps``), each built by ``app_from_args`` from the mounted profile."""
+    """serveConfigV2's applications: the control application and one per model
+    (``deployments.builder.build_apps``), each built by ``app_from_args`` from the mounted profile."""
     args = {"config": f"{CONFIG_MOUNT}/{profile.name}"}
-    if config.stack.ingress != "haproxy":
-        return [{"name": APP_NAME, "import_path": APP_IMPORT_PATH, "route_prefix": "/", "args": args}]
     apps = [(APP_NAME, "/")] + [(model_app_name(m.name), model_route_prefix(m.name)) for m in config.models]
     return [
         {"name": name, "import_path": APP_IMPORT_PATH, "route_prefix": prefix, "args": {**args, "app": name}}

@@ -179,13 +179,11 @@ def haproxy_dir(config: AnkerConfig) -> Path:
 
 
 def haproxy_env(config: AnkerConfig) -> dict[str, str]:
-    """Ray Serve's HAProxy direct ingress for the head (none for the first edition's stack), run through Anker's
-    program that adds the model dispatch (deployments/server/haproxy.py), with the map of served models."""
+    """Ray Serve's HAProxy direct ingress for the head, run through Anker's program that adds the model dispatch
+    (deployments/server/haproxy.py), with the map of served models."""
     from config.naming import model_route_prefix
     from deployments.server.haproxy import MODEL_MAP_ENV, model_map
 
-    if config.stack.ingress != "haproxy":
-        return {}
     folder = haproxy_dir(config)
     folder.mkdir(mode=0o700, exist_ok=True)
     map_path = config.run_dir / "haproxy-models.map"
@@ -245,25 +243,20 @@ def _wait_for_gcs(config: AnkerConfig, head: subprocess.Popen[bytes], timeout_s:
 
 
 def _deploy(config: AnkerConfig, say: Say, head: subprocess.Popen[bytes] | None = None) -> None:
-    if config.stack.ingress == "haproxy":
-        # Serve builds the applications in this process, and refuses an ingress request router unless HAProxy's
-        # switch is on here too; it reads the switch when first imported.
-        os.environ["RAY_SERVE_ENABLE_HA_PROXY"] = "1"
+    # Serve builds the applications in this process, and refuses an ingress request router unless HAProxy's switch
+    # is on here too; it reads the switch when first imported.
+    os.environ["RAY_SERVE_ENABLE_HA_PROXY"] = "1"
     from ray import serve
     from ray.serve._private import constants
 
-    if config.stack.ingress == "haproxy" and not constants.RAY_SERVE_ENABLE_HA_PROXY:
+    if not constants.RAY_SERVE_ENABLE_HA_PROXY:
         raise RuntimeError("Ray Serve was imported before HAProxy's switch was set: the deploy cannot use HAProxy")
 
-    from config.naming import APP_NAME
-    from deployments.builder import build_app, build_apps
+    from deployments.builder import build_apps
 
     connect(config)
     serve.start(http_options={"host": config.server.host, "port": config.server.port})
-    if config.stack.ingress == "haproxy":
-        targets = [serve.RunTarget(a.app, a.name, a.route_prefix) for a in build_apps(config)]
-    else:
-        targets = [serve.RunTarget(build_app(config), APP_NAME, "/")]
+    targets = [serve.RunTarget(a.app, a.name, a.route_prefix) for a in build_apps(config)]
     failure: list[BaseException] = []
 
     def run() -> None:

@@ -244,13 +244,6 @@ class RayConfig(_Strict):
 class StackConfig(_Strict):
     """Per-stage deployment sizing: small enough that the whole stack fits on a 2-core machine."""
 
-    ingress: Literal["serve_proxy", "haproxy"] = Field(
-        default="haproxy",
-        description="haproxy: Serve's HAProxy direct ingress in front of one application per model whose engine "
-        "replicas serve HTTP, and a control application (docs/architecture.md). serve_proxy: the first edition, "
-        "Serve's proxy in front of one application (ingress, tokenizer, engines, billing), until it is deleted.",
-    )
-
     ingress_num_cpus: float = Field(default=0.25, ge=0)
     ingress_replicas: int = Field(default=1, ge=1)
     tokenizer_num_cpus: float = Field(default=0.25, ge=0)
@@ -260,10 +253,9 @@ class StackConfig(_Strict):
     engine_max_queued_requests: int = Field(
         default=256,
         ge=1,
-        description="Requests an ingress replica holds for a model while every engine replica is at "
-        "engine_max_ongoing_requests; beyond that, clients get 503 engine_overloaded with Retry-After at once. "
-        "With stack.ingress haproxy, each engine replica takes engine_max_ongoing_requests + this many calls at "
-        "once (what vLLM does not run yet waits in its queue), and refuses the rest so.",
+        description="Requests an engine replica holds beyond engine_max_ongoing_requests: it takes "
+        "engine_max_ongoing_requests + this many calls at once (what vLLM does not run yet waits in its queue); "
+        "beyond that, clients get 503 engine_overloaded with Retry-After at once.",
     )
     overload_retry_after_s: int = Field(default=2, ge=1, description="Retry-After of an engine_overloaded answer.")
     drain_timeout_s: float = Field(

@@ -280,15 +280,13 @@ def build_apps(config: AnkerConfig, engine_client_double: EngineClientDouble | N
 
 def app_from_args(args: dict[str, str]) -> serve.Application:
     """Serve's application builder for config files (a KubeRay RayService's serveConfigV2):
-    ``import_path: deployments.builder:app_from_args`` with ``args: {config: /etc/anker/profile.yaml}``, and with
-    ``stack.ingress: haproxy`` one entry per application of ``build_apps``, each naming its own (``app: <name>``)."""
+    ``import_path: deployments.builder:app_from_args`` with ``args: {config: /etc/anker/profile.yaml, app: <name>}``,
+    one entry per application of ``build_apps``, each naming its own."""
     import os
 
     from config.settings import load_config
 
     config = load_config(args.get("config"), dict(os.environ))
-    if config.stack.ingress != "haproxy":
-        return build_app(config)
     apps = {a.name: a.app for a in build_apps(config)}
     if args.get("app") not in apps:
         raise ValueError(f"args.app must name one of this profile's applications: {', '.join(sorted(apps))}")

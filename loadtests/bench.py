@@ -39,9 +39,8 @@ from loadtests.bench_client import Measured, run_conversations, run_requests
 from loadtests.bench_stats import Summary, summarize
 from loadtests.bench_targets import ROOT, Endpoint, EngineFlags, TargetError, bare_vllm, ray_serve_llm
 from loadtests.workloads import ChatRequest, Conversation, shared_prefix, short_chat
-from testkit.ports import free_port
 
-TARGETS = ("anker", "anker-direct", "vllm", "ray-serve-llm", "ray-serve-llm-direct")
+TARGETS = ("anker", "vllm", "ray-serve-llm", "ray-serve-llm-direct")
 WORKLOADS = ("short_chat", "shared_prefix", "multi_turn")
 POLICIES = ("prefix_aware", "power_of_two")
 REQUEST_WORKLOADS: dict[str, Callable[[random.Random], ChatRequest]] = {
@@ -221,16 +220,7 @@ def launcher(
 ) -> contextlib.AbstractContextManager[Endpoint]:
     flags = EngineFlags.of(config, config.models[0])
     if target == "anker":
-        # The first edition: Serve's proxy, the ingress, the tokenizer and the engine deployments.
-        return anker(derived, work_dir, "side-by-side", {"ANKER__STACK__INGRESS": "serve_proxy"})
-    if target == "anker-direct":
-        # The second edition: Serve's HAProxy direct ingress, the engine replica serving the API itself.
-        haproxy = {
-            "ANKER__STACK__INGRESS": "haproxy",
-            "ANKER__SERVER__HAPROXY_METRICS_PORT": str(free_port()),
-            "ANKER__SERVER__HAPROXY_STATS_PORT": str(free_port()),
-        }
-        return anker(derived, work_dir, "direct", haproxy, target)
+        return anker(derived, work_dir, "side-by-side", {})
     if target == "vllm":
         return bare_vllm(flags, work_dir)
     return ray_serve_llm(flags, work_dir, direct=target == "ray-serve-llm-direct")
@@ -288,7 +278,7 @@ def setup_facts(
         "model": f"`{model.name}` ({f'tiny {model.build}, random weights' if model.build else model.path}), "
         f"from `--config {args.config}`",
         "vLLM engine arguments (all targets)": f"`{flags.engine_kwargs}`",
-        "vLLM frontend parsers (all but the first edition's Anker, which has none)": f"`{flags.serving_kwargs}`",
+        "vLLM frontend parsers (all targets)": f"`{flags.serving_kwargs}`",
         "engine environment (all targets)": f"`{flags.env}`",
         "bare vLLM": "`python -m vllm.entrypoints.openai.api_server` with those arguments and parsers as flags, "
         "plus `--enable-prompt-tokens-details`",
@@ -298,8 +288,8 @@ def setup_facts(
         "Ray Serve LLM, direct": "the same with `RAY_SERVE_LLM_ENABLE_DIRECT_STREAMING=1` and Serve's HAProxy "
         "(`RAY_SERVE_ENABLE_HA_PROXY=1`): the LLM server is the application's ingress",
         "Anker": "`anker up --detach` with a data folder and ports of its own, serving only this model, 1 engine "
-        "replica; requests with an API key. Anker, direct: the same with `stack.ingress: haproxy` (the second "
-        "edition: Serve's HAProxy, the engine replica serving the API itself)",
+        "replica; requests with an API key (Serve's HAProxy direct ingress, the engine replica serving the API "
+        "itself)",
         "order": f"{', '.join(targets)}: all running at once; {sizes.rounds} rounds, each target running every "
         "workload in turn, the order rotated by one target each round",
         "load": f"closed loop, max_tokens {sizes.max_tokens}, seed {args.seed} (every target gets the same "

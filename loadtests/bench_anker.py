@@ -18,7 +18,7 @@ from pathlib import Path
 import yaml
 
 from cluster.local import HEAD_LOG, ray_auth_env, read_state
-from config.naming import APP_NAME, engine_deployment_name, model_app_name
+from config.naming import engine_deployment_name, model_app_name
 from config.schema import AnkerConfig
 from config.settings import load_config
 from loadtests.bench_targets import (
@@ -102,7 +102,7 @@ def _down(env: dict[str, str], log: Path) -> None:
 def _running_replicas(stack: AnkerConfig, env: dict[str, str]) -> int:
     """Running replicas of the (only) model's engine deployment, from Serve's own CLI (token auth included)."""
     address = f"http://{stack.ray.dashboard_host}:{stack.ray.dashboard_port}"
-    app = model_app_name(stack.models[0].name) if stack.stack.ingress == "haproxy" else APP_NAME
+    app = model_app_name(stack.models[0].name)
     status = subprocess.run(
         [SERVE, "status", "--address", address, "--name", app],
         env={**env, **ray_auth_env(stack)},
@@ -149,7 +149,7 @@ def anker(
     config_path: Path, work_dir: Path, label: str, overrides: dict[str, str], target: str = "anker"
 ) -> Iterator[Endpoint]:
     """The stack serving the profile's (only) model; ``overrides`` are ``ANKER__...`` settings (replicas, router
-    policy, the edition). The endpoint is handed out once every engine replica runs."""
+    policy). The endpoint is handed out once every engine replica runs."""
     data_dir = work_dir / f"anker-{label}"
     log = work_dir / f"anker-{label}.log"
     taken: set[int] = set()
@@ -163,6 +163,8 @@ def anker(
         ANKER__RAY__CLIENT_SERVER_PORT=str(free_port(taken)),
         ANKER__RAY__DASHBOARD_AGENT_LISTEN_PORT=str(free_port(taken)),
         ANKER__RAY__METRICS_EXPORT_PORT=str(free_port(taken)),
+        ANKER__SERVER__HAPROXY_METRICS_PORT=str(free_port(taken)),
+        ANKER__SERVER__HAPROXY_STATS_PORT=str(free_port(taken)),
         **overrides,
     )
     stack = load_config(config_path, env)

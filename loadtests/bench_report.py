@@ -22,14 +22,12 @@ LATENCIES = (
 )
 TARGET_TITLES = {
     "anker": "Anker",
-    "anker-direct": "Anker, direct",
     "vllm": "bare vLLM",
     "ray-serve-llm": "Ray Serve LLM",
     "ray-serve-llm-direct": "Ray Serve LLM, direct",
 }
 COLOURS = {
     "anker": "#1f6f8b",
-    "anker-direct": "#2a9d8f",
     "vllm": "#99a3a4",
     "ray-serve-llm": "#e07a1f",
     "ray-serve-llm-direct": "#f4a261",
@@ -394,7 +392,7 @@ def _idle_table(idle: dict[str, dict[str, float]]) -> list[str]:
 
 
 def _goals_table(rounds: Sequence[Round], workloads: Sequence[str]) -> list[str]:
-    anker = [t for t in ("anker", "anker-direct") if any(r.target == t for r in rounds)]
+    anker = [t for t in ("anker",) if any(r.target == t for r in rounds)]
     lines = [
         "| figure | workload | goal | " + " | ".join(_title(t) for t in anker) + " |",
         "| --- | --- | --- |" + " ---: |" * len(anker),

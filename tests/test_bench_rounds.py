@@ -17,16 +17,16 @@ def round_of(number: int, target: str, tok_s: float, ttft: float, cpu: dict[str,
 
 ROUNDS = [
     round_of(1, "vllm", 300.0, 100.0, {"vLLM engine core": 2000.0}),
-    round_of(1, "anker-direct", 291.0, 104.0, {"vLLM engine core": 2000.0, "replica Engine-x": 50.0}),
+    round_of(1, "anker", 291.0, 104.0, {"vLLM engine core": 2000.0, "replica Engine-x": 50.0}),
     round_of(2, "vllm", 150.0, 200.0, {"vLLM engine core": 2000.0}),  # the machine slowed down for both
-    round_of(2, "anker-direct", 147.0, 203.0, {"vLLM engine core": 2000.0, "replica Engine-x": 150.0}),
+    round_of(2, "anker", 147.0, 203.0, {"vLLM engine core": 2000.0, "replica Engine-x": 150.0}),
     round_of(3, "vllm", 200.0, 150.0, {"vLLM engine core": 2000.0}),
-    round_of(3, "anker-direct", 180.0, 160.0, {"vLLM engine core": 2000.0, "replica Engine-x": 80.0}),
+    round_of(3, "anker", 180.0, 160.0, {"vLLM engine core": 2000.0, "replica Engine-x": 80.0}),
 ]
 
 
 def test_each_round_is_compared_with_bare_vllm_in_the_same_round() -> None:
-    figures = _round_figures(ROUNDS, "short_chat", "anker-direct")
+    figures = _round_figures(ROUNDS, "short_chat", "anker")
     assert figures["tok/s ratio"] == pytest.approx([0.97, 0.98, 0.9])
     assert figures["TTFT p50 added (ms)"] == pytest.approx([4.0, 3.0, 10.0])
     assert figures["CPU ms added per output token"] == pytest.approx([0.05, 0.15, 0.08])
@@ -80,7 +80,7 @@ def test_added_cpu_is_the_works_net_of_what_each_target_spends_at_rest() -> None
     # A Ray stack at rest spends 40 ms/s (400 ms in these 10 s) more than bare vLLM: not the work's.
     anker = Round(
         1,
-        "anker-direct",
+        "anker",
         "short_chat",
         **summary,
         cpu_ms={"vLLM engine core": 2000.0, "raylet": 550.0},
@@ -88,7 +88,7 @@ def test_added_cpu_is_the_works_net_of_what_each_target_spends_at_rest() -> None
         wall_s=10.0,
         idle_cpu_ms=500.0,
     )
-    figures = _round_figures([vllm, anker], "short_chat", "anker-direct")
+    figures = _round_figures([vllm, anker], "short_chat", "anker")
     # (2550 - 500) / 1000 for Anker against (2000 - 100) / 1000 for bare vLLM.
     assert figures["CPU ms added per output token"] == pytest.approx([0.15])
     assert figures["CPU ms per output token"] == pytest.approx([2.55])  # all of it, at rest or not

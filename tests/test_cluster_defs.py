@@ -148,16 +148,6 @@ def test_launcher_config_passes_rays_schema(profile: Path) -> None:
     assert f"{REGION_LABEL}=dk" in " ".join(launcher["worker_start_ray_commands"])
 
 
-def test_the_serve_config_import_path_builds_the_first_editions_app(tmp_path: Path) -> None:
-    from ray.serve import Application
-
-    from deployments.builder import app_from_args
-
-    profile = tmp_path / "first.yaml"
-    profile.write_text(DEFAULT_PROFILE.read_text().replace("stack:\n", "stack:\n  ingress: serve_proxy\n", 1))
-    assert isinstance(app_from_args({"config": str(profile)}), Application)
-
-
 def test_the_rayservice_deploys_an_application_per_model_behind_haproxy(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -171,7 +161,6 @@ def test_the_rayservice_deploys_an_application_per_model_behind_haproxy(
 
     profile = DEFAULT_PROFILE
     config = load_config(profile, {})
-    assert config.stack.ingress == "haproxy"  # the default
     [*_, service] = [d for d in kuberay.rayservice_documents(config, profile) if d["kind"] == "RayService"]
     apps = yaml.safe_load(service["spec"]["serveConfigV2"])["applications"]
     assert [(a["name"], a["route_prefix"]) for a in apps] == [
