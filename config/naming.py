@@ -8,7 +8,7 @@ import re
 
 from config.schema import ModelConfig
 
-APP_NAME = "anker"  # the first edition's one application; the second edition's control application
+APP_NAME = "anker"  # the control application, at "/"
 BILLING_DEPLOYMENT = "Billing"
 REGION_LABEL = "anker/region"  # the Ray node label a region's nodes carry (KubeRay: rayStartParams labels)
 
@@ -26,7 +26,7 @@ def engine_deployment_name(model: ModelConfig) -> str:
 
 
 def router_deployment_name(model: ModelConfig) -> str:
-    """The ingress request router of a model's own application (the second edition's, when it may scale out)."""
+    """The ingress request router of a model's own application (when the model may scale out)."""
     return f"Router-{deployment_suffix(model.name)}"
 
 
@@ -39,5 +39,5 @@ MODEL_APP_PREFIX = "model-"
 
 
 def model_app_name(model_name: str) -> str:
-    """The Serve application of a model's own engine replicas (the second edition's, one per model)."""
+    """The Serve application of a model's own engine replicas (one per model)."""
     return MODEL_APP_PREFIX + deployment_suffix(model_name)

@@ -1,11 +1,9 @@
 """The builder: the only place that knows the whole graph. It turns an ``AnkerConfig`` into bound Serve apps.
 
-The first edition (``build_app``): Ingress -> Tokenizer, Ingress -> one Engine deployment per model, Ingress ->
-Billing, composed with ``.bind()`` in one application. The second (``build_apps``): a control application at ``/``
-that holds the billing actor, and one application per model whose engine replicas serve HTTP themselves (with an
-ingress request router when the model may run more than one replica); they reach the billing actor by its
-application and deployment name, since Serve keeps an application's deployments its own.
-Deployments receive their specs and handles here.
+``build_apps``: a control application at ``/`` that holds the billing actor, and one application per model whose
+engine replicas serve HTTP themselves (with an ingress request router when the model may run more than one
+replica); they reach the billing actor by its application and deployment name, since Serve keeps an application's
+deployments its own. Deployments receive their specs here.
 """
 
 from __future__ import annotations
@@ -30,21 +28,17 @@ from config.schema import AnkerConfig, ModelConfig
 from deployments.billing.actor import Billing
 from deployments.billing.service import billing_spec
 from deployments.control import ControlServer, ControlSpec, ModelApp
-from deployments.engine import Engine
-from deployments.ingress import Ingress, IngressSpec
 from deployments.openai.catalog import ServedModel, model_card
 from deployments.server.replica import EngineServer, ReplicaSpec
 from deployments.server.route import IngressRouter, RouteSpec
 from deployments.server.vllm_layer import EngineClientDouble, ServingSpec
 from deployments.server.vllm_start import EngineSpec
-from deployments.tokenizer import Tokenizer, TokenizerSpec
 
 # Serve's access log writes a line per request: not on the hot path (nor, under zero data retention, anywhere).
 NO_ACCESS_LOG = {"enable_access_log": False}
 
-# The engine deployments' request routers (Ray Serve's extension point): the first edition's runs in the ingress,
-# which holds the handles; the second edition's in the model application's ingress request router, which HAProxy asks.
-PREFIX_AWARE_ROUTER = "deployments.router.PrefixAwareRouter"
+# The engine deployment's request router (Ray Serve's extension point), in the model application's ingress request
+# router, which HAProxy asks.
 INGRESS_PREFIX_ROUTER = "deployments.router.IngressPrefixRouter"
 CAPACITY_HEADROOM = 16  # Serve's limit of calls at once on a replica, above what its door takes
 ROUTING_STATS_PERIOD_S = 2.0  # how often Serve asks each engine replica for its queue, which the router weighs
@@ -129,8 +123,6 @@ def engine_options(config: AnkerConfig, model: ModelConfig) -> dict[str, Any]:
     }
     if placement.label_selector is not None:
         options["placement_group_bundle_label_selector"] = [dict(placement.label_selector)]
-    if model.router.policy == "prefix_aware":
-        options["request_router_config"] = prefix_router_config(model, PREFIX_AWARE_ROUTER)
     return options
 
 
@@ -147,45 +139,9 @@ def prefix_router_config(model: ModelConfig, router_class: str, **settings: Any)
     )
 
 
-def bind_engine(config: AnkerConfig, model: ModelConfig) -> serve.Application:
-    return Engine.options(**engine_options(config, model)).bind(engine_spec(config, model))  # type: ignore[attr-defined]
-
-
-def build_app(config: AnkerConfig, engines: dict[str, serve.Application] | None = None) -> serve.Application:
-    """The whole graph from one config. ``engines`` replaces engine deployments by model name: only the
-    control-plane benchmark does that, with an engine double that answers at once (loadtests/control_plane.py)."""
-    created = int(time.time())
-    tokenizer = Tokenizer.options(  # type: ignore[attr-defined]
-        num_replicas=config.stack.tokenizer_replicas,
-        max_ongoing_requests=config.stack.tokenizer_max_ongoing_requests,
-        ray_actor_options={"num_cpus": config.stack.tokenizer_num_cpus},
-    ).bind(
-        [TokenizerSpec(m.name, config.model_path(m), m.max_model_len) for m in config.models],
-        config.stack.prefix_block_size,
-    )
-    engines = {m.name: (engines or {}).get(m.name) or bind_engine(config, m) for m in config.models}
-    billing = Billing.options(  # type: ignore[attr-defined]
-        ray_actor_options={"num_cpus": config.billing.num_cpus},
-    ).bind(billing_spec(config))
-    spec = IngressSpec(
-        models=served_models(config, created),
-        max_body_bytes=config.server.max_request_bytes,
-        key_cache_ttl_s=config.billing.key_cache_ttl_s,
-        usage_flush_interval_s=config.billing.usage_flush_interval_s,
-        usage_spool_dir=config.data_dir.resolve() / "outbox",
-        overload_retry_after_s=config.stack.overload_retry_after_s,
-    )
-    return Ingress.options(  # type: ignore[attr-defined]
-        num_replicas=config.stack.ingress_replicas,
-        max_ongoing_requests=config.stack.ingress_max_ongoing_requests,
-        graceful_shutdown_timeout_s=config.stack.drain_timeout_s,
-        ray_actor_options={"num_cpus": config.stack.ingress_num_cpus},
-    ).bind(spec, tokenizer, engines, billing)
-
-
 @dataclass(frozen=True)
 class ServeApp:
-    """One Serve application of the second edition's graph: ``serve.run(app, name=name, route_prefix=...)``."""
+    """One Serve application of the graph: ``serve.run(app, name=name, route_prefix=...)``."""
 
     name: str
     route_prefix: str
@@ -201,8 +157,7 @@ def model_app(
 ) -> ServeApp:
     """A model's own application: its engine replicas serve the OpenAI API themselves (the application's ingress)."""
     options = engine_options(config, model)
-    # The first edition's router sits in the ingress's handle; here HAProxy asks the model's own router, if any.
-    options.pop("request_router_config", None)
+    # HAProxy asks the model's own router, if the model may run more than one replica.
     routed = model.max_replicas > 1 and model.router.policy == "prefix_aware"
     if routed:
         options["request_router_config"] = prefix_router_config(
@@ -251,7 +206,7 @@ def model_app(
 
 
 def build_apps(config: AnkerConfig, engine_client_double: EngineClientDouble | None = None) -> list[ServeApp]:
-    """The second edition's graph: the control application at ``/`` (the billing actor, the model list, usage,
+    """The graph: the control application at ``/`` (the billing actor, the model list, usage,
     administration, the dashboard) first, then one application per model at its route prefix, reached through
     HAProxy by the model the request's body names (docs/architecture.md)."""
     created = int(time.time())

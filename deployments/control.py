@@ -1,4 +1,4 @@
-"""The control application of the second edition: what the one base URL answers that no model's replica does.
+"""The control application: what the one base URL answers that no model's replica does.
 
 Each model is a Serve application of its own at ``/models/<model>`` (its engine replica the ingress); HAProxy sends
 a request to it by the model its body names (``deployments/server/haproxy.py``). Everything else comes here, to

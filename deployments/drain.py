@@ -42,7 +42,6 @@ LOOK_PERIOD_S = 1.0  # how often a serving ingress replica looks for the board
 REPORT_PERIOD_S = 0.25  # how often a draining one reports
 SHUTTING_DOWN_RETRY_AFTER_S = 5
 HEALTH_PATH = "/healthz"
-INGRESS_DEPLOYMENT = "Ingress"  # deployments/ingress.py
 CONTROL_DEPLOYMENT = "Control"  # deployments/control.py
 
 
@@ -211,16 +210,15 @@ def stop_draining() -> None:
 
 
 def _running_ingress_replicas(status: Any) -> dict[str, int]:
-    """Running ingress replicas per application, from ``serve.status()``: the first edition's ``Ingress``, the
-    second edition's control application's ``Control``, and a model application's engine replicas, which serve
-    HTTP themselves (its ingress request router, if any, holds no request: HAProxy sends them to the replicas)."""
+    """Running ingress replicas per application, from ``serve.status()``: the control application's ``Control``,
+    and a model application's engine replicas, which serve HTTP themselves (its ingress request router, if any,
+    holds no request: HAProxy sends them to the replicas)."""
     counts: dict[str, int] = {}
     for app, app_status in status.applications.items():
         if app.startswith(MODEL_APP_PREFIX):
             ingresses = [d for name, d in app_status.deployments.items() if name.startswith(ENGINE_DEPLOYMENT_PREFIX)]
         else:
-            named = (INGRESS_DEPLOYMENT, CONTROL_DEPLOYMENT)
-            ingresses = [d for name, d in app_status.deployments.items() if name in named]
+            ingresses = [d for name, d in app_status.deployments.items() if name == CONTROL_DEPLOYMENT]
         if ingresses:
             counts[app] = sum(int(d.replica_states.get("RUNNING", 0)) for d in ingresses)
     return counts

@@ -1,7 +1,6 @@
 """Whether a deployment answers: a watch that probes its ``ready`` method, quickly while it is not ready.
 
-The first edition's ingress watches each model's engine deployment with it; the second edition's control
-application watches each model's application (``deployments/control.py``).
+The control application watches each model's application with it (``deployments/control.py``).
 """
 
 from __future__ import annotations

@@ -1,19 +1,17 @@
-"""Prefix-aware request routing for the engine deployments, plugged into Ray Serve's request-router extension point.
+"""Prefix-aware request routing for a model's engine replicas, plugged into Ray Serve's request-router extension
+point.
 
 A prompt whose beginning a replica has already computed is cheaper there: vLLM serves those blocks from its prefix
-cache, which halves their price for the client (cached input) and cuts the time to the first token. The tokenizer
-hands every prompt's chained block hashes to the engine call (``generate(..., block_hashes=...)``); the router in the
-caller's process (the ingress) reads them, remembers which replica it sent which blocks to, and sends a request to
-the replica holding the longest prefix of it, unless that replica has ``max_imbalance`` more requests in flight than
-the least loaded one. Otherwise, and for every other engine call, it does what Ray Serve's default router does: the
-less loaded of two random replicas (Serve probes their queues and skips a full one).
+cache, which halves their price for the client (cached input) and cuts the time to the first token. HAProxy asks a
+model's ingress request router (deployments/server/route.py) where to send a request; that router hashes the
+prompt's blocks and asks ``IngressPrefixRouter`` for a pick. The policy remembers which replica it sent which blocks
+to, and picks the replica holding the longest prefix of a prompt, unless that replica has ``max_imbalance`` more
+requests in flight than the least loaded one. Otherwise it does what Ray Serve's default router does: the less
+loaded of two random replicas.
 
-``PrefixRouting`` is the policy, plain Python so that unit tests drive its decisions; ``PrefixAwareRouter`` is the
-thin shell Serve calls. The memory is per ingress replica and approximate: vLLM may have evicted what the router
-still remembers (then the request is merely uncached), and a second ingress replica learns on its own.
-
-In the second edition HAProxy asks a model's ingress request router (deployments/server/route.py), which hashes the
-prompt itself and asks ``IngressPrefixRouter`` for a pick only.
+``PrefixRouting`` is the policy, plain Python so that unit tests drive its decisions; ``IngressPrefixRouter`` is the
+thin shell Serve calls. The memory is per router replica and approximate: vLLM may have evicted what the router
+still remembers (then the request is merely uncached), and a second router replica learns on its own.
 """
 
 from __future__ import annotations
@@ -35,7 +33,6 @@ logger = logging.getLogger("ray.serve")
 
 K = TypeVar("K", bound=Hashable)
 Decision = Literal["prefix", "no_match", "overloaded", "other_call"]
-ROUTED_METHOD = "generate"
 
 
 def block_hashes(token_ids: Sequence[int], block_size: int) -> tuple[int, ...]:
@@ -115,21 +112,14 @@ class PrefixRouting(Generic[K]):
         self.max_imbalance = max_imbalance
         self.table: PrefixTable[K] = PrefixTable(max_blocks)
         self._rng = rng or random.Random()
-        self._in_flight: dict[K, int] = {}
-        self._requests: dict[str, K] = {}
-
-    def in_flight(self, replica: K) -> int:
-        return self._in_flight.get(replica, 0)
 
     def _two_random(self, candidates: Sequence[K], exclude: K | None = None) -> list[K]:
         pool = [c for c in candidates if c != exclude]
         return self._rng.sample(pool, min(2, len(pool)))
 
-    def choose(
-        self, candidates: Sequence[K], hashes: Sequence[int] | None, load: Callable[[K], int] | None = None
-    ) -> Route[K]:
-        """Where to send a request; ``hashes`` None for a call that is not a generation. ``load`` is each replica's
-        requests in flight, by default as this policy counted them (``routed`` and ``completed``)."""
+    def choose(self, candidates: Sequence[K], hashes: Sequence[int] | None, load: Callable[[K], int]) -> Route[K]:
+        """Where to send a request; ``hashes`` None for a request with no prompt to read. ``load`` is each
+        replica's requests in flight."""
         if not candidates:
             return Route([], "no_match")
         if hashes is None:
@@ -137,44 +127,15 @@ class PrefixRouting(Generic[K]):
         matched, holders = self.table.longest_match(hashes, set(candidates))
         if not matched:
             return Route([self._two_random(candidates)], "no_match", 0, len(hashes))
-        in_flight = load or self.in_flight
-        best = min(holders, key=in_flight)
-        least = min(in_flight(c) for c in candidates)
-        if in_flight(best) - least > self.max_imbalance:
+        best = min(holders, key=load)
+        least = min(load(c) for c in candidates)
+        if load(best) - least > self.max_imbalance:
             return Route([self._two_random(candidates)], "overloaded", 0, len(hashes))
         fallback = self._two_random(candidates, exclude=best)
         return Route([[best], fallback] if fallback else [[best]], "prefix", matched, len(hashes))
 
-    def routed(self, request_id: str, replica: K, hashes: Sequence[int] | None) -> None:
-        """A replica accepted a request: it holds the prompt's blocks from now on, and one more request in flight."""
-        if hashes:
-            self.table.insert(hashes, replica)
-        if request_id not in self._requests:
-            self._requests[request_id] = replica
-            self._in_flight[replica] = self.in_flight(replica) + 1
-
-    def completed(self, request_id: str) -> None:
-        replica = self._requests.pop(request_id, None)
-        if replica is not None:
-            remaining = self.in_flight(replica) - 1
-            if remaining > 0:
-                self._in_flight[replica] = remaining
-            else:
-                self._in_flight.pop(replica, None)
-
     def forget(self, replica: K) -> None:
         self.table.forget(replica)
-        self._in_flight.pop(replica, None)
-        for request_id in [r for r, holder in self._requests.items() if holder == replica]:
-            del self._requests[request_id]
-
-
-def block_hashes_of(pending: PendingRequest | None) -> tuple[int, ...] | None:
-    """The prompt's block hashes of an engine ``generate`` call; None for any other call."""
-    if pending is None or pending.metadata.call_method != ROUTED_METHOD:
-        return None
-    hashes = pending.kwargs.get("block_hashes", ())
-    return tuple(hashes) if isinstance(hashes, (tuple, list)) else ()
 
 
 class _ForgetsGoneReplicas(RequestRouter):
@@ -192,36 +153,6 @@ class _ForgetsGoneReplicas(RequestRouter):
 
     def _forget(self, replica: ReplicaID) -> None:
         raise NotImplementedError
-
-
-class PrefixAwareRouter(_ForgetsGoneReplicas):
-    """Ray Serve's side: ``RequestRouterConfig(request_router_class=PrefixAwareRouter, request_router_kwargs={...})``
-    on an engine deployment (deployments/builder.py); Serve builds one in every process that holds its handle."""
-
-    def initialize_state(self, model: str = "", max_imbalance: int = 8, max_blocks: int = 200_000, **_: Any) -> None:
-        self._model = model
-        self._policy: PrefixRouting[ReplicaID] = PrefixRouting(max_imbalance, max_blocks)
-
-    async def choose_replicas(
-        self, candidate_replicas: list[RunningReplica], pending_request: PendingRequest | None = None
-    ) -> list[list[RunningReplica]]:
-        by_id: Mapping[ReplicaID, RunningReplica] = {r.replica_id: r for r in candidate_replicas}
-        route = self._policy.choose(list(by_id), block_hashes_of(pending_request))
-        if pending_request is not None:
-            # Every rank was tried: Serve backs off before asking again instead of spinning.
-            pending_request.routing_context.should_backoff = True
-        metrics.routed(self._model, route.decision, route.matched_blocks, route.blocks)
-        return [[by_id[r] for r in rank] for rank in route.ranks]
-
-    def on_request_routed(self, pending_request: PendingRequest, replica_id: ReplicaID, result: Any) -> None:
-        self._policy.routed(pending_request.metadata.internal_request_id, replica_id, block_hashes_of(pending_request))
-
-    def on_request_completed(self, replica_id: ReplicaID, internal_request_id: str) -> None:
-        self._policy.completed(internal_request_id)
-
-    def _forget(self, replica: ReplicaID) -> None:
-        """A replica that died or left: its cache went with it."""
-        self._policy.forget(replica)
 
 
 class PickLoad(Generic[K]):
@@ -257,8 +188,8 @@ ROUTE_HASHES = "block_hashes"  # the keyword of ``choose_replica`` that carries 
 
 
 class IngressPrefixRouter(_ForgetsGoneReplicas):
-    """The policy for the second edition, where HAProxy asks the model application's ingress request router
-    (deployments/server/route.py) which replica to send a request to. That router only picks
+    """The policy where HAProxy asks the model application's ingress request router (deployments/server/route.py)
+    which replica to send a request to. That router only picks
     (``choose_replica(block_hashes=..., _reserve=False)``): Serve then never calls ``on_request_routed`` or
     ``on_request_completed``. So this records its own pick at once, and weighs load by ``PickLoad``. Each rank is
     ordered least loaded first, since a pick takes a rank's first replica."""

@@ -51,7 +51,8 @@ class Endpoint:
 
 @dataclass(frozen=True)
 class EngineFlags:
-    """What Anker's engine hands vLLM for one model (deployments/engine.py and builder.py), for the baselines."""
+    """What Anker's engine replica hands vLLM for one model (deployments/server/vllm_layer.py, builder.py), for
+    the baselines."""
 
     model: str
     path: Path

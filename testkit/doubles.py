@@ -1,6 +1,7 @@
-"""Test doubles, named as such: stand-ins for the engine and tokenizer stages in tests that measure the HTTP layer.
+"""Test doubles, named as such: stand-ins for a deployment handle, for the engine's placement, and for vLLM's
+engine client (or around it) in tests and benchmarks that measure something other than generation.
 
-They replace only what a test does not measure (token generation); the default path never uses them.
+They replace only what a test does not measure; the default path never uses them.
 """
 
 from __future__ import annotations
@@ -12,95 +13,6 @@ import dataclasses
 import inspect
 from collections.abc import AsyncGenerator, Callable
 from typing import Any
-
-from deployments.contracts import (
-    ChatTurn,
-    Delta,
-    EngineFailure,
-    Prepared,
-    Sampling,
-    TokenLogprob,
-    TopLogprob,
-)
-from deployments.tokenizer import TokenizerCore
-
-EngineItem = list[Delta] | EngineFailure
-DOUBLE_FAILED = EngineFailure("double failed")
-
-
-class InstantEngineDouble:
-    """Answers at once: choice i emits tokens ``t<k>`` one per delta, up to max_tokens, cached = prompt // 2."""
-
-    def __init__(
-        self,
-        ready: bool = True,
-        fail_after: int | None = None,
-        delay_s: float = 0.0,
-        failure: EngineFailure = DOUBLE_FAILED,
-    ) -> None:
-        self._ready = ready
-        self._fail_after = fail_after
-        self._failure = failure
-        self._delay_s = delay_s
-        self.requests: list[tuple[str, Prepared, Sampling]] = []
-        self.cancelled: list[str] = []
-
-    @property
-    def ready(self) -> bool:
-        return self._ready
-
-    async def generate(
-        self, request_id: str, prepared: Prepared, sampling: Sampling, trace: dict[str, str] | None = None
-    ) -> AsyncGenerator[EngineItem, None]:
-        self.requests.append((request_id, prepared, sampling))
-        emitted = 0
-        try:
-            for step in range(prepared.max_tokens):
-                if self._fail_after is not None and emitted >= self._fail_after:
-                    yield self._failure
-                    return
-                if self._delay_s:
-                    await asyncio.sleep(self._delay_s)
-                last = step == prepared.max_tokens - 1
-                deltas = []
-                for index in range(sampling.n):
-                    token = f"t{step}"
-                    logprobs = None
-                    if sampling.logprobs is not None:
-                        top = tuple(
-                            TopLogprob(f"a{j}", -1.0 - j, tuple(f"a{j}".encode())) for j in range(sampling.logprobs)
-                        )
-                        logprobs = (TokenLogprob(token, -0.5, tuple(token.encode()), top),)
-                    deltas.append(
-                        Delta(
-                            index=index,
-                            text=token,
-                            token_ids=(step,),
-                            num_cached_tokens=prepared.prompt_tokens // 2,
-                            finish_reason="length" if last else None,
-                            logprobs=logprobs,
-                        )
-                    )
-                emitted += 1
-                yield deltas
-        except (asyncio.CancelledError, GeneratorExit):
-            self.cancelled.append(request_id)
-            raise
-
-
-class LocalTokenizerClient:
-    """The real tokenizer logic (``TokenizerCore``) called in-process instead of through a deployment handle."""
-
-    def __init__(self, core: TokenizerCore) -> None:
-        self._core = core
-
-    async def prepare_chat(self, model: str, turns: list[ChatTurn], max_tokens: int | None) -> Prepared:
-        return self._core.chat(model, turns, max_tokens)
-
-    async def prepare_completion(
-        self, model: str, prompts: list[str | list[int]], max_tokens: int | None
-    ) -> list[Prepared]:
-        return self._core.completion(model, prompts, max_tokens)
 
 
 class InProcessHandleDouble:
@@ -134,14 +46,6 @@ class _RemoteMethod:
 
         # A fresh context, as in another process: nothing of the caller's (trace context included) leaks across.
         return asyncio.get_running_loop().create_task(call(), context=contextvars.Context())
-
-
-__all__ = [
-    "InProcessHandleDouble",
-    "InstantEngineDouble",
-    "LocalTokenizerClient",
-    "PlacementProbeDouble",
-]
 
 
 class PlacementProbeDouble:

@@ -1,7 +1,8 @@
-"""The whole HTTP path in one process for fast tests: the real ASGI app, the real tokenizer logic, the real billing
-deployment class on a real SQLite database, and engine doubles (generation is not what these tests measure).
+"""The HTTP paths in one process for fast tests: an engine replica's app and door over vLLM's serving layer on a
+tiny model, and the control application, each with the billing deployment's real class on a real database.
 
-Only transports are replaced: handles by ``InProcessHandleDouble``, engines by ``InstantEngineDouble``.
+Only transports are replaced: handles by ``InProcessHandleDouble``; where a test measures something other than
+generation, the engine by a double around the real one (``ScriptedOutputEngineDouble``).
 """
 
 from __future__ import annotations
@@ -24,85 +25,18 @@ from deployments.billing.governance import Actor
 from deployments.billing.pricing import TokenPrices
 from deployments.billing.service import BillingService, BillingSpec
 from deployments.control import AppsCatalog, create_control_app
-from deployments.ingress import ServeTokenizerClient
-from deployments.openai.app import create_app
 from deployments.openai.catalog import ServedModel
-from deployments.openai.serving import OpenAIService
 from deployments.server.app import create_server_app
 from deployments.server.gate import Call, KeyGate
 from deployments.server.metering import Metered
 from deployments.server.vllm_layer import EngineClientDouble, ServingSpec, VllmLayer
 from deployments.server.vllm_start import EngineSpec
-from deployments.tokenizer import Tokenizer, TokenizerCore
 from observability.tracing import TracingMiddleware
-from testkit.doubles import (
-    InProcessHandleDouble,
-    InstantEngineDouble,
-    LocalTokenizerClient,
-    ScriptedOutputEngineDouble,
-)
+from testkit.doubles import InProcessHandleDouble, ScriptedOutputEngineDouble
 
 CTX = 512
 PRICES = TokenPrices.from_dkk_per_million(Decimal("6.00"), Decimal("3.00"), Decimal("45.00"))
 REGIONS = {"qwen3-next-tiny": "dk", "qwen3-moe-tiny": "dk", "elsewhere-tiny": "us"}
-
-
-@dataclass
-class InProcessStack:
-    client: httpx.AsyncClient
-    service: BillingService
-    accounts: ServeBillingClient
-    handle: InProcessHandleDouble
-    engines: dict[str, InstantEngineDouble]
-    openai: OpenAIService
-
-    def key(self, tenant: str = "t", **settings: Any) -> str:
-        """A new key made by the operator (``role``, ``allowed_models``, ``budget_dkk``, ``rpm``, ``tpm`` ...)."""
-        _, key = self.service.governance.create_key(Actor.operator("test"), tenant, **settings)
-        return key
-
-    async def deliver_usage(self) -> None:
-        """Waits until the ingress's outbox has handed every usage report to billing."""
-        assert await self.accounts.outbox.drain(timeout_s=10.0), "usage reports were not acknowledged"
-
-
-@asynccontextmanager
-async def inprocess_stack(
-    core: TokenizerCore,
-    data_dir: Path,
-    engines: dict[str, InstantEngineDouble] | None = None,
-    default_rpm: int = 600,
-    default_tpm: int = 2_000_000,
-    database_url: str | None = None,
-    tokenizer_deployment: bool = False,
-) -> AsyncIterator[InProcessStack]:
-    """``tokenizer_deployment`` runs the real Tokenizer deployment class behind a handle double (as the ingress
-    reaches it in production) instead of calling the tokenizer logic directly."""
-    engines = engines or {"qwen3-next-tiny": InstantEngineDouble(), "qwen3-moe-tiny": InstantEngineDouble()}
-    spec = BillingSpec(
-        data_dir=data_dir,
-        database_url=database_url,
-        prices={name: PRICES for name in engines},
-        default_rpm=default_rpm,
-        default_tpm=default_tpm,
-    )
-    billing = Billing.func_or_class(spec)  # the deployment's own class, outside Ray
-    handle = InProcessHandleDouble(billing)
-    accounts = ServeBillingClient(handle, key_cache_ttl_s=0.0, flush_interval_s=0.05)  # type: ignore[arg-type]
-    models = [ServedModel(name, CTX, "anker", 1, REGIONS.get(name, "dk")) for name in engines]
-    tokenizer: Any = LocalTokenizerClient(core)
-    if tokenizer_deployment:
-        instance = Tokenizer.func_or_class.__new__(Tokenizer.func_or_class)
-        instance._core = core  # the deployment class around the already-loaded tokenizers
-        tokenizer = ServeTokenizerClient(InProcessHandleDouble(instance))  # type: ignore[arg-type]
-    service = OpenAIService(models, tokenizer, dict(engines), accounts)  # type: ignore[arg-type]
-    app = create_app(service, accounts, max_body_bytes=64 * 1024)
-    try:
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://anker") as client:
-            yield InProcessStack(client, billing._service, accounts, handle, engines, service)
-    finally:
-        billing._sweeper.cancel()
-        billing._service.ledger.dispose()
 
 
 @dataclass

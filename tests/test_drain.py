@@ -92,8 +92,8 @@ async def test_a_health_probe_is_not_work_that_a_drain_waits_for() -> None:
 
 
 def test_a_drain_waits_for_every_applications_ingress_replicas() -> None:
-    """The first edition's `Ingress`, the second's control application and each model application's engine
-    replicas (they serve HTTP themselves); not the deployments behind an ingress (billing, tokenizer, engines)."""
+    """The control application and each model application's engine replicas (they serve HTTP themselves); not the
+    deployments behind them (billing, a model's ingress request router), nor another application's."""
     from types import SimpleNamespace
 
     from deployments.drain import _running_ingress_replicas
@@ -107,10 +107,7 @@ def test_a_drain_waits_for_every_applications_ingress_replicas() -> None:
             "model-qwen3-moe-tiny": SimpleNamespace(
                 deployments={"Engine-qwen3-moe-tiny": deployment(3), "Router-qwen3-moe-tiny": deployment(1)}
             ),
-            "second": SimpleNamespace(
-                deployments={"Ingress": deployment(1), "Tokenizer": deployment(1), "Engine-x": deployment(2)}
-            ),
             "someone-elses": SimpleNamespace(deployments={"Whatever": deployment(1)}),
         }
     )
-    assert _running_ingress_replicas(status) == {"anker": 2, "model-qwen3-moe-tiny": 3, "second": 1}
+    assert _running_ingress_replicas(status) == {"anker": 2, "model-qwen3-moe-tiny": 3}

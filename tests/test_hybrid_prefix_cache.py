@@ -1,7 +1,7 @@
-"""Prefix caching on the hybrid model hits on a prompt's first repeat (deployments/engine.py::start_llm).
+"""Prefix caching on the hybrid model hits on a prompt's first repeat (deployments/server/vllm_start.py).
 
-A real vLLM engine on ``qwen3-next-tiny`` (Gated-DeltaNet beside gated attention, as in Qwen3.5), started as both
-editions' engine replicas start theirs. vLLM keeps a hybrid model's recurrent state only at block bounds; with the
+A real vLLM engine on ``qwen3-next-tiny`` (Gated-DeltaNet beside gated attention, as in Qwen3.5), started as an
+engine replica starts its own. vLLM keeps a hybrid model's recurrent state only at block bounds; with the
 block size left to the CPU platform, a 1,500-token prompt's first sighting cached no state and its first repeat got
 0 cached tokens (its second got 1,280).
 """

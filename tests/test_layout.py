@@ -55,5 +55,5 @@ def test_no_import_runs_up_a_floor(package: str) -> None:
 
 def test_the_checker_sees_imports_inside_functions(tmp_path: Path) -> None:
     module = tmp_path / "m.py"
-    module.write_text("import os\n\ndef f():\n    from cluster.local import connect\n    import deployments.engine\n")
+    module.write_text("import os\n\ndef f():\n    from cluster.local import connect\n    import deployments.builder\n")
     assert imported_packages(module) == {("cluster", 4), ("deployments", 5)}

@@ -75,7 +75,7 @@ def test_anker_metrics_are_exported_with_bounded_labels(stack: Stack) -> None:
         if not engines >= {"qwen3-next-tiny", AUTOSCALED_MODEL}:
             found.append("an engine's queue is missing")
         decisions = {labels["decision"] for labels, _ in samples(text, "ray_anker_router_decisions_total")}
-        if not decisions >= {"no_match", "other_call"}:  # a new prompt, and the ingress's readiness probes
+        if not decisions >= {"no_match", "other_call"}:  # a new prompt, and a request with none to read
             found.append(f"routing decisions missing: {decisions}")
         wanted = {labels["deployment"]: v for labels, v in samples(text, "ray_anker_replicas_wanted")}
         if wanted.get(f"Engine-{AUTOSCALED_MODEL}", 0) < 1:

@@ -120,7 +120,7 @@ def test_completions_streaming(client: openai.OpenAI) -> None:
 @pytest.mark.parametrize("model", sorted(MODELS))
 def test_repeated_long_prompt_reports_cached_tokens(client: openai.OpenAI, model: str) -> None:
     # Both hit on the first repeat, the hybrid (Gated-DeltaNet) model too: it keeps its recurrent state at block
-    # bounds, and the engine holds one block size for its scheduler and its cache (deployments/engine.py::start_llm).
+    # bounds, and the engine holds one block size for its scheduler and its cache (deployments/server/vllm_start.py).
     messages = [{"role": "system", "content": LONG_PROMPT + model}, {"role": "user", "content": "Opsummer."}]
     cached = []
     for _ in range(3):

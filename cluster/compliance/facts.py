@@ -262,12 +262,12 @@ def measures(config: AnkerConfig) -> list[Measure]:
         Measure(
             "zero data retention: vLLM's request log is off, log lines, errors, spans and metrics carry ids, model "
             "names and counts, never text; a stack test searches every file, span, metric and ledger row for a canary",
-            "deployments/engine.py, observability/tracing.py, tests/test_stack_*",
+            "deployments/server/vllm_layer.py, observability/tracing.py, tests/test_stack_*",
         ),
         Measure(
             "prompts' KV-cache blocks stay in engine memory after a request for prefix caching (never on disk), "
             "each organisation's under a salt of its own: no organisation hits, or times, another's cached prompts",
-            "deployments/tokenizer.py::isolated, deployments/engine.py (vLLM cache_salt)",
+            "deployments/server/salt.py, deployments/server/gate.py (vLLM cache_salt)",
         ),
         *[flag for model in config.models for flag in _engine_flags(model)],
     ]

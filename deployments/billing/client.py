@@ -1,6 +1,5 @@
 """The billing actor as a serving replica sees it: cached key look-ups, admission, usage through the outbox, and
-the read and admin calls, over a deployment handle. The first edition's ingress and the second edition's engine
-replicas use it alike.
+the read and admin calls, over a deployment handle. The engine replicas and the control application use it alike.
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """The billing service: one object owning the ledger, keys, governance, budgets and rate limits, behind the billing
-actor. Blocking database work runs in threads here, never on the ingress's event loop.
+actor. Blocking database work runs in threads here, never on the actor's event loop.
 
 It answers key look-ups and admission, and records usage reports idempotently (at-least-once delivery from the
 ingress + an insert that ignores replays = each request billed exactly once). It sees counts, never content.

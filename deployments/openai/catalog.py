@@ -1,7 +1,7 @@
 """The models one base URL serves: ``/v1/models``' cards, a key's view of them, and a name's check.
 
-Both editions' apps list models through it: the first edition's ingress, and the control application that
-answers for every model of the second (``deployments/control.py``).
+The control application lists the models through it (``deployments/control.py``), and each engine replica's app
+gives its own card.
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
-"""OpenAI's response shapes as pydantic models, for the published OpenAPI document only: the routes build their
-responses as plain dicts (``responses.py``, the billing service) and never validate against these.
+"""Anker's response shapes as pydantic models, for the published OpenAPI document only: errors, the Responses API's
+answers in outline, and the model list and usage routes' answers (the chat and completions answers are vLLM's own
+response models, ``openapi.py``). The routes build their responses themselves and never validate against these.
 
-Each model is closed (no undocumented field), so the schemathesis run in the test suite fails on any drift between a
+Each closed model (no undocumented field) makes the schemathesis run in the test suite fail on any drift between a
 response and its description here.
 """
 
@@ -31,139 +32,6 @@ class ErrorDetail(_Doc):
 
 class ErrorResponse(_Doc):
     error: ErrorDetail
-
-
-# -- completions ----------------------------------------------------------------------------------------------------
-
-FinishReason = Literal["stop", "length"]
-
-
-class PromptTokensDetails(_Doc):
-    cached_tokens: int = Field(description="Prompt tokens served from the prefix cache.")
-    audio_tokens: int
-
-
-class CompletionTokensDetails(_Doc):
-    reasoning_tokens: int
-    audio_tokens: int
-    accepted_prediction_tokens: int
-    rejected_prediction_tokens: int
-
-
-class CompletionUsage(_Doc):
-    prompt_tokens: int
-    completion_tokens: int
-    total_tokens: int
-    prompt_tokens_details: PromptTokensDetails
-    completion_tokens_details: CompletionTokensDetails
-
-
-class TopLogprob(_Doc):
-    token: str
-    logprob: float
-    bytes: list[int] | None
-
-
-class TokenLogprob(TopLogprob):
-    top_logprobs: list[TopLogprob]
-
-
-class ChatLogprobs(_Doc):
-    content: list[TokenLogprob] | None
-    refusal: list[TokenLogprob] | None
-
-
-class AssistantMessage(_Doc):
-    role: Literal["assistant"]
-    content: str | None
-    refusal: str | None
-    annotations: list[Any]
-
-
-class ChatChoice(_Doc):
-    index: int
-    message: AssistantMessage
-    logprobs: ChatLogprobs | None
-    finish_reason: FinishReason
-
-
-class ChatCompletion(_Doc):
-    id: str
-    object: Literal["chat.completion"]
-    created: int
-    model: str
-    system_fingerprint: str | None
-    service_tier: str | None
-    choices: list[ChatChoice]
-    usage: CompletionUsage
-
-
-class ChatDelta(_Doc):
-    role: Literal["assistant"] = Field(default="assistant", description="In each choice's first chunk only.")
-    content: str
-
-
-class ChatChunkChoice(_Doc):
-    index: int
-    delta: ChatDelta
-    logprobs: ChatLogprobs | None
-    finish_reason: FinishReason | None
-
-
-class ChatCompletionChunk(_Doc):
-    id: str
-    object: Literal["chat.completion.chunk"]
-    created: int
-    model: str
-    system_fingerprint: str | None
-    service_tier: str | None
-    choices: list[ChatChunkChoice]
-    usage: CompletionUsage | None = Field(
-        default=None, description="With `stream_options.include_usage` only: null, then set in the last chunk."
-    )
-
-
-class CompletionLogprobs(_Doc):
-    tokens: list[str]
-    token_logprobs: list[float]
-    top_logprobs: list[dict[str, float]]
-    text_offset: list[int]
-
-
-class CompletionChoice(_Doc):
-    index: int
-    text: str
-    logprobs: CompletionLogprobs | None
-    finish_reason: FinishReason
-
-
-class TextCompletion(_Doc):
-    id: str
-    object: Literal["text_completion"]
-    created: int
-    model: str
-    system_fingerprint: str | None
-    choices: list[CompletionChoice]
-    usage: CompletionUsage
-
-
-class CompletionChunkChoice(_Doc):
-    index: int
-    text: str
-    logprobs: CompletionLogprobs | None
-    finish_reason: FinishReason | None
-
-
-class TextCompletionChunk(_Doc):
-    id: str
-    object: Literal["text_completion"]
-    created: int
-    model: str
-    system_fingerprint: str | None
-    choices: list[CompletionChunkChoice]
-    usage: CompletionUsage | None = Field(
-        default=None, description="With `stream_options.include_usage` only: null, then set in the last chunk."
-    )
 
 
 # -- the Responses API -----------------------------------------------------------------------------------------------

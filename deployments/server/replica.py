@@ -53,7 +53,7 @@ class ReplicaSpec:
 @serve.ingress()
 class EngineServer:
     """One model's engine replica, serving the OpenAI API. Options (name, resources, placement) come from the
-    builder, as the first edition's ``Engine``'s do."""
+    builder."""
 
     def __init__(self, spec: ReplicaSpec) -> None:
         self._spec = spec.serving

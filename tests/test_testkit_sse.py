@@ -1,28 +1,30 @@
-"""SSE framing: one ``data:`` event per chunk, UTF-8 kept as is, and the parser reads back what the writer wrote."""
+"""The test kit's SSE client (testkit/sse.py), which the tests and load tests read every stream with: each event
+once and whole however the bytes arrive, UTF-8 kept as is, CRLF and comments as the SSE standard has them."""
 
 from __future__ import annotations
 
-from deployments.openai import sse
 from testkit.sse import SseDecoder, parse_events
 
 
-def test_event_framing() -> None:
-    raw = sse.event({"a": "blåbærgrød", "n": 1})
-    assert raw == 'data: {"a":"blåbærgrød","n":1}\n\n'.encode()
+def event(payload: str) -> bytes:
+    return f"data: {payload}\n\n".encode()
 
 
-def test_round_trip_with_done() -> None:
-    raw = sse.event({"x": 1}) + sse.event({"y": "æ\nø"}) + sse.DONE
+DONE = event("[DONE]")
+
+
+def test_events_and_done_are_read_back_with_their_utf8() -> None:
+    raw = event('{"x":1}') + event('{"y":"æ\\nø"}') + DONE
     assert parse_events(raw) == [{"x": 1}, {"y": "æ\nø"}, "[DONE]"]
 
 
-def test_parser_accepts_crlf_and_ignores_comments() -> None:
+def test_crlf_and_comments_are_taken() -> None:
     raw = b': keep-alive\r\n\r\ndata: {"z": 2}\r\n\r\ndata: [DONE]\r\n\r\n'
     assert parse_events(raw) == [{"z": 2}, "[DONE]"]
 
 
 def test_decoder_gives_each_event_once_whole_however_the_bytes_arrive() -> None:
-    lf = sse.event({"a": "blåbær"}) + b": ping\n\n" + sse.event({"b": 2}) + sse.DONE
+    lf = event('{"a":"blåbær"}') + b": ping\n\n" + event('{"b":2}') + DONE
     for raw in (lf, lf.replace(b"\n", b"\r\n")):
         for size in (1, 2, 3, 7, len(raw)):
             decoder = SseDecoder()
