@@ -242,13 +242,17 @@ class RayConfig(_Strict):
 
 
 class StackConfig(_Strict):
-    """Per-stage deployment sizing: small enough that the whole stack fits on a 2-core machine."""
+    """Per-deployment sizing: small enough that the whole stack fits on a 2-core machine."""
 
-    ingress_num_cpus: float = Field(default=0.25, ge=0)
-    ingress_replicas: int = Field(default=1, ge=1)
-    tokenizer_num_cpus: float = Field(default=0.25, ge=0)
-    tokenizer_replicas: int = Field(default=1, ge=1)
-    prefix_block_size: int = Field(default=16, ge=1, description="Tokens per block hash handed to the router.")
+    control_num_cpus: float = Field(default=0.25, ge=0, description="Per replica of the control application.")
+    control_replicas: int = Field(default=1, ge=1, description="Replicas of the control application (at /).")
+    router_num_cpus: float = Field(
+        default=0.25, ge=0, description="Per replica of a model's ingress request router (it tokenizes prompts)."
+    )
+    router_replicas: int = Field(
+        default=1, ge=1, description="Replicas of each ingress request router (a model with max_replicas > 1)."
+    )
+    prefix_block_size: int = Field(default=16, ge=1, description="Tokens per block hash the router weighs.")
     engine_max_ongoing_requests: int = Field(default=64, ge=1, description="Requests one engine replica takes at once.")
     engine_max_queued_requests: int = Field(
         default=256,
@@ -263,9 +267,9 @@ class StackConfig(_Strict):
         gt=0,
         description="On `anker down` or scale-in, how long running requests may take to finish (graceful drain).",
     )
-    # Serve's default of 5 would cap each ingress replica at 5 concurrent streams: the ingress only waits on I/O.
-    ingress_max_ongoing_requests: int = Field(default=1000, ge=1)
-    tokenizer_max_ongoing_requests: int = Field(default=256, ge=1)
+    # Serve's default of 5 would cap each control replica at 5 requests at once: it only waits on I/O.
+    control_max_ongoing_requests: int = Field(default=1000, ge=1)
+    router_max_ongoing_requests: int = Field(default=256, ge=1)
     startup_timeout_s: float = Field(default=600.0, gt=0)
 
 

@@ -194,9 +194,9 @@ def model_app(
         router = IngressRouter.options(  # type: ignore[attr-defined]
             name=router_deployment_name(model),
             logging_config=NO_ACCESS_LOG,
-            num_replicas=config.stack.tokenizer_replicas,
-            max_ongoing_requests=config.stack.tokenizer_max_ongoing_requests,
-            ray_actor_options={"num_cpus": config.stack.tokenizer_num_cpus},
+            num_replicas=config.stack.router_replicas,
+            max_ongoing_requests=config.stack.router_max_ongoing_requests,
+            ray_actor_options={"num_cpus": config.stack.router_num_cpus},
         ).bind(
             app,
             RouteSpec(config.model_path(model), config.stack.prefix_block_size, config.server.max_request_bytes),
@@ -226,9 +226,9 @@ def build_apps(config: AnkerConfig, engine_client_double: EngineClientDouble | N
     )
     control = ControlServer.options(  # type: ignore[attr-defined]
         logging_config=NO_ACCESS_LOG,
-        num_replicas=config.stack.ingress_replicas,
-        max_ongoing_requests=config.stack.ingress_max_ongoing_requests,
-        ray_actor_options={"num_cpus": config.stack.ingress_num_cpus},
+        num_replicas=config.stack.control_replicas,
+        max_ongoing_requests=config.stack.control_max_ongoing_requests,
+        ray_actor_options={"num_cpus": config.stack.control_num_cpus},
     ).bind(spec, billing)
     return [ServeApp(APP_NAME, "/", control), *apps]
 
