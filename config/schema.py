@@ -53,12 +53,12 @@ class AutoscalingSettings(_Strict):
 
 
 class RouterSettings(_Strict):
-    """How the ingress picks an engine replica for a request (deployments/router.py)."""
+    """How a request finds one of a model's engine replicas (deployments/router.py, deployments/server/route.py)."""
 
     policy: Literal["prefix_aware", "power_of_two"] = Field(
         default="prefix_aware",
         description="prefix_aware: the replica that already holds the longest prefix of the prompt in its KV cache; "
-        "power_of_two: Ray Serve's default (the less loaded of two random replicas).",
+        "power_of_two: no ingress request router, HAProxy balances the replicas by their open connections.",
     )
     max_imbalance: int = Field(
         default=8,

@@ -1,4 +1,4 @@
-"""The side-by-side benchmark: the same streamed chat workloads against Anker (both editions), bare vLLM and Ray
+"""The side-by-side benchmark: the same streamed chat workloads against Anker, bare vLLM and Ray
 Serve LLM (its default path and its direct streaming) on the same model and engine flags, all running at once and
 measured in interleaved rounds, with the CPU time of each one's processes; then Anker's router policies on a
 multi-turn workload.

@@ -1,7 +1,7 @@
 """The control-plane benchmark: how many requests one engine replica's serving path carries through HAProxy, and how
 many usage events the billing actor records, with generation taken out of the way (issues 7 and 14).
 
-It deploys the second edition as ``anker up`` does (HAProxy direct ingress, the control application and billing
+It deploys the stack as ``anker up`` does (HAProxy direct ingress, the control application and billing
 actor, one application for the model whose engine replica serves the OpenAI API with vLLM's own serving layer), on
 a Ray cluster of its own. The replica's engine client is ``InstantOutputEngineDouble``: vLLM's tokenizer, renderer,
 parsers and the replica's door, meter and billing are real; only generation answers at once. The ledger (SQLite in
@@ -145,7 +145,7 @@ def engine_double(output_tokens: int, tokens_per_delta: int) -> Any:
 
 
 def deploy_stack(config: AnkerConfig, double: Any | None) -> str:
-    """The second edition's applications, the engine client replaced by ``double`` unless None (then real vLLM),
+    """The stack's applications, the engine client replaced by ``double`` unless None (then real vLLM),
     deployed or redeployed; returns the base URL once /healthz is 200."""
     from ray import serve
 
@@ -227,7 +227,7 @@ def ingress_benchmark(args: argparse.Namespace, config: AnkerConfig) -> list[Ing
         for (per_delta, stream, concurrency), (tenant, key) in zip(plan, keys.items(), strict=True):
             if not rows or rows[-1].tokens_per_delta != per_delta:
                 what = f"the instant engine client double, {per_delta} token(s) per output" if per_delta else "vLLM"
-                _say(f"deploying the second edition, its engine replica on {what} ...")
+                _say(f"deploying the stack, its engine replica on {what} ...")
                 double = engine_double(args.output_tokens, per_delta) if per_delta else None
                 base_url = deploy_stack(config, double)
             load = run_load(

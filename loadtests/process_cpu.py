@@ -18,7 +18,7 @@ PROXY_TITLE = "ray::ProxyActor"
 REPLICA_TITLE = "ray::ServeReplica:"
 CLIENT = "load client"
 PROXY = "HTTP proxy"
-HAPROXY = "HAProxy"  # the second edition's direct ingress: Serve starts haproxy as a child of its proxy actor
+HAPROXY = "HAProxy"  # Serve's direct ingress: Serve starts haproxy as a child of its proxy actor
 OTHER = "rest of Ray"
 POSTGRES = "PostgreSQL"
 

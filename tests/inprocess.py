@@ -55,7 +55,7 @@ class InProcessControl:
 async def inprocess_control(
     data_dir: Path, models: tuple[str, ...], billing: Any = None
 ) -> AsyncIterator[InProcessControl]:
-    """The second edition's control application (deployments/control.py) over the real billing class and ledger
+    """The control application (deployments/control.py) over the real billing class and ledger
     (``billing``'s, if given: a replica's, say); its model applications are not there: whether each is up is
     ``ready``, which the test sets."""
     own = billing is None
@@ -87,7 +87,7 @@ def clean_postgres(url: str) -> str:
     return url
 
 
-# -- the second edition: an engine replica's door over a real vLLM ---------------------------------------------------
+# -- an engine replica's door over a real vLLM -------------------------------------------------------------------
 
 REPLICA_MODEL = "qwen3-moe-tiny"
 REPLICA_BODY_LIMIT = 64 * 1024

@@ -1,4 +1,4 @@
-"""The second edition's control application in process (deployments/control.py): what the one base URL answers
+"""The control application in process (deployments/control.py): what the one base URL answers
 when HAProxy sends a request to no model's application. Its readiness and a model's application being down are set
 by the test; the billing actor's class and its ledger are real."""
 

@@ -1,5 +1,5 @@
 """The control-plane benchmark (loadtests/control_plane.py) at tiny size, run as its documented command: it starts
-a Ray instance of its own, deploys the second edition behind HAProxy (an engine replica whose engine client answers
+a Ray instance of its own, deploys the stack behind HAProxy (an engine replica whose engine client answers
 at once), drives it and the billing actor, and its ledger checks must pass.
 
 No timing threshold: only that every figure is there and sane, every answer was right and every request was billed

@@ -1,4 +1,4 @@
-"""The second edition's request path, as `anker up` starts it: Ray Serve's HAProxy direct ingress with Anker's
+"""The request path, as `anker up` starts it: Ray Serve's HAProxy direct ingress with Anker's
 model dispatch (deployments/server/haproxy.py), the control application at ``/`` (deployments/control.py) and each
 model's own application whose engine replica serves the OpenAI API itself (deployments/server/replica.py) over a real
 vLLM, with its ingress request router (deployments/server/route.py) where the model may scale out. Called with the

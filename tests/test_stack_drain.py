@@ -71,8 +71,8 @@ def drain_lets_running_streams_finish_and_holds_until_undone(stack: Stack) -> No
                 said.add(await asyncio.to_thread(health, stack.base_url))
                 if refused is None and (503, "draining") in said:
                     load.stop()  # the streams it let in run to their end
-                    # Each ingress replica finds the drain within its watch's period (drain.LOOK_PERIOD_S): with
-                    # the second edition, /healthz (the control application) can say so before the model's replica
+                    # Each ingress replica finds the drain within its watch's period (drain.LOOK_PERIOD_S):
+                    # /healthz (the control application) can say so before the model's replica
                     # refuses. A request it still takes is served in full, and the drain waits for it.
                     deadline = time.monotonic() + 2 * LOOK_PERIOD_S + 1
                     while True:

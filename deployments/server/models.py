@@ -1,4 +1,5 @@
-"""GET /v1/models: every model the platform serves, not only this replica's (one base URL serves them all)."""
+"""GET /v1/models on an engine replica: its own model's card. Through the one base URL, HAProxy sends this route
+to the control application, which lists every model served."""
 
 from __future__ import annotations
 

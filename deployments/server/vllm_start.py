@@ -1,5 +1,5 @@
 """Starting vLLM in an engine replica: the engine's spec from the config, its ``AsyncLLM``, the scheduler figures
-it reports, and Serve's replica log kept through vLLM's start. Both editions' engine replicas start vLLM so."""
+it reports, and Serve's replica log kept through vLLM's start."""
 
 from __future__ import annotations
 
