@@ -420,8 +420,9 @@ def write(report: Report, out: Path, name: str) -> Path:
     reference = next((s for s in report.summaries if s.target == "anker" and s.workload == "multi_turn"), None)
     target_plots = _plot_targets(report.summaries, out, name)
     routing_plots = _plot_routing(report.routing, reference, out, name)
+    targets = list(dict.fromkeys(s.target for s in report.summaries)) or list(TARGET_TITLES)
     lines = [
-        "# Side-by-side benchmark: Anker, bare vLLM, Ray Serve LLM",
+        "# Side-by-side benchmark: " + ", ".join(_title(t) for t in targets),
         "",
         "Produced in one run by:",
         "",
