@@ -126,16 +126,16 @@ def engine_options(config: AnkerConfig, model: ModelConfig) -> dict[str, Any]:
     return options
 
 
-def prefix_router_config(model: ModelConfig, router_class: str, **settings: Any) -> RequestRouterConfig:
+def prefix_router_config(model: ModelConfig) -> RequestRouterConfig:
     """Serve's request-router settings for a model's engine deployment, with the model's prefix-routing policy."""
     return RequestRouterConfig(
-        request_router_class=router_class,  # type: ignore[arg-type]
+        request_router_class=INGRESS_PREFIX_ROUTER,  # type: ignore[arg-type]
         request_router_kwargs={
             "model": model.name,
             "max_imbalance": model.router.max_imbalance,
             "max_blocks": model.router.max_blocks,
         },
-        **settings,
+        request_routing_stats_period_s=ROUTING_STATS_PERIOD_S,  # type: ignore[arg-type]
     )
 
 
@@ -160,9 +160,7 @@ def model_app(
     # HAProxy asks the model's own router, if the model may run more than one replica.
     routed = model.max_replicas > 1 and model.router.policy == "prefix_aware"
     if routed:
-        options["request_router_config"] = prefix_router_config(
-            model, INGRESS_PREFIX_ROUTER, request_routing_stats_period_s=ROUTING_STATS_PERIOD_S
-        )
+        options["request_router_config"] = prefix_router_config(model)
     options["logging_config"] = NO_ACCESS_LOG
     # The replica's door refuses what it cannot take (back-pressure in OpenAI's shape); Serve's own limit is above
     # it, so that Serve never queues a call the door would take and a refusal always finds a slot.

@@ -138,23 +138,6 @@ class PrefixRouting(Generic[K]):
         self.table.forget(replica)
 
 
-class _ForgetsGoneReplicas(RequestRouter):
-    """A router whose memory of a replica goes when the replica does: it died, or Serve's set no longer holds it."""
-
-    def on_replica_actor_died(self, replica_id: ReplicaID) -> None:
-        super().on_replica_actor_died(replica_id)
-        self._forget(replica_id)
-
-    def update_replicas(self, replicas: list[RunningReplica]) -> None:
-        before = set(self.curr_replicas)
-        super().update_replicas(replicas)
-        for gone in before - set(self.curr_replicas):
-            self._forget(gone)
-
-    def _forget(self, replica: ReplicaID) -> None:
-        raise NotImplementedError
-
-
 class PickLoad(Generic[K]):
     """A replica's load as a router that only picks can know it (HAProxy sends the request, and nobody tells the
     router when it ends): the larger of the replica's own count of requests in flight, as it last reported it, and
@@ -187,7 +170,7 @@ class PickLoad(Generic[K]):
 ROUTE_HASHES = "block_hashes"  # the keyword of ``choose_replica`` that carries the prompt's block hashes
 
 
-class IngressPrefixRouter(_ForgetsGoneReplicas):
+class IngressPrefixRouter(RequestRouter):
     """The policy where HAProxy asks the model application's ingress request router (deployments/server/route.py)
     which replica to send a request to. That router only picks
     (``choose_replica(block_hashes=..., _reserve=False)``): Serve then never calls ``on_request_routed`` or
@@ -225,6 +208,16 @@ class IngressPrefixRouter(_ForgetsGoneReplicas):
             pending_request.routing_context.should_backoff = True
         metrics.routed(self._model, route.decision, route.matched_blocks, route.blocks)
         return [[by_id[r] for r in rank] for rank in ranks]
+
+    def on_replica_actor_died(self, replica_id: ReplicaID) -> None:
+        super().on_replica_actor_died(replica_id)
+        self._forget(replica_id)
+
+    def update_replicas(self, replicas: list[RunningReplica]) -> None:
+        before = set(self.curr_replicas)
+        super().update_replicas(replicas)
+        for gone in before - set(self.curr_replicas):
+            self._forget(gone)
 
     def _forget(self, replica: ReplicaID) -> None:
         """A replica that died or left: its cache and its picks went with it."""
