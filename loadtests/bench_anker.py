@@ -145,9 +145,7 @@ def _create_key(env: dict[str, str]) -> str:
 
 
 @contextlib.contextmanager
-def anker(
-    config_path: Path, work_dir: Path, label: str, overrides: dict[str, str], target: str = "anker"
-) -> Iterator[Endpoint]:
+def anker(config_path: Path, work_dir: Path, label: str, overrides: dict[str, str]) -> Iterator[Endpoint]:
     """The stack serving the profile's (only) model; ``overrides`` are ``ANKER__...`` settings (replicas, router
     policy). The endpoint is handed out once every engine replica runs."""
     data_dir = work_dir / f"anker-{label}"
@@ -169,7 +167,7 @@ def anker(
     )
     stack = load_config(config_path, env)
     key = _create_key(env)
-    endpoint = Endpoint(target, f"http://127.0.0.1:{port}", stack.models[0].name, {"Authorization": f"Bearer {key}"})
+    endpoint = Endpoint("anker", f"http://127.0.0.1:{port}", stack.models[0].name, {"Authorization": f"Bearer {key}"})
     notes: list[str] = []
     try:
         for attempt in range(1, START_ATTEMPTS + 1):

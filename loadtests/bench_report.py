@@ -392,7 +392,7 @@ def _idle_table(idle: dict[str, dict[str, float]]) -> list[str]:
 
 
 def _goals_table(rounds: Sequence[Round], workloads: Sequence[str]) -> list[str]:
-    anker = [t for t in ("anker",) if any(r.target == t for r in rounds)]
+    anker = ["anker"] if any(r.target == "anker" for r in rounds) else []
     lines = [
         "| figure | workload | goal | " + " | ".join(_title(t) for t in anker) + " |",
         "| --- | --- | --- |" + " ---: |" * len(anker),

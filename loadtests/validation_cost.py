@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import time
 from collections.abc import Callable
@@ -100,14 +99,11 @@ def measure(rounds: int, calls: int) -> list[dict[str, Any]]:
     return rows
 
 
-def _spread(values: list[float], digits: int) -> str:
-    return f"{statistics.median(values):.{digits}f} ({min(values):.{digits}f}-{max(values):.{digits}f})"
-
-
 def report(rows: list[dict[str, Any]], rounds: int, calls: int) -> str:
     from importlib import metadata
 
     from loadtests.bench import machine
+    from loadtests.bench_report import _spread
 
     lines = [
         "# The door's strict validation, beside vLLM's",
@@ -119,7 +115,7 @@ def report(rows: list[dict[str, Any]], rounds: int, calls: int) -> str:
         "An engine replica validates every body twice: Anker's `checked_body` (JSON parsing, the allow-list and",
         "`request_schemas.conforming`, strict against the published document) and then vLLM's own request model. CPU",
         f"milliseconds per body in one process, {rounds} rounds of {calls} calls each, the two interleaved in every",
-        "round; median (lowest-highest round). The ratio is Anker's over vLLM's, round by round.",
+        "round; median [lowest, highest round]. The ratio is Anker's over vLLM's, round by round.",
         "",
         "| body | bytes | Anker `checked_body` (ms CPU) | vLLM `ChatCompletionRequest` (ms CPU) | ratio |",
         "| --- | ---: | ---: | ---: | ---: |",
