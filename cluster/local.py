@@ -28,6 +28,7 @@ import httpx
 
 from cluster.tiny_models import build_model, is_built
 from config.schema import AnkerConfig
+from deployments.cpu_pinning import pin_tree
 
 Say = Callable[[str], None]
 HEAD_LOG = "ray-head.log"
@@ -335,6 +336,11 @@ def start(config: AnkerConfig, say: Say) -> StackState:
         raise StackError(
             f"a stack already runs from {config.data_dir} (Ray head pid {existing.head_pid}); `anker down` stops it"
         )
+    cpus = config.ray.cpu_affinity
+    if cpus is not None and not set(cpus) <= os.sched_getaffinity(0):
+        raise StackError(
+            f"ray.cpu_affinity {cpus} names CPUs this machine does not give Anker ({sorted(os.sched_getaffinity(0))})"
+        )
     ensure_models(config, say)
     head = _start_head(config, say)
     state = StackState(
@@ -351,6 +357,10 @@ def start(config: AnkerConfig, say: Say) -> StackState:
         _wait_for_gcs(config, head, timeout_s=120)
         say(f"deploying Anker on http://{config.server.host}:{config.server.port} ...")
         _deploy(config, say, head)
+        if cpus is not None:
+            # Pinned once it serves: the start itself runs on every CPU (on 2 cores, a pinned start takes 40 % longer).
+            # What the head starts from now on inherits the pin; vLLM's CPU workers keep the cores they bound to.
+            pin_tree(head.pid, cpus)
     except BaseException:
         stop(config, say)
         raise

@@ -20,6 +20,20 @@ Port = Annotated[int, Field(ge=1, le=65535)]
 LATENCY_BUCKETS_S = (0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
 
 
+OMP_BIND_ENV = "VLLM_CPU_OMP_THREADS_BIND"  # the cores a vLLM CPU worker binds to: "0-3", "0,2|1,3", "auto", …
+
+
+def omp_bind_cpus(bind: str) -> set[int]:
+    """The CPUs an explicit ``VLLM_CPU_OMP_THREADS_BIND`` names (ranks apart with ``|``); none for auto or nobind."""
+    cpus: set[int] = set()
+    if bind in ("", "auto", "nobind"):
+        return cpus
+    for part in bind.replace("|", ",").split(","):
+        first, _, last = part.strip().partition("-")
+        cpus.update(range(int(first), int(last or first) + 1))
+    return cpus
+
+
 class ConfigError(Exception):
     """A config file that cannot be used; the message names the file and the offending field."""
 
@@ -210,6 +224,13 @@ class RayConfig(_Strict):
         description="Ray's folder of sessions and sockets (short: a socket's path has at most 107 bytes); Ray's "
         "own default if unset.",
     )
+    cpu_affinity: list[Annotated[int, Field(ge=0)]] | None = Field(
+        default=None,
+        min_length=1,
+        description="CPUs the head and every process it starts run on once the stack serves: Ray's own, Serve's, "
+        "HAProxy, the replicas and vLLM's engine cores. A vLLM CPU worker binds to the cores its "
+        "VLLM_CPU_OMP_THREADS_BIND names and has them to itself. Unset: every CPU.",
+    )
 
     @field_validator("gcs_port")
     @classmethod
@@ -341,6 +362,20 @@ class AnkerConfig(_Strict):
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
             raise ValueError(f"model names must be unique; repeated: {', '.join(dupes)}")
+        return self
+
+    @model_validator(mode="after")
+    def _workers_cores_apart(self) -> AnkerConfig:
+        """A CPU worker's bound cores lie outside the head's: the point of pinning the head is to leave them free."""
+        head = set(self.ray.cpu_affinity or ())
+        for m in self.models:
+            bind = m.engine_env.get(OMP_BIND_ENV, "")
+            shared = sorted(head & omp_bind_cpus(bind))
+            if shared:
+                raise ValueError(
+                    f"model {m.name}: {OMP_BIND_ENV} {bind!r} shares CPUs {shared} with ray.cpu_affinity; a vLLM "
+                    "CPU worker's cores must be its own"
+                )
         return self
 
     def model(self, name: str) -> ModelConfig | None:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from config.schema import ConfigError
+from config.schema import OMP_BIND_ENV, ConfigError, omp_bind_cpus
 from config.settings import load_config
 
 
@@ -91,3 +91,15 @@ def test_bad_env_override_is_named(tmp_path: Path) -> None:
 def test_prices_are_exact(tmp_path: Path) -> None:
     config = load_config(write(tmp_path, MINIMAL + "    prices: {input_uncached_dkk_per_mtok: 0.1}\n"), environ={})
     assert config.models[0].prices.input_uncached_dkk_per_mtok == Decimal("0.1")  # not 0.1000000000000000055...
+
+
+def test_cpu_workers_cores_are_their_own(tmp_path: Path) -> None:
+    """The local profile pins the head beside the workers' core; a worker bound inside the head's CPUs is refused."""
+    config = load_config(environ={})
+    head = set(config.ray.cpu_affinity or ())
+    assert head and all(head.isdisjoint(omp_bind_cpus(m.engine_env[OMP_BIND_ENV])) for m in config.models)
+    pinned = "ray: {cpu_affinity: [1, 3]}\n" + MINIMAL + "    engine_env: {VLLM_CPU_OMP_THREADS_BIND: '%s'}\n"
+    assert load_config(write(tmp_path, pinned % "0|2"), environ={}).ray.cpu_affinity == [1, 3]
+    with pytest.raises(ConfigError, match=r"VLLM_CPU_OMP_THREADS_BIND '0-3' shares CPUs \[1, 3\]"):
+        load_config(write(tmp_path, pinned % "0-3"), environ={})
+    assert omp_bind_cpus("0-2,5|7") == {0, 1, 2, 5, 7} and omp_bind_cpus("auto") == omp_bind_cpus("nobind") == set()

@@ -5,13 +5,18 @@ and a key created while the stack runs works at once. Engine state is read throu
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
 import time
 from collections.abc import Iterator
 
 import httpx
 import openai
+import psutil
 import pytest
 
+from cluster.local import read_state
+from config.schema import OMP_BIND_ENV, omp_bind_cpus
 from tests.conftest import MODELS, Stack, engine_of
 from tests.traffic import ledger_totals
 
@@ -117,3 +122,36 @@ def test_status_reports_a_healthy_stack(stack: Stack) -> None:
     assert status.returncode == 0, status.stdout + status.stderr
     for model in ("qwen3-next-tiny", "qwen3-moe-tiny"):
         assert model in status.stdout
+
+
+def _thread_cpus(process: psutil.Process) -> set[frozenset[int]]:
+    cpus = set()
+    for thread in process.threads():
+        with contextlib.suppress(OSError):  # a thread that ended meanwhile
+            cpus.add(frozenset(os.sched_getaffinity(thread.id)))
+    return cpus
+
+
+def test_cpu_workers_have_their_cores_to_themselves(stack: Stack) -> None:
+    """The local profile pins the head (``ray.cpu_affinity``): every thread of every process it started (Ray's,
+    Serve's, HAProxy, the replicas, vLLM's engine cores) runs on those CPUs, and vLLM's CPU workers on the cores
+    their ``VLLM_CPU_OMP_THREADS_BIND`` names."""
+    config = stack.config
+    state = read_state(config)
+    assert state is not None and config.ray.cpu_affinity
+    pinned = frozenset(config.ray.cpu_affinity)
+    bound = frozenset().union(*(omp_bind_cpus(m.engine_env[OMP_BIND_ENV]) for m in config.models))
+    head = psutil.Process(state.head_pid)
+    workers: dict[int, set[frozenset[int]]] = {}
+    others: dict[str, set[frozenset[int]]] = {}
+    for process in [head, *head.children(recursive=True)]:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            name = process.name()
+            if name.startswith("VLLM::Worker"):
+                workers[process.pid] = _thread_cpus(process)
+            else:
+                others.setdefault(name, set()).update(_thread_cpus(process))
+    assert len(workers) == len(config.models), workers  # one engine replica of each model, one worker each
+    assert all(cpus == {bound} for cpus in workers.values()), workers
+    assert {"raylet", "haproxy", "VLLM::EngineCore"} <= others.keys(), sorted(others)
+    assert all(cpus == {pinned} for cpus in others.values()), others

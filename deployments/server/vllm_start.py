@@ -11,6 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from deployments.cpu_pinning import workers_cores_free
+
 SERVE_LOGGER = "ray.serve"  # the logger Serve writes a replica's log file with
 
 
@@ -76,12 +78,13 @@ def start_llm(args: Any, stat_loggers: list[Any]) -> Any:
         config = args.create_engine_config(UsageContext.ENGINE_CONTEXT)
         if config.model_config.is_hybrid:
             config.cache_config.user_specified_block_size = True
-        return AsyncLLM.from_vllm_config(
-            config,
-            stat_loggers=stat_loggers,
-            enable_log_requests=args.enable_log_requests,
-            disable_log_stats=args.disable_log_stats,
-        )
+        with workers_cores_free():
+            return AsyncLLM.from_vllm_config(
+                config,
+                stat_loggers=stat_loggers,
+                enable_log_requests=args.enable_log_requests,
+                disable_log_stats=args.disable_log_stats,
+            )
 
 
 @contextlib.contextmanager
