@@ -2,8 +2,8 @@
 (``VLLM_CPU_OMP_THREADS_BIND``), and everything else keeps off them (``ray.cpu_affinity``).
 
 A worker that shares its core waits for it: on 2 cores, with Ray, Serve, HAProxy and the replicas free to run on the
-worker's core, the worker got 85 % of it and Anker 0.65-0.80x bare vLLM's tokens/s; pinned apart, 0.8-1.07x
-(``docs/benchmarks/anker-vs-vllm.md``). Linux only (``/proc`` and ``sched_setaffinity``).
+worker's core, the worker got about 85 % of it, and Anker reached 0.57-0.80x bare vLLM's output tokens/s; pinned
+apart, 0.81-0.92x (``docs/benchmarks/anker-vs-vllm.md``). Linux only (``/proc`` and ``sched_setaffinity``).
 """
 
 from __future__ import annotations
