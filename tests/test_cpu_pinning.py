@@ -1,8 +1,10 @@
-"""A pinned head leaves vLLM's CPU workers their cores: the replica starts its engine core with every CPU, so that
-the workers may bind beside the head, and then puts the engine core back on the replica's own CPUs."""
+"""A pinned head leaves vLLM's CPU workers their cores: pinning a process tree passes over a process bound to other
+CPUs, and a replica starts its engine core with every CPU, so that the workers may bind beside the head, and then
+puts the engine core back on the replica's own CPUs."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -49,8 +51,8 @@ def test_engine_core_starts_with_every_cpu_and_returns_to_the_replicas() -> None
     assert seen["after"] and all(thread == [cpus[-1]] for thread in seen["after"])  # so is every engine core thread
 
 
-# A head's tree: a process that started a worker bound to the first CPU (as vLLM's OpenMP binding does) and a plain
-# child, which starts a grandchild. Each prints its pid; the head's threads too are counted.
+# A head's tree: a worker bound to the first CPU (as vLLM's OpenMP binding binds one) and a plain child, which starts
+# a grandchild. The worker and the grandchild print their pids once they run.
 TREE = textwrap.dedent(
     """
     import os, subprocess, sys, time
@@ -81,5 +83,6 @@ def test_a_pinned_tree_leaves_a_bound_worker_on_its_cores() -> None:
         assert os.sched_getaffinity(head.pid) == {cpus[-1]}
     finally:
         for pid in descendants(head.pid):
-            os.kill(pid, 9)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, 9)
         head.kill()

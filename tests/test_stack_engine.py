@@ -1,5 +1,6 @@
 """Engine behaviour on the real stack: seeded requests cannot kill an engine, a disconnect aborts the vLLM request,
-and a key created while the stack runs works at once. Engine state is read through Ray Serve deployment handles.
+a key created while the stack runs works at once, and vLLM's CPU workers have their core to themselves. Engine state
+is read through Ray Serve deployment handles.
 """
 
 from __future__ import annotations
