@@ -94,10 +94,10 @@ class EngineServer:
         return gate
 
     def _metered(self, call: Call, metered: Metered) -> None:
+        # Tokens billed are counted by the billing actor (``anker_tokens_total``), once a request's usage is in the
+        # ledger; counted here too, the dashboards would show each token twice.
         if not metered.admitted:
             return
-        uncached = metered.prompt_tokens - metered.cached_tokens
-        metrics.tokens(self._spec.engine.model, uncached, metered.cached_tokens, metered.output_tokens)
         self._totals["requests"] += 1
         self._totals["prompt_tokens"] += metered.prompt_tokens
         self._totals["cached_tokens"] += metered.cached_tokens
