@@ -300,7 +300,12 @@ class BillingConfig(_Strict):
     default_rpm: int = Field(default=600, ge=1, description="Requests per minute of a key without its own limit.")
     default_tpm: int = Field(default=2_000_000, ge=1, description="Tokens per minute of a key without its own limit.")
     vat_percent: Decimal = Field(default=Decimal("25"), ge=0, description="VAT on invoices (Danish moms: 25 %).")
-    reservation_ttl_s: float = Field(default=900.0, gt=0, description="Budget reservations without usage expire.")
+    lease_ttl_s: float = Field(
+        default=30.0,
+        ge=3,
+        description="A budget lease that its engine replica stops renewing (it died, or lost billing) lapses this "
+        "long after its last renewal, and what it held goes back to the budget.",
+    )
     key_cache_ttl_s: float = Field(default=10.0, ge=0, description="How long the ingress trusts a verified key.")
     usage_flush_interval_s: float = Field(default=0.2, gt=0, description="How often the ingress sends usage.")
     num_cpus: float = Field(default=0.1, ge=0, description="Ray logical CPUs of the billing actor.")

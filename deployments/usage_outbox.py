@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from deployments.billing.ledger import UsageEvent
-from deployments.billing.service import UsageReport
+from deployments.contracts import UsageReport
 
 logger = logging.getLogger("ray.serve")
 
@@ -45,7 +45,7 @@ def report_to_json(report: UsageReport) -> dict[str, Any]:
         "started": e.started_at.isoformat(),
         "finished": e.finished_at.isoformat(),
         "status": e.status,
-        "reserved": report.reserved_tokens,
+        "lease": report.lease_id,
     }
 
 
@@ -62,7 +62,7 @@ def report_from_json(d: dict[str, Any]) -> UsageReport:
         finished_at=datetime.fromisoformat(d["finished"]),
         status=d["status"],
     )
-    return UsageReport(event, d["reserved"])
+    return UsageReport(event, d.get("lease"))  # a spool written before leases has none: settled without one
 
 
 class Spool:
@@ -153,6 +153,11 @@ class UsageOutbox:
     @property
     def pending(self) -> int:
         return len(self._pending)
+
+    def pending_leases(self) -> set[str]:
+        """The budget leases of the reports not yet acknowledged: a lease is given back only once billing has
+        settled every request drawn from it."""
+        return {r.lease_id for r in self._pending.values() if r.lease_id is not None}
 
     def submit(self, report: UsageReport) -> None:
         """Queues a report; never blocks and never fails, so the request path can always call it."""

@@ -15,7 +15,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from deployments.billing.ledger import Ledger, UsageEvent
-from deployments.billing.service import UsageReport
+from deployments.contracts import UsageReport
 
 # One chat request's usage: a prompt of 100 tokens of which half were cached, 16 tokens of output.
 PROMPT_TOKENS, CACHED_TOKENS, COMPLETION_TOKENS = 100, 50, 16
@@ -36,7 +36,7 @@ def usage_report(tenant: str, key_id: str, model: str) -> UsageReport:
         finished_at=now,
         status="ok",
     )
-    return UsageReport(event, PROMPT_TOKENS + COMPLETION_TOKENS)
+    return UsageReport(event)
 
 
 @dataclass

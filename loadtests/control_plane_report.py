@@ -185,8 +185,9 @@ def _ingress_tables(results: Results) -> list[str]:
     lines += [
         "",
         "CPU milliseconds per successful request, by process, over the measured window. *Engine* is the engine "
-        "replica: its door (key, admission, metering), vLLM's serving layer (chat template, tokenizer, parsers, "
-        "response and SSE encoding) and, on the double, an idle engine core; with real vLLM it includes generation. "
+        "replica: its door (key, admission from the key's leases, metering), vLLM's serving layer (chat template, "
+        "tokenizer, parsers, response and SSE encoding) and, on the double, an idle engine core; with real vLLM it "
+        "includes generation. "
         "*HTTP proxy* is Serve's proxy actor, which runs HAProxy beside it; *load client* is this benchmark's httpx "
         "client; *outside* is what other work on the shared machine used meanwhile, per request of ours.",
         "",
@@ -275,7 +276,7 @@ def _headroom(results: Results) -> list[str]:
             "clients, the "
             f"machine {best.cpu.machine_busy_share:.0%} busy. CPU per request: the engine replica's serving path "
             f"{_fmt(best.cpu_ms_per_request(SERVING), 2)} ms, HAProxy {_fmt(best.cpu_ms_per_request(HAPROXY), 2)} "
-            f"ms, billing actor (key check, admission, usage record) {_fmt(best.cpu_ms_per_request('Billing'), 2)} "
+            f"ms, billing actor (key checks, leases, usage record) {_fmt(best.cpu_ms_per_request('Billing'), 2)} "
             f"ms, so one core carries {_per_core(best.cpu_ms_per_request(SERVING))} req/s through a replica's serving "
             f"path, {_per_core(best.cpu_ms_per_request(HAPROXY))} through HAProxy and "
             f"{_per_core(best.cpu_ms_per_request('Billing'))} through the billing actor."
@@ -305,9 +306,9 @@ def _headroom(results: Results) -> list[str]:
         if json_best is not None and database == "SQLite":
             request_ms = json_best.cpu_ms_per_request("Billing")
             admission = (
-                f" Its CPU per event, {record_ms:.2f} ms at best, is a small part of the {request_ms:.2f} ms the "
-                "actor spent per request above: key checks and admission (rate limits, budget reservation) are the "
-                "rest, so admission, not recording, is what bounds the actor."
+                f" Its CPU per event, {record_ms:.3f} ms at best, against the {request_ms:.3f} ms the actor spent per "
+                "request above (key checks, the keys' leases, the usage record and what the actor does at rest, over "
+                "the requests)."
             )
         lines.append(
             f"- **Billing on {database}**: `record` took up to **{events:,.0f} usage events/s** (one event per "
@@ -335,7 +336,7 @@ def _headroom(results: Results) -> list[str]:
         ingress_cap, billing_cap = (1000 / c for c in costs)
         lines.append(
             f"- **Verdict**: per core, an engine replica's serving path carries ~{ingress_cap:,.0f} streamed req/s "
-            f"and the billing actor ~{billing_cap:,.0f} req/s (key check, admission and usage record together), "
+            f"and the billing actor ~{billing_cap:,.0f} req/s (key checks, leases and usage record together), "
             f"against {engine_rps:,.1f} req/s from the engine: {ingress_cap / engine_rps:,.0f}x and "
             f"{billing_cap / engine_rps:,.0f}x headroom. The serving path comes with each engine replica (it scales "
             "with them); the billing actor is one replica for the whole deployment, so its figure is the ceiling of "
@@ -408,8 +409,8 @@ def render(results: Results) -> str:
         "is what one core of it carries. The engine double makes a token cost nothing, so the replica's cost per "
         "streamed output (vLLM's serving layer turning it into an OpenAI chunk, the meter counting it, the SSE "
         "bytes) is what bounds the tokens/s one replica's serving path passes beside its engine. The serving path "
-        "comes with every engine replica; the billing actor does not scale out, so its cost per request (admission "
-        "and usage record) bounds the whole deployment.",
+        "comes with every engine replica; the billing actor does not scale out, so its cost per request (key checks, "
+        "leases and usage record) bounds the whole deployment.",
         "",
     ]
     return "\n".join(lines)

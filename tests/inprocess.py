@@ -161,7 +161,10 @@ class InProcessReplica:
         return list(self.service.ledger.events(tenant))
 
     async def budget(self, key: str) -> dict[str, Any]:
-        """The key's budget as ``/v1/usage/summary`` shows it (the control application's route, not a replica's)."""
+        """The key's budget as ``/v1/usage/summary`` shows it (the control application's route, not a replica's),
+        once the replica has handed over every usage report and given back the leases no request uses."""
+        assert await self.accounts.outbox.drain(timeout_s=10.0), "usage reports were not acknowledged"
+        await self.accounts.admission.give_back()
         record = await self.accounts.verify(key)
         assert record is not None
         budget: dict[str, Any] = (await self.service.summary(record))["budget"]

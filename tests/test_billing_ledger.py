@@ -58,9 +58,9 @@ def test_database_url_choice(tmp_path: Path) -> None:
 
 
 def test_migrations_are_versioned_and_rerunnable(ledger: Ledger) -> None:
-    assert ledger.schema_revision() == "0003"
+    assert ledger.schema_revision() == "0004"
     ledger.migrate()  # at every start: a no-op once at head
-    assert ledger.schema_revision() == "0003"
+    assert ledger.schema_revision() == "0004"
 
 
 def test_recording_is_idempotent_on_request_id(ledger: Ledger) -> None:
@@ -156,11 +156,11 @@ def test_the_schema_has_no_place_for_content(ledger: Ledger) -> None:
         "budget_spend.scope",
         "budget_spend.scope_id",
         "budget_spend.period",
-        "budget_reservations.request_id",
-        "budget_reservations.tenant",
-        "budget_reservations.key_id",
-        "budget_reservations.tenant_period",
-        "budget_reservations.key_period",
+        "budget_leases.lease_id",
+        "budget_leases.tenant",
+        "budget_leases.key_id",
+        "budget_leases.tenant_period",
+        "budget_leases.key_period",
         "audit_log.actor",
         "audit_log.tenant",
         "audit_log.action",
@@ -174,45 +174,123 @@ def test_impossible_counts_are_refused(ledger: Ledger) -> None:
         ledger.record([event("bad", cached_tokens=2000)])
 
 
-def test_concurrent_reservations_stop_at_the_budget(ledger: Ledger) -> None:
-    """16 threads reserve 3 units each against a budget of 10: exactly 4 pass (0, 3, 6, 9 < 10), never more."""
-    from deployments.billing import budgets
-    from deployments.billing.tables import TENANTS
-    from deployments.errors import InsufficientQuota
+UNIT = DEFAULT.output_nano_dkk  # one output token's cost
+
+
+def budgeted(ledger: Ledger, limit_units: int) -> None:
     from deployments.keys import ensure_tenant
 
     with ledger.engine.begin() as db:
         ensure_tenant(db, "kommune-x")
-        db.execute(TENANTS.update().values(budget_kind="monthly", budget_nano_dkk=10))
+        db.execute(TENANTS.update().values(budget_kind="monthly", budget_nano_dkk=limit_units * UNIT))
+
+
+def budget_state(ledger: Ledger, now: datetime) -> tuple[int, int]:
+    """(spent, reserved) of kommune-x's monthly budget, in units."""
+    from deployments.billing import budgets
+
+    with ledger.engine.begin() as db:
+        [state] = budgets.budget_summary(db, "kommune-x", "k1", now)
+    return state.spent_nano_dkk // UNIT, state.reserved_nano_dkk // UNIT
+
+
+def test_concurrent_leases_stop_at_the_budget_and_settle_release_and_lapse(ledger: Ledger) -> None:
+    """16 threads each ask a lease of 3 units against a budget of 10: three fit, a fourth is the budget's last
+    request (9 < 10), the rest are refused; never more, however they interleave. Then settlement, release and
+    lapse each give back what the lease held, and only usage is spent."""
+    from deployments.billing import budgets
+    from deployments.errors import InsufficientQuota
+
+    budgeted(ledger, 10)
     now = T0 + timedelta(days=3)
-    results: list[bool] = []
-    admitted: list[str] = []
+    granted: list[str] = []
+    refused: list[int] = []
     start = threading.Barrier(16)
 
     def attempt(i: int) -> None:
         start.wait()
         try:
             with ledger.engine.begin() as db:
-                budgets.reserve(db, "kommune-x", "k1", f"r{i}", 3, now)
-            results.append(True)
-            admitted.append(f"r{i}")
+                grant = budgets.grant_lease(db, "kommune-x", "k1", None, 3 * UNIT, 3 * UNIT, now, 30.0)
+            assert grant is not None and grant.amount_nano_dkk == 3 * UNIT
+            granted.append(grant.lease_id)
         except InsufficientQuota:
-            results.append(False)
+            refused.append(i)
 
     threads = [threading.Thread(target=attempt, args=(i,)) for i in range(16)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    assert len(results) == 16 and results.count(True) == 4
+    assert (len(granted), len(refused)) == (4, 12)
+    assert budget_state(ledger, now) == (0, 12)  # overspent by at most the last request's maximum cost
+    # A request of the first lease costs one unit: it moves from the lease's reservation to the spend.
+    ledger.record_new([event("r1", now, prompt_tokens=0, cached_tokens=0, completion_tokens=1)], {"r1": granted[0]})
+    assert budget_state(ledger, now) == (1, 11)
+    with ledger.engine.begin() as db:  # its replica gives the lease back: the 2 units it still held
+        assert budgets.release_leases(db, [granted[0], "lease-unknown"]) == [granted[0]]
+        assert budgets.renew_leases(db, granted[1:2], now + timedelta(seconds=60)) == granted[1:2]
+    assert budget_state(ledger, now) == (1, 9)
+    with ledger.engine.begin() as db:  # two leases lapse; the renewed one is still held
+        assert budgets.release_expired(db, now + timedelta(seconds=31)) == 2
+    assert budget_state(ledger, now) == (1, 3)
+    # Usage of a lapsed lease that arrives late is still spent, and releases nothing it no longer holds.
+    ledger.record_new([event("r2", now, prompt_tokens=0, cached_tokens=0, completion_tokens=2)], {"r2": granted[2]})
+    assert budget_state(ledger, now) == (3, 3)
+
+
+def test_a_lease_grows_within_a_share_of_the_room_and_tops_up_in_place(ledger: Ledger) -> None:
+    from deployments.billing import budgets
+
+    budgeted(ledger, 100)
+    now = T0 + timedelta(days=3)
     with ledger.engine.begin() as db:
-        [state] = budgets.budget_summary(db, "kommune-x", "k1", now)
-    assert state.reserved_nano_dkk == 12 and state.spent_nano_dkk == 0
-    # Settling one reservation through the ledger moves its amount from reserved to spent (at the real cost).
-    ledger.record([event(admitted[0], now, prompt_tokens=0, cached_tokens=0, completion_tokens=0)])
-    with ledger.engine.begin() as db:
-        [state] = budgets.budget_summary(db, "kommune-x", "k1", now)
-    assert state.reserved_nano_dkk == 9 and state.spent_nano_dkk == 0
+        first = budgets.grant_lease(db, "kommune-x", "k1", None, 2 * UNIT, 50 * UNIT, now, 30.0)
+        assert first is not None and first.amount_nano_dkk == 25 * UNIT  # a quarter of the 100 left
+        again = budgets.grant_lease(db, "kommune-x", "k1", first.lease_id, 2 * UNIT, 50 * UNIT, now, 30.0)
+        assert again == budgets.LeaseGrant(first.lease_id, 75 * UNIT // 4)  # a quarter of the 75 left, same lease
+        assert budgets.grant_lease(db, "kommune-x", "k2", None, UNIT, UNIT, now, 30.0) is not None  # the tenant's
+        assert budgets.grant_lease(db, "nobody", "k9", None, UNIT, UNIT, now, 30.0) is None  # no budget applies
+    assert budget_state(ledger, now) == (0, 44)
+
+
+def race_sweep_and_settlement(ledger: Ledger, lease_id: str, request_id: str, now: datetime) -> None:
+    """The lapse sweep and the settlement of one request of ``lease_id``, started at once in two threads."""
+    from deployments.billing import budgets
+
+    start = threading.Barrier(2)
+
+    def sweep() -> None:
+        start.wait()
+        with ledger.engine.begin() as db:
+            budgets.release_expired(db, now + timedelta(seconds=2))
+
+    def settle() -> None:
+        start.wait()
+        usage = event(request_id, now, prompt_tokens=0, cached_tokens=0, completion_tokens=1)
+        ledger.record_new([usage], {request_id: lease_id})
+
+    threads = [threading.Thread(target=sweep), threading.Thread(target=settle)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+
+
+def test_settlement_and_the_lapse_sweep_never_release_a_lease_twice(ledger: Ledger) -> None:
+    """The sweep and a batch's settlement race for the same lapsed lease, each in its own transaction: whichever
+    comes first, the lease's amount goes back once, and the usage is spent once."""
+    from deployments.billing import budgets
+
+    rounds = 40
+    budgeted(ledger, 10 * rounds)
+    now = T0 + timedelta(days=3)
+    for i in range(rounds):
+        with ledger.engine.begin() as db:
+            grant = budgets.grant_lease(db, "kommune-x", "k1", None, 3 * UNIT, 3 * UNIT, now, 1.0)
+        assert grant is not None
+        race_sweep_and_settlement(ledger, grant.lease_id, f"race-{i}", now)
+        assert budget_state(ledger, now) == (i + 1, 0), i
 
 
 def test_usage_by_day_and_model_with_costs_split_by_kind(ledger: Ledger) -> None:

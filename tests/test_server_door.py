@@ -124,7 +124,7 @@ async def test_an_engine_failing_mid_stream_ends_the_stream_in_openai_shape_and_
 
 async def test_a_usage_report_delivered_again_is_acknowledged_and_billed_once(replica: InProcessReplica) -> None:
     from deployments.billing.ledger import UsageEvent
-    from deployments.billing.service import UsageReport
+    from deployments.contracts import UsageReport
 
     key = replica.key()
     r = await replica.client.post("/v1/chat/completions", json=chat(max_tokens=2), headers=auth(key))
@@ -223,29 +223,33 @@ async def test_allow_lists_by_region_and_the_region_of_processing(replica: InPro
     assert len(await replica.ledger()) == 1
 
 
-async def test_while_billing_is_away_pay_as_you_go_keeps_working_and_no_usage_is_lost(
+async def test_while_billing_is_away_keys_work_within_what_the_replica_holds_and_no_usage_is_lost(
     replica: InProcessReplica,
 ) -> None:
-    payg, capped = replica.key(), replica.key(budget_dkk="5")
+    payg, capped, fresh = replica.key(), replica.key(budget_dkk="5"), replica.key(budget_dkk="5")
     told = []
-    for key in (payg, capped):  # both verified while billing is up
+    for key in (payg, capped):  # both admitted while billing is up: the replica holds a slice and a lease of them
         r = await replica.client.post("/v1/chat/completions", json=chat(max_tokens=1), headers=auth(key))
         assert r.status_code == 200, r.text
         told.append(r.json()["usage"]["completion_tokens"])
     await replica.ledger()
     replica.accounts._ttl_s = 60.0  # the keys stay in the replica's cache while billing is away
-    for key in (payg, capped):
+    for key in (payg, capped, fresh):
         assert (await replica.client.get("/v1/models", headers=auth(key))).status_code == 200
     replica.handle.down = True
-    r = await replica.client.post("/v1/chat/completions", json=chat(max_tokens=2), headers=auth(payg))
-    assert r.status_code == 200, r.text  # pay-as-you-go keeps working; its usage waits in the outbox
-    told.append(r.json()["usage"]["completion_tokens"])
-    refused = await replica.client.post("/v1/chat/completions", json=chat(max_tokens=2), headers=auth(capped))
+    for key in (payg, capped):  # pay-as-you-go, and a budget within the lease this replica holds
+        r = await replica.client.post("/v1/chat/completions", json=chat(max_tokens=2), headers=auth(key))
+        assert r.status_code == 200, r.text  # its usage waits in the outbox
+        told.append(r.json()["usage"]["completion_tokens"])
+    # A budget this replica holds no lease of is never spent without one.
+    refused = await replica.client.post("/v1/chat/completions", json=chat(max_tokens=2), headers=auth(fresh))
     assert_error(refused, 503, "billing_unavailable")
     assert int(refused.headers["retry-after"]) >= 1
-    with pytest.raises(ConnectionError):  # a delivery while billing is away fails, and the report is kept
+    with pytest.raises(ConnectionError):  # a delivery while billing is away fails, and the reports are kept
         await replica.accounts.outbox.flush_once()
-    assert replica.accounts.outbox.pending == 1
+    assert replica.accounts.outbox.pending == 2
     replica.handle.down = False
     rows = await replica.ledger()
-    assert len(rows) == 3 and sum(int(row["completion_tokens"]) for row in rows) == sum(told)
+    assert len(rows) == 4 and sum(int(row["completion_tokens"]) for row in rows) == sum(told)
+    budget = await replica.budget(capped)  # its lease given back: only what it used is spent
+    assert budget["reserved_dkk"] == "0" and budget["spent_dkk"] != "0"

@@ -1,6 +1,7 @@
 """Tracing on the real stack: one streaming request is one trace across the engine replica that serves it (its
-door's server span, with the replica's id, and admission below it) and the billing actor, exported over OTLP by
-every deployment, joined to the client's ``traceparent``, and free of prompt and completion text.
+door's server span, with the replica's id, and admission below it) and the billing actor (which grants a new key's
+first request its lease), exported over OTLP by every deployment, joined to the client's ``traceparent``, and free
+of prompt and completion text.
 """
 
 from __future__ import annotations
@@ -39,11 +40,12 @@ def test_a_streaming_request_is_one_trace_across_the_deployments(stack: Stack, o
         "stream_options": {"include_usage": True},
         "chat_template_kwargs": {"enable_thinking": False},  # the completion's text is content
     }
-    headers = {"Authorization": f"Bearer {stack.api_key}", "traceparent": f"00-{trace_id}-{parent_id}-01"}
+    key = stack.new_key("tracing")  # its first request: the replica holds nothing of it and asks billing for a lease
+    headers = {"Authorization": f"Bearer {key}", "traceparent": f"00-{trace_id}-{parent_id}-01"}
     with httpx.stream("POST", f"{stack.base_url}/v1/chat/completions", json=body, headers=headers, timeout=120) as r:
         assert r.status_code == 200
         completion = "".join(r.iter_lines())
-    names = {"POST /v1/chat/completions", "admission", "billing.admit"}
+    names = {"POST /v1/chat/completions", "admission", "billing.lease"}
     spans = wait_for_trace(otlp, trace_id, names)
     by_name = {s.name: s for s in spans}
     server = by_name["POST /v1/chat/completions"]
@@ -51,8 +53,8 @@ def test_a_streaming_request_is_one_trace_across_the_deployments(stack: Stack, o
     assert server.attributes["anker.engine_replica"] and server.attributes["anker.model"] == "qwen3-next-tiny"
     assert 1 <= server.attributes["anker.completion_tokens"] <= 6 and server.attributes["anker.prompt_tokens"] > 0
     assert by_name["admission"].parent_span_id == server.span_id
-    assert by_name["billing.admit"].parent_span_id == by_name["admission"].span_id
-    assert by_name["billing.admit"].service == "anker-billing"
+    assert by_name["billing.lease"].parent_span_id == by_name["admission"].span_id
+    assert by_name["billing.lease"].service == "anker-billing"
     assert server.attributes["http.response.status_code"] == 200
     # Zero data retention: neither the prompt nor any of the completion's text is in any span.
     text = "".join(p.split('"')[0] for p in completion.split('"content":"')[1:])

@@ -27,7 +27,8 @@ from starlette.routing import Route as StarletteRoute
 
 from deployments.billing.governance import Actor
 from deployments.billing.ledger import COMPLETED, UsageEvent
-from deployments.billing.service import UsageReport, load_or_create_admin_token
+from deployments.billing.service import load_or_create_admin_token
+from deployments.contracts import UsageReport
 from deployments.keys import ROLES
 from deployments.server.app import create_server_app
 from tests.inprocess import InProcessControl, inprocess_control

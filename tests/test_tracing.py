@@ -99,11 +99,12 @@ async def test_a_streaming_request_is_one_trace_with_every_stage(
     assert server.kind == trace.SpanKind.SERVER
     assert format(server.context.trace_id, "032x") == TRACE_ID  # the client's trace is honoured
     assert server.parent is not None and format(server.parent.span_id, "016x") == PARENT_ID
-    for name, parent in {"admission": SERVER_SPAN, "billing.admit": "admission"}.items():
+    # The key's first request: its replica holds nothing of the key yet, so admission asks billing for a lease.
+    for name, parent in {"admission": SERVER_SPAN, "billing.lease": "admission"}.items():
         assert name in spans, f"no {name} span: {sorted(spans)}"
         assert spans[name].context.trace_id == server.context.trace_id
         assert spans[name].parent is not None and spans[name].parent.span_id == spans[parent].context.span_id, name
-    assert spans["admission"].kind == trace.SpanKind.CLIENT and spans["billing.admit"].kind == trace.SpanKind.SERVER
+    assert spans["admission"].kind == trace.SpanKind.CLIENT and spans["billing.lease"].kind == trace.SpanKind.SERVER
     attributes = dict(server.attributes or {})
     assert attributes["http.response.status_code"] == 200 and attributes["url.path"] == "/v1/chat/completions"
     assert attributes["anker.model"] == REPLICA_MODEL and attributes["anker.engine_replica"] == REPLICA_ID
@@ -118,6 +119,12 @@ async def test_a_streaming_request_is_one_trace_with_every_stage(
     )
     texts = [CANARY, "Kanariefuglen", "Øresund"] + ([completion] if len(completion) >= 8 else [])
     assert_no_text(exporter.get_finished_spans(), *texts)
+    # The next request is admitted from what the replica holds: no call to billing, no billing span.
+    exporter.clear()
+    r = await replica.client.post("/v1/chat/completions", json=chat(CANARY, max_tokens=2), headers=headers)
+    assert r.status_code == 200
+    names = [s.name for s in exporter.get_finished_spans()]
+    assert "admission" in names and "billing.lease" not in names, names
 
 
 async def test_a_refusal_is_an_error_status_with_a_code_never_a_message(
@@ -129,7 +136,7 @@ async def test_a_refusal_is_an_error_status_with_a_code_never_a_message(
     )
     assert r.status_code == 429 and r.json()["error"]["code"] == "insufficient_quota"
     spans = by_name(exporter.get_finished_spans())
-    for name in ("admission", "billing.admit"):
+    for name in ("admission", "billing.lease"):
         assert spans[name].status.status_code == trace.StatusCode.ERROR, name
         assert spans[name].status.description == "InsufficientQuota", name  # the error's type, not its message
         assert spans[name].attributes is not None and spans[name].attributes["anker.error_code"] == "insufficient_quota"

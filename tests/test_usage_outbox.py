@@ -8,7 +8,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from deployments.billing.ledger import UsageEvent
-from deployments.billing.service import UsageReport
+from deployments.contracts import UsageReport
 from deployments.usage_outbox import UsageOutbox
 
 AT = datetime(2026, 11, 26, 9, tzinfo=UTC)

@@ -38,7 +38,7 @@ TABLES: dict[str, tuple[str, str, str]] = {
         "ledger",
     ),
     "budget_spend": ("running spend per budget and month", "customer organisations, key holders", "ledger"),
-    "budget_reservations": ("the maximum cost reserved while a request runs", "key holders", "transient"),
+    "budget_leases": ("the part of a budget an engine replica holds for its requests", "key holders", "transient"),
     "audit_log": ("who changed which setting, and when", "customer staff, operators", "ledger"),
 }
 
@@ -155,8 +155,8 @@ def retention(config: AnkerConfig, rule: str) -> str:
             f"`removed_at`) as long as the ledger rows that name them: {months} months"
         )
     return (
-        "deleted when the request's usage is recorded, or after "
-        f"{config.billing.reservation_ttl_s:g} s (`billing.reservation_ttl_s`) if it never arrives"
+        "deleted when its engine replica gives it back, once the usage of its requests is recorded, or "
+        f"{config.billing.lease_ttl_s:g} s (`billing.lease_ttl_s`) after the replica last renewed it"
     )
 
 

@@ -1,8 +1,8 @@
 """The billing actor: a single-replica Ray Serve deployment owning the ledger (Ray Serve restarts it on failure).
 
 A thin shell over ``BillingService``: errors travel back as values (``AnkerError``), never as crashes, and a sweep
-releases budget reservations whose usage never arrived and, once a day, deletes rows past their retention. All state
-that matters is in the database.
+releases budget leases that no replica renews any more and, once a day, deletes rows past their retention. All state
+that matters is in the database, but for the rate-limit buckets, which a restart refills.
 """
 
 from __future__ import annotations
@@ -20,15 +20,15 @@ from ray import serve
 
 from config.naming import BILLING_DEPLOYMENT
 from deployments.billing.governance import Actor
-from deployments.billing.service import BillingService, BillingSpec, Principal, UsageReport
-from deployments.contracts import Admission, AdmissionRequest
+from deployments.billing.service import BillingService, BillingSpec
+from deployments.contracts import LeaseAsk, LeaseGrant, LeaseUpkeep, Principal, UpkeepResult, UsageReport
 from deployments.errors import AnkerError
 from deployments.keys import KeyRecord
 from observability import tracing
 
 logger = logging.getLogger("ray.serve")
 
-SWEEP_PERIOD_S = 60.0
+SWEEP_PERIOD_S = 5.0  # a lapsed lease's amount is back in its budgets within this of its expiry
 PURGE_PERIOD_S = 24 * 3600.0
 
 
@@ -40,14 +40,14 @@ class Billing:
         self._sweeper = asyncio.get_running_loop().create_task(self._sweep())
 
     async def _sweep(self) -> None:
-        """Expired budget reservations every minute; rows past their retention once a day."""
+        """Lapsed budget leases every few seconds; rows past their retention once a day."""
         purged_at = -PURGE_PERIOD_S
         while True:
             await asyncio.sleep(SWEEP_PERIOD_S)
             with contextlib.suppress(Exception):
                 released = await self._service.release_expired()
                 if released:
-                    logger.warning("billing: released %d expired budget reservations", released)
+                    logger.warning("billing: released %d budget leases their replicas stopped renewing", released)
             if time.monotonic() - purged_at >= PURGE_PERIOD_S:
                 try:
                     deleted = await self._service.purge_expired()
@@ -67,16 +67,20 @@ class Billing:
     async def rate_limit_headers(self, key: KeyRecord) -> dict[str, str]:
         return self._service.rate_limit_headers(key)
 
-    async def admit(self, key: KeyRecord, request: AdmissionRequest) -> Admission | AnkerError:
-        attrs = {"anker.billing_id": request.billing_id, "anker.tenant": key.tenant, "anker.key_id": key.key_id}
-        with tracing.span("billing.admit", request.trace, SpanKind.SERVER, attrs) as current:
+    async def lease(self, key: KeyRecord, ask: LeaseAsk) -> LeaseGrant | AnkerError:
+        attrs = {"anker.tenant": key.tenant, "anker.key_id": key.key_id}
+        with tracing.span("billing.lease", ask.trace, SpanKind.SERVER, attrs) as current:
             try:
-                admission = await self._service.admit(key, request)
+                grant = await self._service.lease(key, ask)
             except AnkerError as error:
                 tracing.failed(current, error)
                 return error
-            current.set_attribute("anker.budget_reserved", admission.budget_reserved)
-            return admission
+            if isinstance(grant.refusal, AnkerError):
+                tracing.failed(current, grant.refusal)
+            return grant
+
+    async def upkeep(self, upkeep: LeaseUpkeep) -> UpkeepResult:
+        return await self._service.upkeep(upkeep)
 
     async def record(self, reports: Sequence[UsageReport]) -> list[str]:
         return await self._service.record(reports)

@@ -1,22 +1,36 @@
-"""Budgets: a tenant's monthly cap or prepaid credit and a key's monthly cap, enforced by reservations.
+"""Budgets: a tenant's monthly cap or prepaid credit and a key's monthly cap, enforced by leases.
 
-Admission reserves a request's maximum cost with one conditional UPDATE per budget (``spent + reserved < limit``),
-so concurrent requests can overspend by at most one request's maximum cost; settlement (in the ledger's insert
-transaction) turns the reservation into the actual cost. Callers own the transaction; nothing here commits.
+An engine replica holds a lease on a key's budgets: an amount reserved in each of them (``reserved`` of their
+``budget_spend`` rows), granted with those rows locked, from which it admits many requests, each drawing its maximum
+cost. Settlement (in the ledger's insert transaction, once per batch) moves each request's actual cost from its
+lease's reservation to the budgets' spend. A lease its replica stops renewing lapses, and what it still held is
+released, never spent.
+
+The bound: a lease is granted only within what a budget has left, except for the budget's last request, which may
+draw its maximum cost while anything at all is left (``spent + reserved < limit``), as a single reservation would:
+a budget is overspent by at most one request's maximum cost. Callers own the transaction; nothing here commits.
 """
 
 from __future__ import annotations
 
+import math
+import uuid
+from collections import defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 
-from deployments.billing.tables import API_KEYS, BUDGET_RESERVATIONS, BUDGET_SPEND, TENANTS, USAGE_EVENTS
+from deployments.billing.tables import API_KEYS, BUDGET_LEASES, BUDGET_SPEND, TENANTS, USAGE_EVENTS
 from deployments.errors import InsufficientQuota
 
 PREPAID_PERIOD = "all"
+# A lease takes at most this share of what a budget has left (but always what the waiting request needs), so that
+# other keys and replicas find room too, and near the limit leases shrink to one request at a time.
+LEASE_SHARE = 0.25
 
 
 def month_period(moment: datetime) -> str:
@@ -103,103 +117,233 @@ def state(db: sa.Connection, budget: Budget, now: datetime) -> BudgetState:
     return BudgetState(budget, period, row.spent_nano_dkk, row.reserved_nano_dkk)
 
 
-def reserve(db: sa.Connection, tenant: str, key_id: str, request_id: str, amount_nano_dkk: int, now: datetime) -> bool:
-    """Reserves ``amount_nano_dkk`` against every budget of the tenant and the key; False if there is none.
+def _refusal(budget: Budget) -> InsufficientQuota:
+    whose = "Your organisation's" if budget.scope == "tenant" else "This API key's"
+    what = "prepaid credit" if budget.kind == "prepaid" else "monthly budget"
+    return InsufficientQuota(
+        f"You exceeded your current quota: {whose} {what} is used up. Ask your organisation's admin to raise the "
+        "budget or add credit."
+    )
 
-    Raises ``InsufficientQuota`` when a budget has nothing left; the caller's transaction then rolls back every
-    reservation made here. Each budget is one atomic ``UPDATE ... WHERE spent + reserved < limit``.
+
+@dataclass(frozen=True)
+class LeaseGrant:
+    lease_id: str
+    amount_nano_dkk: int  # added to the lease now
+
+
+def grant_lease(
+    db: sa.Connection,
+    tenant: str,
+    key_id: str,
+    lease_id: str | None,
+    need_nano_dkk: int,
+    want_nano_dkk: int,
+    now: datetime,
+    ttl_s: float,
+) -> LeaseGrant | None:
+    """Adds to the key's lease ``lease_id`` (or a new one): at least ``need_nano_dkk``, up to ``want_nano_dkk`` and
+    a share of what the tightest budget has left. None if no budget applies to the key.
+
+    Raises ``InsufficientQuota`` when a budget cannot cover ``need_nano_dkk``, unless it is the budget's last
+    request (see the module's bound). Each budget's row is locked while it is read and raised (``FOR UPDATE`` on
+    PostgreSQL; SQLite's write transactions are exclusive), tenant first, so concurrent grants never both take the
+    same room.
     """
     budgets = budgets_for(db, tenant, key_id)
     if not budgets:
-        return False
-    periods: dict[str, str] = {}
+        return None
+    rows = []
     for budget in budgets:
         period = budget.period(now)
         _ensure_row(db, budget, period)
-        result = db.execute(
+        row = db.execute(
+            sa.select(BUDGET_SPEND.c.spent_nano_dkk, BUDGET_SPEND.c.reserved_nano_dkk)
+            .where(_key(budget.scope, budget.scope_id, period))
+            .with_for_update()
+        ).one()
+        rows.append((budget, period, row.spent_nano_dkk + row.reserved_nano_dkk))
+    room = min(budget.limit_nano_dkk - used for budget, _, used in rows)
+    if room >= need_nano_dkk:
+        amount = max(need_nano_dkk, min(want_nano_dkk, math.floor(room * LEASE_SHARE)))
+    else:
+        for budget, _, used in rows:
+            if used >= budget.limit_nano_dkk:
+                raise _refusal(budget)
+        amount = need_nano_dkk  # the budget's last request
+    periods = {budget.scope: period for budget, period, _ in rows}
+    for budget, period, _ in rows:
+        db.execute(
             BUDGET_SPEND.update()
-            .where(
-                _key(budget.scope, budget.scope_id, period),
-                BUDGET_SPEND.c.spent_nano_dkk + BUDGET_SPEND.c.reserved_nano_dkk < budget.limit_nano_dkk,
-            )
-            .values(reserved_nano_dkk=BUDGET_SPEND.c.reserved_nano_dkk + amount_nano_dkk)
+            .where(_key(budget.scope, budget.scope_id, period))
+            .values(reserved_nano_dkk=BUDGET_SPEND.c.reserved_nano_dkk + amount)
         )
-        if result.rowcount != 1:
-            whose = "Your organisation's" if budget.scope == "tenant" else "This API key's"
-            what = "prepaid credit" if budget.kind == "prepaid" else "monthly budget"
-            raise InsufficientQuota(
-                f"You exceeded your current quota: {whose} {what} is used up. Ask your organisation's admin to "
-                "raise the budget or add credit."
+    expires_at = now + timedelta(seconds=ttl_s)
+    if lease_id is not None:
+        topped_up = db.execute(
+            BUDGET_LEASES.update()
+            .where(
+                BUDGET_LEASES.c.lease_id == lease_id,
+                BUDGET_LEASES.c.key_id == key_id,
+                _same(BUDGET_LEASES.c.tenant_period, periods.get("tenant")),
+                _same(BUDGET_LEASES.c.key_period, periods.get("key")),
             )
-        periods[budget.scope] = period
+            .values(amount_nano_dkk=BUDGET_LEASES.c.amount_nano_dkk + amount, expires_at=expires_at)
+        )
+        if topped_up.rowcount == 1:
+            return LeaseGrant(lease_id, amount)
+    # No lease yet, or the one held lapsed or belongs to another month: a new one.
+    new_id = f"lease-{uuid.uuid4().hex}"
     db.execute(
-        BUDGET_RESERVATIONS.insert().values(
-            request_id=request_id,
+        BUDGET_LEASES.insert().values(
+            lease_id=new_id,
             tenant=tenant,
             key_id=key_id,
             tenant_period=periods.get("tenant"),
             key_period=periods.get("key"),
-            amount_nano_dkk=amount_nano_dkk,
+            amount_nano_dkk=amount,
             created_at=now,
+            expires_at=expires_at,
         )
     )
-    return True
+    return LeaseGrant(new_id, amount)
 
 
-def settle(
-    db: sa.Connection, request_id: str, tenant: str, key_id: str, cost_nano_dkk: int, started_at: datetime
-) -> None:
-    """Books a newly recorded request's cost: releases its reservation and adds the cost to the budgets' spend.
+def _same(column: sa.Column[str | None], period: str | None) -> sa.ColumnElement[bool]:
+    return column.is_(None) if period is None else column == period
 
-    Runs in the ledger's insert transaction, once per request (the insert is idempotent, so is this).
+
+@dataclass(frozen=True)
+class Settlement:
+    """One newly recorded request's cost, and the lease it drew from (None: no budget applied when it started)."""
+
+    lease_id: str | None
+    tenant: str
+    key_id: str
+    cost_nano_dkk: int
+    started_at: datetime
+
+
+SpendKey = tuple[str, str, str]  # scope, scope id, period
+
+
+def settle(db: sa.Connection, settlements: Sequence[Settlement]) -> None:
+    """Books a batch of newly recorded requests' costs: each lease gives up what its requests cost (never more than
+    it holds; a lease that lapsed holds nothing), and every budget row of the requests' month, and the prepaid one,
+    adds the cost to its spend, budgets set while a request ran included.
+
+    One statement per lease and one per budget row, however many requests the batch holds. Runs in the ledger's
+    insert transaction, for the requests that insert added (the insert is idempotent, so is this).
     """
-    reservation = db.execute(
-        sa.select(BUDGET_RESERVATIONS).where(BUDGET_RESERVATIONS.c.request_id == request_id)
-    ).first()
-    month = month_period(started_at)
-    targets: list[tuple[str, str, str, int]] = []  # scope, id, period, reserved amount to release
-    if reservation is not None:
-        if reservation.tenant_period is not None:
-            targets.append(("tenant", tenant, reservation.tenant_period, reservation.amount_nano_dkk))
-        if reservation.key_period is not None:
-            targets.append(("key", key_id, reservation.key_period, reservation.amount_nano_dkk))
-        db.execute(BUDGET_RESERVATIONS.delete().where(BUDGET_RESERVATIONS.c.request_id == request_id))
-    # Budgets that did not reserve for this request (set while it ran, or its reservation expired) still count it.
-    reserved_scopes = {(scope, period) for scope, _, period, _ in targets}
-    for scope, scope_id, period in (
-        ("tenant", tenant, month),
-        ("tenant", tenant, PREPAID_PERIOD),
-        ("key", key_id, month),
-    ):
-        if (scope, period) not in reserved_scopes:
-            targets.append((scope, scope_id, period, 0))
-    for scope, scope_id, period, release in targets:
+    if not settlements:
+        return
+    spent: dict[SpendKey, int] = defaultdict(int)
+    released: dict[SpendKey, int] = defaultdict(int)
+    by_lease: dict[str, int] = defaultdict(int)
+    for s in settlements:
+        month = month_period(s.started_at)
+        for target in (("tenant", s.tenant, month), ("tenant", s.tenant, PREPAID_PERIOD), ("key", s.key_id, month)):
+            spent[target] += s.cost_nano_dkk
+        if s.lease_id is not None:
+            by_lease[s.lease_id] += s.cost_nano_dkk
+    for lease_id in sorted(by_lease):
+        lease = db.execute(
+            sa.select(BUDGET_LEASES).where(BUDGET_LEASES.c.lease_id == lease_id).with_for_update()
+        ).first()
+        if lease is None:
+            continue  # released or lapsed: what it held is back in the budgets already
+        release = min(by_lease[lease_id], lease.amount_nano_dkk)
+        if release == 0:
+            continue
         db.execute(
-            BUDGET_SPEND.update()
-            .where(_key(scope, scope_id, period))
-            .values(
-                spent_nano_dkk=BUDGET_SPEND.c.spent_nano_dkk + cost_nano_dkk,
-                reserved_nano_dkk=BUDGET_SPEND.c.reserved_nano_dkk - release,
-            )
+            BUDGET_LEASES.update()
+            .where(BUDGET_LEASES.c.lease_id == lease_id)
+            .values(amount_nano_dkk=BUDGET_LEASES.c.amount_nano_dkk - release)
         )
+        for target in _lease_rows(lease):
+            released[target] += release
+    _apply(db, spent, released)
 
 
-def release_expired(db: sa.Connection, older_than: datetime) -> int:
-    """Drops reservations of requests whose usage never arrived (an ingress lost with its outbox); returns how many.
+def _lease_rows(lease: sa.Row[Any]) -> list[SpendKey]:
+    rows = []
+    if lease.tenant_period is not None:
+        rows.append(("tenant", lease.tenant, lease.tenant_period))
+    if lease.key_period is not None:
+        rows.append(("key", lease.key_id, lease.key_period))
+    return rows
 
-    If the usage arrives later after all, ``settle`` still adds its cost to the spend.
+
+def _apply(db: sa.Connection, spent: dict[SpendKey, int], released: dict[SpendKey, int]) -> None:
+    """One UPDATE of every budget row touched, in one round trip (rows that do not exist are no budget)."""
+    targets = sorted(set(spent) | set(released))
+    if not targets:
+        return
+    statement = (
+        BUDGET_SPEND.update()
+        .where(
+            BUDGET_SPEND.c.scope == sa.bindparam("t_scope"),
+            BUDGET_SPEND.c.scope_id == sa.bindparam("t_scope_id"),
+            BUDGET_SPEND.c.period == sa.bindparam("t_period"),
+        )
+        .values(
+            spent_nano_dkk=BUDGET_SPEND.c.spent_nano_dkk + sa.bindparam("t_spent"),
+            reserved_nano_dkk=BUDGET_SPEND.c.reserved_nano_dkk - sa.bindparam("t_released"),
+        )
+    )
+    db.execute(
+        statement,
+        [
+            {
+                "t_scope": scope,
+                "t_scope_id": scope_id,
+                "t_period": period,
+                "t_spent": spent.get((scope, scope_id, period), 0),
+                "t_released": released.get((scope, scope_id, period), 0),
+            }
+            for scope, scope_id, period in targets
+        ],
+    )
+
+
+def _release(db: sa.Connection, condition: sa.ColumnElement[bool]) -> list[str]:
+    """Deletes the leases that meet ``condition`` and gives what they held back to their budgets."""
+    rows = db.execute(BUDGET_LEASES.delete().where(condition).returning(*BUDGET_LEASES.c)).all()
+    released: dict[SpendKey, int] = defaultdict(int)
+    for lease in rows:
+        for target in _lease_rows(lease):
+            released[target] += lease.amount_nano_dkk
+    _apply(db, {}, {k: v for k, v in released.items() if v})
+    return [lease.lease_id for lease in rows]
+
+
+def release_leases(db: sa.Connection, lease_ids: Sequence[str]) -> list[str]:
+    """Gives back leases their replica no longer needs (every report of theirs was recorded); returns those found."""
+    if not lease_ids:
+        return []
+    return _release(db, BUDGET_LEASES.c.lease_id.in_(sorted(lease_ids)))
+
+
+def release_expired(db: sa.Connection, now: datetime) -> int:
+    """Releases leases no replica renewed in time (a replica that died or lost billing); returns how many.
+
+    What a lapsed lease held goes back to its budgets; a request of it whose usage arrives later still adds its cost
+    to the spend, so it is billed, and never counted twice.
     """
-    rows = db.execute(sa.select(BUDGET_RESERVATIONS).where(BUDGET_RESERVATIONS.c.created_at < older_than)).all()
-    for r in rows:
-        for scope, scope_id, period in (("tenant", r.tenant, r.tenant_period), ("key", r.key_id, r.key_period)):
-            if period is not None:
-                db.execute(
-                    BUDGET_SPEND.update()
-                    .where(_key(scope, scope_id, period))
-                    .values(reserved_nano_dkk=BUDGET_SPEND.c.reserved_nano_dkk - r.amount_nano_dkk)
-                )
-        db.execute(BUDGET_RESERVATIONS.delete().where(BUDGET_RESERVATIONS.c.request_id == r.request_id))
-    return len(rows)
+    return len(_release(db, BUDGET_LEASES.c.expires_at < now))
+
+
+def renew_leases(db: sa.Connection, lease_ids: Sequence[str], expires_at: datetime) -> list[str]:
+    """Keeps leases in use alive until ``expires_at``; returns those still held (a lapsed one is gone)."""
+    if not lease_ids:
+        return []
+    result = db.execute(
+        BUDGET_LEASES.update()
+        .where(BUDGET_LEASES.c.lease_id.in_(sorted(lease_ids)))
+        .values(expires_at=expires_at)
+        .returning(BUDGET_LEASES.c.lease_id)
+    )
+    return [row[0] for row in result]
 
 
 def budget_summary(db: sa.Connection, tenant: str, key_id: str, now: datetime) -> list[BudgetState]:

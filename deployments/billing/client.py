@@ -1,5 +1,6 @@
-"""The billing actor as a serving replica sees it: cached key look-ups, admission, usage through the outbox, and
-the read and admin calls, over a deployment handle. The engine replicas and the control application use it alike.
+"""The billing actor as a serving replica sees it: cached key look-ups, admission from leases
+(``deployments/billing/admission.py``), usage through the outbox, and the read and admin calls, over a deployment
+handle. The engine replicas and the control application use it alike.
 """
 
 from __future__ import annotations
@@ -13,9 +14,18 @@ from typing import Any
 
 from ray.serve.handle import DeploymentHandle
 
+from deployments.billing.admission import LocalAdmission
 from deployments.billing.governance import Actor
-from deployments.billing.service import Principal, UsageReport
-from deployments.contracts import Admission, AdmissionRequest
+from deployments.contracts import (
+    Admission,
+    AdmissionRequest,
+    LeaseAsk,
+    LeaseGrant,
+    LeaseUpkeep,
+    Principal,
+    UpkeepResult,
+    UsageReport,
+)
 from deployments.errors import AnkerError, BillingUnavailable
 from deployments.keys import KeyRecord
 from deployments.usage_outbox import UsageOutbox
@@ -36,12 +46,14 @@ async def call_deployment(handle: DeploymentHandle, method: str, args: tuple[Any
 
 
 class ServeBillingClient:
-    """The billing actor as the ingress sees it: cached key look-ups, admission, usage through the outbox, and the
-    read and admin calls. Ray errors become ``BillingUnavailable``; error values from the actor are raised.
+    """The billing actor as a replica sees it: cached key look-ups, admission from leases, usage through the
+    outbox, and the read and admin calls. Ray errors become ``BillingUnavailable``; error values from the actor are
+    raised.
 
-    If the actor is briefly away (Ray Serve is restarting it), keys cached here keep working, a key without any
-    budget is admitted without a reservation (its usage waits in the outbox), and a key with a budget gets 503:
-    a budget is never spent without its reservation.
+    If the actor is briefly away (Ray Serve is restarting it), keys cached here keep working, a key is admitted from
+    what this replica holds of its limits and budget lease; beyond that a key without any budget meets its limits
+    on this replica alone (its usage waits in the outbox), and a key with a budget gets 503: a budget is never spent
+    without a lease.
     """
 
     def __init__(
@@ -54,8 +66,9 @@ class ServeBillingClient:
         self._handle = handle
         self._ttl_s = key_cache_ttl_s
         self._cache: dict[str, tuple[float, Principal]] = {}
-        self._has_budget: dict[str, bool] = {}
+        self._principals: dict[str, Principal] = {}  # by key id, as last verified
         self.outbox = UsageOutbox(self._send, flush_interval_s, spool_dir=spool_dir)
+        self.admission = LocalAdmission(self._lease, self._upkeep, self.outbox.pending_leases)
 
     async def _call(self, method: str, *args: Any) -> Any:
         unavailable = BillingUnavailable("Billing is briefly unavailable. Please retry shortly.", retry_after_s=2)
@@ -64,6 +77,14 @@ class ServeBillingClient:
     async def _send(self, reports: Sequence[UsageReport]) -> Sequence[str]:
         acked: Sequence[str] = await self._handle.record.remote(list(reports))
         return acked
+
+    async def _lease(self, principal: Principal, ask: LeaseAsk) -> LeaseGrant:
+        grant: LeaseGrant = await self._call("lease", principal.key, ask)
+        return grant
+
+    async def _upkeep(self, upkeep: LeaseUpkeep) -> UpkeepResult:
+        result: UpkeepResult = await self._handle.upkeep.remote(upkeep)
+        return result
 
     async def verify(self, key: str) -> KeyRecord | None:
         """Valid keys are cached briefly, misses never (a new key works at once; a revoked one within the TTL)."""
@@ -82,28 +103,30 @@ class ServeBillingClient:
             return None
         if len(self._cache) > 10_000:
             self._cache.clear()
+            self._principals.clear()
         self._cache[key] = (now + self._ttl_s, principal)
-        self._has_budget[principal.key.key_id] = principal.has_budget
+        self._principals[principal.key.key_id] = principal
         return principal.key
 
     async def is_admin_token(self, token: str) -> bool:
         return bool(await self._call("is_admin_token", token))
 
     async def rate_limit_headers(self, key: KeyRecord) -> dict[str, str]:
+        """The key's headers from what this replica holds of it, else from the actor."""
+        known = self.admission.headers(key.key_id)
+        if known is not None:
+            return known
         headers: dict[str, str] = await self._call("rate_limit_headers", key)
         return headers
 
     async def admit(self, key: KeyRecord, request: AdmissionRequest) -> Admission:
-        try:
-            admission: Admission = await self._call("admit", key, request)
-        except BillingUnavailable:
-            if self._has_budget.get(key.key_id, True):
-                raise
-            logger.warning("billing unavailable: admitting a request of key %s without a budget", key.key_id)
-            return Admission({}, 0, False)
-        return admission
+        """Admits a request of a key ``verify`` has seen, from its leases on this replica."""
+        return await self.admission.admit(self._principals[key.key_id], request)
 
-    def submit(self, report: UsageReport) -> None:
+    def submit(self, report: UsageReport, admission: Admission | None = None) -> None:
+        """Queues the report of a request that has ended; what its admission took and it did not use goes back."""
+        if admission is not None:
+            self.admission.finish(admission, report.event)
         self.outbox.submit(report)
 
     async def usage(self, key: KeyRecord, start: datetime, end: datetime, group_by: str | None) -> dict[str, Any]:

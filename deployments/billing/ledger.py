@@ -1,7 +1,8 @@
 """The usage ledger on a real database: SQLite by default, PostgreSQL in production, schema by Alembic migrations.
 
 Records usage events idempotently on ``request_id`` (an event delivered twice is billed once) at the price in effect
-when the request started, and settles the request's budget reservation in the same transaction. A request cut off
+when the request started, and settles their costs against the budgets and the leases they drew from in the same
+transaction, a batch at a time. A request cut off
 after producing tokens is billed for what it produced; a failed one that produced nothing, or that was answered
 with an error (``FAILED``), costs nothing. Stores counts, ids, model names, timestamps and amounts; never prompt or
 completion text.
@@ -9,7 +10,8 @@ completion text.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+import bisect
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
@@ -185,20 +187,24 @@ class Ledger:
         """Like ``record_new``; returns how many events were new."""
         return len(self.record_new(events))
 
-    def record_new(self, events: Sequence[UsageEvent]) -> dict[str, int]:
+    def record_new(self, events: Sequence[UsageEvent], leases: Mapping[str, str] | None = None) -> dict[str, int]:
         """Inserts the events not yet in the ledger, in one transaction.
 
-        Each is priced at the price in effect when it started, and its budget reservation is settled in the same
-        transaction. Replays of an event (same ``request_id``) change nothing, so a sender may retry until it is
-        acknowledged. Returns the request ids that were new, with the nano-DKK each was billed.
+        Each is priced at the price in effect when it started, and its cost is settled against the budgets (and
+        the budget lease named for its request id in ``leases``) in the same transaction. Replays of an event (same
+        ``request_id``) change nothing, so a sender may retry until it is acknowledged. Returns the request ids that
+        were new, with the nano-DKK each was billed. A few statements per batch, whatever its size: one for the
+        prices, one insert, and the settlement's.
         """
         if not events:
             return {}
+        leases = leases or {}
         with self.engine.begin() as connection:
+            price_list = _PriceList(connection, {event.model for event in events})
             rows = []
             charges: list[tuple[UsageEvent, int]] = []
             for event in events:
-                prices = self.price_at(event.model, event.started_at, connection)
+                prices = price_list.at(event.model, _utc(event.started_at))
                 if prices is None:
                     raise UnknownPrice(f"no price for model {event.model} at {event.started_at.isoformat()}")
                 cost = charge(event, prices)
@@ -225,12 +231,16 @@ class Ledger:
             result = connection.execute(insert.returning(USAGE_EVENTS.c.request_id), rows)
             inserted = {r[0] for r in result.fetchall()}
             new: dict[str, int] = {}
+            settlements = []
             for event, cost_nano in charges:
                 if event.request_id in inserted and event.request_id not in new:  # once, even if a batch repeats
                     new[event.request_id] = cost_nano
-                    budgets.settle(
-                        connection, event.request_id, event.tenant, event.key_id, cost_nano, _utc(event.started_at)
+                    settlements.append(
+                        budgets.Settlement(
+                            leases.get(event.request_id), event.tenant, event.key_id, cost_nano, _utc(event.started_at)
+                        )
                     )
+            budgets.settle(connection, settlements)
             return new
 
     def totals(self, tenant: str, start: datetime, end: datetime, model: str | None = None) -> UsageTotals:
@@ -319,6 +329,28 @@ class Ledger:
 
     def dispose(self) -> None:
         self.engine.dispose()
+
+
+class _PriceList:
+    """The price history of some models, read in one query: the price in effect at any moment, without a query
+    per event (prices are only ever appended)."""
+
+    def __init__(self, connection: sa.Connection, models: set[str]) -> None:
+        self._history: dict[str, tuple[list[datetime], list[TokenPrices]]] = {}
+        query = (
+            sa.select(MODEL_PRICES)
+            .where(MODEL_PRICES.c.model.in_(sorted(models)))
+            .order_by(MODEL_PRICES.c.model, MODEL_PRICES.c.effective_from)
+        )
+        for row in connection.execute(query):
+            moments, prices = self._history.setdefault(row.model, ([], []))
+            moments.append(_utc(_from_db(row.effective_from)))
+            prices.append(TokenPrices(row.input_uncached_nano_dkk, row.input_cached_nano_dkk, row.output_nano_dkk))
+
+    def at(self, model: str, moment: datetime) -> TokenPrices | None:
+        moments, prices = self._history.get(model, ([], []))
+        index = bisect.bisect_right(moments, moment) - 1
+        return prices[index] if index >= 0 else None
 
 
 def _day(dialect: str) -> sa.ColumnElement[str]:

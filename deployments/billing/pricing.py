@@ -109,3 +109,12 @@ def dkk_string(nano_dkk: int) -> str:
     """Exact decimal text of a nano-DKK amount, for JSON (``1410000`` -> ``"0.00141"``); never a float."""
     text = format((Decimal(nano_dkk) / NANO_DKK_PER_DKK).normalize(), "f")
     return text if text != "-0" else "0"
+
+
+# A budget lease a replica asks for holds the maximum cost of about this many requests like the one waiting for it.
+LEASE_REQUESTS = 16
+
+
+def worst_case_nano_dkk(prices: TokenPrices, prompt_tokens: int, max_output_tokens: int) -> int:
+    """The most a request can cost: its whole prompt uncached and every output token it may produce."""
+    return prompt_tokens * prices.input_uncached_nano_dkk + max_output_tokens * prices.output_nano_dkk

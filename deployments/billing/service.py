@@ -1,8 +1,9 @@
 """The billing service: one object owning the ledger, keys, governance, budgets and rate limits, behind the billing
 actor. Blocking database work runs in threads here, never on the actor's event loop.
 
-It answers key look-ups and admission, and records usage reports idempotently (at-least-once delivery from the
-ingress + an insert that ignores replays = each request billed exactly once). It sees counts, never content.
+It answers key look-ups, grants the leases that replicas admit requests from (slices of a key's rate limits and
+budgets), and records usage reports idempotently (at-least-once delivery from the replicas + an insert that ignores
+replays = each request billed exactly once). It sees counts, never content.
 """
 
 from __future__ import annotations
@@ -20,12 +21,12 @@ from typing import TYPE_CHECKING, Any
 from deployments import database
 from deployments.billing import budgets, retention
 from deployments.billing.governance import Actor, Governance, key_json, plan_json
-from deployments.billing.ledger import Ledger, UsageBucket, UsageEvent, usage_total
-from deployments.billing.pricing import TokenPrices, dkk_string
+from deployments.billing.ledger import Ledger, UsageBucket, usage_total
+from deployments.billing.pricing import LEASE_REQUESTS, TokenPrices, dkk_string, worst_case_nano_dkk
 from deployments.billing.ratelimit import RateLimiter
 from deployments.billing.tables import TENANTS
-from deployments.contracts import Admission, AdmissionRequest
-from deployments.errors import InvalidValue
+from deployments.contracts import LeaseAsk, LeaseGrant, LeaseUpkeep, LimitSnapshot, Principal, UpkeepResult, UsageReport
+from deployments.errors import AnkerError, InvalidValue
 from deployments.keys import KeyRecord, KeyStore, load_or_create_secret, secret_path
 from observability import metrics
 
@@ -42,7 +43,7 @@ class BillingSpec:
     prices: dict[str, TokenPrices]  # per served model, from the config
     default_rpm: int
     default_tpm: int
-    reservation_ttl_s: float = 900.0
+    lease_ttl_s: float = 30.0
     retention_months: int = 60
 
 
@@ -60,25 +61,9 @@ def billing_spec(config: AnkerConfig) -> BillingSpec:
         prices={m.name: model_prices(m) for m in config.models},
         default_rpm=config.billing.default_rpm,
         default_tpm=config.billing.default_tpm,
-        reservation_ttl_s=config.billing.reservation_ttl_s,
+        lease_ttl_s=config.billing.lease_ttl_s,
         retention_months=config.billing.retention_months,
     )
-
-
-@dataclass(frozen=True)
-class UsageReport:
-    """Ingress -> billing after a request ends (completed, failed or cut off): the event plus tokens to refund."""
-
-    event: UsageEvent
-    reserved_tokens: int
-
-
-@dataclass(frozen=True)
-class Principal:
-    """A verified key as the ingress caches it: the key's settings and whether any budget applies to it."""
-
-    key: KeyRecord
-    has_budget: bool
 
 
 def admin_token_path(data_dir: Path) -> Path:
@@ -117,7 +102,7 @@ class BillingService:
             return None
         with self.ledger.engine.connect() as db:
             has_budget = bool(budgets.budgets_for(db, record.tenant, record.key_id))
-        return Principal(record, has_budget)
+        return Principal(record, has_budget, *self._limits(record))
 
     def is_admin_token(self, token: str) -> bool:
         return hmac.compare_digest(hashlib.sha256(token.encode()).digest(), self._admin_digest)
@@ -125,56 +110,111 @@ class BillingService:
     def _limits(self, key: KeyRecord) -> tuple[int, int]:
         return key.rpm or self._spec.default_rpm, key.tpm or self._spec.default_tpm
 
-    # -- admission and usage ------------------------------------------------------------------------------------
+    # -- leases and usage ---------------------------------------------------------------------------------------
 
     def rate_limit_headers(self, key: KeyRecord) -> dict[str, str]:
         return self.limiter.peek(key.key_id, *self._limits(key)).headers()
 
-    async def admit(self, key: KeyRecord, request: AdmissionRequest) -> Admission:
-        """Rate limits, then the budget reservation of the request's maximum cost; raises an ``AnkerError``."""
-        tokens = request.prompt_tokens + request.max_output_tokens
-        state = self.limiter.admit(key.key_id, *self._limits(key), tokens)
-        try:
-            reserved = await asyncio.to_thread(self._reserve, request)
-        except BaseException:
-            self.limiter.refund(key.key_id, tokens, request=True)  # a refused request uses no limit
-            raise
-        return Admission(state.headers(), tokens, reserved)
-
-    def _reserve(self, request: AdmissionRequest) -> bool:
-        now = datetime.now(UTC)
-        prices = self.ledger.price_at(request.model, now)
+    def _prices(self, model: str) -> TokenPrices:
+        prices = self._spec.prices.get(model)  # the config's, which the ledger holds from this actor's start on
         if prices is None:
-            raise InvalidValue(f"The model `{request.model}` has no price; it cannot be billed.", "model")
-        worst_case = (
-            request.prompt_tokens * prices.input_uncached_nano_dkk + request.max_output_tokens * prices.output_nano_dkk
+            raise InvalidValue(f"The model `{model}` has no price; it cannot be billed.", "model")
+        return prices
+
+    async def lease(self, key: KeyRecord, ask: LeaseAsk) -> LeaseGrant:
+        """More of a key's rate limits and budgets for a replica (``LeaseAsk``). The budget first: a request it
+        refuses takes no rate-limit permit. A refused part comes back as ``refusal``, with what was granted."""
+        rpm, tpm = self._limits(key)
+        prices = self._prices(ask.model)
+        lease_id, lease_nano = None, 0
+        if ask.budget is not None:
+            budget = ask.budget
+            if budget.need_nano_dkk:
+                need, want = budget.need_nano_dkk, max(budget.want_nano_dkk, budget.need_nano_dkk)
+            else:  # a replica that knows no price yet: the waiting request's maximum cost, at the prices now
+                need = worst_case_nano_dkk(prices, budget.prompt_tokens, budget.max_output_tokens)
+                want = need * LEASE_REQUESTS
+            try:
+                granted = await asyncio.to_thread(self._grant_lease, key, budget.lease_id, need, want)
+            except AnkerError as error:
+                return LeaseGrant(0, 0, self._snapshot(key, rpm, tpm), refusal=error, prices=prices)
+            if granted is not None:
+                lease_id, lease_nano = granted.lease_id, granted.amount_nano_dkk
+        need_requests, need_tokens = ask.need_requests, ask.need_tokens
+        refusal: AnkerError | None = None
+        requests = tokens = 0
+        if need_requests or need_tokens or ask.want_requests or ask.want_tokens:
+            try:
+                requests, tokens, _ = self.limiter.grant(
+                    key.key_id, rpm, tpm, (need_requests, need_tokens), (ask.want_requests, ask.want_tokens)
+                )
+            except AnkerError as error:
+                refusal = error
+        return LeaseGrant(
+            requests,
+            tokens,
+            self._snapshot(key, rpm, tpm),
+            lease_id,
+            lease_nano,
+            self._spec.lease_ttl_s,
+            prices,
+            refusal,
         )
+
+    def _snapshot(self, key: KeyRecord, rpm: int, tpm: int) -> LimitSnapshot:
+        requests_left, tokens_left = self.limiter.levels(key.key_id, rpm, tpm)
+        return LimitSnapshot(rpm, tpm, requests_left, tokens_left)
+
+    def _grant_lease(self, key: KeyRecord, lease_id: str | None, need: int, want: int) -> budgets.LeaseGrant | None:
         with self.ledger.engine.begin() as db:
-            return budgets.reserve(db, request.tenant, request.key_id, request.billing_id, worst_case, now)
+            return budgets.grant_lease(
+                db, key.tenant, key.key_id, lease_id, need, want, datetime.now(UTC), self._spec.lease_ttl_s
+            )
+
+    async def upkeep(self, upkeep: LeaseUpkeep) -> UpkeepResult:
+        """Leases kept alive, idle ones and idle rate-limit permits given back (``LeaseUpkeep``)."""
+        for returned in upkeep.slices:
+            self.limiter.give_back(returned.key_id, returned.requests, returned.tokens)
+        renewed: list[str] = []
+        if upkeep.renew or upkeep.release:
+            renewed = await asyncio.to_thread(self._upkeep_leases, upkeep.renew, upkeep.release)
+        return UpkeepResult(tuple(renewed), self._spec.lease_ttl_s)
+
+    def _upkeep_leases(self, renew: Sequence[str], release: Sequence[str]) -> list[str]:
+        expires_at = datetime.now(UTC) + timedelta(seconds=self._spec.lease_ttl_s)
+        with self.ledger.engine.begin() as db:
+            budgets.release_leases(db, release)
+            return budgets.renew_leases(db, renew, expires_at)
 
     async def record(self, reports: Sequence[UsageReport]) -> list[str]:
-        """Stores the reports' events (replays change nothing); returns the billing ids now safe in the ledger."""
-        new = await asyncio.to_thread(self.ledger.record_new, [r.event for r in reports])
+        """Stores the reports' events (replays change nothing) and settles them against their leases; returns the
+        billing ids now safe in the ledger."""
+        leases = {r.event.request_id: r.lease_id for r in reports if r.lease_id is not None}
+        new = await asyncio.to_thread(self.ledger.record_new, [r.event for r in reports], leases)
+        # Once per batch and model, not per event: a metric record costs more than the event's share of the insert.
+        billed: dict[str, list[int]] = {}
         for report in reports:
             event = report.event
             cost_nano = new.pop(event.request_id, None)
             if cost_nano is None:
                 continue  # a replay, or a repeat within the batch: counted once
-            used = event.prompt_tokens + event.completion_tokens
-            self.limiter.refund(event.key_id, report.reserved_tokens - used)
             if cost_nano or event.status == "ok":  # what was billed (a request that produced nothing was not)
-                metrics.tokens(
-                    event.model, event.prompt_tokens - event.cached_tokens, event.cached_tokens, event.completion_tokens
-                )
-                metrics.billed(event.model, cost_nano)
+                sums = billed.setdefault(event.model, [0, 0, 0, 0])
+                sums[0] += event.prompt_tokens - event.cached_tokens
+                sums[1] += event.cached_tokens
+                sums[2] += event.completion_tokens
+                sums[3] += cost_nano
+        for model, (uncached, cached, output, cost_nano) in billed.items():
+            metrics.tokens(model, uncached, cached, output)
+            metrics.billed(model, cost_nano)
         return [r.event.request_id for r in reports]
 
-    async def release_expired(self) -> int:
-        cutoff = datetime.now(UTC) - timedelta(seconds=self._spec.reservation_ttl_s)
+    async def release_expired(self, now: datetime | None = None) -> int:
+        """Releases the leases whose replicas stopped renewing them (``now``: a test's clock)."""
 
         def run() -> int:
             with self.ledger.engine.begin() as db:
-                return budgets.release_expired(db, cutoff)
+                return budgets.release_expired(db, now or datetime.now(UTC))
 
         return await asyncio.to_thread(run)
 

@@ -1,5 +1,5 @@
 """The tables of Anker's database as SQLAlchemy Core objects, for queries: tenants, members, keys, prices, usage,
-budgets, reservations and the audit log. Alembic migrations (``deployments/migrations``) create them; never this file.
+budgets, budget leases and the audit log. Alembic migrations (``deployments/migrations``) create them; never this file.
 
 Nothing here holds prompt or completion text: counts, ids, model names, amounts and timestamps only.
 """
@@ -81,7 +81,7 @@ USAGE_EVENTS = sa.Table(
 )
 
 # Running spend per budget scope ("tenant" or "key") and period ("2026-11", or "all" for prepaid credit), and the
-# amount reserved by requests in flight. Admission is one conditional UPDATE on this row: never check-then-increment.
+# amount reserved by budget leases. A lease is granted with this row locked: never check-then-increment.
 BUDGET_SPEND = sa.Table(
     "budget_spend",
     METADATA,
@@ -92,16 +92,20 @@ BUDGET_SPEND = sa.Table(
     sa.Column("reserved_nano_dkk", sa.BigInteger, nullable=False),
 )
 
-BUDGET_RESERVATIONS = sa.Table(
-    "budget_reservations",
+# Budget leases: a slice of a key's budgets (its organisation's and its own) that one engine replica holds for many
+# requests. ``amount_nano_dkk`` is what the lease still holds of ``reserved_nano_dkk`` in the budgets' rows of its
+# periods; settlement moves costs out of it, and a lease its replica no longer renews lapses at ``expires_at``.
+BUDGET_LEASES = sa.Table(
+    "budget_leases",
     METADATA,
-    sa.Column("request_id", sa.String(128), primary_key=True),
+    sa.Column("lease_id", sa.String(64), primary_key=True),
     sa.Column("tenant", sa.String(64), nullable=False),
     sa.Column("key_id", sa.String(32), nullable=False),
     sa.Column("tenant_period", sa.String(8), nullable=True),
     sa.Column("key_period", sa.String(8), nullable=True),
     sa.Column("amount_nano_dkk", sa.BigInteger, nullable=False),
     sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("expires_at", sa.DateTime(timezone=True), nullable=False),
 )
 
 AUDIT_LOG = sa.Table(

@@ -1,7 +1,8 @@
 """The engine replica's door, around vLLM's serving layer: who calls (an API key, checked against the billing
 actor's cache), whether they may (the key's role and model allow-list), admission at the meter (rate limits and
-budget, with the prompt tokens vLLM counted), the rate-limit headers, the organisation's own prefix cache (vLLM's
-``cache_salt``), and each admitted request's usage into the usage outbox, once, however it ends.
+budget, with the prompt tokens vLLM counted, from the key's leases on this replica), the rate-limit headers, the
+organisation's own prefix cache (vLLM's ``cache_salt``), and each admitted request's usage into the usage outbox,
+once, however it ends.
 
 Counts and ids only: it reads the ``Authorization`` header and the path, never the body.
 """
@@ -23,8 +24,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from deployments.billing.governance import authorize_call
 from deployments.billing.ledger import CANCELLED, COMPLETED, ENGINE_FAILED, FAILED, UsageEvent
-from deployments.billing.service import UsageReport
-from deployments.contracts import Admission, AdmissionRequest
+from deployments.contracts import Admission, AdmissionRequest, UsageReport
 from deployments.errors import AnkerError
 from deployments.keys import KeyRecord
 from deployments.openai.accounts import authenticate
@@ -50,7 +50,7 @@ class ReplicaBilling(Protocol):
 
     async def rate_limit_headers(self, key: KeyRecord) -> dict[str, str]: ...
 
-    def submit(self, report: UsageReport) -> None: ...
+    def submit(self, report: UsageReport, admission: Admission | None = None) -> None: ...
 
 
 @dataclass
@@ -177,7 +177,7 @@ class KeyGate:
                 finished_at=datetime.now(UTC),
                 status=_status(call, metered),
             )
-            self.billing.submit(UsageReport(event, call.admission.reserved_tokens))
+            self.billing.submit(UsageReport(event, call.admission.lease_id), call.admission)
             # Counts and ids only: this line is what zero data retention allows to be kept.
             logger.info(
                 "usage request_id=%s billing_id=%s model=%s status=%s prompt_tokens=%d cached_tokens=%d "

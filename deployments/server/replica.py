@@ -1,8 +1,9 @@
 """The engine replica that serves HTTP itself: a Serve ingress deployment whose ASGI app (``app.py``) runs in the
 replica's own process beside its ``AsyncLLM``, so with Serve's direct ingress no token crosses another process.
 
-Its door (``gate.py``) checks keys, admits and bills through the billing actor; its usage outbox hands each
-report over until the ledger has it. ``build_apps`` makes one application of it per model.
+Its door (``gate.py``) checks keys through the billing actor's cache, admits from the leases the actor grants
+(``deployments/billing/admission.py``) and bills through its usage outbox, which hands each report over until the
+ledger has it. ``build_apps`` makes one application of it per model.
 """
 
 from __future__ import annotations
@@ -77,6 +78,7 @@ class EngineServer:
         self._tasks = [
             loop.create_task(self._report_load()),
             loop.create_task(self._billing.outbox.run()),
+            loop.create_task(self._billing.admission.run()),
             loop.create_task(self._report_pending()),
         ]
         spec, model = self._replica_spec, self._spec.engine.model
@@ -156,6 +158,10 @@ class EngineServer:
                     "engine replica stopping with %d usage reports undelivered; they stay in its spool file",
                     billing.outbox.pending,
                 )
+            try:  # what the replica holds of keys' limits and budgets goes back now rather than when it lapses
+                await asyncio.wait_for(billing.admission.give_back(), 5.0)
+            except Exception as exc:
+                logger.warning("engine replica stopping: leases left to lapse (%s)", type(exc).__name__)
             billing.outbox.close()
         layer = getattr(self, "_layer", None)
         if layer is not None:
