@@ -36,6 +36,7 @@ class Outcome:
     transport_error: str | None = None  # the connection failed after the response had started
     started_s: float = 0.0  # time.monotonic() when the request was sent
     ended_s: float = 0.0  # ... and when its answer ended
+    answered_by: str = ""  # the 200's content type, server and request id, for a failure message
 
     @property
     def clean(self) -> bool:
@@ -118,6 +119,7 @@ async def stream_chat(
                     return Outcome(r.status_code, retry_after=r.headers.get("retry-after"), **times)
                 return Outcome(r.status_code, error["code"], error["type"], r.headers.get("retry-after"), **times)
             usage, error, done, chunks, broken = None, None, False, 0, None
+            answered_by = " ".join(r.headers.get(h, "-") for h in ("content-type", "server", "x-request-id"))
             try:
                 async for event in aiter_events(r):
                     if event == DONE:
@@ -145,6 +147,7 @@ async def stream_chat(
                 transport_error=broken,
                 started_s=started,
                 ended_s=time.monotonic(),
+                answered_by=answered_by,
             )
     except httpx.HTTPError as exc:
         return Outcome(type(exc).__name__, started_s=started, ended_s=time.monotonic())
