@@ -18,6 +18,7 @@ import yaml
 from config.naming import APP_NAME, REGION_LABEL, model_app_name, model_route_prefix
 from config.placement import engine_placement
 from config.schema import AnkerConfig, ModelConfig
+from deployments.server.haproxy import hard_stop_after_s
 
 RAY_VERSION = "2.60.0"
 GCS_PORT = 6380  # Ray's GCS; never 6379 (Redis's own port, used below by the external Redis only)
@@ -70,6 +71,10 @@ def _env(config: AnkerConfig, profile: Path) -> list[dict[str, Any]]:
         {
             "name": "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S",
             "value": str(config.server.haproxy_deregistration_s),
+        },
+        {
+            "name": "RAY_SERVE_HAPROXY_HARD_STOP_AFTER_S",
+            "value": str(hard_stop_after_s(config.server.request_timeout_s)),
         },
     ]
     return env

