@@ -228,8 +228,8 @@ class RayConfig(_Strict):
         default=None,
         min_length=1,
         description="CPUs the head and every process it starts run on once the stack serves: Ray's own, Serve's, "
-        "HAProxy, the replicas and vLLM's engine cores. A vLLM CPU worker binds to the cores its "
-        "VLLM_CPU_OMP_THREADS_BIND names and has them to itself. Unset: every CPU.",
+        "HAProxy and the replicas. A vLLM CPU worker binds to the cores its VLLM_CPU_OMP_THREADS_BIND names and "
+        "shares them only with its engine core, which drives it. Unset: every CPU.",
     )
 
     @field_validator("gcs_port")

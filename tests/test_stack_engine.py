@@ -135,8 +135,8 @@ def _thread_cpus(process: psutil.Process) -> set[frozenset[int]]:
 
 def test_cpu_workers_have_their_cores_to_themselves(stack: Stack) -> None:
     """The local profile pins the head (``ray.cpu_affinity``): every thread of every process it started (Ray's,
-    Serve's, HAProxy, the replicas, vLLM's engine cores) runs on those CPUs, and vLLM's CPU workers on the cores
-    their ``VLLM_CPU_OMP_THREADS_BIND`` names."""
+    Serve's, HAProxy, the replicas) runs on those CPUs, and vLLM's CPU workers, with the engine cores that drive
+    them, on the cores their ``VLLM_CPU_OMP_THREADS_BIND`` names."""
     config = stack.config
     state = read_state(config)
     assert state is not None and config.ray.cpu_affinity
@@ -144,15 +144,19 @@ def test_cpu_workers_have_their_cores_to_themselves(stack: Stack) -> None:
     bound = frozenset().union(*(omp_bind_cpus(m.engine_env[OMP_BIND_ENV]) for m in config.models))
     head = psutil.Process(state.head_pid)
     workers: dict[int, set[frozenset[int]]] = {}
+    engine_cores: dict[int, set[frozenset[int]]] = {}
     others: dict[str, set[frozenset[int]]] = {}
     for process in [head, *head.children(recursive=True)]:
         with contextlib.suppress(psutil.NoSuchProcess):
             name = process.name()
             if name.startswith("VLLM::Worker"):
                 workers[process.pid] = _thread_cpus(process)
+            elif name.startswith("VLLM::EngineCore"):
+                engine_cores[process.pid] = _thread_cpus(process)
             else:
                 others.setdefault(name, set()).update(_thread_cpus(process))
     assert len(workers) == len(config.models), workers  # one engine replica of each model, one worker each
     assert all(cpus == {bound} for cpus in workers.values()), workers
-    assert {"raylet", "haproxy", "VLLM::EngineCore"} <= others.keys(), sorted(others)
+    assert len(engine_cores) == len(workers) and all(cpus == {bound} for cpus in engine_cores.values()), engine_cores
+    assert {"raylet", "haproxy"} <= others.keys(), sorted(others)
     assert all(cpus == {pinned} for cpus in others.values()), others
