@@ -7,7 +7,7 @@ worker's core, the worker got about 85 % of it, and Anker reached 0.57-0.80x bar
 apart, 0.81-0.92x. The engine core is the exception: it and its workers take turns (the engine core schedules a step,
 the workers run it, and each waits for the other spinning on ``sched_yield``), so on the workers' cores its wait
 yields to them and costs almost nothing, while beside the replicas its spin took a core's worth of time from them:
-7 instead of 36-63 CPU ms per request, and 1.10-1.33x bare vLLM's output tokens/s
+7 instead of 36-63 CPU ms per request, and 1.17-1.44x bare vLLM's output tokens/s instead of 0.98-1.12x
 (``docs/benchmarks/anker-vs-vllm.md``). Linux only (``/proc`` and ``sched_setaffinity``).
 """
 
