@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -50,6 +51,28 @@ class ReplicaSpec:
     overload_retry_after_s: int = 2
 
 
+def serving_app(
+    vllm_state: Any,
+    model: str,
+    model_cards: list[dict[str, Any]],
+    max_body_bytes: int,
+    billing: ServeBillingClient,
+    region: str,
+    max_calls: int,
+    overload_retry_after_s: int,
+    replica_id: str,
+    metered: Callable[[Call, Metered], None] = lambda call, metered: None,
+) -> DrainGate:
+    """What an engine replica serves: the HTTP app over vLLM's serving objects behind its door, outermost first the
+    drain (while `anker down` or a pod's stop drains, new requests get 503 at once and the running ones finish; the
+    drain waits for the usage outbox too), tracing, metrics, back-pressure, then the door."""
+    app = create_server_app(vllm_state, model, model_cards, max_body_bytes)
+    door = KeyGate(app, billing, model, region, metered)
+    capacity = Capacity(door, max_calls, overload_retry_after_s)
+    served_by = {"anker.model": model, "anker.engine_replica": replica_id}
+    return DrainGate(TracingMiddleware(RequestMetrics(capacity, model), served_by))
+
+
 @serve.deployment(name="EngineServer", health_check_period_s=5, health_check_timeout_s=30)
 @serve.ingress()
 class EngineServer:
@@ -82,13 +105,18 @@ class EngineServer:
             loop.create_task(self._report_pending()),
         ]
         spec, model = self._replica_spec, self._spec.engine.model
-        app = create_server_app(self._layer.state, model, list(spec.model_cards), spec.max_body_bytes)
-        # Outermost, the drain: while `anker down` or a pod's stop drains, new requests get 503 at once and the
-        # running ones finish; the drain waits for this replica's usage outbox too.
-        door = KeyGate(app, self._billing, model, spec.region, self._metered)
-        capacity = Capacity(door, spec.max_calls, spec.overload_retry_after_s)
-        served_by = {"anker.model": model, "anker.engine_replica": self._replica}
-        gate = DrainGate(TracingMiddleware(RequestMetrics(capacity, model), served_by))
+        gate = serving_app(
+            self._layer.state,
+            model,
+            list(spec.model_cards),
+            spec.max_body_bytes,
+            self._billing,
+            spec.region,
+            spec.max_calls,
+            spec.overload_retry_after_s,
+            self._replica,
+            self._metered,
+        )
         context = serve.get_replica_context()
         outbox = self._billing.outbox
         watch = watch_drain(gate, context.app_name, context.replica_id.to_full_id_str(), lambda: outbox.pending)
