@@ -355,6 +355,49 @@ async def test_a_stream_the_client_leaves_is_metered_for_what_it_produced(server
     assert not metered.finished and 1 <= metered.output_tokens < 400 and metered.prompt_tokens > 0
 
 
+async def test_two_organisations_sending_one_request_id_never_touch_each_others_streams(server: Server) -> None:
+    """A client's ``X-Request-Id`` is for correlation only, never the engine's request id: two organisations stream
+    with the same one at once, one leaves mid-stream, and the other's stream still finishes, billed under an id the
+    door made, which is also its answer's id."""
+    staying, leaving = server.key("same-id-staying"), server.key("same-id-leaving")
+    body = {
+        "model": MODEL,
+        "messages": QUESTION,
+        "max_tokens": 120,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+        **NO_THINKING,
+    }
+
+    def headers(key: str) -> dict[str, str]:
+        return {"Authorization": f"Bearer {key}", "X-Request-Id": "kunde-ordre-4711"}
+
+    started = asyncio.Event()
+
+    async def stay() -> list[Any]:
+        events: list[Any] = []
+        async with server.http.stream("POST", "/v1/chat/completions", json=body, headers=headers(staying)) as r:
+            assert r.status_code == 200, await r.aread()
+            async for line in r.aiter_lines():
+                if line.startswith("data: "):
+                    events.append(line[6:] if line == "data: [DONE]" else json.loads(line[6:]))
+                    started.set()
+        return events
+
+    staying_stream = asyncio.create_task(stay())
+    await asyncio.wait_for(started.wait(), 60)
+    async with server.http.stream("POST", "/v1/chat/completions", json=body, headers=headers(leaving)) as r:
+        assert r.status_code == 200
+        async for line in r.aiter_lines():
+            if line.startswith("data: {"):
+                break  # leaves after its first chunk, while the other stream runs
+    events = await staying_stream
+    assert events[-1] == "[DONE]" and events[-2]["usage"]["completion_tokens"] > 0, events[-3:]
+    [row] = await server.ledger("same-id-staying")
+    assert row["status"] == "ok" and row["completion_tokens"] == events[-2]["usage"]["completion_tokens"]
+    assert {e["id"] for e in events[:-1]} == {row["request_id"]}  # the answer's id is the ledger's, not the client's
+
+
 @pytest.mark.parametrize(
     ("body", "param"),
     [

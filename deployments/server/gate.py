@@ -117,7 +117,13 @@ class KeyGate:
         if scope["method"] != "POST":
             await self.app(scope, receive, send)
             return
-        call = Call(key, f"{PREFIXES.get(path, 'req')}-{uuid.uuid4().hex}", path, tracing.request_id(scope))
+        own_id = uuid.uuid4().hex
+        call = Call(key, f"{PREFIXES.get(path, 'req')}-{own_id}", path, tracing.request_id(scope))
+        # vLLM makes the engine's request id and the answer's ``id`` from ``X-Request-Id``: the client's own is for
+        # correlation only (kept above, if shaped like an id), so vLLM gets the door's, and the answer's id is the
+        # ledger's billing id (``chatcmpl-…``, ``cmpl-…``).
+        headers = [(k, v) for k, v in scope.get("headers", ()) if k.lower() != b"x-request-id"]
+        scope = {**scope, "headers": [*headers, (b"x-request-id", own_id.encode())]}
 
         async def admit(prompt_tokens: int, max_output_tokens: int) -> None:
             with tracing.span("admission", kind=SpanKind.CLIENT, attrs={"anker.billing_id": call.billing_id}):
