@@ -122,8 +122,9 @@ class KeyGate:
         # vLLM makes the engine's request id and the answer's ``id`` from ``X-Request-Id``: the client's own is for
         # correlation only (kept above, if shaped like an id), so vLLM gets the door's, and the answer's id is the
         # ledger's billing id (``chatcmpl-…``, ``cmpl-…``).
+        # In place, not a copy: the middlewares outside read what the app writes into the scope (its route).
         headers = [(k, v) for k, v in scope.get("headers", ()) if k.lower() != b"x-request-id"]
-        scope = {**scope, "headers": [*headers, (b"x-request-id", own_id.encode())]}
+        scope["headers"] = [*headers, (b"x-request-id", own_id.encode())]
 
         async def admit(prompt_tokens: int, max_output_tokens: int) -> None:
             with tracing.span("admission", kind=SpanKind.CLIENT, attrs={"anker.billing_id": call.billing_id}):
