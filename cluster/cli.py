@@ -98,7 +98,7 @@ def cmd_up(args: argparse.Namespace) -> int:
 
     config = _config(args)
     first_key = None
-    if open_key_store(config.data_dir, config.database_url).count_active() == 0:
+    if open_key_store(config.data_dir, config.database_url, secrets_dir=config.secrets_dir).count_active() == 0:
         # The first key runs its organisation: it calls models and manages keys. Made (and audited) like any other.
         _, first_key = cli_billing.service(config).governance.create_key(cli_billing.actor(), "default", role="owner")
     try:

@@ -362,5 +362,5 @@ def _invoice(args: argparse.Namespace, config: AnkerConfig) -> int:
 def _admin_token(config: AnkerConfig) -> int:
     from deployments.billing.service import load_or_create_admin_token
 
-    print(load_or_create_admin_token(config.data_dir))
+    print(load_or_create_admin_token(config.secrets_path, create=config.secrets_dir is None))
     return EXIT_OK

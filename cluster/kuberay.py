@@ -25,6 +25,8 @@ GCS_PORT = 6380  # Ray's GCS; never 6379 (Redis's own port, used below by the ex
 NAMESPACE = "anker"
 IMAGE = "registry.anker.internal/anker:0.1.0"
 CONFIG_MOUNT = "/etc/anker"
+SECRETS_MOUNT = "/etc/anker-secrets"
+SECRETS_SECRET = "anker-secrets"
 APP_IMPORT_PATH = "deployments.builder:app_from_args"
 # Where the image installs Anker's console scripts (into the Python that runs Ray). Ray wants an absolute path.
 HAPROXY_PROGRAM = "/usr/local/bin/anker-haproxy"
@@ -58,6 +60,8 @@ def _env(config: AnkerConfig, profile: Path) -> list[dict[str, Any]]:
             "name": "ANKER_DATABASE_URL",
             "valueFrom": {"secretKeyRef": {"name": "anker-database", "key": "url"}},
         },
+        # The key secret and the admin token outlive any pod: a restarted billing replica still verifies every key.
+        {"name": "ANKER_SECRETS_DIR", "value": SECRETS_MOUNT},
     ]
     # Ray Serve's HAProxy on every node, through Anker's program, which adds the model dispatch (it reads the
     # served models from ANKER_CONFIG) and keeps the metrics and stats listeners on loopback.
@@ -88,7 +92,10 @@ def _container(
         "image": IMAGE,
         "env": _env(config, profile),
         "resources": {"limits": dict(resources), "requests": dict(resources)},
-        "volumeMounts": [{"name": "anker-profile", "mountPath": CONFIG_MOUNT, "readOnly": True}],
+        "volumeMounts": [
+            {"name": "anker-profile", "mountPath": CONFIG_MOUNT, "readOnly": True},
+            {"name": "anker-secrets", "mountPath": SECRETS_MOUNT, "readOnly": True},
+        ],
         "lifecycle": {"preStop": {"exec": {"command": stop_hook}}},
     }
 
@@ -108,7 +115,11 @@ def _grace_s(config: AnkerConfig) -> int:
 
 
 def _volumes(name: str) -> list[dict[str, Any]]:
-    return [{"name": "anker-profile", "configMap": {"name": f"{name}-profile"}}]
+    return [
+        {"name": "anker-profile", "configMap": {"name": f"{name}-profile"}},
+        # hmac.key and admin.token, 32 random bytes each, made once by the operator (README, KubeRay).
+        {"name": "anker-secrets", "secret": {"secretName": SECRETS_SECRET}},
+    ]
 
 
 def serve_applications(config: AnkerConfig, profile: Path) -> list[dict[str, Any]]:

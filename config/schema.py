@@ -354,6 +354,13 @@ class AnkerConfig(_Strict):
         default=None,
         description="postgresql://user@host/db for PostgreSQL; unset: SQLite file anker.db in the data folder.",
     )
+    secrets_dir: Path | None = Field(
+        default=None,
+        description=(
+            "Folder with the key secret (hmac.key) and the admin token (admin.token), e.g. a mounted Kubernetes "
+            "Secret: they are read, never made, there. Unset: the data folder's secrets/, made on first use."
+        ),
+    )
     server: ServerConfig = Field(default_factory=ServerConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
     stack: StackConfig = Field(default_factory=StackConfig)
@@ -388,6 +395,11 @@ class AnkerConfig(_Strict):
 
     def model_path(self, model: ModelConfig) -> Path:
         return model.path if model.path.is_absolute() else self.data_dir / model.path
+
+    @property
+    def secrets_path(self) -> Path:
+        """Where the key secret and the admin token are: ``secrets_dir``, else the data folder's ``secrets/``."""
+        return self.secrets_dir if self.secrets_dir is not None else self.data_dir / "secrets"
 
     @property
     def run_dir(self) -> Path:

@@ -43,6 +43,7 @@ def _set_path(tree: dict[str, Any], path: list[str], value: Any) -> None:
 SHORT_OVERRIDES = {
     "ANKER_DATA_DIR": ["data_dir"],
     "ANKER_DATABASE_URL": ["database_url"],
+    "ANKER_SECRETS_DIR": ["secrets_dir"],
     "ANKER_HOST": ["server", "host"],
     "ANKER_PORT": ["server", "port"],
     "ANKER_RAY_NUM_CPUS": ["ray", "num_cpus"],

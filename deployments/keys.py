@@ -109,19 +109,35 @@ def _record(row: Any, role: str | None = None) -> KeyRecord:
     )
 
 
-def load_or_create_secret(path: Path) -> bytes:
-    """The server's HMAC secret: 32 random bytes in a 0600 file, created on first use."""
+class MissingSecret(RuntimeError):
+    """A secret that must be provided (a mounted Kubernetes Secret) is not there."""
+
+
+def load_or_create_secret(path: Path, create: bool = True) -> bytes:
+    """A server secret: 32 random bytes or more in a 0600 file, created on first use unless ``create`` is False
+    (a folder the operator provides, such as a mounted Kubernetes Secret, is never written to)."""
+    if not create:
+        try:
+            return _checked_secret(path, path.read_bytes())
+        except FileNotFoundError:
+            raise MissingSecret(
+                f"secret {path.name} is missing from the secrets folder {path.parent} (secrets_dir, "
+                "ANKER_SECRETS_DIR): create it, e.g. as a key of the Kubernetes Secret mounted there"
+            ) from None
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     except FileExistsError:
-        secret = path.read_bytes()
-        if len(secret) < 32:
-            raise ValueError(f"HMAC secret {path} is shorter than 32 bytes") from None
-        return secret
+        return _checked_secret(path, path.read_bytes())
     secret = secrets.token_bytes(32)
     with os.fdopen(fd, "wb") as fh:
         fh.write(secret)
+    return secret
+
+
+def _checked_secret(path: Path, secret: bytes) -> bytes:
+    if len(secret) < 32:
+        raise ValueError(f"secret {path} is shorter than 32 bytes")
     return secret
 
 
@@ -292,14 +308,18 @@ def ensure_tenant(db: sa.Connection, tenant: str) -> None:
         )
 
 
-def secret_path(data_dir: Path) -> Path:
-    return data_dir / "secrets" / "hmac.key"
+def secret_path(secrets_dir: Path) -> Path:
+    return secrets_dir / "hmac.key"
 
 
-def open_key_store(data_dir: Path, database_url: str | None = None, migrate: bool = True) -> KeyStore:
+def open_key_store(
+    data_dir: Path, database_url: str | None = None, migrate: bool = True, secrets_dir: Path | None = None
+) -> KeyStore:
     """The key store of a deployment: Anker's database (the data folder's SQLite file unless ``database_url`` says
-    otherwise) and the HMAC secret in the data folder. Brings the schema up to date first unless told not to."""
+    otherwise) and the HMAC secret, in ``secrets_dir`` if given (read only there), else in the data folder's
+    ``secrets/`` (made on first use). Brings the schema up to date first unless told not to."""
     engine = database.create_engine(database.database_url(data_dir, database_url))
     if migrate:
         database.migrate(engine)
-    return KeyStore(engine, load_or_create_secret(secret_path(data_dir)))
+    folder = secrets_dir if secrets_dir is not None else data_dir / "secrets"
+    return KeyStore(engine, load_or_create_secret(secret_path(folder), create=secrets_dir is None))

@@ -113,6 +113,16 @@ def test_rayservice_has_what_production_needs(profile: Path) -> None:
     [container] = workers["template"]["spec"]["containers"]
     assert container["resources"]["limits"]["nvidia.com/gpu"] == str(model.hardware.gpus_per_node)
 
+    for group in [head, workers]:  # the key secret and the admin token outlive any pod (issue 15, hole 2)
+        pod = group["template"]["spec"]
+        [container] = pod["containers"]
+        env = {e["name"]: e for e in container["env"]}
+        mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
+        mount = mounts[env["ANKER_SECRETS_DIR"]["value"]]
+        assert mount["readOnly"] is True
+        volume = next(v for v in pod["volumes"] if v["name"] == mount["name"])
+        assert volume["secret"]["secretName"] == "anker-secrets"
+
     serve_config = yaml.safe_load(service["spec"]["serveConfigV2"])
     apps = serve_config["applications"]
     assert [a["name"] for a in apps] == ["anker", *(model_app_name(m.name) for m in config.models)]

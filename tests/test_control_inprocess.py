@@ -140,7 +140,7 @@ def assert_error(r: httpx.Response, status: int, code: str) -> None:
 
 
 async def test_admin_api_roles_and_audit_log(control: InProcessControl) -> None:
-    admin_token = load_or_create_admin_token(control.service._spec.data_dir)  # in the data folder
+    admin_token = load_or_create_admin_token(control.service._spec.secrets_path)  # in the data folder
     op = auth(admin_token)
     r = await control.client.post(
         "/admin/tenants",

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import secrets
 import sqlite3
 from pathlib import Path
 
 import pytest
 
-from deployments.keys import KEY_PATTERN, open_key_store
+from config.settings import DEFAULT_PROFILE, load_config
+from deployments.billing.service import BillingService, billing_spec, load_or_create_admin_token
+from deployments.keys import KEY_PATTERN, MissingSecret, open_key_store
 from tests.inprocess import clean_postgres
 
 
@@ -57,3 +60,47 @@ def test_keys_on_postgresql(postgres_url: str, tmp_path: Path) -> None:
 def test_bad_tenant_names_are_refused(tmp_path: Path, tenant: str) -> None:
     with pytest.raises(ValueError):
         open_key_store(tmp_path).create(tenant)
+
+
+def _billing_in_a_pod(data_dir: Path, database_url: str, secrets_dir: Path) -> BillingService:
+    """The billing deployment's service as a KubeRay pod starts it: the profile, the database and the secrets
+    folder from the pod's environment (the Secret mounted there), and its own, fresh data folder."""
+    environ = {
+        "ANKER_DATA_DIR": str(data_dir),
+        "ANKER_DATABASE_URL": database_url,
+        "ANKER_SECRETS_DIR": str(secrets_dir),
+    }
+    return BillingService(billing_spec(load_config(DEFAULT_PROFILE, environ)))
+
+
+def test_billing_restarted_on_a_fresh_data_folder_still_verifies_old_keys(postgres_url: str, tmp_path: Path) -> None:
+    """Issue 15, hole 2: a restarted billing pod has a new, empty data folder; the key secret and the admin token
+    come from the mounted Secret, so every key made before still works, and so does the operator's token."""
+    url = clean_postgres(postgres_url).replace("postgresql+psycopg://", "postgresql://")
+    mounted = tmp_path / "mounted-secret"
+    mounted.mkdir()
+    (mounted / "hmac.key").write_bytes(secrets.token_bytes(32))
+    (mounted / "admin.token").write_bytes(secrets.token_bytes(32))
+    before = {p.name: p.read_bytes() for p in mounted.iterdir()}
+    first = _billing_in_a_pod(tmp_path / "pod-1", url, mounted)
+    _, key = first.keys.create("kommune-z")
+    token = load_or_create_admin_token(mounted, create=False)
+    assert first.is_admin_token(token)
+
+    restarted = _billing_in_a_pod(tmp_path / "pod-2", url, mounted)
+    assert restarted.keys.verify(key) is not None
+    assert restarted.is_admin_token(token)
+    assert not (tmp_path / "pod-2" / "secrets").exists()  # nothing made beside the mounted secrets
+    assert {p.name: p.read_bytes() for p in mounted.iterdir()} == before  # and nothing written into them
+
+
+def test_a_secrets_folder_without_the_key_secret_is_a_clear_error(tmp_path: Path) -> None:
+    """A provided secrets folder is never written to: a missing secret stops billing with the file's name, rather
+    than a new secret that would invalidate every key."""
+    mounted = tmp_path / "mounted-secret"
+    mounted.mkdir()
+    with pytest.raises(MissingSecret, match=r"hmac\.key"):
+        _billing_in_a_pod(tmp_path / "pod", f"sqlite:///{tmp_path / 'anker.db'}", mounted)
+    with pytest.raises(MissingSecret, match=r"hmac\.key"):
+        open_key_store(tmp_path, secrets_dir=mounted)
+    assert list(mounted.iterdir()) == []

@@ -200,7 +200,7 @@ async def test_no_key_a_bad_key_or_a_dead_key_is_401_on_every_guarded_route(stac
     leaver = governance.add_member(OPERATOR, org.tenant, "leaver", "owner")
     _, leaver_key = governance.create_key(OPERATOR, org.tenant, member_id=leaver["id"])
     governance.remove_member(OPERATOR, org.tenant, leaver["id"])
-    admin_token = load_or_create_admin_token(stack.service._spec.data_dir)
+    admin_token = load_or_create_admin_token(stack.service._spec.secrets_path)
     before = snapshot(stack, org)
     credentials = {
         "no header": {},
@@ -278,7 +278,7 @@ async def test_members_and_viewers_cannot_manage_and_only_the_operator_runs_oper
 async def test_the_admin_token_runs_every_admin_route_and_managers_run_their_own(stack: InProcessControl) -> None:
     """The positive side, so that the refusals above are refusals and not broken requests."""
     a, b, c = make_org(stack, "org-a"), make_org(stack, "org-b"), make_org(stack, "org-c")
-    token = bearer(load_or_create_admin_token(stack.service._spec.data_dir))
+    token = bearer(load_or_create_admin_token(stack.service._spec.secrets_path))
     failures: list[str] = []
     administration = {"public", "operator", "tenant", "manager"}
     everything_but_the_operators = set(ROUTES_BY_ACCESS) - {"operator", "caller", "stored"}  # those two: below

@@ -45,6 +45,13 @@ class BillingSpec:
     default_tpm: int
     lease_ttl_s: float = 30.0
     retention_months: int = 60
+    # The key secret and the admin token: an operator-provided folder (a mounted Kubernetes Secret, read only), or
+    # None for the data folder's ``secrets/``, made on first use.
+    secrets_dir: Path | None = None
+
+    @property
+    def secrets_path(self) -> Path:
+        return self.secrets_dir if self.secrets_dir is not None else self.data_dir / "secrets"
 
 
 def model_prices(model: ModelConfig) -> TokenPrices:
@@ -63,16 +70,18 @@ def billing_spec(config: AnkerConfig) -> BillingSpec:
         default_tpm=config.billing.default_tpm,
         lease_ttl_s=config.billing.lease_ttl_s,
         retention_months=config.billing.retention_months,
+        secrets_dir=config.secrets_dir.resolve() if config.secrets_dir is not None else None,
     )
 
 
-def admin_token_path(data_dir: Path) -> Path:
-    return data_dir / "secrets" / "admin.token"
+def admin_token_path(secrets_dir: Path) -> Path:
+    return secrets_dir / "admin.token"
 
 
-def load_or_create_admin_token(data_dir: Path) -> str:
-    """The operator's admin token for ``/admin``: random, in a 0600 file, created on first use."""
-    raw = load_or_create_secret(admin_token_path(data_dir))
+def load_or_create_admin_token(secrets_dir: Path, create: bool = True) -> str:
+    """The operator's admin token for ``/admin``: random, in a 0600 file of the secrets folder, made on first use
+    unless the folder is the operator's own (``create`` False)."""
+    raw = load_or_create_secret(admin_token_path(secrets_dir), create)
     return "ank_admin_" + raw.hex()
 
 
@@ -82,10 +91,12 @@ class BillingService:
         url = database.database_url(spec.data_dir, spec.database_url)
         self.ledger = Ledger(url)
         self.ledger.migrate()
-        self.keys = KeyStore(self.ledger.engine, load_or_create_secret(secret_path(spec.data_dir)))
+        provided = spec.secrets_dir is not None  # an operator's folder: read, never written
+        self.keys = KeyStore(self.ledger.engine, load_or_create_secret(secret_path(spec.secrets_path), not provided))
         self.governance = Governance(self.keys)
         self.limiter = RateLimiter()
-        self._admin_digest = hashlib.sha256(load_or_create_admin_token(spec.data_dir).encode()).digest()
+        admin_token = load_or_create_admin_token(spec.secrets_path, not provided)
+        self._admin_digest = hashlib.sha256(admin_token.encode()).digest()
         now = datetime.now(UTC)
         for model, prices in spec.prices.items():
             if self.ledger.ensure_price(model, prices, now):
