@@ -68,7 +68,9 @@ class ScriptedOutputEngineDouble:
     become the script's. For what vLLM's serving layer makes of model output that random weights never write (a
     tool call under ``tool_choice: auto``); only for requests that ask for the final output alone (not streamed).
     While ``failure`` is set, each request fails with it, as ``AsyncLLM.generate`` fails when its engine does:
-    before any output, or after ``failure_after`` of them (mid-stream)."""
+    before any output, or after ``failure_after`` of them (mid-stream). While ``hold`` is set and not yet set off,
+    each request runs in the engine but its first output is held back until then (a long prefill, seen from the
+    serving layer); ``held`` counts the requests waiting so."""
 
     def __init__(self, engine: Any, encode: Callable[[str], list[int]]) -> None:
         self._engine = engine
@@ -77,6 +79,8 @@ class ScriptedOutputEngineDouble:
         self.failure: Exception | None = None  # while set, every request fails with it
         self.failure_after = 0  # outputs each request yields before it fails (or fewer, if it would finish first)
         self.produced = 0  # output tokens the last request that failed had yielded
+        self.hold: asyncio.Event | None = None
+        self.held = 0
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._engine, name)
@@ -89,6 +93,12 @@ class ScriptedOutputEngineDouble:
         outputs = self._engine.generate(prompt, sampling_params, request_id, **kwargs)
         async with contextlib.aclosing(outputs):  # closing it aborts the engine request, as a failed engine's is
             async for output in outputs:
+                if yielded == 0 and self.hold is not None:  # the engine has the prompt: its prefill is done
+                    self.held += 1
+                    try:
+                        await self.hold.wait()
+                    finally:
+                        self.held -= 1
                 if failure is not None and (yielded == failure_after or output.finished):
                     self.produced = tokens
                     raise failure

@@ -317,15 +317,17 @@ def test_usage_by_day_and_model_with_costs_split_by_kind(ledger: Ledger) -> None
     assert ledger.usage("kommune-x", T0, end, None, key_id="k2")[0].requests == 1
 
 
-def test_failed_requests_without_output_cost_nothing_cut_off_ones_pay_what_they_produced(ledger: Ledger) -> None:
+def test_failed_requests_without_output_cost_nothing_cut_off_ones_pay_their_prompt_and_output(ledger: Ledger) -> None:
     at = T0 + timedelta(days=1)
     failed = UsageEvent("f", "kommune-x", "k1", "m", 500, 0, 0, at, at, "engine_unavailable")
     cut = UsageEvent("c", "kommune-x", "k1", "m", 500, 0, 7, at, at, "cancelled")
+    left_before_the_first_token = UsageEvent("p", "kommune-x", "k1", "m", 500, 0, 0, at, at, "cancelled")
     answered_with_an_error = UsageEvent("e", "kommune-x", "k1", "m", 500, 0, 7, at, at, FAILED)
-    ledger.record([failed, cut, answered_with_an_error])
+    ledger.record([failed, cut, left_before_the_first_token, answered_with_an_error])
     rows = {r["request_id"]: r for r in ledger.events("kommune-x")}
     assert rows["f"]["cost_nano_dkk"] == 0 and rows["e"]["cost_nano_dkk"] == 0
     assert rows["c"]["cost_nano_dkk"] == 500 * 6000 + 7 * 45000
+    assert rows["p"]["cost_nano_dkk"] == 500 * 6000  # its prefill ran (issue 15, hole 4)
 
 
 def test_retention_keeps_whole_financial_years_as_the_bookkeeping_act_asks() -> None:

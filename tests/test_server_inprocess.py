@@ -398,6 +398,42 @@ async def test_two_organisations_sending_one_request_id_never_touch_each_others_
     assert {e["id"] for e in events[:-1]} == {row["request_id"]}  # the answer's id is the ledger's, not the client's
 
 
+@pytest.mark.parametrize("stream", [True, False], ids=["stream", "whole"])
+async def test_a_client_that_leaves_before_its_first_token_pays_for_its_prompt(server: Server, stream: bool) -> None:
+    """Issue 15, hole 4: a prompt the engine was given is processed (and its prefix cached) whether or not the
+    client waits for an output, so leaving just before the first token must not make a long prompt free. The
+    client's leaving ends the engine's work at once, as vLLM's own server does; the engine reports cache hits with
+    its first output only, so the prompt is billed uncached."""
+    tenant = f"leaves-before-first-token-{stream}"
+    key = server.key(tenant)
+    body = {"model": MODEL, "messages": QUESTION, "max_tokens": 8, "stream": stream, **NO_THINKING}
+    since = len(server.reports)
+
+    async def leave_early() -> None:
+        headers = {"Authorization": f"Bearer {key}"}
+        async with server.http.stream("POST", "/v1/chat/completions", json=body, headers=headers) as r:
+            async for _ in r.aiter_lines():
+                raise AssertionError("an output came through the hold")
+
+    server.scripted.hold = asyncio.Event()
+    try:
+        leaving = asyncio.create_task(leave_early())
+        async with asyncio.timeout(60):
+            while not server.scripted.held:  # the engine has the prompt; its first output waits
+                await asyncio.sleep(0.02)
+        leaving.cancel()  # the client leaves: its connection closes
+        with contextlib.suppress(asyncio.CancelledError):
+            await leaving
+        metered = await server.report("/v1/chat/completions", since)
+    finally:
+        server.scripted.hold.set()
+        server.scripted.hold = None
+    assert metered.prompt_tokens > 0 and metered.output_tokens == 0 and not metered.finished, metered
+    [row] = await server.ledger(tenant)
+    assert (row["status"], row["prompt_tokens"], row["completion_tokens"]) == ("cancelled", metered.prompt_tokens, 0)
+    assert row["cost_nano_dkk"] == metered.prompt_tokens * PRICES.input_uncached_nano_dkk > 0
+
+
 @pytest.mark.parametrize(
     ("body", "param"),
     [

@@ -23,14 +23,17 @@ from deployments.billing import budgets
 from deployments.billing.pricing import TokenCounts, TokenPrices
 from deployments.billing.tables import MODEL_PRICES, USAGE_EVENTS
 
-# Statuses of a request that ran to its end; any other status with no output token is not billed.
+# Statuses of a request that ran to its end.
 COMPLETED = "ok"
 # A request that failed on the service's side and was answered with an error (a 5xx): nothing was delivered, so
 # nothing is billed, whatever the engine had produced.
 FAILED = "failed"
-# Cut off by the client, or by the engine failing mid-stream: billed for the tokens it produced.
+# Cut off by the client: billed for the prompt the engine was given and the tokens it produced, even none (a client
+# that leaves before the first token has still had its prompt processed, and its prefix cache warmed).
 CANCELLED = "cancelled"
-ENGINE_FAILED = "engine_unavailable"  # the client was told so, in an error event after what it got
+# Cut off by the engine failing (the client was told so, in an error event after what it got): billed for what it
+# produced, and nothing if it produced nothing.
+ENGINE_FAILED = "engine_unavailable"
 
 
 class UnknownPrice(LookupError):
@@ -78,8 +81,8 @@ class Charge:
 
 
 def charge(event: UsageEvent, prices: TokenPrices) -> Charge:
-    if event.status == FAILED or (event.status != COMPLETED and event.completion_tokens == 0):
-        return Charge(0, 0, 0)  # failed, or cut off before any output: nothing was delivered, nothing is billed
+    if event.status == FAILED or (event.status == ENGINE_FAILED and event.completion_tokens == 0):
+        return Charge(0, 0, 0)  # the service failed it before anything was delivered: nothing is billed
     counts = event.counts
     return Charge(
         counts.uncached_tokens * prices.input_uncached_nano_dkk,

@@ -58,8 +58,7 @@ class RequestMeter:
 
     def plan(self, prompt: Any, sampling_params: Any) -> None:
         """An engine request vLLM has made (not yet started): its prompt's tokens and its most output tokens."""
-        token_ids = prompt.get("prompt_token_ids") if isinstance(prompt, Mapping) else None
-        self.planned_prompt_tokens += len(token_ids or ())
+        self.planned_prompt_tokens += _prompt_tokens(prompt)
         self.planned_output_tokens += (sampling_params.max_tokens or 0) * max(1, sampling_params.n or 1)
 
     async def admission(self) -> None:
@@ -103,6 +102,12 @@ class RequestMeter:
             self.admitted,
             self.engine_failures > 0,
         )
+
+
+def _prompt_tokens(prompt: Any) -> int:
+    """The number of tokens of a prompt as vLLM's serving layer hands it to the engine (tokenized)."""
+    token_ids = prompt.get("prompt_token_ids") if isinstance(prompt, Mapping) else None
+    return len(token_ids or ())
 
 
 _current: contextvars.ContextVar[RequestMeter | None] = contextvars.ContextVar("anker_request_meter", default=None)
@@ -185,6 +190,10 @@ class MeteredEngineClient:
 
         await meter.admission()
         generation = _Generation(delta=sampling_params.output_kind == RequestOutputKind.DELTA)
+        # Handed to the engine, the prompt is processed (and cached) whether or not an output follows: a client
+        # that leaves before its first token pays for its prompt. The engine reports cache hits with its first
+        # output only, so until then none are counted.
+        generation.prompt_tokens = _prompt_tokens(prompt)
         try:
             async for output in self._engine.generate(prompt, sampling_params, request_id, **kwargs):
                 generation.observe(output)

@@ -7,6 +7,8 @@ Endpoints (``chat.py``, ``completions.py``, ``responses.py``) only say which han
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -15,6 +17,7 @@ from typing import Any
 from pydantic import BaseModel, ValidationError
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.types import Receive
 
 from deployments.errors import AnkerError, EngineUnavailable, InvalidValue, ModelNotFound
 from deployments.openai.errors import error_body, error_response
@@ -22,6 +25,10 @@ from deployments.server.metering import RequestMeter, current_meter
 from deployments.server.requests import ALLOWED, checked_body, from_vllm, read_body, refuse_images
 
 logger = logging.getLogger("ray.serve")
+
+# The status of a request whose client left before its answer (nginx's "client closed request"): nobody receives
+# it, but the request's span, metrics and usage line say so.
+CLIENT_LEFT = 499
 
 
 def _engine_failed() -> EngineUnavailable:
@@ -122,13 +129,49 @@ async def serve(
     create: Callable[[Any, Request], Awaitable[Any]],
     served_model: str,
 ) -> Response:
-    """Runs one request of ``endpoint`` (chat, completions or responses) through ``create``, vLLM's handler for it."""
+    """Runs one request of ``endpoint`` (chat, completions or responses) through ``create``, vLLM's handler for it.
+
+    Once the body is read, a client that leaves ends the request at once, as vLLM's own ``with_cancellation`` does:
+    its engine requests are aborted (a long prefill does not run on for nobody) and the meter reports what the
+    engine did. A stream's response, once started, watches for that itself."""
+    try:
+        body = checked_body(await read_body(request, request.app.state.max_body_bytes), endpoint)
+    except AnkerError as error:
+        return error_response(error)
+    answer = asyncio.ensure_future(_answer(request, endpoint, body, request_model, create, served_model))
+    left = asyncio.ensure_future(_client_left(request.receive))
+    try:
+        await asyncio.wait((answer, left), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        left.cancel()
+        if not answer.done():
+            answer.cancel()  # the client left (or this request is being cancelled): the engine's work stops
+            with contextlib.suppress(asyncio.CancelledError):
+                await answer
+    if answer.cancelled():
+        return Response(status_code=CLIENT_LEFT)  # nobody reads it; the meter calls the request cancelled
+    return answer.result()
+
+
+async def _client_left(receive: Receive) -> None:
+    """Returns when the client has gone (the body has been read: any other message is not the request's)."""
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
+async def _answer(
+    request: Request,
+    endpoint: str,
+    body: dict[str, Any],
+    request_model: type[BaseModel],
+    create: Callable[[Any, Request], Awaitable[Any]],
+    served_model: str,
+) -> Response:
     from vllm.entrypoints.serve.engine.protocol import ErrorResponse
     from vllm.exceptions import VLLMValidationError
 
     meter = current_meter()
     try:
-        body = checked_body(await read_body(request, request.app.state.max_body_bytes), endpoint)
         if body.get("model") != served_model:
             raise ModelNotFound.unnamed()
         if not request.app.state.reads_images:
@@ -153,7 +196,11 @@ async def serve(
         return JSONResponse(answer.model_dump(mode="json", by_alias=True))
     events = _responses_events(answer, meter) if endpoint == "responses" else _chat_events(answer, meter)
     if meter is not None:
-        head = await _until_admitted(events, meter)
+        try:
+            head = await _until_admitted(events, meter)
+        except asyncio.CancelledError:
+            await events.aclose()  # type: ignore[attr-defined]
+            raise
         if (refused := _refusal(meter)) is not None:
             await events.aclose()  # type: ignore[attr-defined]
             return error_response(refused)
