@@ -171,6 +171,18 @@ def add_commands(
     invoice.add_argument("--out", default=".", metavar="DIR", help="folder for the files (default: .)")
     invoice.set_defaults(func=lambda a: _invoice(a, load(a)))
 
+    aside = with_config(
+        sub.add_parser(
+            "set-aside",
+            help="usage reports billing could not record (a model without a price, impossible counts)",
+            description="Lists the usage set aside, unbilled, with each report's reason; --record records it "
+            "again once the cause is fixed (a price set from the request's start, say), and what is recorded leaves "
+            "the list.",
+        )
+    )
+    aside.add_argument("--record", action="store_true", help="record them again, then list what is left")
+    aside.set_defaults(func=lambda a: _set_aside(a, load(a)))
+
     token = with_config(sub.add_parser("admin-token", help="print the operator's admin token for the /admin HTTP API"))
     token.set_defaults(func=lambda a: _admin_token(load(a)))
 
@@ -297,6 +309,21 @@ def _print_json(args: argparse.Namespace, config: AnkerConfig, operation: str, a
         return EXIT_OK
 
     return _run(operation.replace("_", " "), action)
+
+
+def _set_aside(args: argparse.Namespace, config: AnkerConfig) -> int:
+    ledger = service(config).ledger
+    if args.record:
+        recorded = ledger.record_set_aside()
+        print(f"recorded {len(recorded.new)} set-aside usage reports", file=sys.stderr)
+    rows = ledger.set_aside()
+    print(f"{'REQUEST':<40}{'TENANT':<22}{'MODEL':<24}{'PROMPT':>8}{'CACHED':>8}{'OUTPUT':>8}  {'REASON':<20}SET ASIDE")
+    for r in rows:
+        print(
+            f"{r['request_id']!s:<40}{r['tenant']!s:<22}{r['model']!s:<24}{r['prompt_tokens']:>8}{r['cached_tokens']:>8}"
+            f"{r['completion_tokens']:>8}  {r['reason']!s:<20}{r['set_aside_at']}"
+        )
+    return EXIT_OK
 
 
 def _usage(args: argparse.Namespace, config: AnkerConfig) -> int:

@@ -84,7 +84,16 @@ def rule_groups(config: AnkerConfig) -> dict[str, Any]:
                 "summary": "Usage reports have waited for the ledger for "
                 f"{o.pending_usage_alert_for_minutes} minutes: is the billing actor or the database down?"
             },
-        }
+        },
+        {
+            "alert": "AnkerUsageSetAside",
+            "expr": f"{queries.USAGE_SET_ASIDE_1H} > 0",
+            "labels": {"severity": "ticket", "service": "anker"},
+            "annotations": {
+                "summary": "Usage reports were set aside unbilled (a model without a price, impossible counts): "
+                "`anker set-aside` lists them with their reasons."
+            },
+        },
     ]
     return {
         "groups": [

@@ -1,7 +1,8 @@
 """Anker's metrics, exported by Ray's metrics agent in Prometheus format (names gain Ray's ``ray_`` prefix).
 
 Latency histograms by model (time to first token, inter-token, end to end), requests by status code, tokens by kind,
-DKK billed, engine queue depth and KV-cache use per replica, replicas wanted and running, usage reports pending.
+DKK billed, engine queue depth and KV-cache use per replica, replicas wanted and running, usage reports pending and
+set aside.
 Engine routing decisions and prefix blocks matched. Labels are bounded: model, status code, token kind, deployment,
 replica id, routing decision; never a tenant, a key or any text.
 """
@@ -103,6 +104,13 @@ def usage_pending(replica: str, pending: int) -> None:
         "Usage reports not yet in the ledger (per ingress replica).",
         ("replica",),
     ).set(pending, tags={"replica": replica})
+
+
+def set_aside(reason: str, count: int) -> None:
+    """Usage reports billing could not record and set aside (``usage_set_aside``), by reason code."""
+    _metric(
+        "counter", "anker_usage_set_aside", "Usage reports set aside, unbilled, for the operator.", ("reason",)
+    ).inc(count, tags={"reason": reason})
 
 
 def routed(model: str, decision: str, matched_blocks: int, blocks: int) -> None:

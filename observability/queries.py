@@ -43,6 +43,7 @@ KV_CACHE_BY_REPLICA = "max by (model, replica) (ray_anker_engine_kv_cache_usage)
 REPLICAS_WANTED = "max by (deployment) (ray_anker_replicas_wanted)"
 REPLICAS_RUNNING = "max by (deployment) (ray_anker_replicas_running)"
 USAGE_PENDING = "sum(ray_anker_usage_reports_pending)"
+USAGE_SET_ASIDE_1H = "sum(increase(ray_anker_usage_set_aside_total[1h]))"
 NODE_CPU = "avg by (instance) (ray_node_cpu_utilization)"
 NODE_MEMORY = "sum by (instance) (ray_node_mem_used) / sum by (instance) (ray_node_mem_total)"
 TOKENS_BY_KIND = f"sum by (model, kind) (rate(ray_anker_tokens_total[{WINDOW}]))"

@@ -55,7 +55,7 @@ def test_alert_rules_follow_the_config_and_pass_promtool(tmp_path: Path) -> None
     rules.write_text(render(config))
     assert yaml.safe_load(rules.read_text()) == rule_groups(config)
     check = subprocess.run([str(PROMTOOL), "check", "rules", str(rules)], capture_output=True, text=True, timeout=60)
-    assert check.returncode == 0 and "SUCCESS: 11 rules found" in check.stdout, check.stdout + check.stderr
+    assert check.returncode == 0 and "SUCCESS: 12 rules found" in check.stdout, check.stdout + check.stderr
 
 
 class GrafanaApiDouble:

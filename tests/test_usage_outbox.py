@@ -5,9 +5,12 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Sequence
 from datetime import UTC, datetime
+from decimal import Decimal
 from pathlib import Path
 
 from deployments.billing.ledger import UsageEvent
+from deployments.billing.pricing import TokenPrices
+from deployments.billing.service import BillingService, BillingSpec
 from deployments.contracts import UsageReport
 from deployments.usage_outbox import UsageOutbox
 
@@ -15,7 +18,7 @@ AT = datetime(2026, 11, 26, 9, tzinfo=UTC)
 
 
 def report(i: int) -> UsageReport:
-    return UsageReport(UsageEvent(f"req-{i}", "t", "k", "m", 10 + i, i, 5, AT, AT, "ok"), 100)
+    return UsageReport(UsageEvent(f"req-{i}", "t", "k", "m", 10 + i, i, 5, AT, AT, "ok"))
 
 
 class FlakyBillingDouble:
@@ -81,3 +84,31 @@ async def test_a_live_replicas_spool_is_left_alone(tmp_path: Path) -> None:
     other = UsageOutbox(FlakyBillingDouble().send, spool_dir=tmp_path)
     assert other.pending == 0 and alive.pending == 1
     assert len(list(tmp_path.iterdir())) == 2
+
+
+async def test_a_report_billing_cannot_record_is_set_aside_and_the_outbox_moves_on(tmp_path: Path) -> None:
+    """Issue 15, hole 3: a report of a model without a price used to fail its whole batch in the billing
+    deployment, so the outbox re-sent that batch forever and nothing of its replica was billed again. Now the
+    billing deployment's own class (on a real SQLite ledger) records the rest, sets the bad one aside with its
+    reason, and acknowledges all: the outbox empties and later reports flow."""
+    prices = TokenPrices.from_dkk_per_million(Decimal("6.00"), Decimal("3.00"), Decimal("45.00"))
+    billing = BillingService(BillingSpec(tmp_path, None, {"m": prices}, default_rpm=60, default_tpm=100_000))
+    outbox = UsageOutbox(billing.record, flush_interval_s=0.01, max_batch=3)
+    now = datetime.now(UTC)  # billing prices its models from its start on
+
+    def usage(request_id: str, model: str = "m") -> UsageReport:
+        return UsageReport(UsageEvent(request_id, "t", "k", model, 10, 0, 5, now, now, "ok"))
+
+    for submitted in (usage("req-1"), usage("req-unpriced", "not-priced"), usage("req-2"), usage("req-3")):
+        outbox.submit(submitted)
+    task = asyncio.create_task(outbox.run())
+    try:
+        async with asyncio.timeout(30):
+            while outbox.pending:
+                await asyncio.sleep(0.01)
+    finally:
+        task.cancel()
+    assert outbox.failed_sends == 0
+    assert billing.ledger.request_ids("t") == ["req-1", "req-2", "req-3"]
+    [aside] = billing.ledger.set_aside()
+    assert (aside["request_id"], aside["model"], aside["reason"]) == ("req-unpriced", "not-priced", "unpriced_model")

@@ -37,6 +37,11 @@ TABLES: dict[str, tuple[str, str, str]] = {
         "key holders, and through them the customer's end users",
         "ledger",
     ),
+    "usage_set_aside": (
+        "usage reports billing could not record, with a reason code: counts, ids, times (never content)",
+        "key holders, and through them the customer's end users",
+        "ledger",
+    ),
     "budget_spend": ("running spend per budget and month", "customer organisations, key holders", "ledger"),
     "budget_leases": ("the part of a budget an engine replica holds for its requests", "key holders", "transient"),
     "audit_log": ("who changed which setting, and when", "customer staff, operators", "ledger"),

@@ -50,6 +50,14 @@ GUIDANCE: dict[str, tuple[str, str, str]] = {
         "`<data_dir>/outbox`: they are re-sent and billed exactly once when billing is back.",
         "A financial-loss risk; significant if ledger data is lost or altered, or the loss is large.",
     ),
+    "AnkerUsageSetAside": (
+        "Usage reports reached billing but could not be recorded (a model without a price at the request's start, "
+        "impossible counts): they are kept unbilled in `usage_set_aside`; the rest of the usage is billed.",
+        "Run `anker set-aside` for the reasons. For `unpriced_model`, give the model its price in the config and "
+        "restart billing, then `anker set-aside --record` (a request served before the model's first price pays "
+        "that price); other reasons point to a bug to report.",
+        "A financial-loss risk while unresolved; no data is lost.",
+    ),
 }
 
 

@@ -14,6 +14,7 @@ import bisect
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
@@ -21,7 +22,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from deployments import database
 from deployments.billing import budgets
 from deployments.billing.pricing import TokenCounts, TokenPrices
-from deployments.billing.tables import MODEL_PRICES, USAGE_EVENTS
+from deployments.billing.tables import MODEL_PRICES, USAGE_EVENTS, USAGE_SET_ASIDE
 
 # Statuses of a request that ran to its end.
 COMPLETED = "ok"
@@ -36,8 +37,13 @@ CANCELLED = "cancelled"
 ENGINE_FAILED = "engine_unavailable"
 
 
-class UnknownPrice(LookupError):
-    """No price is in effect for the model at the request's start: the event cannot be billed and is not stored."""
+# Why a usage report was set aside rather than recorded (``usage_set_aside.reason``): codes, never a message.
+UNPRICED = "unpriced_model"  # no price was in effect for its model when it started
+INVALID_COUNTS = "invalid_counts"  # negative counts, or more cached tokens than prompt tokens
+INVALID_IDS = "invalid_ids"  # an id or name wider than the ledger's column, or a status it does not know
+REFUSED_BY_DATABASE = "refused_by_database"  # the database refused the row for a reason not checked above
+STATUSES = frozenset({"ok", "failed", "cancelled", "engine_unavailable"})
+RETRIED = frozenset({UNPRICED, REFUSED_BY_DATABASE})  # what ``record_set_aside`` tries again
 
 
 @dataclass(frozen=True)
@@ -56,6 +62,15 @@ class UsageEvent:
     @property
     def counts(self) -> TokenCounts:
         return TokenCounts(self.prompt_tokens, self.cached_tokens, self.completion_tokens)
+
+
+@dataclass(frozen=True)
+class Recorded:
+    """What ``record_new`` did with a batch: the events new in the ledger (request id: nano-DKK billed) and the
+    events newly set aside (request id: reason). Every other event of the batch was there already."""
+
+    new: dict[str, int]
+    set_aside: dict[str, str]
 
 
 @dataclass(frozen=True)
@@ -187,64 +202,137 @@ class Ledger:
         return TokenPrices(row.input_uncached_nano_dkk, row.input_cached_nano_dkk, row.output_nano_dkk)
 
     def record(self, events: Sequence[UsageEvent]) -> int:
-        """Like ``record_new``; returns how many events were new."""
-        return len(self.record_new(events))
+        """Like ``record_new``; returns how many events were new in the ledger."""
+        return len(self.record_new(events).new)
 
-    def record_new(self, events: Sequence[UsageEvent], leases: Mapping[str, str] | None = None) -> dict[str, int]:
-        """Inserts the events not yet in the ledger, in one transaction.
+    def record_new(self, events: Sequence[UsageEvent], leases: Mapping[str, str] | None = None) -> Recorded:
+        """Inserts the events not yet in the ledger, in one transaction, and sets aside those it cannot record.
 
         Each is priced at the price in effect when it started, and its cost is settled against the budgets (and
         the budget lease named for its request id in ``leases``) in the same transaction. Replays of an event (same
-        ``request_id``) change nothing, so a sender may retry until it is acknowledged. Returns the request ids that
-        were new, with the nano-DKK each was billed. A few statements per batch, whatever its size: one for the
-        prices, one insert, and the settlement's.
+        ``request_id``) change nothing, so a sender may retry until it is acknowledged. An event that cannot be
+        recorded (its model has no price then, its counts are impossible, the database refuses it) is set aside
+        with its reason instead (``usage_set_aside``), unbilled, and the rest is recorded: one bad report must never
+        hold back a sender's others. A few statements per batch, whatever its size: one for the prices, one
+        insert, and the settlement's.
         """
         if not events:
-            return {}
+            return Recorded({}, {})
         leases = leases or {}
         with self.engine.begin() as connection:
             price_list = _PriceList(connection, {event.model for event in events})
-            rows = []
-            charges: list[tuple[UsageEvent, int]] = []
+            rows: list[dict[str, Any]] = []
+            charges: dict[str, tuple[UsageEvent, int]] = {}
+            refused: dict[str, tuple[UsageEvent, str]] = {}
             for event in events:
-                prices = price_list.at(event.model, _utc(event.started_at))
-                if prices is None:
-                    raise UnknownPrice(f"no price for model {event.model} at {event.started_at.isoformat()}")
-                cost = charge(event, prices)
-                charges.append((event, cost.total_nano_dkk))
-                rows.append(
-                    {
-                        "request_id": event.request_id,
-                        "tenant": event.tenant,
-                        "key_id": event.key_id,
-                        "model": event.model,
-                        "prompt_tokens": event.prompt_tokens,
-                        "cached_tokens": event.cached_tokens,
-                        "completion_tokens": event.completion_tokens,
-                        "cost_nano_dkk": cost.total_nano_dkk,
-                        "cost_input_uncached_nano_dkk": cost.input_uncached_nano_dkk,
-                        "cost_input_cached_nano_dkk": cost.input_cached_nano_dkk,
-                        "cost_output_nano_dkk": cost.output_nano_dkk,
-                        "started_at": _utc(event.started_at),
-                        "finished_at": _utc(event.finished_at),
-                        "status": event.status,
-                    }
-                )
-            insert = _insert_ignoring_duplicates(self.engine.dialect.name)
-            result = connection.execute(insert.returning(USAGE_EVENTS.c.request_id), rows)
-            inserted = {r[0] for r in result.fetchall()}
+                priced = _priced(event, price_list)
+                if isinstance(priced, str):
+                    refused[event.request_id] = (event, priced)
+                    continue
+                charges.setdefault(event.request_id, (event, priced.total_nano_dkk))
+                rows.append(_usage_row(event, priced))
+            inserted = self._insert(connection, rows, charges, refused)
             new: dict[str, int] = {}
             settlements = []
-            for event, cost_nano in charges:
-                if event.request_id in inserted and event.request_id not in new:  # once, even if a batch repeats
-                    new[event.request_id] = cost_nano
+            for request_id, (event, cost_nano) in charges.items():
+                if request_id in inserted:
+                    new[request_id] = cost_nano
                     settlements.append(
                         budgets.Settlement(
-                            leases.get(event.request_id), event.tenant, event.key_id, cost_nano, _utc(event.started_at)
+                            leases.get(request_id), event.tenant, event.key_id, cost_nano, _utc(event.started_at)
                         )
                     )
             budgets.settle(connection, settlements)
-            return new
+            return Recorded(new, _set_aside(connection, refused, leases))
+
+    def _insert(
+        self,
+        connection: sa.Connection,
+        rows: list[dict[str, Any]],
+        charges: Mapping[str, tuple[UsageEvent, int]],
+        refused: dict[str, tuple[UsageEvent, str]],
+    ) -> set[str]:
+        """Inserts ``rows`` that are not in the ledger yet (one statement); the request ids inserted. If the database
+        refuses the batch, each row is tried on its own and those it refuses go to ``refused``."""
+        if not rows:
+            return set()
+        insert = _insert_ignoring_duplicates(USAGE_EVENTS, self.engine.dialect.name).returning(
+            USAGE_EVENTS.c.request_id
+        )
+        try:
+            with connection.begin_nested():
+                return {r[0] for r in connection.execute(insert, rows).fetchall()}
+        except (sa.exc.IntegrityError, sa.exc.DataError):
+            pass
+        inserted: set[str] = set()
+        for row in rows:
+            try:
+                with connection.begin_nested():
+                    inserted.update(r[0] for r in connection.execute(insert, [row]).fetchall())
+            except (sa.exc.IntegrityError, sa.exc.DataError):
+                refused[row["request_id"]] = (charges[row["request_id"]][0], REFUSED_BY_DATABASE)
+        return inserted
+
+    def record_set_aside(self) -> Recorded:
+        """Records again what was set aside (once the operator has fixed its cause: a price set from the request's
+        start, say); what is now in the ledger leaves ``usage_set_aside``, the rest stays. Settled against the
+        budgets without a lease: the lease it was admitted from is long given back. Impossible counts and ids are
+        not tried again: they are kept as reported (cut to the columns), and a fix of them is the operator's.
+
+        A model served before its first price was set (billing learns prices from the config when it starts) gets
+        that first price from its earliest request set aside: its price history then starts when it was served."""
+        rows = [r for r in self.set_aside() if r["reason"] in RETRIED]
+        self._price_from_first_use(rows)
+        events = [
+            UsageEvent(
+                str(r["request_id"]),
+                str(r["tenant"]),
+                str(r["key_id"]),
+                str(r["model"]),
+                int(r["prompt_tokens"]),  # type: ignore[call-overload]
+                int(r["cached_tokens"]),  # type: ignore[call-overload]
+                int(r["completion_tokens"]),  # type: ignore[call-overload]
+                _from_db(r["started_at"]),  # type: ignore[arg-type]
+                _from_db(r["finished_at"]),  # type: ignore[arg-type]
+                str(r["status"]),
+            )
+            for r in rows
+        ]
+        recorded = self.record_new(events)
+        with self.engine.begin() as connection:
+            in_ledger = sa.select(USAGE_EVENTS.c.request_id).where(
+                USAGE_EVENTS.c.request_id == USAGE_SET_ASIDE.c.request_id
+            )
+            connection.execute(sa.delete(USAGE_SET_ASIDE).where(sa.exists(in_ledger)))
+        return recorded
+
+    def _price_from_first_use(self, rows: list[dict[str, object]]) -> None:
+        first_use: dict[str, datetime] = {}
+        for r in rows:
+            if r["reason"] == UNPRICED:
+                started = _from_db(r["started_at"])  # type: ignore[arg-type]
+                first_use[str(r["model"])] = min(started, first_use.get(str(r["model"]), started))
+        with self.engine.begin() as connection:
+            for model, started in first_use.items():
+                first = connection.execute(
+                    sa.select(MODEL_PRICES).where(MODEL_PRICES.c.model == model).order_by(MODEL_PRICES.c.effective_from)
+                ).first()
+                if first is not None and _utc(_from_db(first.effective_from)) > started:
+                    connection.execute(
+                        MODEL_PRICES.insert().values(
+                            model=model,
+                            effective_from=started,
+                            input_uncached_nano_dkk=first.input_uncached_nano_dkk,
+                            input_cached_nano_dkk=first.input_cached_nano_dkk,
+                            output_nano_dkk=first.output_nano_dkk,
+                        )
+                    )
+
+    def set_aside(self) -> list[dict[str, object]]:
+        """The usage reports set aside, oldest first: counts, ids and reasons, for the operator."""
+        with self.engine.connect() as connection:
+            query = sa.select(USAGE_SET_ASIDE).order_by(USAGE_SET_ASIDE.c.set_aside_at, USAGE_SET_ASIDE.c.request_id)
+            return [dict(row._mapping) for row in connection.execute(query)]
 
     def totals(self, tenant: str, start: datetime, end: datetime, model: str | None = None) -> UsageTotals:
         conditions = [
@@ -363,9 +451,91 @@ def _day(dialect: str) -> sa.ColumnElement[str]:
     return sa.func.substr(sa.cast(USAGE_EVENTS.c.started_at, sa.String), 1, 10)
 
 
-def _insert_ignoring_duplicates(dialect: str) -> sa.Insert:
+def _insert_ignoring_duplicates(table: sa.Table, dialect: str) -> sa.Insert:
     if dialect == "postgresql":
-        return postgresql.insert(USAGE_EVENTS).on_conflict_do_nothing(index_elements=["request_id"])
+        return postgresql.insert(table).on_conflict_do_nothing(index_elements=["request_id"])
     if dialect == "sqlite":
-        return sqlite.insert(USAGE_EVENTS).on_conflict_do_nothing(index_elements=["request_id"])
+        return sqlite.insert(table).on_conflict_do_nothing(index_elements=["request_id"])
     raise ValueError(f"the ledger supports SQLite and PostgreSQL, not {dialect}")
+
+
+def _fits(event: UsageEvent) -> bool:
+    """The event's ids and names fit the ledger's columns, and its status is one the ledger knows."""
+    return (
+        len(event.request_id) <= 128
+        and len(event.tenant) <= 64
+        and len(event.key_id) <= 32
+        and len(event.model) <= 128
+        and event.status in STATUSES
+    )
+
+
+def _priced(event: UsageEvent, price_list: _PriceList) -> Charge | str:
+    """The event's charge, or why it cannot be recorded."""
+    if not _fits(event):
+        return INVALID_IDS
+    prices = price_list.at(event.model, _utc(event.started_at))
+    if prices is None:
+        return UNPRICED
+    try:
+        return charge(event, prices)
+    except ValueError:  # TokenCounts refuses impossible counts
+        return INVALID_COUNTS
+
+
+def _usage_row(event: UsageEvent, cost: Charge) -> dict[str, Any]:
+    return {
+        "request_id": event.request_id,
+        "tenant": event.tenant,
+        "key_id": event.key_id,
+        "model": event.model,
+        "prompt_tokens": event.prompt_tokens,
+        "cached_tokens": event.cached_tokens,
+        "completion_tokens": event.completion_tokens,
+        "cost_nano_dkk": cost.total_nano_dkk,
+        "cost_input_uncached_nano_dkk": cost.input_uncached_nano_dkk,
+        "cost_input_cached_nano_dkk": cost.input_cached_nano_dkk,
+        "cost_output_nano_dkk": cost.output_nano_dkk,
+        "started_at": _utc(event.started_at),
+        "finished_at": _utc(event.finished_at),
+        "status": event.status,
+    }
+
+
+def _set_aside(
+    connection: sa.Connection, refused: dict[str, tuple[UsageEvent, str]], leases: Mapping[str, str]
+) -> dict[str, str]:
+    """Keeps the refused events in ``usage_set_aside`` (ids cut to the columns' widths, times as given or now);
+    returns those that were not set aside before (request id: reason)."""
+    if not refused:
+        return {}
+    now = datetime.now(UTC)
+    rows = [
+        {
+            "request_id": request_id[:128],
+            "tenant": event.tenant[:64],
+            "key_id": event.key_id[:32],
+            "model": event.model[:128],
+            "prompt_tokens": _int32(event.prompt_tokens),
+            "cached_tokens": _int32(event.cached_tokens),
+            "completion_tokens": _int32(event.completion_tokens),
+            "started_at": _aware_or(event.started_at, now),
+            "finished_at": _aware_or(event.finished_at, now),
+            "status": event.status[:32],
+            "lease_id": (leases.get(request_id) or "")[:64] or None,
+            "reason": reason,
+            "set_aside_at": now,
+        }
+        for request_id, (event, reason) in refused.items()
+    ]
+    insert = _insert_ignoring_duplicates(USAGE_SET_ASIDE, connection.dialect.name)
+    kept = {r[0] for r in connection.execute(insert.returning(USAGE_SET_ASIDE.c.request_id), rows).fetchall()}
+    return {request_id: reason for request_id, (_, reason) in refused.items() if request_id[:128] in kept}
+
+
+def _int32(count: int) -> int:
+    return max(-(2**31), min(2**31 - 1, count))
+
+
+def _aware_or(moment: datetime, fallback: datetime) -> datetime:
+    return moment.astimezone(UTC) if moment.tzinfo is not None else fallback

@@ -21,7 +21,15 @@ from datetime import UTC, datetime
 
 import sqlalchemy as sa
 
-from deployments.billing.tables import API_KEYS, AUDIT_LOG, BUDGET_SPEND, MEMBERS, MODEL_PRICES, USAGE_EVENTS
+from deployments.billing.tables import (
+    API_KEYS,
+    AUDIT_LOG,
+    BUDGET_SPEND,
+    MEMBERS,
+    MODEL_PRICES,
+    USAGE_EVENTS,
+    USAGE_SET_ASIDE,
+)
 
 
 def retention_cutoff(now: datetime, months: int) -> datetime:
@@ -38,6 +46,7 @@ def purge(connection: sa.Connection, cutoff: datetime) -> dict[str, int]:
     later_price = MODEL_PRICES.alias("later_price")
     deletes = {
         "usage_events": sa.delete(USAGE_EVENTS).where(USAGE_EVENTS.c.finished_at < cutoff),
+        "usage_set_aside": sa.delete(USAGE_SET_ASIDE).where(USAGE_SET_ASIDE.c.finished_at < cutoff),
         "audit_log": sa.delete(AUDIT_LOG).where(AUDIT_LOG.c.at < cutoff),
         "budget_spend": sa.delete(BUDGET_SPEND).where(
             BUDGET_SPEND.c.period != "all", BUDGET_SPEND.c.period < cutoff.strftime("%Y-%m")

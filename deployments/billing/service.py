@@ -12,6 +12,7 @@ import asyncio
 import hashlib
 import hmac
 import logging
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -199,9 +200,16 @@ class BillingService:
 
     async def record(self, reports: Sequence[UsageReport]) -> list[str]:
         """Stores the reports' events (replays change nothing) and settles them against their leases; returns the
-        billing ids now safe in the ledger."""
+        billing ids now safe in the ledger, or set aside there (``Ledger.record_new``): either way, never sent
+        again."""
         leases = {r.event.request_id: r.lease_id for r in reports if r.lease_id is not None}
-        new = await asyncio.to_thread(self.ledger.record_new, [r.event for r in reports], leases)
+        recorded = await asyncio.to_thread(self.ledger.record_new, [r.event for r in reports], leases)
+        new = recorded.new
+        if recorded.set_aside:
+            reasons = Counter(recorded.set_aside.values())
+            for reason, count in reasons.items():
+                metrics.set_aside(reason, count)
+            logger.error("billing: %d usage reports set aside, unbilled (%s)", len(recorded.set_aside), dict(reasons))
         # Once per batch and model, not per event: a metric record costs more than the event's share of the insert.
         billed: dict[str, list[int]] = {}
         for report in reports:

@@ -1,5 +1,6 @@
 """The tables of Anker's database as SQLAlchemy Core objects, for queries: tenants, members, keys, prices, usage,
-budgets, budget leases and the audit log. Alembic migrations (``deployments/migrations``) create them; never this file.
+usage set aside, budgets, budget leases and the audit log. Alembic migrations (``deployments/migrations``) create
+them; never this file.
 
 Nothing here holds prompt or completion text: counts, ids, model names, amounts and timestamps only.
 """
@@ -78,6 +79,26 @@ USAGE_EVENTS = sa.Table(
     sa.Column("cost_input_uncached_nano_dkk", sa.BigInteger, nullable=False),
     sa.Column("cost_input_cached_nano_dkk", sa.BigInteger, nullable=False),
     sa.Column("cost_output_nano_dkk", sa.BigInteger, nullable=False),
+)
+
+# Usage reports that could not be recorded (``reason``: a code such as ``unpriced_model``), kept for the operator
+# to resolve: counts and ids as reported, truncated to these widths, never billed until recorded.
+USAGE_SET_ASIDE = sa.Table(
+    "usage_set_aside",
+    METADATA,
+    sa.Column("request_id", sa.String(128), primary_key=True),
+    sa.Column("tenant", sa.String(64), nullable=False),
+    sa.Column("key_id", sa.String(32), nullable=False),
+    sa.Column("model", sa.String(128), nullable=False),
+    sa.Column("prompt_tokens", sa.Integer, nullable=False),
+    sa.Column("cached_tokens", sa.Integer, nullable=False),
+    sa.Column("completion_tokens", sa.Integer, nullable=False),
+    sa.Column("started_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("finished_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("status", sa.String(32), nullable=False),
+    sa.Column("lease_id", sa.String(64), nullable=True),
+    sa.Column("reason", sa.String(32), nullable=False),
+    sa.Column("set_aside_at", sa.DateTime(timezone=True), nullable=False),
 )
 
 # Running spend per budget scope ("tenant" or "key") and period ("2026-11", or "all" for prepaid credit), and the
