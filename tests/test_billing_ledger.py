@@ -21,6 +21,7 @@ from deployments.billing.retention import purge, retention_cutoff
 from deployments.billing.service import BillingService, billing_spec
 from deployments.billing.tables import API_KEYS, AUDIT_LOG, BUDGET_SPEND, MEMBERS, TENANTS
 from deployments.database import database_url
+from tests.inprocess import clean_postgres
 
 T0 = datetime(2026, 11, 1, tzinfo=UTC)
 DEFAULT = TokenPrices.from_dkk_per_million(Decimal("6.00"), Decimal("3.00"), Decimal("45.00"))
@@ -323,6 +324,51 @@ def test_settlement_and_the_lapse_sweep_never_release_a_lease_twice(ledger: Ledg
         assert grant is not None
         race_sweep_and_settlement(ledger, grant.lease_id, f"race-{i}", now)
         assert budget_state(ledger, now) == (i + 1, 0), i
+
+
+def test_a_settlement_takes_budget_rows_before_leases_as_a_grant_does(postgres_url: str, tmp_path: Path) -> None:
+    """A grant locks a key's budget rows, then tops up its lease; a settlement of the same lease used to lock the
+    lease first, then the budget rows: two replicas' calls at once then waited for each other, and PostgreSQL failed
+    one (DeadlockDetected, about once in six runs of test_billing_admission's two replicas). Here a transaction
+    holds the budget row as a grant does while the settlement starts, then takes the lease: the settlement waits for
+    the budget row without holding the lease, so both finish."""
+    from deployments.billing import budgets
+    from deployments.billing.tables import BUDGET_LEASES
+
+    url = clean_postgres(postgres_url)
+    ledger = Ledger(url)
+    ledger.migrate()
+    ledger.set_price("m", DEFAULT, T0)
+    budgeted(ledger, 100)
+    now = T0 + timedelta(days=3)
+    with ledger.engine.begin() as db:
+        grant = budgets.grant_lease(db, "kommune-x", "k1", None, 3 * UNIT, 3 * UNIT, now, 60.0)
+    assert grant is not None
+    settled: list[BaseException | None] = []
+
+    def settle() -> None:
+        try:
+            ledger.record_new([event("settled", now, prompt_tokens=0, cached_tokens=0, completion_tokens=1)],
+                              {"settled": grant.lease_id})  # fmt: skip
+            settled.append(None)
+        except BaseException as exc:  # kept for the assertion below
+            settled.append(exc)
+
+    with ledger.engine.begin() as grant_like:
+        grant_like.execute(sa.text("SET LOCAL lock_timeout = '20s'"))
+        grant_like.execute(
+            sa.select(BUDGET_SPEND).where(BUDGET_SPEND.c.scope == "tenant").with_for_update()  # the budget row first
+        ).all()
+        settling = threading.Thread(target=settle)
+        settling.start()
+        settling.join(1.5)  # long enough to reach its locks (the deadlock check runs after 1 s of waiting)
+        grant_like.execute(
+            sa.select(BUDGET_LEASES).where(BUDGET_LEASES.c.lease_id == grant.lease_id).with_for_update()
+        ).all()  # then the lease: free, since the settlement has not taken it
+    settling.join(30)
+    assert settled == [None]
+    assert budget_state(ledger, now) == (1, 2)  # 1 unit spent, the lease's other 2 still held
+    ledger.dispose()
 
 
 def test_usage_by_day_and_model_with_costs_split_by_kind(ledger: Ledger) -> None:

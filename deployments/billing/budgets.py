@@ -146,22 +146,20 @@ def grant_lease(
     a share of what the tightest budget has left. None if no budget applies to the key.
 
     Raises ``InsufficientQuota`` when a budget cannot cover ``need_nano_dkk``, unless it is the budget's last
-    request (see the module's bound). Each budget's row is locked while it is read and raised (``FOR UPDATE`` on
-    PostgreSQL; SQLite's write transactions are exclusive), tenant first, so concurrent grants never both take the
-    same room.
+    request (see the module's bound). The budgets' rows are locked while they are read and raised (``FOR UPDATE`` on
+    PostgreSQL, in ``_lock_spend``'s order; SQLite's write transactions are exclusive), so concurrent grants never
+    both take the same room.
     """
     budgets = budgets_for(db, tenant, key_id)
     if not budgets:
         return None
+    for budget in budgets:
+        _ensure_row(db, budget, budget.period(now))
+    locked = _lock_spend(db, {(budget.scope, budget.scope_id, budget.period(now)) for budget in budgets})
     rows = []
     for budget in budgets:
         period = budget.period(now)
-        _ensure_row(db, budget, period)
-        row = db.execute(
-            sa.select(BUDGET_SPEND.c.spent_nano_dkk, BUDGET_SPEND.c.reserved_nano_dkk)
-            .where(_key(budget.scope, budget.scope_id, period))
-            .with_for_update()
-        ).one()
+        row = locked[(budget.scope, budget.scope_id, period)]
         rows.append((budget, period, row.spent_nano_dkk + row.reserved_nano_dkk))
     room = min(budget.limit_nano_dkk - used for budget, _, used in rows)
     if room >= need_nano_dkk:
@@ -246,22 +244,24 @@ def settle(db: sa.Connection, settlements: Sequence[Settlement]) -> None:
             spent[target] += s.cost_nano_dkk
         if s.lease_id is not None:
             by_lease[s.lease_id] += s.cost_nano_dkk
-    for lease_id in sorted(by_lease):
-        lease = db.execute(
-            sa.select(BUDGET_LEASES).where(BUDGET_LEASES.c.lease_id == lease_id).with_for_update()
-        ).first()
-        if lease is None:
-            continue  # released or lapsed: what it held is back in the budgets already
-        release = min(by_lease[lease_id], lease.amount_nano_dkk)
-        if release == 0:
-            continue
-        db.execute(
-            BUDGET_LEASES.update()
-            .where(BUDGET_LEASES.c.lease_id == lease_id)
-            .values(amount_nano_dkk=BUDGET_LEASES.c.amount_nano_dkk - release)
-        )
-        for target in _lease_rows(lease):
-            released[target] += release
+    of_leases = BUDGET_LEASES.c.lease_id.in_(sorted(by_lease))
+    # Budget rows first, then leases, as every writer takes them (``_lock_spend``); a lease's rows never change.
+    seen = db.execute(sa.select(BUDGET_LEASES).where(of_leases)).all() if by_lease else []
+    _lock_spend(db, set(spent) | {target for lease in seen for target in _lease_rows(lease)})
+    if by_lease:
+        for lease in db.execute(
+            sa.select(BUDGET_LEASES).where(of_leases).order_by(BUDGET_LEASES.c.lease_id).with_for_update()
+        ):  # a lease released or lapsed meanwhile is not here: what it held is back in the budgets already
+            release = min(by_lease[lease.lease_id], lease.amount_nano_dkk)
+            if release == 0:
+                continue
+            db.execute(
+                BUDGET_LEASES.update()
+                .where(BUDGET_LEASES.c.lease_id == lease.lease_id)
+                .values(amount_nano_dkk=BUDGET_LEASES.c.amount_nano_dkk - release)
+            )
+            for target in _lease_rows(lease):
+                released[target] += release
     _apply(db, spent, released)
 
 
@@ -272,6 +272,23 @@ def _lease_rows(lease: sa.Row[Any]) -> list[SpendKey]:
     if lease.key_period is not None:
         rows.append(("key", lease.key_id, lease.key_period))
     return rows
+
+
+def _lock_spend(db: sa.Connection, targets: set[SpendKey]) -> dict[SpendKey, Any]:
+    """Locks budget rows (those that exist) in one statement, in the database's order of their keys, and returns
+    them. Every transaction that writes budget rows and leases locks its budget rows so first, then its leases: so
+    a grant, a settlement and a release never wait for each other in a circle (PostgreSQL would break the circle
+    by failing one of them). SQLite's write transactions are exclusive: there this is a plain read."""
+    if not targets:
+        return {}
+    key = sa.tuple_(BUDGET_SPEND.c.scope, BUDGET_SPEND.c.scope_id, BUDGET_SPEND.c.period)
+    rows = db.execute(
+        sa.select(BUDGET_SPEND)
+        .where(key.in_(sorted(targets)))
+        .order_by(BUDGET_SPEND.c.scope, BUDGET_SPEND.c.scope_id, BUDGET_SPEND.c.period)
+        .with_for_update()
+    ).all()
+    return {(row.scope, row.scope_id, row.period): row for row in rows}
 
 
 def _apply(db: sa.Connection, spent: dict[SpendKey, int], released: dict[SpendKey, int]) -> None:
@@ -308,6 +325,10 @@ def _apply(db: sa.Connection, spent: dict[SpendKey, int], released: dict[SpendKe
 
 def _release(db: sa.Connection, condition: sa.ColumnElement[bool]) -> list[str]:
     """Deletes the leases that meet ``condition`` and gives what they held back to their budgets."""
+    seen = db.execute(sa.select(BUDGET_LEASES).where(condition)).all()
+    if not seen:
+        return []
+    _lock_spend(db, {target for lease in seen for target in _lease_rows(lease)})  # before the leases, as all do
     rows = db.execute(BUDGET_LEASES.delete().where(condition).returning(*BUDGET_LEASES.c)).all()
     released: dict[SpendKey, int] = defaultdict(int)
     for lease in rows:
