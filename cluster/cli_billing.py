@@ -116,11 +116,11 @@ def add_commands(
     revoke.add_argument("key_id", metavar="KEY_ID")
     revoke.set_defaults(func=lambda a: _keys_revoke(a, load(a)))
 
-    tenants = sub.add_parser("tenants", help="organisations: plans, discounts, budgets").add_subparsers(
+    tenants = sub.add_parser("tenants", help="organisations: plans, discounts, budgets, ceilings").add_subparsers(
         dest="tenants_command", metavar="ACTION", required=True
     )
     for action in ("create", "set"):
-        p = with_config(tenants.add_parser(action, help=f"{action} an organisation's plan and budget"))
+        p = with_config(tenants.add_parser(action, help=f"{action} an organisation's plan, budget and ceilings"))
         p.add_argument("tenant", metavar="TENANT")
         p.add_argument("--display-name")
         p.add_argument("--plan", choices=["payg", "monthly"], help="pay-as-you-go, or a monthly agreement")
@@ -128,6 +128,9 @@ def add_commands(
         p.add_argument("--discount-percent", metavar="P", help="discount on usage of a monthly agreement")
         p.add_argument("--budget-kind", choices=["monthly", "prepaid", "none"], help="monthly cap or prepaid credit")
         p.add_argument("--budget-dkk", metavar="N", help="the cap or the credit, in DKK")
+        p.add_argument("--max-rpm", metavar="N|none", help="ceiling on any key's requests per minute")
+        p.add_argument("--max-tpm", metavar="N|none", help="ceiling on any key's tokens per minute")
+        p.add_argument("--max-keys", metavar="N|none", help="ceiling on the organisation's active keys")
         p.set_defaults(func=lambda a, action=action: _tenants_change(a, load(a), action))
     tlist = with_config(tenants.add_parser("list", help="list organisations"))
     tlist.set_defaults(func=lambda a: _print_json(a, load(a), "list_tenants", {}))
@@ -285,6 +288,12 @@ def _tenants_change(args: argparse.Namespace, config: AnkerConfig, action_name: 
         settings["budget_kind"] = None if args.budget_kind == "none" else args.budget_kind
         if args.budget_kind == "none":
             settings["budget_dkk"] = None
+    try:
+        for field in ("max_rpm", "max_tpm", "max_keys"):
+            for value in _optional(getattr(args, field), int).values():
+                settings[field] = value
+    except ValueError:
+        return _fail(f"tenants {action_name}", "--max-rpm, --max-tpm and --max-keys take whole numbers or none")
     billing = service(config)
 
     def action() -> int:

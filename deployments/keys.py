@@ -2,7 +2,8 @@
 
 The plaintext key is returned once by ``create`` and never stored or logged; only HMAC-SHA256(server secret, key)
 is kept, in the ``api_keys`` table that an Alembic migration creates, with the key's role, allow-list, budget and
-rate limits. Permission checks and the audit log are the governance layer's (``deployments/billing/governance.py``).
+rate limits; a key is created only within its organisation's ceiling on active keys. Permission checks and the audit
+log are the governance layer's (``deployments/billing/governance.py``).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import sqlalchemy as sa
 
 from deployments import database
 from deployments.billing.tables import API_KEYS, MEMBERS, TENANTS
+from deployments.errors import Conflict
 
 KEY_PREFIX = "ank"
 # ank_<key id: 12 hex>_<secret: 43 url-safe base64 chars = 256 bits>
@@ -38,7 +40,8 @@ class KeyRecord:
     """A key's settings (never the key): its tenant, effective role, model allow-list, monthly budget, rate limits.
 
     ``allowed_models`` holds served names and ``region:<r>`` entries; None means every model. ``role`` is the
-    role of the member the key belongs to, or the key's own role for keys made without a member.
+    role of the member the key belongs to, or the key's own role for keys made without a member. ``ceiling_rpm``
+    and ``ceiling_tpm`` are its organisation's ceilings, set by the operator, as they were when the key was read.
     """
 
     key_id: str
@@ -52,6 +55,13 @@ class KeyRecord:
     budget_nano_dkk: int | None = None
     rpm: int | None = None
     tpm: int | None = None
+    ceiling_rpm: int | None = None
+    ceiling_tpm: int | None = None
+
+    def limits(self, default_rpm: int, default_tpm: int) -> tuple[int, int]:
+        """Requests and tokens per minute the key may use: its own, or the deployment's defaults, never above its
+        organisation's ceilings (a ceiling lowered after a key's limit was set caps that limit too)."""
+        return _capped(self.rpm or default_rpm, self.ceiling_rpm), _capped(self.tpm or default_tpm, self.ceiling_tpm)
 
     def public(self) -> dict[str, Any]:
         return {
@@ -70,6 +80,10 @@ class KeyRecord:
         }
 
 
+def _capped(limit: int, ceiling: int | None) -> int:
+    return limit if ceiling is None else min(limit, ceiling)
+
+
 def _validate_settings(
     role: str, allowed_models: Sequence[str] | None, budget_nano_dkk: int | None, rpm: int | None, tpm: int | None
 ) -> None:
@@ -86,10 +100,19 @@ def _validate_settings(
 
 
 def _with_member() -> sa.Select[Any]:
-    """Keys with their member's current role and removal (a key acts in its member's role)."""
+    """Keys with their member's current role and removal (a key acts in its member's role) and their organisation's
+    rate-limit ceilings."""
     return sa.select(
-        API_KEYS, MEMBERS.c.role.label("member_role"), MEMBERS.c.removed_at.label("member_removed")
-    ).select_from(API_KEYS.outerjoin(MEMBERS, MEMBERS.c.member_id == API_KEYS.c.member_id))
+        API_KEYS,
+        MEMBERS.c.role.label("member_role"),
+        MEMBERS.c.removed_at.label("member_removed"),
+        TENANTS.c.max_rpm.label("ceiling_rpm"),
+        TENANTS.c.max_tpm.label("ceiling_tpm"),
+    ).select_from(
+        API_KEYS.outerjoin(MEMBERS, MEMBERS.c.member_id == API_KEYS.c.member_id).outerjoin(
+            TENANTS, TENANTS.c.tenant == API_KEYS.c.tenant
+        )
+    )
 
 
 def _record(row: Any, role: str | None = None) -> KeyRecord:
@@ -106,6 +129,8 @@ def _record(row: Any, role: str | None = None) -> KeyRecord:
         budget_nano_dkk=row.budget_nano_dkk,
         rpm=row.rpm,
         tpm=row.tpm,
+        ceiling_rpm=row.ceiling_rpm,
+        ceiling_tpm=row.ceiling_tpm,
     )
 
 
@@ -163,7 +188,10 @@ class KeyStore:
         rpm: int | None = None,
         tpm: int | None = None,
     ) -> tuple[KeyRecord, str]:
-        """A new key for ``tenant`` (created as a pay-as-you-go organisation if it is new); returns it once."""
+        """A new key for ``tenant`` (created as a pay-as-you-go organisation if it is new); returns it once.
+
+        Refused (``Conflict``) when the organisation has as many active keys as its ceiling allows: counted and
+        created in one transaction with the organisation's row locked, so keys created at once cannot pass it."""
         if not TENANT_PATTERN.match(tenant):
             raise ValueError("tenant must be 1-64 characters: letters, digits, '.', '_' or '-'")
         _validate_settings(role, allowed_models, budget_nano_dkk, rpm, tpm)
@@ -183,6 +211,8 @@ class KeyStore:
         )
         with self._engine.begin() as db:
             ensure_tenant(db, tenant)
+            ceilings = _locked_ceilings(db, tenant)
+            record = replace(record, ceiling_rpm=ceilings.max_rpm, ceiling_tpm=ceilings.max_tpm)
             if member_id is not None:
                 member = db.execute(
                     sa.select(MEMBERS.c.role).where(
@@ -288,6 +318,25 @@ class KeyStore:
     @property
     def engine(self) -> sa.Engine:
         return self._engine
+
+
+def _locked_ceilings(db: sa.Connection, tenant: str) -> Any:
+    """The organisation's ceilings, its row locked until the transaction ends; refuses a key past ``max_keys``."""
+    ceilings = db.execute(
+        sa.select(TENANTS.c.max_rpm, TENANTS.c.max_tpm, TENANTS.c.max_keys)
+        .where(TENANTS.c.tenant == tenant)
+        .with_for_update()
+    ).one()
+    if ceilings.max_keys is not None:
+        active = db.execute(
+            sa.select(sa.func.count()).where(API_KEYS.c.tenant == tenant, API_KEYS.c.revoked_at.is_(None))
+        ).scalar()
+        if int(active or 0) >= ceilings.max_keys:
+            raise Conflict(
+                f"This organisation may have at most {ceilings.max_keys} active keys. Revoke one, or ask the "
+                "operator to raise the ceiling."
+            )
+    return ceilings
 
 
 def ensure_tenant(db: sa.Connection, tenant: str) -> None:

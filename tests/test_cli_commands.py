@@ -167,3 +167,21 @@ def test_organisations_keys_usage_and_invoice(tmp_path: Path) -> None:
     audit = service.governance.audit_log(Actor.operator(), "aarhus")
     assert {e["action"] for e in audit} >= {"tenant.create", "tenant.update", "key.create"}
     assert all(e["actor"].startswith("cli:") for e in audit)
+
+
+def test_organisation_ceilings_by_cli(tmp_path: Path) -> None:
+    """The operator sets an organisation's ceilings with `anker tenants`; keys beyond them are refused."""
+    ceilings = ("--max-rpm", "10", "--max-tpm", "5000", "--max-keys", "1")
+    made = anker("tenants", "create", "odense", *ceilings, data_dir=tmp_path)
+    assert made.returncode == 0, made.stderr
+    assert json.loads(made.stdout)["ceilings"] == {"max_rpm": 10, "max_tpm": 5000, "max_keys": 1}
+    over = anker("keys", "create", "--tenant", "odense", "--rpm", "11", data_dir=tmp_path)
+    assert over.returncode == 2 and "`rpm`" in over.stderr and "10" in over.stderr
+    assert anker("keys", "create", "--tenant", "odense", "--rpm", "10", data_dir=tmp_path).returncode == 0
+    second = anker("keys", "create", "--tenant", "odense", data_dir=tmp_path)
+    assert second.returncode == 1 and "at most 1 active keys" in second.stderr
+    lifted = anker("tenants", "set", "odense", "--max-keys", "none", "--max-rpm", "20", data_dir=tmp_path)
+    assert lifted.returncode == 0, lifted.stderr
+    assert json.loads(lifted.stdout)["ceilings"] == {"max_rpm": 20, "max_tpm": 5000, "max_keys": None}
+    assert anker("keys", "create", "--tenant", "odense", data_dir=tmp_path).returncode == 0
+    assert anker("tenants", "set", "odense", "--max-keys", "many", data_dir=tmp_path).returncode == 2

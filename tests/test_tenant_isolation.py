@@ -9,10 +9,14 @@ its checks is answered 503 (no model's application is up in process), which is t
 The replica's own door (``KeyGate``) is tested over a real vLLM in test_server_door.py and test_server_inprocess.py.
 
 The route table below must list every route of both apps: a new route without a row fails the first test.
+
+Last, money and capacity are the operator's: no owner or admin can give its organisation credit or pass the
+ceilings the operator set (issue 15, hole 6).
 """
 
 from __future__ import annotations
 
+import threading
 import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -27,8 +31,9 @@ from starlette.routing import Route as StarletteRoute
 
 from deployments.billing.governance import Actor
 from deployments.billing.ledger import COMPLETED, UsageEvent
-from deployments.billing.service import load_or_create_admin_token
+from deployments.billing.service import BillingService, BillingSpec, load_or_create_admin_token
 from deployments.contracts import UsageReport
+from deployments.errors import Conflict
 from deployments.keys import ROLES
 from deployments.server.app import create_server_app
 from tests.inprocess import InProcessControl, inprocess_control
@@ -128,9 +133,10 @@ async def stack(tmp_path: Path) -> AsyncIterator[InProcessControl]:
         yield control
 
 
-def make_org(stack: InProcessControl, tenant: str) -> Org:
+def make_org(stack: InProcessControl, tenant: str, **settings: Any) -> Org:
+    """An organisation as the operator sets it up (a monthly cap of 100 DKK unless ``settings`` say otherwise)."""
     governance = stack.service.governance
-    governance.create_tenant(OPERATOR, tenant, budget_kind="monthly", budget_dkk="100")
+    governance.create_tenant(OPERATOR, tenant, **(settings or {"budget_kind": "monthly", "budget_dkk": "100"}))
     org = Org(tenant)
     for role in ROLES:
         member = governance.add_member(OPERATOR, tenant, f"{role} of {tenant}", role)
@@ -350,3 +356,191 @@ async def test_roles_cannot_be_raised_from_below(stack: InProcessControl) -> Non
         expect(r, 403, "permission_denied", f"{method} {path} {body}", failures)
     assert not failures, "\n".join(failures)
     assert snapshot(stack, a) == before
+
+
+# -- money and ceilings are the operator's (issue 15, hole 6) ----------------------------------------------------
+
+
+def operator_token(stack: InProcessControl) -> dict[str, str]:
+    return bearer(load_or_create_admin_token(stack.service._spec.data_dir))
+
+
+async def budget_seen(stack: InProcessControl, org: Org) -> Any:
+    """The organisation's budget as its owner's usage summary shows it: kind, limit, spent, reserved and left."""
+    r = await stack.client.get("/v1/usage/summary", headers=bearer(org.keys["owner"]))
+    assert r.status_code == 200, r.text
+    return r.json()["budget"]
+
+
+async def test_a_customer_cannot_give_itself_credit(stack: InProcessControl) -> None:
+    """Prepaid credit is the operator's: an owner or admin can neither set it, raise it, trade it for a monthly cap
+    nor lift it, nor give credit to an organisation without a budget. Each try is a 403 that changes nothing: not
+    the budget, not what it has spent, not the audit log."""
+    prepaid = make_org(stack, "org-p", budget_kind="prepaid", budget_dkk="100")
+    unbudgeted = make_org(stack, "org-n", budget_kind=None)
+    await bill(stack, prepaid, prepaid.keys["member"], 3)
+    tries = [
+        (prepaid, {"budget_dkk": "1000"}),  # a top-up
+        (prepaid, {"budget_kind": "prepaid", "budget_dkk": "1000"}),
+        (prepaid, {"budget_kind": "prepaid", "budget_dkk": "100"}),  # even the amount it has: setting it is not theirs
+        (prepaid, {"budget_kind": "monthly", "budget_dkk": "1000"}),  # credit traded for a cap that renews monthly
+        (prepaid, {"budget_kind": None}),  # no budget at all
+        (unbudgeted, {"budget_kind": "prepaid", "budget_dkk": "1000"}),
+        (unbudgeted, {"budget_kind": "monthly", "budget_dkk": "5", "discount_percent": "50"}),
+    ]
+    orgs = (prepaid, unbudgeted)
+    before = {org.tenant: (snapshot(stack, org), await budget_seen(stack, org)) for org in orgs}
+    assert before["org-p"][1]["kind"] == "prepaid" and before["org-p"][1]["limit_dkk"] == "100"
+    assert before["org-p"][1]["spent_dkk"] != "0" and before["org-n"][1] is None
+    failures: list[str] = []
+    for org, body in tries:
+        for role in ("owner", "admin"):
+            r = await stack.client.patch(f"/admin/tenants/{org.tenant}", json=body, headers=bearer(org.keys[role]))
+            expect(r, 403, "permission_denied", f"{role} of {org.tenant}: {body}", failures)
+    assert not failures, "\n".join(failures)
+    assert {org.tenant: (snapshot(stack, org), await budget_seen(stack, org)) for org in orgs} == before
+
+
+async def test_the_operator_tops_up_credit_and_customers_set_their_own_monthly_cap(stack: InProcessControl) -> None:
+    prepaid = make_org(stack, "org-p", budget_kind="prepaid", budget_dkk="100")
+    await bill(stack, prepaid, prepaid.keys["member"], 3)
+    spent = (await budget_seen(stack, prepaid))["spent_dkk"]
+    path, token = f"/admin/tenants/{prepaid.tenant}", operator_token(stack)
+    r = await stack.client.patch(path, json={"budget_dkk": "150"}, headers=token)  # a top-up keeps the credit prepaid
+    assert r.status_code == 200 and r.json()["budget"] == {"kind": "prepaid", "limit_dkk": "150"}, r.text
+    seen = await budget_seen(stack, prepaid)
+    assert (seen["kind"], seen["limit_dkk"], seen["spent_dkk"]) == ("prepaid", "150", spent)  # spent stays spent
+    # The operator ends the credit; the organisation then sets, changes and lifts its own monthly cap.
+    r = await stack.client.patch(path, json={"budget_kind": None}, headers=token)
+    assert r.status_code == 200 and r.json()["budget"] is None, r.text
+    for role, body, budget in (
+        ("owner", {"budget_kind": "monthly", "budget_dkk": "50"}, {"kind": "monthly", "limit_dkk": "50"}),
+        ("admin", {"budget_dkk": "60"}, {"kind": "monthly", "limit_dkk": "60"}),
+        ("admin", {"budget_kind": None}, None),
+    ):
+        r = await stack.client.patch(path, json=body, headers=bearer(prepaid.keys[role]))
+        assert r.status_code == 200 and r.json()["budget"] == budget, (role, body, r.text)
+    audit = stack.service.governance.audit_log(OPERATOR, prepaid.tenant)
+    updates = [(e["actor"].split(":")[0], e["details"]) for e in reversed(audit) if e["action"] == "tenant.update"]
+    assert updates[1:] == [  # after the organisation's set-up: each change, by whom
+        ("admin-token", {"budget_dkk": "150"}),
+        ("admin-token", {"budget_kind": "None"}),
+        ("key", {"budget_kind": "monthly", "budget_dkk": "50"}),
+        ("key", {"budget_dkk": "60"}),
+        ("key", {"budget_kind": "None"}),
+    ]
+
+
+async def test_per_key_limits_stay_within_the_organisations_ceilings(stack: InProcessControl) -> None:
+    a = make_org(stack, "org-a")
+    token = operator_token(stack)
+    r = await stack.client.patch(f"/admin/tenants/{a.tenant}", json={"max_rpm": 100, "max_tpm": 10000}, headers=token)
+    assert r.status_code == 200, r.text
+    assert r.json()["ceilings"] == {"max_rpm": 100, "max_tpm": 10000, "max_keys": None}
+    keys, spare = f"/admin/tenants/{a.tenant}/keys", f"/admin/keys/{a.spare_key_id}"
+    over = [
+        ("POST", keys, {"rpm": 101}, "rpm", "100"),
+        ("POST", keys, {"tpm": 10001}, "tpm", "10000"),
+        ("POST", keys, {"rpm": 100, "tpm": 20000}, "tpm", "10000"),
+        ("PATCH", spare, {"rpm": 101}, "rpm", "100"),
+        ("PATCH", spare, {"tpm": 10001}, "tpm", "10000"),
+    ]
+    before = snapshot(stack, a)
+    failures: list[str] = []
+    for who, headers in (("owner", bearer(a.keys["owner"])), ("admin", bearer(a.keys["admin"])), ("operator", token)):
+        for method, path, body, field_name, ceiling in over:
+            r = await stack.client.request(method, path, json=body, headers=headers)
+            expect(r, 400, "invalid_value", f"{who}: {method} {path} {body}", failures)
+            error = r.json()["error"]
+            if error["param"] != field_name or ceiling not in error["message"]:
+                failures.append(f"{who}: {method} {body}: the error names not `{field_name}` and {ceiling}: {error}")
+    # The ceilings themselves are the operator's.
+    for role in ("owner", "admin"):
+        for body in ({"max_rpm": 1000}, {"max_tpm": None}, {"max_keys": 100}, {"budget_dkk": "5", "max_rpm": 1000}):
+            r = await stack.client.patch(f"/admin/tenants/{a.tenant}", json=body, headers=bearer(a.keys[role]))
+            expect(r, 403, "permission_denied", f"{role}: {body}", failures)
+    assert not failures, "\n".join(failures)
+    assert snapshot(stack, a) == before
+    # At the ceiling is within it.
+    r = await stack.client.post(keys, json={"rpm": 100, "tpm": 10000}, headers=bearer(a.keys["owner"]))
+    assert r.status_code == 201 and (r.json()["rpm"], r.json()["tpm"]) == (100, 10000), r.text
+    r = await stack.client.patch(spare, json={"rpm": 100}, headers=bearer(a.keys["admin"]))
+    assert r.status_code == 200 and r.json()["rpm"] == 100, r.text
+
+
+async def test_the_key_count_ceiling_holds(stack: InProcessControl) -> None:
+    a = make_org(stack, "org-a")
+    governance = stack.service.governance
+    active = len([k for k in governance.list_keys(OPERATOR, a.tenant) if k.revoked_at is None])
+    token, owner = operator_token(stack), bearer(a.keys["owner"])
+    r = await stack.client.patch(f"/admin/tenants/{a.tenant}", json={"max_keys": active + 1}, headers=token)
+    assert r.status_code == 200 and r.json()["ceilings"]["max_keys"] == active + 1, r.text
+    keys = f"/admin/tenants/{a.tenant}/keys"
+    assert (await stack.client.post(keys, json={}, headers=owner)).status_code == 201
+    before = snapshot(stack, a)
+    failures: list[str] = []
+    for who, headers in (("owner", owner), ("admin", bearer(a.keys["admin"])), ("operator", token)):
+        r = await stack.client.post(keys, json={"name": "one too many"}, headers=headers)
+        expect(r, 409, "conflict", f"{who}: a key past the ceiling", failures)
+        if r.status_code == 409 and f"at most {active + 1} active keys" not in r.json()["error"]["message"]:
+            failures.append(f"{who}: the error does not name the ceiling: {r.text}")
+    assert not failures, "\n".join(failures)
+    assert snapshot(stack, a) == before
+    # A revoked key frees its place; the operator can lift the ceiling.
+    assert (await stack.client.delete(f"/admin/keys/{a.spare_key_id}", headers=owner)).status_code == 200
+    assert (await stack.client.post(keys, json={}, headers=owner)).status_code == 201
+    assert (await stack.client.post(keys, json={}, headers=owner)).status_code == 409
+    r = await stack.client.patch(f"/admin/tenants/{a.tenant}", json={"max_keys": None}, headers=token)
+    assert r.status_code == 200 and r.json()["ceilings"]["max_keys"] is None, r.text
+    assert (await stack.client.post(keys, json={}, headers=owner)).status_code == 201
+
+
+def test_keys_created_at_once_stop_at_the_key_count_ceiling(tmp_path: Path, db: str | None) -> None:
+    """The count and the new key are one transaction with the organisation's row locked: concurrent creations
+    (the billing actor runs each in a thread) cannot pass the ceiling together."""
+    service = BillingService(BillingSpec(tmp_path, db, {}, default_rpm=600, default_tpm=2_000_000))
+    governance = service.governance
+    governance.create_tenant(OPERATOR, "org-a", max_keys=3)
+    start = threading.Barrier(8)
+    outcomes: list[str] = []
+
+    def create() -> None:
+        start.wait()
+        try:
+            governance.create_key(OPERATOR, "org-a")
+            outcomes.append("created")
+        except Conflict:
+            outcomes.append("refused")
+
+    threads = [threading.Thread(target=create) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    try:
+        assert sorted(outcomes) == ["created"] * 3 + ["refused"] * 5
+        assert len(governance.list_keys(OPERATOR, "org-a")) == 3
+    finally:
+        service.ledger.dispose()
+
+
+async def test_the_effective_rate_limits_respect_the_ceilings(stack: InProcessControl) -> None:
+    """A key without limits of its own gets the deployment's (600 requests, 2,000,000 tokens a minute here) capped
+    by its organisation's ceilings, and a key whose own limits a lowered ceiling passes gets the ceiling: in the
+    billing actor's answer to the replicas (``Principal``) and in every answer's rate-limit headers."""
+    a = make_org(stack, "org-a", max_rpm=50, max_tpm=5000)
+    governance = stack.service.governance
+    _, own = governance.create_key(OPERATOR, a.tenant, rpm=40, tpm=4000)
+
+    async def limits(key: str) -> tuple[str, str]:
+        r = await stack.client.get("/v1/models", headers=bearer(key))
+        assert r.status_code == 200, r.text
+        return r.headers["x-ratelimit-limit-requests"], r.headers["x-ratelimit-limit-tokens"]
+
+    assert await limits(a.keys["member"]) == ("50", "5000")
+    assert await limits(own) == ("40", "4000")
+    governance.update_tenant(OPERATOR, a.tenant, max_rpm=30, max_tpm=None)
+    assert await limits(own) == ("30", "4000")
+    assert await limits(a.keys["member"]) == ("30", "2000000")
+    principal = await stack.service.authenticate(own)
+    assert principal is not None and (principal.rpm, principal.tpm) == (30, 4000)

@@ -1,8 +1,10 @@
 """Governance: organisations (tenants) with plans and budgets, members in roles, and their keys, changed only by
 callers whose role allows it; the audit log keeps who, what, when of each change, never a key.  # zdr-ok
 
-Roles: ``owner`` and ``admin`` manage their organisation's members, keys, allow-lists and budgets (only an owner
-grants ``owner``); ``member`` calls models; ``viewer`` sees usage only. The operator (admin token, CLI) may do all.
+Roles: ``owner`` and ``admin`` manage their organisation's members, keys, allow-lists, per-key budgets and limits and
+its monthly cap (only an owner grants ``owner``); ``member`` calls models; ``viewer`` sees usage only. The operator
+(admin token, CLI) may do all, and alone sets what is money or capacity: plans, fees, discounts, prepaid credit, and
+the ceilings of an organisation (requests and tokens per minute of any key, active keys), which bind every key.
 """
 
 from __future__ import annotations
@@ -27,6 +29,10 @@ MANAGERS = ("owner", "admin")
 CALLERS = ("owner", "admin", "member")
 PLANS = ("payg", "monthly")
 BUDGET_KINDS = ("monthly", "prepaid")
+CEILINGS = ("max_rpm", "max_tpm", "max_keys")
+# What only the operator sets of an organisation; prepaid credit too, which is a kind of budget (``_customer_change``).
+OPERATOR_SETTINGS = frozenset({"plan", "monthly_fee_dkk", "discount_percent", "display_name", *CEILINGS})
+BUDGET_SETTINGS = frozenset({"budget_kind", "budget_dkk"})
 
 
 @dataclass(frozen=True)
@@ -86,6 +92,7 @@ def _grantable(actor: Actor, role: str) -> bool:
 
 MAX_DKK = Decimal(10**9)  # far above any real budget, far below what the database's 64-bit nano-DKK can hold
 MAX_PER_MINUTE = 10**9
+MAX_KEYS = 10**6
 MAX_NAME = 64
 
 
@@ -180,51 +187,18 @@ class Governance:
         return self.update_tenant(actor, tenant, **settings) if settings else self.get_tenant(actor, tenant)
 
     def update_tenant(self, actor: Actor, tenant: str, **settings: Any) -> dict[str, Any]:
-        """Plan settings (``plan``, ``monthly_fee_dkk``, ``discount_percent``, ``display_name``) are the operator's;
-        the budget (``budget_kind``, ``budget_dkk``) also an owner's or admin's."""
+        """Plans, fees, discounts, the name, the ceilings and prepaid credit are the operator's; an owner or admin
+        sets, changes or lifts the organisation's monthly cap. A refused change changes nothing, audit log included."""
         self._manage(actor, tenant)
-        commercial = {"plan", "monthly_fee_dkk", "discount_percent", "display_name"}
-        allowed = commercial | {"budget_kind", "budget_dkk"}
-        unknown = set(settings) - allowed
+        unknown = set(settings) - OPERATOR_SETTINGS - BUDGET_SETTINGS
         if unknown:
             raise InvalidValue(f"Unknown organisation setting `{sorted(unknown)[0]}`.", sorted(unknown)[0])
-        if not actor.is_operator and commercial & set(settings):
-            raise PermissionDenied("Plans, fees and discounts are set by the operator.")
-        values: dict[str, Any] = {}
-        if "display_name" in settings:
-            name = settings["display_name"]
-            if not isinstance(name, str) or not 0 < len(name) <= 128:
-                raise InvalidValue("`display_name` must be 1-128 characters.", "display_name")
-            values["display_name"] = name
-        if "plan" in settings:
-            if settings["plan"] not in PLANS:
-                raise InvalidValue("`plan` must be `payg` or `monthly`.", "plan")
-            values["plan"] = settings["plan"]
-        if "monthly_fee_dkk" in settings:
-            fee = _dkk(settings["monthly_fee_dkk"], "monthly_fee_dkk") or 0
-            if fee % 10**7:
-                raise InvalidValue("`monthly_fee_dkk` must be whole øre.", "monthly_fee_dkk")
-            values["plan_fee_ore"] = fee // 10**7
-        if "discount_percent" in settings:
-            try:
-                discount = Decimal(str(settings["discount_percent"]))
-            except ArithmeticError:
-                discount = Decimal(-1)
-            if not Decimal(0) <= discount <= Decimal(100) or (discount * 100) % 1:
-                raise InvalidValue("`discount_percent` must be 0-100 with at most 2 decimals.", "discount_percent")
-            values["discount_bp"] = int(discount * 100)
-        if "budget_kind" in settings or "budget_dkk" in settings:
-            kind = settings.get("budget_kind")
-            amount = _dkk(settings.get("budget_dkk"), "budget_dkk")
-            if kind is None and amount is not None:
-                kind = "monthly"
-            if kind is not None and kind not in BUDGET_KINDS:
-                raise InvalidValue(
-                    "`budget_kind` must be `monthly` or `prepaid` (or null for no budget).", "budget_kind"
-                )
-            if kind is not None and amount is None:
-                raise InvalidValue("A budget needs `budget_dkk`.", "budget_dkk")
-            values["budget_kind"], values["budget_nano_dkk"] = kind, amount
+        current = self._tenant_row(tenant)
+        if not actor.is_operator:
+            _customer_change(current, settings)
+        values = {**_plan_values(settings), **_ceiling_values(settings)}
+        if BUDGET_SETTINGS & set(settings):
+            values.update(_budget_values(current, settings))
         with self._engine.begin() as db:
             db.execute(TENANTS.update().where(TENANTS.c.tenant == tenant).values(**values))
         self._audit(actor, tenant, "tenant.update", tenant, {k: str(v) for k, v in settings.items()})
@@ -324,7 +298,7 @@ class Governance:
             raise InvalidValue(f"`role` must be one of {', '.join(ROLES)}.", "role")
         if not _grantable(actor, role):
             raise PermissionDenied(f"An {actor.role} cannot create a key with the role `{role}`.")
-        _check_limits(rpm, tpm)
+        _check_limits(self._tenant_row(tenant), {"rpm": rpm, "tpm": tpm})
         try:
             record, key = self._keys.create(
                 tenant,
@@ -350,7 +324,6 @@ class Governance:
             elif field == "allowed_models":
                 changes["allowed_models"] = _models(value)
             elif field in ("rpm", "tpm"):
-                _check_limits(value, None)
                 changes[field] = value
             elif field == "name":
                 changes["name"] = _name(value)
@@ -362,6 +335,7 @@ class Governance:
                 changes["role"] = value
             else:
                 raise InvalidValue(f"Unknown key setting `{field}`.", field)
+        _check_limits(self._tenant_row(record.tenant), {f: changes[f] for f in ("rpm", "tpm") if f in changes})
         try:
             updated = self._keys.update(key_id, **changes)
         except ValueError as exc:
@@ -432,12 +406,82 @@ def _models(value: Any) -> list[str] | None:
     return value
 
 
-def _check_limits(rpm: Any, tpm: Any) -> None:
-    for name, value in (("rpm", rpm), ("tpm", tpm)):
-        if value is not None and (
-            isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_PER_MINUTE
-        ):
-            raise InvalidValue(f"`{name}` must be an integer from 1 to {MAX_PER_MINUTE} (or null for no limit).", name)
+def _whole(value: Any, field: str, high: int, null_means: str) -> int | None:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= high):
+        raise InvalidValue(f"`{field}` must be an integer from 1 to {high} (or null for {null_means}).", field)
+    return value
+
+
+def _check_limits(tenant: Any, limits: dict[str, Any]) -> None:
+    """A key's own ``rpm`` and ``tpm``: within its organisation's ceilings (``tenant``'s row; None for a new one)."""
+    for field, value in limits.items():
+        _whole(value, field, MAX_PER_MINUTE, "no limit")
+        ceiling = None if tenant is None else getattr(tenant, f"max_{field}")
+        if value is not None and ceiling is not None and value > ceiling:
+            raise InvalidValue(
+                f"`{field}` may be at most {ceiling}, the ceiling the operator set for this organisation.", field
+            )
+
+
+def _customer_change(current: Any, settings: dict[str, Any]) -> None:
+    """What an owner or admin may change of its organisation: its monthly cap, and only while it has no prepaid
+    credit (replacing or lifting the credit would give the organisation money the operator did not)."""
+    if OPERATOR_SETTINGS & set(settings):
+        raise PermissionDenied("Plans, fees, discounts, names and ceilings are set by the operator.")
+    if current.budget_kind == "prepaid" or settings.get("budget_kind") == "prepaid":
+        raise PermissionDenied(
+            "Prepaid credit is set and topped up by the operator; an owner or admin can set a monthly cap of an "
+            "organisation without prepaid credit."
+        )
+
+
+def _plan_values(settings: dict[str, Any]) -> dict[str, Any]:
+    values: dict[str, Any] = {}
+    if "display_name" in settings:
+        name = settings["display_name"]
+        if not isinstance(name, str) or not 0 < len(name) <= 128:
+            raise InvalidValue("`display_name` must be 1-128 characters.", "display_name")
+        values["display_name"] = name
+    if "plan" in settings:
+        if settings["plan"] not in PLANS:
+            raise InvalidValue("`plan` must be `payg` or `monthly`.", "plan")
+        values["plan"] = settings["plan"]
+    if "monthly_fee_dkk" in settings:
+        fee = _dkk(settings["monthly_fee_dkk"], "monthly_fee_dkk") or 0
+        if fee % 10**7:
+            raise InvalidValue("`monthly_fee_dkk` must be whole øre.", "monthly_fee_dkk")
+        values["plan_fee_ore"] = fee // 10**7
+    if "discount_percent" in settings:
+        try:
+            discount = Decimal(str(settings["discount_percent"]))
+        except ArithmeticError:
+            discount = Decimal(-1)
+        if not Decimal(0) <= discount <= Decimal(100) or (discount * 100) % 1:
+            raise InvalidValue("`discount_percent` must be 0-100 with at most 2 decimals.", "discount_percent")
+        values["discount_bp"] = int(discount * 100)
+    return values
+
+
+def _budget_values(current: Any, settings: dict[str, Any]) -> dict[str, Any]:
+    """The budget's kind and amount; an amount without a kind keeps the kind it has (a top-up of prepaid credit
+    stays prepaid), or is a monthly cap."""
+    kind = settings.get("budget_kind")
+    amount = _dkk(settings.get("budget_dkk"), "budget_dkk")
+    if kind is None and amount is not None:
+        kind = current.budget_kind or "monthly"
+    if kind is not None and kind not in BUDGET_KINDS:
+        raise InvalidValue("`budget_kind` must be `monthly` or `prepaid` (or null for no budget).", "budget_kind")
+    if kind is not None and amount is None:
+        raise InvalidValue("A budget needs `budget_dkk`.", "budget_dkk")
+    return {"budget_kind": kind, "budget_nano_dkk": amount}
+
+
+def _ceiling_values(settings: dict[str, Any]) -> dict[str, Any]:
+    return {
+        field: _whole(settings[field], field, MAX_KEYS if field == "max_keys" else MAX_PER_MINUTE, "no ceiling")
+        for field in CEILINGS
+        if field in settings
+    }
 
 
 def _key_details(record: KeyRecord) -> dict[str, Any]:
@@ -473,6 +517,7 @@ def tenant_json(row: Any) -> dict[str, Any]:
         "budget": None
         if row.budget_kind is None
         else {"kind": row.budget_kind, "limit_dkk": dkk_string(row.budget_nano_dkk)},
+        "ceilings": {field: getattr(row, field) for field in CEILINGS},
         "created_at": _iso(row.created_at),
     }
 

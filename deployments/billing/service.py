@@ -120,7 +120,7 @@ class BillingService:
         return hmac.compare_digest(hashlib.sha256(token.encode()).digest(), self._admin_digest)
 
     def _limits(self, key: KeyRecord) -> tuple[int, int]:
-        return key.rpm or self._spec.default_rpm, key.tpm or self._spec.default_tpm
+        return key.limits(self._spec.default_rpm, self._spec.default_tpm)
 
     # -- leases and usage ---------------------------------------------------------------------------------------
 

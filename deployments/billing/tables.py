@@ -22,6 +22,10 @@ TENANTS = sa.Table(
     sa.Column("budget_kind", sa.String(16), nullable=True),  # None | "monthly" | "prepaid"
     sa.Column("budget_nano_dkk", sa.BigInteger, nullable=True),
     sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+    # The operator's ceilings: per-key requests and tokens per minute, and active keys (None: no ceiling).
+    sa.Column("max_rpm", sa.Integer, nullable=True),
+    sa.Column("max_tpm", sa.Integer, nullable=True),
+    sa.Column("max_keys", sa.Integer, nullable=True),
 )
 
 MEMBERS = sa.Table(

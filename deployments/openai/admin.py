@@ -12,7 +12,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from starlette.responses import JSONResponse, Response
 
-from deployments.billing.governance import Actor
+from deployments.billing.governance import BUDGET_SETTINGS, OPERATOR_SETTINGS, Actor
 from deployments.errors import InvalidApiKey, InvalidJson, InvalidRequest, InvalidValue
 from deployments.openai.accounts import BAD_KEY, Accounts, bearer
 from deployments.server.requests import read_body
@@ -58,7 +58,7 @@ def add_admin_routes(app: FastAPI, accounts: Accounts, max_body_bytes: int) -> N
             result = {"object": "list", "data": result}
         return JSONResponse(result, status_code=status)
 
-    tenant_fields = {"display_name", "plan", "monthly_fee_dkk", "discount_percent", "budget_kind", "budget_dkk"}
+    tenant_fields = set(OPERATOR_SETTINGS | BUDGET_SETTINGS)  # governance says who may set which
     key_fields = {"name", "role", "member_id", "allowed_models", "budget_dkk", "rpm", "tpm"}
 
     @app.get("/admin/tenants")
