@@ -59,9 +59,9 @@ def test_database_url_choice(tmp_path: Path) -> None:
 
 
 def test_migrations_are_versioned_and_rerunnable(ledger: Ledger) -> None:
-    assert ledger.schema_revision() == "0005"
+    assert ledger.schema_revision() == "0006"
     ledger.migrate()  # at every start: a no-op once at head
-    assert ledger.schema_revision() == "0005"
+    assert ledger.schema_revision() == "0006"
 
 
 def test_recording_is_idempotent_on_request_id(ledger: Ledger) -> None:

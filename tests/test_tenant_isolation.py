@@ -362,7 +362,7 @@ async def test_roles_cannot_be_raised_from_below(stack: InProcessControl) -> Non
 
 
 def operator_token(stack: InProcessControl) -> dict[str, str]:
-    return bearer(load_or_create_admin_token(stack.service._spec.data_dir))
+    return bearer(load_or_create_admin_token(stack.service._spec.secrets_path))
 
 
 async def budget_seen(stack: InProcessControl, org: Org) -> Any:

@@ -1,8 +1,8 @@
 """Usage reports that cannot be recorded (a model without a price, impossible counts) are set aside with their
 reason, so that the rest of their batch is recorded and the sender stops re-sending them.
 
-Revision ID: 0005
-Revises: 0004
+Revision ID: 0006
+Revises: 0005
 """
 
 from __future__ import annotations
@@ -10,8 +10,8 @@ from __future__ import annotations
 import sqlalchemy as sa
 from alembic import op
 
-revision = "0005"
-down_revision = "0004"
+revision = "0006"
+down_revision = "0005"
 branch_labels = None
 depends_on = None
 
