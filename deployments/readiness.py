@@ -6,7 +6,6 @@ The control application watches each model's application with it (``deployments/
 from __future__ import annotations
 
 import asyncio
-import contextlib
 
 from ray.serve.handle import DeploymentHandle
 
@@ -19,20 +18,15 @@ class ReadinessWatch:
     def __init__(self, handle: DeploymentHandle) -> None:
         self._handle = handle
         self._ready = False
-        self._wake = asyncio.Event()
 
     @property
     def ready(self) -> bool:
         return self._ready
 
-    def lost(self) -> None:
-        """A request failed: not ready until the next probe says otherwise (it probes at once)."""
-        self._ready = False
-        self._wake.set()
-
     async def watch(self) -> None:
         """Keeps ``ready`` current. A probe that times out changes nothing: a saturated replica answers late (the
-        probe queues behind requests) but is not down. Errors, a lost request or a dead engine make it not ready."""
+        probe queues behind requests) but is not down. Errors or a dead engine make it not ready; a request that ends
+        badly (a client leaving mid-stream, say) never does."""
         while True:
             try:
                 self._ready = bool(await asyncio.wait_for(self._handle.ready.remote(), READY_PROBE_TIMEOUT_S))
@@ -42,7 +36,4 @@ class ReadinessWatch:
                 pass
             except Exception:
                 self._ready = False
-            self._wake.clear()
-            period = READY_PROBE_PERIOD_S if self._ready else NOT_READY_PROBE_PERIOD_S
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), period)
+            await asyncio.sleep(READY_PROBE_PERIOD_S if self._ready else NOT_READY_PROBE_PERIOD_S)

@@ -1,6 +1,6 @@
 """Faults under concurrent streaming load on a real stack (conftest's ``second_app``: two engine replicas, the
 billing actor, its ledger on a PostgreSQL server of its own), all on loopback: an engine replica killed mid-stream,
-the billing actor killed, PostgreSQL stopped and started again.
+the billing actor killed, PostgreSQL stopped and started again, clients leaving their streams.
 
 After each: the service recovers by itself (every replica running again, requests served), every client got a
 clean answer (a finished stream, or an error in OpenAI's shape; never a hung stream; a dropped connection only for
@@ -15,6 +15,7 @@ import time
 from collections import Counter
 from collections.abc import Callable
 
+import httpx
 import pytest
 
 from tests.conftest import BILLING, SECOND_MODEL, EngineKill, SecondApp
@@ -103,4 +104,33 @@ def test_postgresql_stopped_and_started_under_load(second_app: SecondApp) -> Non
         second_app.ledger.start()
 
     outcomes = asyncio.run(under_load(second_app, key, outage))
+    assert_clean_and_billed(second_app, key, before, outcomes)
+
+
+def test_streams_their_clients_leave_keep_the_model_ready(second_app: SecondApp) -> None:
+    """Issue 15, hole 10: a stream that ended without a finish reason used to mark its model not ready (the
+    ingress, then a deployment of its own, saw it as a lost replica), and under load every request then got 503.
+    Since the engine replica serves the API itself, readiness is its own probe's alone: clients that leave
+    mid-stream change nothing, the model stays ready and every other request is served."""
+    key = second_app.new_key("faults-streams-left")
+    leaving = second_app.new_key("faults-streams-left-leaving")
+    before = ledger_totals(second_app.base_url, key)
+    health: list[int] = []
+
+    def leave_streams() -> None:
+        body = {"model": SECOND_MODEL, "messages": [{"role": "user", "content": "Fortæl en lang historie."}],
+                "max_tokens": 200, "stream": True}  # fmt: skip
+        headers = {"Authorization": f"Bearer {leaving}"}
+        for _ in range(12):
+            with httpx.stream("POST", f"{second_app.base_url}/v1/chat/completions", json=body, headers=headers,
+                              timeout=60) as r:  # fmt: skip
+                assert r.status_code == 200, r.read()
+                for line in r.iter_lines():
+                    if line.startswith("data: {"):
+                        break  # leaves after its first chunk
+            health.append(httpx.get(f"{second_app.base_url}/healthz", timeout=30).status_code)
+
+    outcomes = asyncio.run(under_load(second_app, key, leave_streams))
+    assert health == [200] * 12
+    assert not [o for o in outcomes if o.status == 503], Counter((o.status, o.error_code) for o in outcomes)
     assert_clean_and_billed(second_app, key, before, outcomes)
