@@ -48,29 +48,44 @@ def samples(text: str, family: str) -> list[tuple[dict[str, str], float]]:
     return found
 
 
+def total(text: str, family: str, **labels: str) -> float:
+    """The sum of a family's samples whose labels include ``labels``."""
+    return sum(v for found, v in samples(text, family) if labels.items() <= found.items())
+
+
 def test_anker_metrics_are_exported_with_bounded_labels(stack: Stack) -> None:
+    # Counters only grow, and earlier tests raised them: this test's traffic must show as growth from here.
+    before = scrape(stack)
     client = openai.OpenAI(base_url=f"{stack.base_url}/v1", api_key=stack.api_key, max_retries=0, timeout=120)
+    told = 0  # output tokens the clients were told of
     for model in ("qwen3-next-tiny", AUTOSCALED_MODEL):
         stream = client.chat.completions.create(
-            model=model, messages=[{"role": "user", "content": "Metrikker, tak"}], max_tokens=6, stream=True
+            model=model,
+            messages=[{"role": "user", "content": "Metrikker, tak"}],
+            max_tokens=6,
+            stream=True,
+            stream_options={"include_usage": True},
         )
-        assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) is not None
+        told += sum(c.usage.completion_tokens for c in stream if c.usage)
+    assert told > 0
     with pytest.raises(openai.NotFoundError):
         client.chat.completions.create(model="no-such-model", messages=[{"role": "user", "content": "x"}])
 
     def problems(text: str) -> list[str]:
         found = [f"not exported: {f}" for f in FAMILIES if not samples(text, f)]
-        requests = samples(text, "ray_anker_requests_total")
-        if not any(
-            labels["status_code"] == "200" and labels["model"] == "qwen3-next-tiny" and v >= 1 for labels, v in requests
-        ):
-            found.append("no 200 of qwen3-next-tiny")
-        if not any(labels["status_code"] == "404" and labels["model"] == "-" for labels, _ in requests):
-            found.append("no 404 under the model label '-'")  # unknown names are never a label
-        if sum(v for labels, v in samples(text, "ray_anker_tokens_total") if labels["kind"] == "output") < 12:
-            found.append("fewer than 12 output tokens counted")
-        if not sum(v for _, v in samples(text, "ray_anker_billed_dkk_total")) > 0:
-            found.append("no DKK billed")
+
+        def grew(family: str, **labels: str) -> float:
+            return total(text, family, **labels) - total(before, family, **labels)
+
+        for model in ("qwen3-next-tiny", AUTOSCALED_MODEL):
+            if grew("ray_anker_requests_total", model=model, status_code="200") < 1:
+                found.append(f"no new 200 of {model}")
+        if grew("ray_anker_requests_total", model="-", status_code="404") < 1:
+            found.append("no new 404 under the model label '-'")  # unknown names are never a label
+        if grew("ray_anker_tokens_total", kind="output") < told:
+            found.append(f"fewer than the {told} output tokens the clients were told of counted")
+        if not grew("ray_anker_billed_dkk_total") > 0:
+            found.append("no new DKK billed")
         engines = {labels["model"] for labels, _ in samples(text, "ray_anker_engine_queue")}
         if not engines >= {"qwen3-next-tiny", AUTOSCALED_MODEL}:
             found.append("an engine's queue is missing")

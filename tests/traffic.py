@@ -20,6 +20,9 @@ from testkit.sse import DONE, aiter_events
 # The local profile's prices in nano-DKK per token (6.00 / 3.00 / 45.00 DKK per 1M tokens).
 UNCACHED_NANO, CACHED_NANO, OUTPUT_NANO = 6000, 3000, 45000
 CLIENT_TIMEOUT_S = 180
+# How long the ledger must keep matching what clients were told: longer than a usage outbox's longest wait between
+# two sends (deployments/usage_outbox.py, max_backoff_s 5 s) and its flush interval.
+LEDGER_HOLD_S = 12
 
 
 @dataclass(frozen=True)
@@ -40,10 +43,13 @@ class Outcome:
 
     @property
     def clean(self) -> bool:
-        """An answer a client can act on: a finished stream, or an HTTP error in OpenAI's shape."""
+        """An answer a client can act on: a finished stream, or an error in OpenAI's shape that is no 500 (a fault
+        is never the client's to guess at), and a refusal to retry (429, 503, 504) says when, in Retry-After."""
         if self.status == 200:
             return self.done and self.transport_error is None
-        return isinstance(self.status, int) and self.error_code is not None
+        if not isinstance(self.status, int) or self.error_code is None or self.status == 500:
+            return False
+        return self.status not in (429, 503, 504) or self.retry_after is not None
 
     @property
     def cut_off(self) -> bool:
@@ -294,11 +300,14 @@ def wait_for_ledger(
     allowance: tuple[int, int] = (0, 0),
 ) -> tuple[tuple[int, int], tuple[int, int]]:
     """(billed, seen) as (output tokens, nano-DKK) since ``before``, once billed is seen plus at most ``allowance``
-    or ``timeout_s`` passed (usage reaches the ledger asynchronously, and after a fault possibly only once the ledger
-    is back). The allowance is for requests whose client got no answer at all: the server bills what it produced
-    for them, which no client was told."""
+    and has stayed so for ``LEDGER_HOLD_S``, or ``timeout_s`` passed (usage reaches the ledger asynchronously, and
+    after a fault possibly only once the ledger is back). The hold outlasts an outbox's longest wait between two
+    sends, so a report that arrives after the sums first matched (one billed twice, say) is seen. The allowance is
+    for requests whose client got no answer at all: the server bills what it produced for them, which no client
+    was told."""
     expected = seen(outcomes)
     deadline = time.monotonic() + timeout_s
+    matched_since: float | None = None
     while True:
         try:
             now = ledger_totals(base_url, key)
@@ -309,6 +318,12 @@ def wait_for_ledger(
         except (AssertionError, httpx.HTTPError):
             billed = (-1, -1)
         within = all(e <= b <= e + a for b, e, a in zip(billed, expected, allowance, strict=True))
-        if within or time.monotonic() > deadline:
+        if not within:
+            matched_since = None
+        elif matched_since is None:
+            matched_since = time.monotonic()
+        if (matched_since is not None and time.monotonic() - matched_since >= LEDGER_HOLD_S) or (
+            time.monotonic() > deadline
+        ):
             return billed, expected
         time.sleep(2)
