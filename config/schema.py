@@ -195,7 +195,20 @@ class ModelConfig(_Strict):
 class ServerConfig(_Strict):
     host: str = "127.0.0.1"
     port: Port = 8000
-    request_timeout_s: float = Field(default=600.0, gt=0)
+    request_timeout_s: float = Field(
+        default=590.0,
+        gt=0,
+        description="How long the engine may take over a whole (non-streamed) answer, and over a stream's first "
+        "output: queue, prefill and, for a whole answer, decoding. Past it, a whole request gets 504 engine_timeout "
+        "and a stream an engine_timeout error event, and the engine stops working on it. Below the official OpenAI "
+        "SDKs' default timeout of 600 s, so that their clients hear the 504 rather than give up first.",
+    )
+    stream_idle_timeout_s: float = Field(
+        default=60.0,
+        gt=0,
+        description="How long a stream may wait for its next output once its first has come: past it, the stream "
+        "ends with an engine_timeout error event, the engine stops working on it, and what it was sent is billed.",
+    )
     max_request_bytes: int = Field(default=4 * 1024 * 1024, ge=1024)
     haproxy_metrics_port: Port = Field(default=9101, description="HAProxy's Prometheus listener (loopback).")
     haproxy_stats_port: Port = Field(default=8404, description="HAProxy's stats page (loopback).")

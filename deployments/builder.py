@@ -29,6 +29,7 @@ from deployments.billing.actor import Billing
 from deployments.billing.service import billing_spec
 from deployments.control import ControlServer, ControlSpec, ModelApp
 from deployments.openai.catalog import ServedModel, model_card
+from deployments.server.metering import Deadlines
 from deployments.server.replica import EngineServer, ReplicaSpec
 from deployments.server.route import IngressRouter, RouteSpec
 from deployments.server.vllm_layer import EngineClientDouble, ServingSpec
@@ -95,6 +96,11 @@ def engine_spec(config: AnkerConfig, model: ModelConfig) -> EngineSpec:
         pipeline_parallel_size=model.pipeline_parallel_size,
         engine_args=engine_args,
     )
+
+
+def engine_deadlines(config: AnkerConfig) -> Deadlines:
+    """How long an engine replica's engine may keep a request waiting for its next output."""
+    return Deadlines(config.server.request_timeout_s, config.server.stream_idle_timeout_s)
 
 
 def engine_options(config: AnkerConfig, model: ModelConfig) -> dict[str, Any]:
@@ -178,6 +184,7 @@ def model_app(
         model_cards=(card,),
         region=model.region,
         max_body_bytes=config.server.max_request_bytes,
+        deadlines=engine_deadlines(config),
         key_cache_ttl_s=config.billing.key_cache_ttl_s,
         usage_flush_interval_s=config.billing.usage_flush_interval_s,
         usage_spool_dir=config.data_dir.resolve() / "outbox",

@@ -151,6 +151,15 @@ class EngineUnavailable(RetryLater):
     code = "engine_unavailable"
 
 
+class EngineTimeout(AnkerError):
+    """The engine produced no output within its deadline (``server.request_timeout_s``, or a stream's
+    ``server.stream_idle_timeout_s``): hung, or far behind. The request was aborted, and may be tried again."""
+
+    status = 504
+    type = "server_error"
+    code = "engine_timeout"
+
+
 class EngineOverloaded(RetryLater):
     """Every engine replica of the model is busy and the queue in front of them is full (back-pressure)."""
 

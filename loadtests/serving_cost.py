@@ -87,7 +87,7 @@ async def apps(models_dir: Path, data_dir: Path) -> AsyncIterator[tuple[str, App
     from deployments.billing.client import ServeBillingClient
     from deployments.billing.governance import Actor
     from deployments.billing.service import billing_spec
-    from deployments.builder import engine_env, engine_spec, served_models
+    from deployments.builder import engine_deadlines, engine_env, engine_spec, served_models
     from deployments.openai.catalog import model_card
     from deployments.server.replica import serving_app
     from deployments.server.vllm_layer import ServingSpec, VllmLayer
@@ -134,6 +134,7 @@ async def apps(models_dir: Path, data_dir: Path) -> AsyncIterator[tuple[str, App
             config.stack.engine_max_ongoing_requests + config.stack.engine_max_queued_requests,
             config.stack.overload_retry_after_s,
             "serving-cost",
+            engine_deadlines(config),
         )
         _, key = billing._service.governance.create_key(
             Actor.operator("serving-cost"), "serving-cost", rpm=MAX_PER_MINUTE, tpm=MAX_PER_MINUTE

@@ -113,6 +113,39 @@ class ScriptedOutputEngineDouble:
                 yield output
 
 
+class HangingEngineDouble:
+    """vLLM's engine client as a hung engine looks from above: each request runs on the real engine, but after
+    ``outputs`` of its outputs none reaches the caller any more, while the engine request goes on (and once it has
+    finished, its caller still waits, for ever). Ended from outside while the engine works on it (cancelled, as the
+    meter ends a request whose engine is late, or closed, as vLLM's serving layer ends one its client left), the
+    real engine request, whose output it was awaiting, is aborted (``AsyncLLM.generate`` aborts a request whose
+    generator is cancelled or closed), and ``aborted`` records it. ``produced``: the output tokens it let through."""
+
+    def __init__(self, engine: Any, outputs: int) -> None:
+        self._engine = engine
+        self.outputs = outputs
+        self.aborted: list[str] = []
+        self.produced = 0
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._engine, name)
+
+    async def generate(self, prompt: Any, sampling_params: Any, request_id: str, **kwargs: Any) -> AsyncGenerator[Any]:
+        passed = 0
+        try:
+            async with contextlib.aclosing(self._engine.generate(prompt, sampling_params, request_id, **kwargs)) as out:
+                async for output in out:
+                    if passed == self.outputs:
+                        continue  # the engine works on, and nothing of it reaches the caller
+                    passed += 1
+                    self.produced += sum(len(choice.token_ids) for choice in output.outputs)
+                    yield output
+        except (asyncio.CancelledError, GeneratorExit):
+            self.aborted.append(request_id)
+            raise
+        await asyncio.get_running_loop().create_future()  # the engine has finished; its caller waits for ever
+
+
 class InstantOutputEngineDouble:
     """vLLM's engine client whose ``generate`` answers at once, without the engine: for the control-plane
     benchmark, which measures everything but generation. Everything else (tokenizer, model config, renderer,

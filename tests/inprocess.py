@@ -2,14 +2,15 @@
 tiny model, and the control application, each with the billing deployment's real class on a real database.
 
 Only transports are replaced: handles by ``InProcessHandleDouble``; where a test measures something other than
-generation, the engine by a double around the real one (``ScriptedOutputEngineDouble``).
+generation, the engine by a double around the real one (``ScriptedOutputEngineDouble``, and ``HangingEngineDouble``
+while a test makes it hang).
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import Path
@@ -28,11 +29,11 @@ from deployments.control import AppsCatalog, create_control_app
 from deployments.openai.catalog import ServedModel
 from deployments.server.app import create_server_app
 from deployments.server.gate import Call, KeyGate
-from deployments.server.metering import Metered
+from deployments.server.metering import Deadlines, Metered
 from deployments.server.vllm_layer import EngineClientDouble, ServingSpec, VllmLayer
 from deployments.server.vllm_start import EngineSpec
 from observability.tracing import TracingMiddleware
-from testkit.doubles import InProcessHandleDouble, ScriptedOutputEngineDouble
+from testkit.doubles import HangingEngineDouble, InProcessHandleDouble, ScriptedOutputEngineDouble
 
 CTX = 512
 PRICES = TokenPrices.from_dkk_per_million(Decimal("6.00"), Decimal("3.00"), Decimal("45.00"))
@@ -92,6 +93,8 @@ def clean_postgres(url: str) -> str:
 REPLICA_MODEL = "qwen3-moe-tiny"
 REPLICA_BODY_LIMIT = 64 * 1024
 REPLICA_ID = "inprocess-replica"
+# The engine's deadlines of a replica whose test is not about them: far beyond what the tiny model takes.
+DEADLINES = Deadlines(request_s=300.0, stream_idle_s=120.0)
 
 
 @asynccontextmanager
@@ -134,6 +137,22 @@ class ServingLayer:
     layer: VllmLayer
     model: str
     scripted: ScriptedOutputEngineDouble
+
+    @contextmanager
+    def hanging(self, outputs: int) -> Iterator[HangingEngineDouble]:
+        """While inside, the engine hangs after ``outputs`` outputs of each request (testkit/doubles.py)."""
+        meter = self.layer.state.openai_serving_chat.engine_client
+        hanging = HangingEngineDouble(meter._engine, outputs)
+        meter._engine = hanging
+        try:
+            yield hanging
+        finally:
+            meter._engine = hanging._engine
+
+    @property
+    def unfinished(self) -> int:
+        """Requests the real engine is working on."""
+        return int(self.layer.llm.output_processor.get_num_unfinished_requests())
 
 
 @dataclass
@@ -179,6 +198,7 @@ async def inprocess_replica(
     region: str = "dk",
     default_rpm: int = 600,
     default_tpm: int = 2_000_000,
+    deadlines: Deadlines = DEADLINES,
 ) -> AsyncIterator[InProcessReplica]:
     spec = BillingSpec(data_dir, database_url, {serving.model: PRICES}, default_rpm, default_tpm)
     billing = Billing.func_or_class(spec)
@@ -188,7 +208,9 @@ async def inprocess_replica(
     reports: list[tuple[Call, Metered]] = []
     cards = [{"id": serving.model, "object": "model", "created": 0, "owned_by": "anker"}]
     app = create_server_app(serving.layer.state, serving.model, cards, REPLICA_BODY_LIMIT)
-    door = KeyGate(app, accounts, serving.model, region, lambda call, metered: reports.append((call, metered)))
+    door = KeyGate(
+        app, accounts, serving.model, region, lambda call, metered: reports.append((call, metered)), deadlines=deadlines
+    )
     traced = TracingMiddleware(door, {"anker.model": serving.model, "anker.engine_replica": REPLICA_ID})
     try:
         transport = httpx.ASGITransport(app=traced)

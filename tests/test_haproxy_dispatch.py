@@ -139,7 +139,7 @@ def test_the_program_dies_with_the_process_that_started_it() -> None:
 def test_a_reload_lets_the_displaced_worker_finish_every_request_within_its_time(tmp_path: Path) -> None:
     """Ray reloads HAProxy whenever a replica is added, replaced or removed; the worker it displaces is stopped
     hard after RAY_SERVE_HAPROXY_HARD_STOP_AFTER_S, cutting what it still serves. Anker sets it to the request
-    timeout, so scaling out never cuts a stream within its time."""
+    timeout, so scaling out never cuts a whole answer within its time, nor a stream younger than that."""
     import shutil
 
     from cluster.local import haproxy_dir, haproxy_env

@@ -81,7 +81,7 @@ def test_every_error_status_has_openai_error_shape() -> None:
                 if status in ("429", "503"):
                     assert response["headers"]["Retry-After"]["required"] is True, (method, path, status)
     generation = doc["paths"]["/v1/chat/completions"]["post"]["responses"]
-    assert set(generation) == {"200", "400", "401", "403", "404", "413", "429", "500", "503"}
+    assert set(generation) == {"200", "400", "401", "403", "404", "413", "429", "500", "503", "504"}
     assert set(generation["200"]["content"]) == {"application/json", "text/event-stream"}
 
 

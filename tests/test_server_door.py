@@ -1,20 +1,21 @@
 """The engine replica's door (``deployments/server/gate.py``) and what it bills, over a real vLLM on the tiny
 Qwen3-MoE: the ledger on SQLite and on PostgreSQL, budgets under concurrency, prepaid credit, rate limits and their
-headers on every answer, allow-lists by model and region, ids no client can merge, and a failure of ours that costs
-nothing. One engine for the module; each test its own billing and ledger.
+headers on every answer, allow-lists by model and region, ids no client can merge, a failure of ours that costs
+nothing, and an engine that hangs. One engine for the module; each test its own billing and ledger.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
 import pytest
 
 from deployments.billing.governance import Actor
+from deployments.server.metering import Deadlines
 from testkit.sse import parse_events
 from tests.inprocess import (
     REPLICA_MODEL,
@@ -29,6 +30,8 @@ RATE_HEADERS = {
     f"x-ratelimit-{kind}-{what}" for kind in ("limit", "remaining", "reset") for what in ("requests", "tokens")
 }
 QUESTION = [{"role": "user", "content": "Hvad koster en rødgrød med fløde?"}]
+T = TypeVar("T")
+LOUD_S = 60.0  # what a test of the engine's deadlines may take at most: a failure is loud, not a hang
 
 
 @pytest.fixture(scope="module")
@@ -120,6 +123,96 @@ async def test_an_engine_failing_mid_stream_ends_the_stream_in_openai_shape_and_
     produced = serving.scripted.produced
     assert (row["status"], row["completion_tokens"]) == ("engine_unavailable", produced), (row, produced)
     assert 0 < produced <= 3 and row["prompt_tokens"] > 0 and int(row["cost_nano_dkk"]) > 0
+
+
+async def bounded(step: Awaitable[T], what: str) -> T:
+    """``step``'s result; one that has none within ``LOUD_S`` fails the test, loudly rather than as a hang (and is
+    not cancelled into an answer: vLLM answers a cancelled request with a 400)."""
+    task = asyncio.ensure_future(step)
+    done, _ = await asyncio.wait({task}, timeout=LOUD_S)
+    if not done:
+        task.cancel()
+        pytest.fail(f"{what} within {LOUD_S:g} s")
+    return task.result()
+
+
+# A request whose engine hangs (testkit/doubles.py::HangingEngineDouble) is aborted while the real engine still works
+# on it: greedy, random weights write no end of text, and the tiny model takes seconds over 1,500 tokens.
+@pytest.mark.parametrize(
+    ("path", "body"),
+    [
+        ("/v1/chat/completions", chat(max_tokens=1500, temperature=0)),
+        ("/v1/completions", {"model": MODEL, "prompt": QUESTION[0]["content"], "max_tokens": 1500, "temperature": 0}),
+    ],
+)
+async def test_a_whole_request_whose_engine_hangs_is_a_504_in_time_and_the_engine_stops(
+    serving: ServingLayer, tmp_path: Path, path: str, body: dict[str, Any]
+) -> None:
+    """A whole answer is the engine's one output: when it has not come within ``request_s``, the engine request is
+    aborted and the client gets a 504 in OpenAI's shape, which, as every error of ours, costs nothing."""
+    deadlines = Deadlines(request_s=1.0, stream_idle_s=LOUD_S)
+    async with inprocess_replica(serving, tmp_path, deadlines=deadlines) as replica:
+        key = replica.key()
+        with serving.hanging(outputs=0) as engine:
+            r = await bounded(replica.client.post(path, json=body, headers=auth(key)), "no answer")
+        error = assert_error(r, 504, "engine_timeout")
+        assert error["type"] == "server_error" and set(r.headers) >= RATE_HEADERS
+        [row] = await replica.ledger()
+        # Aborted while the engine worked on it, which it does no more.
+        assert len(engine.aborted) == 1 and engine.aborted[0].startswith(row["request_id"]) and not serving.unfinished
+        [(_, metered)] = replica.reports
+        assert metered.engine_failed and not metered.finished and metered.output_tokens == 0
+        assert (row["status"], row["completion_tokens"], row["cost_nano_dkk"]) == ("failed", 0, 0)
+
+
+async def test_a_stream_whose_engine_stalls_ends_with_an_error_event_and_pays_for_what_it_was_sent(
+    serving: ServingLayer, tmp_path: Path
+) -> None:
+    """Once a stream has its first output, each next one must come within ``stream_idle_s``: when none does, the
+    engine request is aborted, the stream ends with an error event in OpenAI's shape and ``[DONE]``, and the
+    tokens it was sent are billed."""
+    deadlines = Deadlines(request_s=LOUD_S, stream_idle_s=2.0)
+    async with inprocess_replica(serving, tmp_path, deadlines=deadlines) as replica:
+        key = replica.key()
+        body = chat(max_tokens=1500, temperature=0, stream=True, stream_options={"include_usage": True})
+        with serving.hanging(outputs=3) as engine:
+            r = await bounded(replica.client.post("/v1/chat/completions", json=body, headers=auth(key)), "no answer")
+        assert r.status_code == 200 and set(r.headers) >= RATE_HEADERS  # the stream had started
+        events = parse_events(r.content)
+        assert events[-1] == "[DONE]"
+        error = events[-2]["error"]
+        assert set(error) == {"message", "type", "param", "code"} and error["code"] == "engine_timeout", error
+        chunks = events[:-2]
+        assert chunks and all("error" not in c and c["object"] == "chat.completion.chunk" for c in chunks)
+        assert not any(c["choices"] and c["choices"][0]["finish_reason"] for c in chunks)  # it did not finish
+        [row] = await replica.ledger()
+        assert engine.aborted == [row["request_id"]] and not serving.unfinished
+        [(_, metered)] = replica.reports
+        assert metered.output_tokens == engine.produced > 0 and not metered.finished
+        assert (row["status"], row["completion_tokens"]) == ("engine_unavailable", engine.produced), row
+        assert int(row["cost_nano_dkk"]) > 0
+
+
+async def test_a_responses_stream_whose_engine_never_starts_ends_with_an_error_event(
+    serving: ServingLayer, tmp_path: Path
+) -> None:
+    """A stream's first output (queue and prefill) has ``request_s``; past it, the Responses API's stream ends
+    with its ``error`` event, not a cut connection."""
+    deadlines = Deadlines(request_s=1.0, stream_idle_s=LOUD_S)
+    async with inprocess_replica(serving, tmp_path, deadlines=deadlines) as replica:
+        key = replica.key()
+        body = {"model": MODEL, "input": "Hej", "max_output_tokens": 1500, "temperature": 0, "stream": True}
+        with serving.hanging(outputs=0) as engine:
+            r = await bounded(replica.client.post("/v1/responses", json=body, headers=auth(key)), "no answer")
+        assert r.status_code == 200, r.text
+        events = parse_events(r.content)
+        kinds = [event["type"] for event in events]
+        assert kinds[0] == "response.created" and "response.completed" not in kinds, kinds
+        error = events[-1]
+        assert error == {"type": "error", "code": "engine_timeout", "message": error["message"], "param": None}
+        [row] = await replica.ledger()
+        assert len(engine.aborted) == 1 and not serving.unfinished
+        assert (row["status"], row["completion_tokens"]) == ("engine_unavailable", 0), row
 
 
 async def test_a_usage_report_delivered_again_is_acknowledged_and_billed_once(replica: InProcessReplica) -> None:

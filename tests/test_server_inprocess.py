@@ -32,7 +32,7 @@ from deployments.server.gate import Call, KeyGate
 from deployments.server.metering import Metered
 from testkit.doubles import InProcessHandleDouble, ScriptedOutputEngineDouble
 from testkit.ports import free_port
-from tests.inprocess import PRICES, ServingLayer, serving_layer
+from tests.inprocess import DEADLINES, PRICES, ServingLayer, serving_layer
 
 MODEL = "qwen3-moe-tiny"
 BODY_LIMIT = 64 * 1024
@@ -144,7 +144,8 @@ async def server(layer: ServingLayer, tmp_path_factory: pytest.TempPathFactory) 
     def report(call: Call, metered: Metered) -> None:
         reports.append((call.path, metered))
 
-    app = KeyGate(create_server_app(layer.layer.state, MODEL, cards, BODY_LIMIT), accounts, MODEL, "dk", report)
+    served = create_server_app(layer.layer.state, MODEL, cards, BODY_LIMIT)
+    app = KeyGate(served, accounts, MODEL, "dk", report, deadlines=DEADLINES)
     billing: BillingService = actor._service
     _, key = billing.governance.create_key(Actor.operator("test"), "tests")
     # A real HTTP server on loopback: streams arrive as they are sent, and a client can leave mid-stream.

@@ -88,6 +88,8 @@ ERRORS: dict[int, str] = {
     503: "Briefly unavailable: billing (`billing_unavailable`), the server shutting down for maintenance "
     "(`server_shutting_down`) or, for a completion, the model's engine, starting, restarting or at capacity "
     "(`engine_unavailable`, `engine_overloaded`).",
+    504: "The model did not answer within the server's time limit, and the request was stopped (`engine_timeout`); "
+    "a stream that waits too long for its next output ends with an `engine_timeout` error event instead.",
 }
 RETRY_AFTER = {
     "Retry-After": {
@@ -187,7 +189,7 @@ def _time_parameter(name: str, description: str) -> dict[str, Any]:
     return {"name": name, "in": "query", "required": False, "description": description, "schema": {"anyOf": forms}}
 
 
-GENERATION_ERRORS = (400, 401, 403, 404, 413, 429, 503)
+GENERATION_ERRORS = (400, 401, 403, 404, 413, 429, 503, 504)
 EXAMPLE_MODEL = "qwen3-moe-tiny"  # a model of the local profile (config/profiles/local.yaml)
 CHAT_COMPLETIONS = route(
     "Create a chat completion",

@@ -1,8 +1,8 @@
 """The engine replica's door, around vLLM's serving layer: who calls (an API key, checked against the billing
 actor's cache), whether they may (the key's role and model allow-list), admission at the meter (rate limits and
 budget, with the prompt tokens vLLM counted, from the key's leases on this replica), the rate-limit headers, the
-organisation's own prefix cache (vLLM's ``cache_salt``), and each admitted request's usage into the usage outbox,
-once, however it ends.
+organisation's own prefix cache (vLLM's ``cache_salt``), the engine's deadlines (``metering.Deadlines``), and each
+admitted request's usage into the usage outbox, once, however it ends.
 
 Counts and ids only: it reads the ``Authorization`` header and the path, never the body.
 """
@@ -29,7 +29,7 @@ from deployments.errors import AnkerError
 from deployments.keys import KeyRecord
 from deployments.openai.accounts import authenticate
 from deployments.openai.errors import error_response
-from deployments.server.metering import Metered, metering
+from deployments.server.metering import Deadlines, Metered, metering
 from deployments.server.salt import cache_salt
 from deployments.server.vllm_start import SERVE_LOGGER
 from observability import tracing
@@ -88,7 +88,8 @@ def _status(call: Call, metered: Metered) -> str:
 
 class KeyGate:
     """ASGI middleware: every ``/v1/`` request needs a valid key; a call of the model (a POST) is authorized,
-    admitted at the meter and billed once. ``report`` gets each call's counts too (metrics, tests)."""
+    admitted at the meter, held to the engine's ``deadlines`` there and billed once. ``report`` gets each call's
+    counts too (metrics, tests)."""
 
     def __init__(
         self,
@@ -97,12 +98,15 @@ class KeyGate:
         model: str,
         region: str,
         report: Callable[[Call, Metered], None] = lambda call, metered: None,
+        *,
+        deadlines: Deadlines,
     ) -> None:
         self.app = app
         self.billing = billing
         self.model = model
         self.region = region
         self.report = report
+        self.deadlines = deadlines
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         path = route(scope) if scope["type"] == "http" else ""
@@ -162,7 +166,7 @@ class KeyGate:
             await send(message)
 
         # Each organisation its own prefix cache: no tenant's prompt can be timed against another's.
-        with metering(lambda metered: self._metered(call, metered), admit, cache_salt(key.tenant)):
+        with metering(lambda metered: self._metered(call, metered), admit, cache_salt(key.tenant), self.deadlines):
             await self.app(scope, receive, send_with_limits)
 
     def _event(self, call: Call, prompt_tokens: int, cached_tokens: int, output_tokens: int, status: str) -> UsageEvent:

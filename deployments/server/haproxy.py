@@ -44,8 +44,9 @@ _ANY_INTERFACE = re.compile(r"^(\s*bind\s+)(?:\*|0\.0\.0\.0)?(:\d+)\s*$")
 
 def hard_stop_after_s(request_timeout_s: float) -> int:
     """How long a HAProxy worker displaced by a reload (Ray reloads on every replica added, replaced or removed)
-    goes on serving the connections it has: as long as a request may run, so that scaling out never cuts a stream
-    that is within its time. Ray's default, 120 s, would cut a long reasoning stream two minutes after any reload."""
+    goes on serving the connections it has: as long as a whole answer may take, so that scaling out never cuts one,
+    nor a stream younger than that. Ray's default, 120 s, would cut a long reasoning stream two minutes after any
+    reload."""
     return max(RAY_HARD_STOP_AFTER_S, math.ceil(request_timeout_s))
 
 

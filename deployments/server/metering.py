@@ -9,6 +9,9 @@ Admission sits there too: vLLM has tokenized the prompts when it calls ``generat
 and most output tokens are known exactly. vLLM makes every engine request of an HTTP request (one per prompt of a
 completions batch) before it runs any, so the meter admits them together, once, as the first one starts; a request
 that is refused never reaches the engine, and the refusal is kept on the meter for the endpoint to answer with.
+
+So do the deadlines of the engine's outputs (``Deadlines``): an engine request whose next output is late is aborted,
+and the meter keeps how long it waited, for the endpoint to answer with.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 from collections.abc import AsyncGenerator, Awaitable, Callable, Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import aclosing, contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,6 +37,16 @@ class Metered:
     engine_failed: bool = False  # the engine raised in one of its generations (not a cancellation)
 
 
+@dataclass(frozen=True)
+class Deadlines:
+    """How long the engine may keep an HTTP request waiting for its next output (the config's ``server``). A whole
+    answer comes as one output, so ``request_s`` bounds all of it, queue, prefill and decoding; a stream's first
+    output (its queue and prefill) has as long, and each one after it ``stream_idle_s``."""
+
+    request_s: float  # server.request_timeout_s
+    stream_idle_s: float  # server.stream_idle_timeout_s
+
+
 # Admits one HTTP request's engine work before any of it runs: (prompt tokens, most output tokens), summed over its
 # engine requests. Raises an ``AnkerError`` to refuse it.
 Admit = Callable[[int, int], Awaitable[None]]
@@ -42,8 +55,12 @@ Admit = Callable[[int, int], Awaitable[None]]
 class RequestMeter:
     """The counts of one HTTP request, summed over the engine requests it starts, and its admission."""
 
-    def __init__(self, admit: Admit | None = None, cache_salt: str | None = None) -> None:
+    def __init__(
+        self, admit: Admit | None = None, cache_salt: str | None = None, deadlines: Deadlines | None = None
+    ) -> None:
         self.cache_salt = cache_salt  # the caller's own prefix cache (vLLM's cache_salt), set on every engine request
+        self.deadlines = deadlines  # none: the engine may take as long as it takes
+        self.stalled_s: float | None = None  # the wait for an engine output that ran out, if one did
         self.prompt_tokens = 0
         self.cached_tokens = 0
         self.output_tokens = 0
@@ -55,6 +72,11 @@ class RequestMeter:
         self.planned_output_tokens = 0
         self.refusal: Exception | None = None  # admission's refusal, for the endpoint to answer with
         self._admission: asyncio.Future[None] | None = None
+
+    def paced(self, outputs: AsyncGenerator[Any], whole: bool) -> AsyncGenerator[Any]:
+        """The engine's ``outputs`` for this request, each within its deadline (``whole``: one output, the whole
+        answer)."""
+        return outputs if self.deadlines is None else _paced(outputs, self, self.deadlines, whole)
 
     def plan(self, prompt: Any, sampling_params: Any) -> None:
         """An engine request vLLM has made (not yet started): its prompt's tokens and its most output tokens."""
@@ -115,12 +137,15 @@ _current: contextvars.ContextVar[RequestMeter | None] = contextvars.ContextVar("
 
 @contextmanager
 def metering(
-    report: Callable[[Metered], None], admit: Admit | None = None, cache_salt: str | None = None
+    report: Callable[[Metered], None],
+    admit: Admit | None = None,
+    cache_salt: str | None = None,
+    deadlines: Deadlines | None = None,
 ) -> Iterator[RequestMeter]:
     """Meters the engine work started inside this block (and in the tasks it starts, such as a streaming
-    response's), admits it with ``admit`` before it runs, keeps it in the prefix cache of ``cache_salt``, and calls
-    ``report`` once when the block ends, however it ends."""
-    meter = RequestMeter(admit, cache_salt)
+    response's), admits it with ``admit`` before it runs, keeps it in the prefix cache of ``cache_salt``, holds its
+    outputs to ``deadlines``, and calls ``report`` once when the block ends, however it ends."""
+    meter = RequestMeter(admit, cache_salt, deadlines)
     token = _current.set(meter)
     try:
         yield meter
@@ -132,6 +157,34 @@ def metering(
 def current_meter() -> RequestMeter | None:
     """The meter of the HTTP request being served here, if any."""
     return _current.get()
+
+
+async def _paced(
+    outputs: AsyncGenerator[Any], meter: RequestMeter, deadlines: Deadlines, whole: bool
+) -> AsyncGenerator[Any]:
+    """Each of the engine's ``outputs`` within its deadline. A late one's wait is cancelled, which makes vLLM's
+    ``AsyncLLM.generate`` abort the engine request (the engine stops working on it); the meter keeps how long it
+    waited, and the generation fails as vLLM's own generations fail (``GenerationError``), which its streams end
+    with an error event."""
+    wait_s = deadlines.request_s
+    async with aclosing(outputs):
+        while True:
+            timer = asyncio.timeout(wait_s)
+            try:
+                async with timer:
+                    output = await anext(outputs)
+            except StopAsyncIteration:
+                return
+            except TimeoutError:
+                if not timer.expired():  # the engine's own
+                    raise
+                from vllm.exceptions import GenerationError
+
+                meter.stalled_s = wait_s
+                raise GenerationError("The engine produced no output in time.") from None
+            yield output
+            if not whole:
+                wait_s = deadlines.stream_idle_s
 
 
 class _Generation:
@@ -195,7 +248,8 @@ class MeteredEngineClient:
         # output only, so until then none are counted.
         generation.prompt_tokens = _prompt_tokens(prompt)
         try:
-            async for output in self._engine.generate(prompt, sampling_params, request_id, **kwargs):
+            outputs = self._engine.generate(prompt, sampling_params, request_id, **kwargs)
+            async for output in meter.paced(outputs, whole=sampling_params.output_kind == RequestOutputKind.FINAL_ONLY):
                 generation.observe(output)
                 yield output
         except Exception:  # the engine failed it (a cancellation or a closed stream is no Exception)

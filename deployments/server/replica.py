@@ -23,7 +23,7 @@ from deployments.billing.client import ServeBillingClient
 from deployments.drain import DrainGate, watch_drain
 from deployments.server.app import create_server_app
 from deployments.server.gate import Call, KeyGate
-from deployments.server.metering import Metered
+from deployments.server.metering import Deadlines, Metered
 from deployments.server.observed import Capacity, RequestMetrics
 from deployments.server.vllm_layer import ServingSpec, VllmLayer
 from deployments.server.vllm_start import SchedulerGauge, gauge_stat_logger
@@ -43,6 +43,7 @@ class ReplicaSpec:
     model_cards: tuple[dict[str, Any], ...]
     region: str
     max_body_bytes: int
+    deadlines: Deadlines  # the engine's, for its next output (server.request_timeout_s, stream_idle_timeout_s)
     key_cache_ttl_s: float = 10.0
     usage_flush_interval_s: float = 0.2
     usage_spool_dir: Path | None = None  # this node's folder of usage spool files (usage_outbox.Spool)
@@ -61,13 +62,15 @@ def serving_app(
     max_calls: int,
     overload_retry_after_s: int,
     replica_id: str,
+    deadlines: Deadlines,
     metered: Callable[[Call, Metered], None] = lambda call, metered: None,
 ) -> DrainGate:
     """What an engine replica serves: the HTTP app over vLLM's serving objects behind its door, outermost first the
     drain (while `anker down` or a pod's stop drains, new requests get 503 at once and the running ones finish; the
-    drain waits for the usage outbox too), tracing, metrics, back-pressure, then the door."""
+    drain waits for the usage outbox too), tracing, metrics, back-pressure, then the door, which holds the engine
+    to ``deadlines``."""
     app = create_server_app(vllm_state, model, model_cards, max_body_bytes)
-    door = KeyGate(app, billing, model, region, metered)
+    door = KeyGate(app, billing, model, region, metered, deadlines=deadlines)
     capacity = Capacity(door, max_calls, overload_retry_after_s)
     served_by = {"anker.model": model, "anker.engine_replica": replica_id}
     return DrainGate(TracingMiddleware(RequestMetrics(capacity, model), served_by))
@@ -115,6 +118,7 @@ class EngineServer:
             spec.max_calls,
             spec.overload_retry_after_s,
             self._replica,
+            spec.deadlines,
             self._metered,
         )
         context = serve.get_replica_context()

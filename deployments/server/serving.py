@@ -19,7 +19,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.types import Receive
 
-from deployments.errors import AnkerError, EngineUnavailable, InvalidValue, ModelNotFound
+from deployments.errors import AnkerError, EngineTimeout, EngineUnavailable, InvalidValue, ModelNotFound
 from deployments.openai.errors import error_body, error_response
 from deployments.server.metering import RequestMeter, current_meter
 from deployments.server.requests import ALLOWED, checked_body, from_vllm, read_body, refuse_images
@@ -36,6 +36,16 @@ def _engine_failed() -> EngineUnavailable:
     return EngineUnavailable("The model could not complete the request. Please retry.", retry_after_s=2)
 
 
+def _timed_out(meter: RequestMeter | None, streamed: bool) -> EngineTimeout | None:
+    """Why the engine request was aborted, if its output came too late (``metering.Deadlines``)."""
+    if meter is None or meter.stalled_s is None:
+        return None
+    logger.warning("engine request aborted: no output within %g s", meter.stalled_s)
+    if streamed:
+        return EngineTimeout(f"The model produced no output for {meter.stalled_s:g} s. Please retry.")
+    return EngineTimeout(f"The model did not answer within {meter.stalled_s:g} s. Please retry, or stream the answer.")
+
+
 def _invalid(exc: ValidationError, endpoint: str) -> InvalidValue:
     """A validation error of vLLM's request model, naming the parameter (if it is one) and never the value."""
     first = exc.errors(include_input=False, include_url=False)[0]
@@ -45,8 +55,11 @@ def _invalid(exc: ValidationError, endpoint: str) -> InvalidValue:
 
 
 def _streamed_error(payload: str, meter: RequestMeter | None) -> AnkerError:
-    """A streamed error of vLLM's (its ``{"error": ...}``) in Anker's words: the engine's failure mid-stream is
-    ``engine_unavailable``, as it is before the stream starts (``_failed``)."""
+    """A streamed error of vLLM's (its ``{"error": ...}``) in Anker's words: output that came too late is
+    ``engine_timeout``; the engine's failure mid-stream is ``engine_unavailable``, as it is before the stream
+    starts (``_failed``)."""
+    if (late := _timed_out(meter, streamed=True)) is not None:
+        return late
     if meter is not None and meter.engine_failures:
         return _engine_failed()
     try:
@@ -63,15 +76,26 @@ async def _chat_events(stream: AsyncIterator[str], meter: RequestMeter | None) -
             yield event
 
 
+def _responses_error(meter: RequestMeter | None) -> str:
+    error = _streamed_error('{"error": {"code": 500}}', meter)
+    data = json.dumps({"type": "error", "code": error.code, "message": error.message, "param": None})
+    return f"event: error\ndata: {data}\n\n"
+
+
 async def _responses_events(stream: AsyncIterator[Any], meter: RequestMeter | None) -> AsyncIterator[str]:
-    async for event in stream:
-        kind = getattr(event, "type", "unknown")
-        if kind == "error":
-            error = _streamed_error('{"error": {"code": 500}}', meter)
-            data = json.dumps({"type": "error", "code": error.code, "message": error.message, "param": None})
-        else:
-            data = event.model_dump_json(indent=None, by_alias=True)
-        yield f"event: {kind}\ndata: {data}\n\n"
+    try:
+        async for event in stream:
+            kind = getattr(event, "type", "unknown")
+            if kind == "error":
+                yield _responses_error(meter)
+            else:
+                yield f"event: {kind}\ndata: {event.model_dump_json(indent=None, by_alias=True)}\n\n"
+    except Exception:
+        # vLLM's Responses stream ends a generation that fails by raising (its handler of ``GenerationError``
+        # validates vLLM's error body as an event, which it is not): the stream ends with Anker's error event.
+        if meter is None or meter.stalled_s is None:
+            raise
+        yield _responses_error(meter)
 
 
 def _refusal(meter: RequestMeter | None) -> AnkerError | None:
@@ -185,7 +209,7 @@ async def _answer(
         try:
             answer = await create(parsed, request)
         except Exception as exc:
-            raise _refusal(meter) or _failed(exc, endpoint) from None
+            raise _refusal(meter) or _timed_out(meter, streamed=False) or _failed(exc, endpoint) from None
     except AnkerError as error:
         return error_response(error)
     if (refused := _refusal(meter)) is not None:
