@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -50,10 +50,10 @@ class ServeBillingClient:
     outbox, and the read and admin calls. Ray errors become ``BillingUnavailable``; error values from the actor are
     raised.
 
-    If the actor is briefly away (Ray Serve is restarting it), keys cached here keep working, a key is admitted from
-    what this replica holds of its limits and budget lease; beyond that a key without any budget meets its limits
-    on this replica alone (its usage waits in the outbox), and a key with a budget gets 503: a budget is never spent
-    without a lease.
+    If the actor is briefly away (Ray Serve is restarting it), keys cached here keep working for the rest of their
+    cache's life, and no longer (``verify``); such a key is admitted from what this replica holds of its limits and
+    budget lease; beyond that a key without any budget meets its limits on this replica alone (its usage waits in
+    the outbox), and a key with a budget gets 503: a budget is never spent without a lease.
     """
 
     def __init__(
@@ -62,13 +62,15 @@ class ServeBillingClient:
         key_cache_ttl_s: float,
         flush_interval_s: float,
         spool_dir: Path | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._handle = handle
         self._ttl_s = key_cache_ttl_s
+        self._clock = clock
         self._cache: dict[str, tuple[float, Principal]] = {}
         self._principals: dict[str, Principal] = {}  # by key id, as last verified
         self.outbox = UsageOutbox(self._send, flush_interval_s, spool_dir=spool_dir)
-        self.admission = LocalAdmission(self._lease, self._upkeep, self.outbox.pending_leases)
+        self.admission = LocalAdmission(self._lease, self._upkeep, self.outbox.pending_leases, clock)
 
     async def _call(self, method: str, *args: Any) -> Any:
         unavailable = BillingUnavailable("Billing is briefly unavailable. Please retry shortly.", retry_after_s=2)
@@ -87,17 +89,14 @@ class ServeBillingClient:
         return result
 
     async def verify(self, key: str) -> KeyRecord | None:
-        """Valid keys are cached briefly, misses never (a new key works at once; a revoked one within the TTL)."""
+        """Valid keys are cached, misses never (a new key works at once). A valid key is trusted for
+        ``key_cache_ttl_s`` after billing last said so, whether billing is up or away: a revoked key stops working
+        within that time; after it, while billing is away, the key's requests get 503."""
         hit = self._cache.get(key)
-        now = time.monotonic()
+        now = self._clock()
         if hit is not None and hit[0] > now:
             return hit[1].key
-        try:
-            principal: Principal | None = await self._call("authenticate", key)
-        except BillingUnavailable:
-            if hit is not None:  # stale but known: keep serving while billing restarts
-                return hit[1].key
-            raise
+        principal: Principal | None = await self._call("authenticate", key)
         if principal is None:
             self._cache.pop(key, None)
             return None
