@@ -4,6 +4,10 @@ The plaintext key is returned once by ``create`` and never stored or logged; onl
 is kept, in the ``api_keys`` table that an Alembic migration creates, with the key's role, allow-list, budget and
 rate limits; a key is created only within its organisation's ceiling on active keys. Permission checks and the audit
 log are the governance layer's (``deployments/billing/governance.py``).
+
+A key ends in a checksum (CRC32, as GitHub's tokens carry one): no secret, so any process can tell a mistyped or
+made-up key from one that may be valid without asking billing (``key_id_of``). Keys made before they carried one
+remain valid.
 """
 
 from __future__ import annotations
@@ -14,7 +18,9 @@ import json
 import os
 import re
 import secrets
+import string
 import time
+import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -27,8 +33,12 @@ from deployments.billing.tables import API_KEYS, MEMBERS, TENANTS
 from deployments.errors import Conflict
 
 KEY_PREFIX = "ank"
-# ank_<key id: 12 hex>_<secret: 43 url-safe base64 chars = 256 bits>
-KEY_PATTERN = re.compile(r"^ank_([0-9a-f]{12})_([A-Za-z0-9_-]{43})$")
+# ank_<key id: 12 hex>_<secret: 43 url-safe base64 chars = 256 bits><checksum: 6 base62 digits, none in older keys>
+KEY_PATTERN = re.compile(r"^ank_([0-9a-f]{12})_([A-Za-z0-9_-]{43})([0-9A-Za-z]{6})?$")
+CHECKSUM_DIGITS = 6
+_BASE62 = string.digits + string.ascii_uppercase + string.ascii_lowercase
+# The operator's admin token (``deployments/billing/service.py::load_or_create_admin_token``): no key has its shape.
+ADMIN_TOKEN_PATTERN = re.compile(r"^ank_admin_[0-9a-f]{64,}$")
 TENANT_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
 ROLES = ("owner", "admin", "member", "viewer")
@@ -134,6 +144,25 @@ def _record(row: Any, role: str | None = None) -> KeyRecord:
     )
 
 
+def checksummed(body: str) -> str:
+    """``body`` (``ank_<id>_<secret>``) with its checksum: its CRC32 in base62 digits."""
+    value = zlib.crc32(body.encode("ascii"))
+    digits = ""
+    for _ in range(CHECKSUM_DIGITS):
+        value, digit = divmod(value, len(_BASE62))
+        digits = _BASE62[digit] + digits
+    return body + digits
+
+
+def key_id_of(key: str) -> str | None:
+    """The key id of a string shaped like a key whose checksum, if it has one, is right; None for anything else,
+    which no look-up can make valid. Cheap and in process: whether the key exists is billing's to say."""
+    match = KEY_PATTERN.fullmatch(key)
+    if match is None or (match.group(3) is not None and checksummed(key[:-CHECKSUM_DIGITS]) != key):
+        return None
+    return match.group(1)
+
+
 class MissingSecret(RuntimeError):
     """A secret that must be provided (a mounted Kubernetes Secret) is not there."""
 
@@ -196,7 +225,7 @@ class KeyStore:
             raise ValueError("tenant must be 1-64 characters: letters, digits, '.', '_' or '-'")
         _validate_settings(role, allowed_models, budget_nano_dkk, rpm, tpm)
         key_id = secrets.token_hex(6)
-        key = f"{KEY_PREFIX}_{key_id}_{secrets.token_urlsafe(32)}"
+        key = checksummed(f"{KEY_PREFIX}_{key_id}_{secrets.token_urlsafe(32)}")
         record = KeyRecord(
             key_id=key_id,
             tenant=tenant,
@@ -244,10 +273,10 @@ class KeyStore:
 
         Constant time in the secret part: an unknown id costs the same digest comparison as a wrong secret.
         """
-        match = KEY_PATTERN.match(key)
-        if match is None:
+        key_id = key_id_of(key)
+        if key_id is None:
             return None
-        query = _with_member().where(API_KEYS.c.key_id == match.group(1))
+        query = _with_member().where(API_KEYS.c.key_id == key_id)
         with self._engine.connect() as db:
             row = db.execute(query).first()
         if row is None:

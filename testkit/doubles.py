@@ -11,6 +11,7 @@ import contextlib
 import contextvars
 import dataclasses
 import inspect
+from collections import Counter
 from collections.abc import AsyncGenerator, Callable
 from typing import Any
 
@@ -19,12 +20,14 @@ class InProcessHandleDouble:
     """Stands in for a Ray ``DeploymentHandle``: ``handle.method.remote(*args)`` calls the object's method in-process.
 
     Only the transport is replaced: the object behind it is the real deployment class. ``down`` makes every call
-    fail the way an unreachable actor does.
+    fail the way an unreachable actor does. ``calls`` counts the calls made of each method, those that failed too:
+    what a caller costs the deployment.
     """
 
     def __init__(self, target: object) -> None:
         self._target = target
         self.down = False
+        self.calls: Counter[str] = Counter()
 
     def __getattr__(self, name: str) -> _RemoteMethod:
         return _RemoteMethod(self, name)
@@ -36,6 +39,7 @@ class _RemoteMethod:
         self._name = name
 
     def remote(self, *args: object) -> asyncio.Future[object]:
+        self._handle.calls[self._name] += 1
         if self._handle.down:
             raise ConnectionError("actor unavailable (double)")
         method = getattr(self._handle._target, self._name)

@@ -46,6 +46,7 @@ class InProcessControl:
     service: BillingService
     ready: dict[str, bool]  # each model application's readiness, as the control application's watches see it
     app: FastAPI
+    handle: InProcessHandleDouble  # the billing actor's, as the control application reaches it
 
     def key(self, tenant: str = "t", **settings: Any) -> str:
         _, key = self.service.governance.create_key(Actor.operator("test"), tenant, **settings)
@@ -63,13 +64,14 @@ async def inprocess_control(
     if own:
         spec = BillingSpec(data_dir, None, {name: PRICES for name in models}, default_rpm=600, default_tpm=2_000_000)
         billing = Billing.func_or_class(spec)
-    accounts = ServeBillingClient(InProcessHandleDouble(billing), 0.0, 0.05)  # type: ignore[arg-type]
+    handle = InProcessHandleDouble(billing)
+    accounts = ServeBillingClient(handle, 0.0, 0.05)  # type: ignore[arg-type]
     ready = dict.fromkeys(models, False)
     catalog = AppsCatalog(tuple(ServedModel(m, CTX, "anker", 1, REGIONS.get(m, "dk")) for m in models), ready.copy)
     app = create_control_app(catalog, accounts, 64 * 1024, {m: model_route_prefix(m) for m in models})
     try:
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://anker") as client:
-            yield InProcessControl(client, billing._service, ready, app)
+            yield InProcessControl(client, billing._service, ready, app, handle)
     finally:
         if own:
             billing._sweeper.cancel()

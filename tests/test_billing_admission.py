@@ -6,7 +6,8 @@ double.
 What must hold: a key's requests cost no call to billing while its slice lasts; a key's limits hold across replicas;
 a budget is overspent by at most one request's maximum cost, however many replicas admit at once; what a replica
 holds goes back once its usage is recorded, and lapses if the replica stops renewing it; a client that leaves
-during a top-up loses nothing of the key's slice.
+during a top-up loses nothing of the key's slice; while billing is away, a key is trusted for no longer than the key
+cache's life (a revoked one too), and within it a key without a budget meets its limits on the replica alone.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from deployments.billing.ledger import COMPLETED, UsageEvent
 from deployments.billing.pricing import TokenPrices
 from deployments.billing.service import BillingService, BillingSpec
 from deployments.contracts import Admission, AdmissionRequest, UsageReport
-from deployments.errors import BillingUnavailable, InsufficientQuota, RateLimited
+from deployments.errors import BillingUnavailable, InsufficientQuota, RateLimited, TokenRateLimited
 from deployments.keys import KeyRecord
 from testkit.doubles import InProcessHandleDouble
 
@@ -257,15 +258,55 @@ class SlowLease:
         return await self._billing.lease(*args)
 
 
+KEY_TTL_S = 10.0  # the replicas' key cache's life in the tests below, on a clock of their own
+
+
+def clocked(billed: Billed, clock: list[float]) -> ServeBillingClient:
+    """A replica's billing client whose key cache and admission run on ``clock`` (seconds), which the test moves."""
+    return ServeBillingClient(
+        billed.handle,  # type: ignore[arg-type]
+        key_cache_ttl_s=KEY_TTL_S,
+        flush_interval_s=0.05,
+        clock=lambda: clock[0],
+    )
+
+
+async def test_while_billing_is_away_a_revoked_key_works_no_longer_than_the_key_caches_life(billed: Billed) -> None:
+    clock = [1000.0]
+    replica = clocked(billed, clock)
+    raw = billed.key()
+    record = await verified(replica, raw)
+    billed.service.governance.revoke_key(Actor.operator("test"), record.key_id)
+    billed.handle.down = True
+    clock[0] += KEY_TTL_S - 0.5
+    assert await replica.verify(raw) == record  # billing vouched for it that recently: trusted, revoked or not
+    clock[0] += 0.5
+    with pytest.raises(BillingUnavailable):  # then no one here can say it is still valid: 503, not served
+        await replica.verify(raw)
+    billed.handle.down = False
+    assert await replica.verify(raw) is None
+
+
 async def test_while_billing_is_away_a_key_without_budget_meets_its_limits_on_the_replica(billed: Billed) -> None:
-    replica = billed.replica()
-    key = await verified(replica, billed.key(rpm=2))
+    clock = [1000.0]
+    replica = clocked(billed, clock)
+    by_requests = billed.key(rpm=2)
+    by_tokens = billed.key(tpm=3 * (PROMPT + MAX_OUTPUT) - 1)  # two requests' prompt and max output, not three
+    keys = {by_requests: await verified(replica, by_requests), by_tokens: await verified(replica, by_tokens)}
     capped = await verified(replica, billed.key(budget_dkk="5"))
     billed.handle.down = True
-    for n in range(2):
-        admission = await replica.admit(key, ask(key, n))
-        assert admission.fallback and admission.rate_limit_headers["x-ratelimit-limit-requests"] == "2"
-    with pytest.raises(RateLimited):
-        await replica.admit(key, ask(key, 3))
+    for raw, refusal in ((by_requests, RateLimited), (by_tokens, TokenRateLimited)):
+        key = keys[raw]
+        for n in range(2):
+            admission = await replica.admit(key, ask(key, n))
+            limits = admission.rate_limit_headers
+            assert admission.fallback and limits["x-ratelimit-limit-requests"] == str(key.rpm or 600)
+        with pytest.raises(RateLimited) as refused:
+            await replica.admit(key, ask(key, 2))
+        assert type(refused.value) is refusal and refused.value.retry_after_s >= 1
     with pytest.raises(BillingUnavailable):  # a budget is never spent without a lease
         await replica.admit(capped, ask(capped))
+    clock[0] += KEY_TTL_S  # past the key cache's life, billing still away: no key is trusted any more
+    for raw in keys:
+        with pytest.raises(BillingUnavailable):
+            await replica.verify(raw)

@@ -223,3 +223,38 @@ async def test_admin_api_roles_and_audit_log(control: InProcessControl) -> None:
     assert {e["actor"] for e in audit} == {"admin-token", f"key:{created.json()['id']}"}
     dump = str(audit)
     assert owner_key not in dump and member_key["key"] not in dump
+
+
+DEEP = b"[" * 50_000  # within the body limit, far past the JSON parser's depth
+
+
+async def test_admin_reads_no_body_before_the_caller_is_known_and_a_deep_one_is_400(control: InProcessControl) -> None:
+    admin_token = load_or_create_admin_token(control.service._spec.data_dir)
+    huge = b"{" + b" " * (64 * 1024)  # past the body limit (64 KiB here), and no JSON either
+    for body in (b"{not json", DEEP, huge):
+        for token in (None, "not-a-token", "ank_admin_" + "0" * 64, control.key()[:-1] + "!"):
+            headers = auth(token) if token else {}
+            r = await control.client.post("/admin/tenants", content=body, headers=headers)
+            assert_error(r, 401, "invalid_api_key")
+            r = await control.client.patch("/admin/keys/0123456789ab", content=body, headers=headers)
+            assert_error(r, 401, "invalid_api_key")
+    # Neither the shape of a key nor of the admin token: no billing call for any of them. The admin token's shape
+    # with another value: one call, remembered.
+    assert control.handle.calls["authenticate"] == 0 and control.handle.calls["is_admin_token"] == 1
+    for token in (admin_token, control.key()):  # once the caller is known, the body is read, and refused as a client's
+        r = await control.client.post("/admin/tenants", content=DEEP, headers=auth(token))
+        assert_error(r, 400, "invalid_json")
+        r = await control.client.post("/admin/tenants", content=huge, headers=auth(token))
+        assert_error(r, 413, "request_too_large")
+
+
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/completions", "/v1/responses"])
+async def test_the_public_routes_read_no_body_before_the_key_and_a_deep_one_is_400(
+    control: InProcessControl, path: str
+) -> None:
+    for body in (b"{not json", DEEP, b"{" + b" " * (64 * 1024)):
+        for headers in ({}, auth("not-a-key")):
+            assert_error(await control.client.post(path, content=body, headers=headers), 401, "invalid_api_key")
+    assert control.handle.calls["authenticate"] == 0
+    r = await control.client.post(path, content=DEEP, headers=auth(control.key()))
+    assert_error(r, 400, "invalid_json")

@@ -1,4 +1,5 @@
-"""API keys: shown once, stored only as a keyed hash, verified in constant time, revocable."""
+"""API keys: shown once, stored only as a keyed hash, verified in constant time, revocable; a checksum that tells a
+made-up key in process, and keys made before it still valid."""
 
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ import pytest
 
 from config.settings import DEFAULT_PROFILE, load_config
 from deployments.billing.service import BillingService, billing_spec, load_or_create_admin_token
-from deployments.keys import KEY_PATTERN, MissingSecret, open_key_store
+from deployments.billing.tables import API_KEYS
+from deployments.keys import ADMIN_TOKEN_PATTERN, KEY_PATTERN, MissingSecret, key_id_of, open_key_store
 from tests.inprocess import clean_postgres
 
 
@@ -104,3 +106,27 @@ def test_a_secrets_folder_without_the_key_secret_is_a_clear_error(tmp_path: Path
     with pytest.raises(MissingSecret, match=r"hmac\.key"):
         open_key_store(tmp_path, secrets_dir=mounted)
     assert list(mounted.iterdir()) == []
+
+
+def test_a_new_key_carries_a_checksum_that_any_change_of_one_character_breaks(tmp_path: Path) -> None:
+    record, key = open_key_store(tmp_path).create("t")
+    assert key_id_of(key) == record.key_id
+    changed = [key[:i] + ("B" if key[i] == "A" else "A") + key[i + 1 :] for i in range(len("ank_"), len(key))]
+    assert [c for c in changed if key_id_of(c) is not None] == []  # refused in process, before any look-up
+    for bogus in ("not-a-key", "ank_not-a-key", key + "\n", key[:-1], key + "A", "ank_admin_" + "0" * 64):
+        assert key_id_of(bogus) is None, bogus
+
+
+def test_a_key_made_before_keys_carried_a_checksum_still_works(tmp_path: Path) -> None:
+    store = open_key_store(tmp_path)
+    record, key = store.create("t")
+    old = key[:-6]  # as keys were made before: id and secret, no checksum
+    with store.engine.begin() as db:
+        db.execute(API_KEYS.update().where(API_KEYS.c.key_id == record.key_id).values(key_hmac=store._digest(old)))
+    assert key_id_of(old) == record.key_id and store.verify(old) == record
+    assert store.verify(key) is None  # the digest is of the key as it was handed out
+
+
+def test_the_admin_token_is_shaped_like_no_key(tmp_path: Path) -> None:
+    token = load_or_create_admin_token(tmp_path)
+    assert ADMIN_TOKEN_PATTERN.fullmatch(token) and key_id_of(token) is None

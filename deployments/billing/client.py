@@ -5,12 +5,14 @@ handle. The engine replicas and the control application use it alike.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
-from collections.abc import Sequence
+from collections import OrderedDict
+from collections.abc import Callable, Coroutine, Sequence
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 from ray.serve.handle import DeploymentHandle
 
@@ -27,10 +29,16 @@ from deployments.contracts import (
     UsageReport,
 )
 from deployments.errors import AnkerError, BillingUnavailable
-from deployments.keys import KeyRecord
+from deployments.keys import ADMIN_TOKEN_PATTERN, KeyRecord, key_id_of
 from deployments.usage_outbox import UsageOutbox
 
 logger = logging.getLogger("ray.serve")
+
+KNOWN_KEYS = 10_000  # valid keys a replica keeps billing's word on, the oldest forgotten first
+UNKNOWN_KEYS = 10_000  # keys and tokens billing refused, kept as long, so that a bogus one costs one call
+UNKNOWN_TTL_S = 30.0  # how long a refusal is kept (no key becomes valid later: keys are random, revocation final)
+
+V = TypeVar("V")
 
 
 async def call_deployment(handle: DeploymentHandle, method: str, args: tuple[Any, ...], unavailable: AnkerError) -> Any:
@@ -45,15 +53,38 @@ async def call_deployment(handle: DeploymentHandle, method: str, args: tuple[Any
     return result
 
 
+class _Expiring(Generic[V]):
+    """At most ``size`` entries, each until its own deadline; when full, the oldest entry goes first."""
+
+    def __init__(self, size: int) -> None:
+        self._size = size
+        self._entries: OrderedDict[str, tuple[float, V]] = OrderedDict()
+
+    def get(self, name: str, now: float) -> V | None:
+        entry = self._entries.get(name)
+        if entry is None:
+            return None
+        if entry[0] <= now:
+            del self._entries[name]
+            return None
+        return entry[1]
+
+    def put(self, name: str, value: V, until: float) -> None:
+        self._entries.pop(name, None)
+        self._entries[name] = (until, value)
+        if len(self._entries) > self._size:
+            self._entries.popitem(last=False)
+
+
 class ServeBillingClient:
     """The billing actor as a replica sees it: cached key look-ups, admission from leases, usage through the
     outbox, and the read and admin calls. Ray errors become ``BillingUnavailable``; error values from the actor are
     raised.
 
-    If the actor is briefly away (Ray Serve is restarting it), keys cached here keep working, a key is admitted from
-    what this replica holds of its limits and budget lease; beyond that a key without any budget meets its limits
-    on this replica alone (its usage waits in the outbox), and a key with a budget gets 503: a budget is never spent
-    without a lease.
+    If the actor is briefly away (Ray Serve is restarting it), keys cached here keep working for the rest of their
+    cache's life, and no longer (``verify``); such a key is admitted from what this replica holds of its limits and
+    budget lease; beyond that a key without any budget meets its limits on this replica alone (its usage waits in
+    the outbox), and a key with a budget gets 503: a budget is never spent without a lease.
     """
 
     def __init__(
@@ -62,13 +93,17 @@ class ServeBillingClient:
         key_cache_ttl_s: float,
         flush_interval_s: float,
         spool_dir: Path | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._handle = handle
         self._ttl_s = key_cache_ttl_s
-        self._cache: dict[str, tuple[float, Principal]] = {}
-        self._principals: dict[str, Principal] = {}  # by key id, as last verified
+        self._clock = clock
+        self._known: _Expiring[Principal] = _Expiring(KNOWN_KEYS)
+        self._unknown: _Expiring[bool] = _Expiring(UNKNOWN_KEYS)
+        self._asking: dict[str, asyncio.Task[Any]] = {}  # billing's look-ups under way, by the key or token
+        self._principals: dict[str, Principal] = {}  # by key id, as last verified (valid keys only: a bounded set)
         self.outbox = UsageOutbox(self._send, flush_interval_s, spool_dir=spool_dir)
-        self.admission = LocalAdmission(self._lease, self._upkeep, self.outbox.pending_leases)
+        self.admission = LocalAdmission(self._lease, self._upkeep, self.outbox.pending_leases, clock)
 
     async def _call(self, method: str, *args: Any) -> Any:
         unavailable = BillingUnavailable("Billing is briefly unavailable. Please retry shortly.", retry_after_s=2)
@@ -87,29 +122,63 @@ class ServeBillingClient:
         return result
 
     async def verify(self, key: str) -> KeyRecord | None:
-        """Valid keys are cached briefly, misses never (a new key works at once; a revoked one within the TTL)."""
-        hit = self._cache.get(key)
-        now = time.monotonic()
-        if hit is not None and hit[0] > now:
-            return hit[1].key
-        try:
-            principal: Principal | None = await self._call("authenticate", key)
-        except BillingUnavailable:
-            if hit is not None:  # stale but known: keep serving while billing restarts
-                return hit[1].key
-            raise
-        if principal is None:
-            self._cache.pop(key, None)
+        """The key's record, or None if it is no valid key.
+
+        Billing's word on a key is kept: a valid key is trusted for ``key_cache_ttl_s`` after billing last said so,
+        whether billing is up or away (a revoked key stops working within that time; after it, while billing is
+        away, the key's requests get 503), and a key billing refused is refused here for ``UNKNOWN_TTL_S`` without
+        asking again. A string not shaped like a key, or whose checksum is wrong, costs no call at all.
+        """
+        if key_id_of(key) is None:
             return None
-        if len(self._cache) > 10_000:
-            self._cache.clear()
-            self._principals.clear()
-        self._cache[key] = (now + self._ttl_s, principal)
+        now = self._clock()
+        known = self._known.get(key, now)
+        if known is not None:
+            return known.key
+        if self._unknown.get(key, now):
+            return None
+        principal: Principal | None = await self._once(key, self._authenticate)
+        return principal.key if principal is not None else None
+
+    async def _authenticate(self, key: str) -> Principal | None:
+        asked_at = self._clock()  # the key's cache life counts from before billing looked, never longer
+        principal: Principal | None = await self._call("authenticate", key)
+        if principal is None:
+            self._unknown.put(key, True, asked_at + UNKNOWN_TTL_S)
+            return None
+        self._known.put(key, principal, asked_at + self._ttl_s)
         self._principals[principal.key.key_id] = principal
-        return principal.key
+        return principal
 
     async def is_admin_token(self, token: str) -> bool:
-        return bool(await self._call("is_admin_token", token))
+        """Whether ``token`` is the operator's admin token: never one not shaped like it, nor, for a while, one
+        billing refused (without a call, as for keys)."""
+        if ADMIN_TOKEN_PATTERN.fullmatch(token) is None or self._unknown.get(token, self._clock()):
+            return False
+        return bool(await self._once(token, self._is_admin_token))
+
+    async def _is_admin_token(self, token: str) -> bool:
+        asked_at = self._clock()
+        if await self._call("is_admin_token", token):
+            return True
+        self._unknown.put(token, True, asked_at + UNKNOWN_TTL_S)
+        return False
+
+    async def _once(self, token: str, ask: Callable[[str], Coroutine[Any, Any, V]]) -> V:
+        """``ask(token)``, one call at a time per token: the requests that bring it meanwhile share its answer, so a
+        burst of one bogus key costs one call too. A client that leaves does not cancel it for the others."""
+        asking = self._asking.get(token)
+        if asking is None:
+            asking = asyncio.get_running_loop().create_task(ask(token))
+            self._asking[token] = asking
+            asking.add_done_callback(lambda done: self._asked(token, done))
+        answer: V = await asyncio.shield(asking)
+        return answer
+
+    def _asked(self, token: str, done: asyncio.Task[Any]) -> None:
+        del self._asking[token]
+        if not done.cancelled():
+            done.exception()  # retrieved, so that no one is warned of it when every client waiting for it has left
 
     async def rate_limit_headers(self, key: KeyRecord) -> dict[str, str]:
         """The key's headers from what this replica holds of it, else from the actor."""

@@ -1,7 +1,8 @@
 """``/admin``: the operator (admin token) manages every organisation; an owner's or admin's key manages its own.
 
 Every operation is the billing actor's (``Accounts.administer``), which checks who may do what and records the change
-in the audit trail; these routes only find out who calls and which fields they send.
+in the audit trail; these routes only find out who calls and which fields they send, in that order: who calls is a
+dependency of the whole router, so no body is read, let alone parsed, for a caller who is not known.
 """
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from fastapi import FastAPI, Request
+from fastapi import APIRouter, Depends, FastAPI, Request
 from starlette.responses import JSONResponse, Response
 
 from deployments.billing.governance import BUDGET_SETTINGS, OPERATOR_SETTINGS, Actor
@@ -22,6 +23,10 @@ ADMIN_NO_TOKEN = "Administration needs the operator's admin token or an owner's 
 
 def add_admin_routes(app: FastAPI, accounts: Accounts, max_body_bytes: int) -> None:
     """``/admin``: the operator (admin token) manages every organisation; an owner or admin key manages its own."""
+
+    async def caller(request: Request) -> None:
+        """Who calls, in the request's state; FastAPI resolves it before a route runs."""
+        request.state.actor = await actor(request)
 
     async def actor(request: Request) -> Actor:
         token = bearer(request)
@@ -40,7 +45,7 @@ def add_admin_routes(app: FastAPI, accounts: Accounts, max_body_bytes: int) -> N
             return {}
         try:
             body = json.loads(raw)
-        except (ValueError, UnicodeDecodeError):
+        except (ValueError, UnicodeDecodeError, RecursionError):  # RecursionError: nested past the parser's depth
             raise InvalidJson("The request body is not valid JSON.") from None
         if not isinstance(body, dict):
             raise InvalidRequest("The request body must be a JSON object.")
@@ -53,75 +58,78 @@ def add_admin_routes(app: FastAPI, accounts: Accounts, max_body_bytes: int) -> N
         return body
 
     async def run(request: Request, operation: str, arguments: dict[str, Any], status: int = 200) -> Response:
-        result = await accounts.administer(await actor(request), operation, arguments)
+        result = await accounts.administer(request.state.actor, operation, arguments)
         if isinstance(result, list):
             result = {"object": "list", "data": result}
         return JSONResponse(result, status_code=status)
 
+    admin = APIRouter(prefix="/admin", dependencies=[Depends(caller)])
     tenant_fields = set(OPERATOR_SETTINGS | BUDGET_SETTINGS)  # governance says who may set which
     key_fields = {"name", "role", "member_id", "allowed_models", "budget_dkk", "rpm", "tpm"}
 
-    @app.get("/admin/tenants")
+    @admin.get("/tenants")
     async def list_tenants(request: Request) -> Response:
         return await run(request, "list_tenants", {})
 
-    @app.post("/admin/tenants")
+    @admin.post("/tenants")
     async def create_tenant(request: Request) -> Response:
         body = only(await body_of(request), tenant_fields | {"id"})
         tenant = body.pop("id", None)
         return await run(request, "create_tenant", {"tenant": tenant, **body}, 201)
 
-    @app.get("/admin/tenants/{tenant}")
+    @admin.get("/tenants/{tenant}")
     async def get_tenant(tenant: str, request: Request) -> Response:
         return await run(request, "get_tenant", {"tenant": tenant})
 
-    @app.patch("/admin/tenants/{tenant}")
+    @admin.patch("/tenants/{tenant}")
     async def update_tenant(tenant: str, request: Request) -> Response:
         return await run(request, "update_tenant", {"tenant": tenant, **only(await body_of(request), tenant_fields)})
 
-    @app.get("/admin/tenants/{tenant}/members")
+    @admin.get("/tenants/{tenant}/members")
     async def list_members(tenant: str, request: Request) -> Response:
         return await run(request, "list_members", {"tenant": tenant})
 
-    @app.post("/admin/tenants/{tenant}/members")
+    @admin.post("/tenants/{tenant}/members")
     async def add_member(tenant: str, request: Request) -> Response:
         body = only(await body_of(request), {"name", "role"})
         return await run(
             request, "add_member", {"tenant": tenant, "name": body.get("name"), "role": body.get("role")}, 201
         )
 
-    @app.patch("/admin/tenants/{tenant}/members/{member_id}")
+    @admin.patch("/tenants/{tenant}/members/{member_id}")
     async def set_member_role(tenant: str, member_id: str, request: Request) -> Response:
         body = only(await body_of(request), {"role"})
         return await run(
             request, "set_member_role", {"tenant": tenant, "member_id": member_id, "role": body.get("role")}
         )
 
-    @app.delete("/admin/tenants/{tenant}/members/{member_id}")
+    @admin.delete("/tenants/{tenant}/members/{member_id}")
     async def remove_member(tenant: str, member_id: str, request: Request) -> Response:
         return await run(request, "remove_member", {"tenant": tenant, "member_id": member_id})
 
-    @app.get("/admin/tenants/{tenant}/keys")
+    @admin.get("/tenants/{tenant}/keys")
     async def list_keys(tenant: str, request: Request) -> Response:
         return await run(request, "list_keys", {"tenant": tenant})
 
-    @app.post("/admin/tenants/{tenant}/keys")
+    @admin.post("/tenants/{tenant}/keys")
     async def create_key(tenant: str, request: Request) -> Response:
         return await run(request, "create_key", {"tenant": tenant, **only(await body_of(request), key_fields)}, 201)
 
-    @app.patch("/admin/keys/{key_id}")
+    @admin.patch("/keys/{key_id}")
     async def update_key(key_id: str, request: Request) -> Response:
         body = only(await body_of(request), key_fields - {"member_id"})
         return await run(request, "update_key", {"key_id": key_id, **body})
 
-    @app.delete("/admin/keys/{key_id}")
+    @admin.delete("/keys/{key_id}")
     async def revoke_key(key_id: str, request: Request) -> Response:
         return await run(request, "revoke_key", {"key_id": key_id})
 
-    @app.get("/admin/tenants/{tenant}/audit")
+    @admin.get("/tenants/{tenant}/audit")
     async def tenant_audit(tenant: str, request: Request) -> Response:
         return await run(request, "audit_log", {"tenant": tenant})
 
-    @app.get("/admin/audit")
+    @admin.get("/audit")
     async def audit(request: Request) -> Response:
         return await run(request, "audit_log", {"tenant": None})
+
+    app.include_router(admin)
