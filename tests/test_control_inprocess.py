@@ -229,7 +229,7 @@ DEEP = b"[" * 50_000  # within the body limit, far past the JSON parser's depth
 
 
 async def test_admin_reads_no_body_before_the_caller_is_known_and_a_deep_one_is_400(control: InProcessControl) -> None:
-    admin_token = load_or_create_admin_token(control.service._spec.data_dir)
+    admin_token = load_or_create_admin_token(control.service._spec.secrets_path)
     huge = b"{" + b" " * (64 * 1024)  # past the body limit (64 KiB here), and no JSON either
     for body in (b"{not json", DEEP, huge):
         for token in (None, "not-a-token", "ank_admin_" + "0" * 64, control.key()[:-1] + "!"):
