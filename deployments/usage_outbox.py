@@ -5,13 +5,6 @@ Reports are keyed by billing id, so a report never leaves twice in one batch and
 ignores ids it has). With a spool folder, every report and acknowledgement is also appended to this replica's
 spool file (counts and ids only, never content), locked while the replica lives; a new replica adopts the files of
 replicas that died and sends what they held. It must never drop a report to make room.
-
-A request is in the spool from its admission on: an *opened* record holds what is known then (its prompt's tokens,
-its lease), and its report replaces it when it ends. A replica that dies mid-request leaves the opened record, and
-the replica that adopts its file reports it as cancelled with its prompt (which the engine was given): what is lost
-with a killed replica is the output its requests in flight had produced, no more. The spool is written through to
-the OS at once (it outlives the process) and synced to disk before each send (so a machine that fails loses at
-most what was written since the last send: one flush interval, 0.2 s).
 """
 
 from __future__ import annotations
@@ -75,10 +68,8 @@ def report_from_json(d: dict[str, Any]) -> UsageReport:
 class Spool:
     """This replica's append-only spool file, locked for its lifetime, and the adoption of dead replicas' files.
 
-    Lines are ``{"o": report}`` (a request opened: admitted, not ended), ``{"r": report}`` and ``{"a": [ids]}``;
-    what is opened or reported and not acknowledged is pending, a report over its opened record. Appends are
-    flushed to the OS at once, so they survive the process; ``sync`` makes them survive the machine. Compaction
-    truncates a file that holds nothing pending.
+    Lines are ``{"r": report}`` and ``{"a": [ids]}``; what is reported and not acknowledged is pending. Appends are
+    flushed to the OS at once, so they survive the process (not the machine); compaction truncates an empty file.
     """
 
     def __init__(self, folder: Path) -> None:
@@ -92,14 +83,8 @@ class Spool:
         self._file.write(json.dumps(record, separators=(",", ":")) + "\n")
         self._file.flush()
 
-    def opened(self, report: UsageReport) -> None:
-        self._append({"o": report_to_json(report)})
-
     def reported(self, report: UsageReport) -> None:
         self._append({"r": report_to_json(report)})
-
-    def sync(self) -> None:
-        os.fsync(self._file.fileno())
 
     def acknowledged(self, ids: Sequence[str], nothing_pending: bool) -> None:
         if nothing_pending and self._file.tell() > COMPACT_BYTES:
@@ -125,9 +110,6 @@ class Spool:
                         record = json.loads(line)
                     except ValueError:
                         continue  # a line cut short when its writer died
-                    if "o" in record:  # still open when its replica died: its prompt, cancelled (its report wins)
-                        report = report_from_json(record["o"])
-                        pending.setdefault(report.event.request_id, report)
                     if "r" in record:
                         report = report_from_json(record["r"])
                         pending[report.event.request_id] = report
@@ -157,7 +139,6 @@ class UsageOutbox:
         self._max_batch = max_batch
         self._max_backoff_s = max_backoff_s
         self._pending: dict[str, UsageReport] = {}
-        self._open = 0  # requests opened in the spool and not yet reported
         self._wake = asyncio.Event()
         self.sent_batches = 0
         self.failed_sends = 0
@@ -178,23 +159,10 @@ class UsageOutbox:
         settled every request drawn from it."""
         return {r.lease_id for r in self._pending.values() if r.lease_id is not None}
 
-    def open(self, report: UsageReport) -> None:
-        """Spools what is known of an admitted request (``report``: its prompt, as if it were cancelled now), so
-        that it is billed if this replica dies before the request ends; ``submit`` of its report follows. Never
-        blocks and never fails."""
-        if self._spool is not None:
-            self._open += 1
-            try:
-                self._spool.opened(report)
-            except OSError as exc:  # a full disk must not fail the request
-                logger.error("usage outbox: spool write failed (%s)", type(exc).__name__)
-
-    def submit(self, report: UsageReport, opened: bool = False) -> None:
-        """Queues a report (of a request ``open`` spooled, if ``opened``); never blocks and never fails, so the
-        request path can always call it."""
+    def submit(self, report: UsageReport) -> None:
+        """Queues a report; never blocks and never fails, so the request path can always call it."""
         self._pending[report.event.request_id] = report
         if self._spool is not None:
-            self._open -= 1 if opened else 0
             try:
                 self._spool.reported(report)
             except OSError as exc:  # a full disk must not fail the request: the report is still in memory
@@ -207,18 +175,13 @@ class UsageOutbox:
         if not self._pending:
             return 0
         batch = list(self._pending.values())[: self._max_batch]
-        if self._spool is not None:
-            try:  # on disk each time a batch goes: a machine that fails loses what was spooled since, no more
-                await asyncio.to_thread(self._spool.sync)
-            except OSError as exc:
-                logger.error("usage outbox: spool sync failed (%s)", type(exc).__name__)
         acked = await self._send(batch)
         self.sent_batches += 1
         for billing_id in acked:
             self._pending.pop(billing_id, None)
         if self._spool is not None and acked:
             with contextlib.suppress(OSError):
-                self._spool.acknowledged(list(acked), not self._pending and not self._open)
+                self._spool.acknowledged(list(acked), not self._pending)
         return len(acked)
 
     async def run(self) -> None:
@@ -256,10 +219,9 @@ class UsageOutbox:
         return not self._pending
 
     def close(self) -> None:
-        """Releases the spool file: kept if reports are pending or requests open (a later replica adopts them),
-        removed if not."""
+        """Releases the spool file: kept if reports are pending (a later replica adopts them), removed if not."""
         if self._spool is not None:
             self._spool.close()
-            if not self._pending and not self._open:
+            if not self._pending:
                 with contextlib.suppress(OSError):
                     os.unlink(self._spool.path)

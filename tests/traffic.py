@@ -71,9 +71,7 @@ def during(outcomes: list[Outcome], since_s: float, until_s: float) -> list[str]
 
 
 def cost_nano(usage: dict[str, Any] | None) -> int:
-    """What a usage chunk costs: a stream its client was told of usage of and that produced nothing ended with an
-    error of ours, and costs nothing (the ledger's rule; one its client left before any output pays its prompt, but
-    that client is told nothing)."""
+    """What a usage chunk costs: a stream that ended before any output costs nothing (the ledger's rule)."""
     if not usage or not usage["completion_tokens"]:
         return 0
     cached = usage["prompt_tokens_details"]["cached_tokens"]

@@ -192,17 +192,11 @@ class ServeBillingClient:
         """Admits a request of a key ``verify`` has seen, from its leases on this replica."""
         return await self.admission.admit(self._principals[key.key_id], request)
 
-    def opened(self, report: UsageReport) -> None:
-        """Spools what is known of an admitted request, so that it is billed even if this replica dies before it
-        ends (``UsageOutbox.open``); its ``submit`` follows."""
-        self.outbox.open(report)
-
     def submit(self, report: UsageReport, admission: Admission | None = None) -> None:
-        """Queues the report of a request that has ended (and was ``opened`` if it was admitted); what its
-        admission took and it did not use goes back."""
+        """Queues the report of a request that has ended; what its admission took and it did not use goes back."""
         if admission is not None:
             self.admission.finish(admission, report.event)
-        self.outbox.submit(report, opened=admission is not None)
+        self.outbox.submit(report)
 
     async def usage(self, key: KeyRecord, start: datetime, end: datetime, group_by: str | None) -> dict[str, Any]:
         result: dict[str, Any] = await self._call("usage", key, start, end, group_by)

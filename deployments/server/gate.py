@@ -50,8 +50,6 @@ class ReplicaBilling(Protocol):
 
     async def rate_limit_headers(self, key: KeyRecord) -> dict[str, str]: ...
 
-    def opened(self, report: UsageReport) -> None: ...
-
     def submit(self, report: UsageReport, admission: Admission | None = None) -> None: ...
 
 
@@ -150,9 +148,6 @@ class KeyGate:
                         call.limit_headers = await self.billing.rate_limit_headers(key)
                     raise
             call.limit_headers = call.admission.rate_limit_headers
-            # From here the request is billed whatever happens to this replica: should it die before the request
-            # ends, the replica that adopts its spool reports the prompt, which the engine is given next.
-            self.billing.opened(UsageReport(self._event(call, prompt_tokens, 0, 0, CANCELLED), call.admission.lease_id))
 
         async def send_with_limits(message: Message) -> None:
             if message["type"] == "http.response.start":
@@ -169,20 +164,6 @@ class KeyGate:
         with metering(lambda metered: self._metered(call, metered), admit, cache_salt(key.tenant), self.deadlines):
             await self.app(scope, receive, send_with_limits)
 
-    def _event(self, call: Call, prompt_tokens: int, cached_tokens: int, output_tokens: int, status: str) -> UsageEvent:
-        return UsageEvent(
-            request_id=call.billing_id,
-            tenant=call.key.tenant,
-            key_id=call.key.key_id,
-            model=self.model,
-            prompt_tokens=prompt_tokens,
-            cached_tokens=cached_tokens,
-            completion_tokens=output_tokens,
-            started_at=call.started_at,
-            finished_at=datetime.now(UTC),
-            status=status,
-        )
-
     def _metered(self, call: Call, metered: Metered) -> None:
         # The request's server span (the door runs inside it, and it ends once the door has returned) carries what
         # the request made the engine do: counts only.
@@ -195,8 +176,17 @@ class KeyGate:
             },
         )
         if metered.admitted and call.admission is not None:
-            event = self._event(
-                call, metered.prompt_tokens, metered.cached_tokens, metered.output_tokens, _status(call, metered)
+            event = UsageEvent(
+                request_id=call.billing_id,
+                tenant=call.key.tenant,
+                key_id=call.key.key_id,
+                model=self.model,
+                prompt_tokens=metered.prompt_tokens,
+                cached_tokens=metered.cached_tokens,
+                completion_tokens=metered.output_tokens,
+                started_at=call.started_at,
+                finished_at=datetime.now(UTC),
+                status=_status(call, metered),
             )
             self.billing.submit(UsageReport(event, call.admission.lease_id), call.admission)
             # Counts and ids only: this line is what zero data retention allows to be kept.
