@@ -42,7 +42,7 @@ UNPRICED = "unpriced_model"  # no price was in effect for its model when it star
 INVALID_COUNTS = "invalid_counts"  # negative counts, or more cached tokens than prompt tokens
 INVALID_IDS = "invalid_ids"  # an id or name wider than the ledger's column, or a status it does not know
 REFUSED_BY_DATABASE = "refused_by_database"  # the database refused the row for a reason not checked above
-STATUSES = frozenset({"ok", "failed", "cancelled", "engine_unavailable"})
+STATUSES = frozenset({COMPLETED, FAILED, CANCELLED, ENGINE_FAILED})
 RETRIED = frozenset({UNPRICED, REFUSED_BY_DATABASE})  # what ``record_set_aside`` tries again
 
 
@@ -459,15 +459,24 @@ def _insert_ignoring_duplicates(table: sa.Table, dialect: str) -> sa.Insert:
     raise ValueError(f"the ledger supports SQLite and PostgreSQL, not {dialect}")
 
 
+_IDS = ("request_id", "tenant", "key_id", "model")
+
+
+def _width(table: sa.Table, column: str) -> int:
+    """The width of a text column, as the table defines it."""
+    kind = table.c[column].type
+    assert isinstance(kind, sa.String) and kind.length is not None
+    return kind.length
+
+
 def _fits(event: UsageEvent) -> bool:
     """The event's ids and names fit the ledger's columns, and its status is one the ledger knows."""
-    return (
-        len(event.request_id) <= 128
-        and len(event.tenant) <= 64
-        and len(event.key_id) <= 32
-        and len(event.model) <= 128
-        and event.status in STATUSES
-    )
+    return event.status in STATUSES and all(len(getattr(event, c)) <= _width(USAGE_EVENTS, c) for c in _IDS)
+
+
+def _cut(text: str, column: str) -> str:
+    """``text`` cut to the width of ``usage_set_aside``'s ``column``."""
+    return text[: _width(USAGE_SET_ASIDE, column)]
 
 
 def _priced(event: UsageEvent, price_list: _PriceList) -> Charge | str:
@@ -512,17 +521,17 @@ def _set_aside(
     now = datetime.now(UTC)
     rows = [
         {
-            "request_id": request_id[:128],
-            "tenant": event.tenant[:64],
-            "key_id": event.key_id[:32],
-            "model": event.model[:128],
+            "request_id": _cut(request_id, "request_id"),
+            "tenant": _cut(event.tenant, "tenant"),
+            "key_id": _cut(event.key_id, "key_id"),
+            "model": _cut(event.model, "model"),
             "prompt_tokens": _int32(event.prompt_tokens),
             "cached_tokens": _int32(event.cached_tokens),
             "completion_tokens": _int32(event.completion_tokens),
             "started_at": _aware_or(event.started_at, now),
             "finished_at": _aware_or(event.finished_at, now),
-            "status": event.status[:32],
-            "lease_id": (leases.get(request_id) or "")[:64] or None,
+            "status": _cut(event.status, "status"),
+            "lease_id": _cut(leases.get(request_id) or "", "lease_id") or None,
             "reason": reason,
             "set_aside_at": now,
         }
@@ -530,7 +539,7 @@ def _set_aside(
     ]
     insert = _insert_ignoring_duplicates(USAGE_SET_ASIDE, connection.dialect.name)
     kept = {r[0] for r in connection.execute(insert.returning(USAGE_SET_ASIDE.c.request_id), rows).fetchall()}
-    return {request_id: reason for request_id, (_, reason) in refused.items() if request_id[:128] in kept}
+    return {request_id: reason for request_id, (_, reason) in refused.items() if _cut(request_id, "request_id") in kept}
 
 
 def _int32(count: int) -> int:
