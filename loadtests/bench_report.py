@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -306,6 +307,14 @@ def _median(values: Sequence[float]) -> float:
         return math.nan
     mid = len(ordered) // 2
     return ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
+
+
+def write_or_print(text: str, path: Path | None) -> None:
+    """A benchmark's Markdown report: into ``path`` if given, else to standard output."""
+    if path is not None:
+        path.write_text(text, encoding="utf-8")
+    else:
+        sys.stdout.write(text)
 
 
 def _spread(values: Sequence[float], digits: int = 2, unit: str = "") -> str:

@@ -19,7 +19,6 @@ import argparse
 import asyncio
 import contextlib
 import os
-import sys
 import tempfile
 import time
 from collections.abc import AsyncIterator
@@ -237,10 +236,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     rows = asyncio.run(measure(args.rounds, args.requests, args.concurrency, args.models_dir.resolve()))
     text = report(rows, args.rounds, args.requests, args.concurrency)
-    if args.report:
-        args.report.write_text(text, encoding="utf-8")
-    else:
-        sys.stdout.write(text)
+    from loadtests.bench_report import write_or_print
+
+    write_or_print(text, args.report)
     return 0
 
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -141,10 +140,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--report", type=Path, help="write the Markdown report here (else print it)")
     args = parser.parse_args(argv)
     text = report(measure(args.rounds, args.calls), args.rounds, args.calls)
-    if args.report:
-        args.report.write_text(text, encoding="utf-8")
-    else:
-        sys.stdout.write(text)
+    from loadtests.bench_report import write_or_print
+
+    write_or_print(text, args.report)
     return 0
 
 
