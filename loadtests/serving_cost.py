@@ -160,6 +160,8 @@ async def apps(models_dir: Path, data_dir: Path) -> AsyncIterator[tuple[str, App
 
 
 async def measure(rounds: int, requests: int, concurrency: int, models_dir: Path) -> list[dict[str, Any]]:
+    from deployments.server import parser_memo
+
     with tempfile.TemporaryDirectory(prefix="anker-serving-cost-") as data_dir:
         async with apps(models_dir, Path(data_dir)) as (model, vllm, anker):
             rows = []
@@ -170,7 +172,9 @@ async def measure(rounds: int, requests: int, concurrency: int, models_dir: Path
                 vllm_ms: list[float] = []
                 anker_ms: list[float] = []
                 for _ in range(rounds):
+                    parser_memo.uninstall()  # vLLM's app as vLLM ships it
                     vllm_ms.append(await cpu_ms_per_request(vllm, chat, requests, concurrency))
+                    parser_memo.install()  # as an engine replica runs
                     anker_ms.append(await cpu_ms_per_request(anker, chat, requests, concurrency))
                 rows.append(
                     {

@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from deployments.server import parser_memo
 from deployments.server.metering import MeteredEngineClient
 from deployments.server.vllm_start import EngineSpec, start_llm
 
@@ -114,6 +115,7 @@ class VllmLayer:
         from starlette.datastructures import State
         from vllm.entrypoints.launchers.api_server.app_state import init_app_state
 
+        parser_memo.install()
         self.llm = start_llm(engine_args(self.spec, self.args), self._stat_loggers)
         if self.args.structured_outputs_config.reasoning_parser != (self.spec.reasoning_parser or ""):
             raise RuntimeError("vLLM's frontend and engine disagree on the reasoning parser")
