@@ -205,7 +205,9 @@ def report(rows: list[dict[str, Any]], rounds: int, requests: int, concurrency: 
         f"{OUTPUT_TOKENS} tokens an answer, one per engine output): vLLM's own app as `vllm serve` builds it, and "
         "Anker's as an engine replica builds it (the door, admission from leases granted by the billing deployment's "
         "class on SQLite, the meter, the usage outbox, back-pressure, metrics, tracing, the drain gate; the reports "
-        "are delivered to billing after the rounds, and the ledger must hold one row per request). Requests through "
+        "are delivered to billing after the rounds, and the ledger must hold one row per request; and the memo of "
+        "vLLM's per-request parser build, `deployments/server/parser_memo.py`, which vLLM's rounds run without). "
+        "Both include the in-process httpx client's own CPU, the same for both. Requests through "
         f"httpx's in-process ASGI transport, {concurrency} at a time, {requests} per app and round, {rounds} rounds, "
         "the apps interleaved. CPU milliseconds of the process per request (every thread); median [lowest, highest "
         "round]. *Added* and the ratio are Anker's against vLLM's in the same round.",
