@@ -1,6 +1,11 @@
 """The ingress's usage outbox: every finished request's usage report waits here until the billing actor has
 acknowledged it (the ledger committed it), and is re-sent until then: at-least-once delivery.
 
+A stream being delivered has a progress report too (``progress``): what the replica has sent its client so far, as
+if the engine had failed there. It never leaves the replica while the replica lives (the stream's final report
+replaces it); it is in the spool so that a replica that dies mid-stream leaves its streams' usage behind, and the
+replica that adopts the spool bills them as ``engine_unavailable`` up to their last progress.
+
 Reports are keyed by billing id, so a report never leaves twice in one batch and a replay is harmless (the ledger
 ignores ids it has). With a spool folder, every report and acknowledgement is also appended to this replica's
 spool file (counts and ids only, never content), locked while the replica lives; a new replica adopts the files of
@@ -68,8 +73,10 @@ def report_from_json(d: dict[str, Any]) -> UsageReport:
 class Spool:
     """This replica's append-only spool file, locked for its lifetime, and the adoption of dead replicas' files.
 
-    Lines are ``{"r": report}`` and ``{"a": [ids]}``; what is reported and not acknowledged is pending. Appends are
-    flushed to the OS at once, so they survive the process (not the machine); compaction truncates an empty file.
+    Lines are ``{"r": report}``, ``{"p": report}`` (a stream's progress) and ``{"a": [ids]}``; what is reported and
+    not acknowledged is pending, and so is the last progress of a request with no report. Appends are flushed to the
+    OS at once, so they survive the process (not the machine); compaction truncates a file with nothing pending, and
+    the outbox writes its streams' progress again.
     """
 
     def __init__(self, folder: Path) -> None:
@@ -86,12 +93,17 @@ class Spool:
     def reported(self, report: UsageReport) -> None:
         self._append({"r": report_to_json(report)})
 
-    def acknowledged(self, ids: Sequence[str], nothing_pending: bool) -> None:
+    def progressed(self, report: UsageReport) -> None:
+        self._append({"p": report_to_json(report)})
+
+    def acknowledged(self, ids: Sequence[str], nothing_pending: bool) -> bool:
+        """Notes ``ids`` as recorded; True if that emptied the file (the caller writes its progress again)."""
         if nothing_pending and self._file.tell() > COMPACT_BYTES:
             self._file.truncate(0)
             self._file.seek(0)
-            return
+            return True
         self._append({"a": list(ids)})
+        return False
 
     def adopt_orphans(self) -> list[UsageReport]:
         """Reports pending in the spool files of replicas that are gone (their lock is free); their files go."""
@@ -105,6 +117,8 @@ class Spool:
                 except BlockingIOError:
                     continue  # a live replica's
                 pending: dict[str, UsageReport] = {}
+                ended: set[str] = set()  # requests with a report: their progress is superseded
+                in_flight: dict[str, UsageReport] = {}
                 for line in fh:
                     try:
                         record = json.loads(line)
@@ -113,8 +127,16 @@ class Spool:
                     if "r" in record:
                         report = report_from_json(record["r"])
                         pending[report.event.request_id] = report
+                        ended.add(report.event.request_id)
+                    if "p" in record:
+                        report = report_from_json(record["p"])
+                        in_flight[report.event.request_id] = report
                     for acked in record.get("a", ()):
                         pending.pop(acked, None)
+                        ended.add(acked)
+                # Streams their replica died delivering: billed up to their last progress (a progress report says
+                # ``engine_unavailable``, the status of a request the service failed after delivering some of it).
+                pending.update({i: r for i, r in in_flight.items() if i not in ended})
                 for report in pending.values():
                     self.reported(report)  # durable in our file before the orphan's goes
                 adopted.update(pending)
@@ -139,6 +161,7 @@ class UsageOutbox:
         self._max_batch = max_batch
         self._max_backoff_s = max_backoff_s
         self._pending: dict[str, UsageReport] = {}
+        self._progress: dict[str, UsageReport] = {}  # streams being delivered: their last progress
         self._wake = asyncio.Event()
         self.sent_batches = 0
         self.failed_sends = 0
@@ -159,8 +182,20 @@ class UsageOutbox:
         settled every request drawn from it."""
         return {r.lease_id for r in self._pending.values() if r.lease_id is not None}
 
+    def progress(self, report: UsageReport) -> None:
+        """Notes how far a stream has been delivered (only a spool keeps it: a dead replica's adopter bills it);
+        never blocks and never fails."""
+        if self._spool is None:
+            return
+        self._progress[report.event.request_id] = report
+        try:
+            self._spool.progressed(report)
+        except OSError as exc:
+            logger.error("usage outbox: spool write failed (%s)", type(exc).__name__)
+
     def submit(self, report: UsageReport) -> None:
         """Queues a report; never blocks and never fails, so the request path can always call it."""
+        self._progress.pop(report.event.request_id, None)
         self._pending[report.event.request_id] = report
         if self._spool is not None:
             try:
@@ -181,7 +216,9 @@ class UsageOutbox:
             self._pending.pop(billing_id, None)
         if self._spool is not None and acked:
             with contextlib.suppress(OSError):
-                self._spool.acknowledged(list(acked), not self._pending)
+                if self._spool.acknowledged(list(acked), not self._pending):
+                    for report in list(self._progress.values()):
+                        self._spool.progressed(report)
         return len(acked)
 
     async def run(self) -> None:
@@ -219,9 +256,10 @@ class UsageOutbox:
         return not self._pending
 
     def close(self) -> None:
-        """Releases the spool file: kept if reports are pending (a later replica adopts them), removed if not."""
+        """Releases the spool file: kept if reports are pending or streams unfinished (a later replica adopts them),
+        removed if not."""
         if self._spool is not None:
             self._spool.close()
-            if not self._pending:
+            if not self._pending and not self._progress:
                 with contextlib.suppress(OSError):
                     os.unlink(self._spool.path)

@@ -107,7 +107,8 @@ class EngineKill:
     vllm: dict[str, float]  # the victim's vLLM queue as it answered: running, waiting, in_flight
     answered_in_s: float  # how long the victim took to answer
     killed_after_s: float  # from its answer to the kill
-    killed_s: float  # time.monotonic() of the kill
+    killed_s: float  # time.monotonic() just after the kill
+    killing_s: float  # ... and just before it: a connection the kill ended may have ended in between
     ongoing: dict[str, int | str]  # Serve's ongoing requests per replica, asked with the same round (or why none)
 
     def __str__(self) -> str:
@@ -253,9 +254,12 @@ class Stack:
                     said.append(f"{_short(name)}: {vllm} after {answered - asked:.1f} s, too late to act on")
                     continue
                 if vllm["running"] > 0:
+                    killing = time.monotonic()
                     os.kill(pids[name], signal.SIGKILL)
                     killed = time.monotonic()
-                    kill = EngineKill(name, vllm, answered - asked, killed - answered, killed, _answers(ongoing))
+                    kill = EngineKill(
+                        name, vllm, answered - asked, killed - answered, killed, killing, _answers(ongoing)
+                    )
                     self.wait_for_replacement(where, replicas, name)
                     return kill
                 said.append(f"{_short(name)}: {vllm}")

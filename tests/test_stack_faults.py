@@ -11,6 +11,8 @@ the clients were told, with no record lost or doubled.
 from __future__ import annotations
 
 import asyncio
+import bisect
+import math
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -18,6 +20,8 @@ from collections.abc import Callable
 import httpx
 import pytest
 
+from deployments.billing.ledger import Ledger
+from deployments.server.gate import PROGRESS_INTERVAL_S
 from tests.conftest import BILLING, SECOND_MODEL, EngineKill, SecondApp
 from tests.traffic import Outcome, SteadyLoad, during, ledger_totals, wait_for_ledger
 
@@ -45,24 +49,66 @@ async def under_load(app: SecondApp, key: str, fault: Callable[[], None], max_to
 
 
 def assert_clean_and_billed(
-    app: SecondApp, key: str, before: dict[str, int], outcomes: list[Outcome], cut: list[Outcome] | None = None
+    app: SecondApp,
+    key: str,
+    before: dict[str, int],
+    outcomes: list[Outcome],
+    cut: list[Outcome] | None = None,
+    besides: tuple[int, int] = (0, 0),
+    since_s: float = 0.0,
 ) -> None:
     """Every request but the ``cut`` ones got a clean answer, the last ones were served, and the ledger bills what
-    the clients were told."""
+    the clients were told (and ``besides``: the cut streams' (output tokens, nano-DKK), checked on their own)."""
     assert outcomes
     unclean = [o for o in outcomes if not o.clean and o not in (cut or [])]
-    assert not unclean, unclean[:5]
+    assert not unclean, [o.summary(since_s) for o in unclean[:5]]
     # The service recovered by itself: the last requests of the run were served.
     assert all(o.status == 200 and o.error_code is None for o in outcomes[-CLIENTS:]), outcomes[-CLIENTS:]
-    billed, expected = wait_for_ledger(app.base_url, key, before, outcomes)
-    assert billed == expected, f"billed (output tokens, nano-DKK) {billed} != seen by clients {expected}"
+    billed, seen = wait_for_ledger(app.base_url, key, before, outcomes, besides=besides)
+    expected = (seen[0] + besides[0], seen[1] + besides[1])
+    assert billed == expected, f"billed (output tokens, nano-DKK) {billed} != seen by clients {seen} + {besides}"
+
+
+def most_in_a_window(times: list[float], window_s: float) -> int:
+    """The most of ``times`` (sorted) within any ``window_s``."""
+    return max((bisect.bisect_right(times, t + window_s) - i for i, t in enumerate(times)), default=0)
+
+
+def cut_streams_billed(app: SecondApp, tenant: str, cut: list[Outcome], finished: list[Outcome]) -> tuple[int, int]:
+    """Issue 15, hole 9: the streams a dead replica was delivering are billed from the progress its spool kept, as
+    the service's failure (``engine_unavailable``): each one its client got a chunk of, for its prompt and for what
+    it was sent, less at most what it was sent in one ``PROGRESS_INTERVAL_S`` (SECURITY.md); never more than it was
+    sent. Returns their (output tokens, nano-DKK)."""
+    delivering = {o.answer_id: o for o in cut if o.answer_id}
+    assert delivering, "the kill cut no stream its client had a chunk of"  # it lands while vLLM is generating
+    ledger = Ledger(app.ledger.url)
+    try:
+        deadline = time.monotonic() + 180  # the replica that replaces the dead one adopts its spool as it starts
+        while True:
+            rows = {r["request_id"]: r for r in ledger.events(tenant) if r["status"] == "engine_unavailable"}
+            if set(delivering) <= set(rows) or time.monotonic() > deadline:
+                break
+            time.sleep(2)
+    finally:
+        ledger.dispose()
+    assert set(delivering) <= set(rows), f"cut streams not billed: {set(delivering) - set(rows)}"
+    assert len(rows) <= len(cut), f"{len(rows)} requests billed as cut, {len(cut)} were"  # none twice, none other
+    # Tokens per chunk, as the finished streams had them (a chunk holds whole characters: random weights' bytes can
+    # take a few tokens to make one).
+    per_chunk = max(math.ceil(o.usage["completion_tokens"] / max(1, o.content_chunks - 1)) for o in finished)
+    for answer_id, outcome in delivering.items():
+        row, chunks = rows[answer_id], outcome.content_chunks - 1  # the first chunk says the role: no token
+        unnoted = most_in_a_window(outcome.chunk_times, PROGRESS_INTERVAL_S + 0.25)  # and the client's own delays
+        assert row["prompt_tokens"] > 0, row
+        assert chunks - unnoted <= row["completion_tokens"] <= per_chunk * (chunks + 2), (row, outcome.summary(0))
+    return sum(r["completion_tokens"] for r in rows.values()), sum(r["cost_nano_dkk"] for r in rows.values())
 
 
 def test_an_engine_replica_killed_mid_stream(second_app: SecondApp) -> None:
     """The engine replica is the HTTP server of its streams: when its process dies, so do their connections, and no
     one is left to tell their clients why (as with `vllm serve`). Those streams end without `[DONE]` and without
     usage, and bill nothing the client was not told; every other request is answered cleanly, and the service
-    recovers by itself."""
+    recovers by itself. The ledger bills them from what the dead replica's spool kept of them."""
     key = second_app.new_key("faults-engine-killed")
     before = ledger_totals(second_app.base_url, key)
     kills: list[EngineKill] = []
@@ -77,14 +123,19 @@ def test_an_engine_replica_killed_mid_stream(second_app: SecondApp) -> None:
     cut = [
         o
         for o in outcomes
-        if not o.done and o.started_s <= killed.killed_s <= o.ended_s and (o.status == 200 or isinstance(o.status, str))
+        if not o.done
+        and o.started_s <= killed.killed_s
+        and o.ended_s >= killed.killing_s
+        and (o.status == 200 or isinstance(o.status, str))
     ]
     open_then = during(outcomes, killed.killed_s, killed.killed_s)
     seen = Counter((o.status, o.error_code, o.done) for o in outcomes)
     assert cut, f"the kill cut no stream ({killed}); streams open at the kill: {open_then}; all: {seen}"
     for outcome in cut:  # its connection ended with the replica's process: never a hang, never a made-up end
         assert outcome.usage is None and outcome.ended_s - killed.killed_s < 30, outcome
-    assert_clean_and_billed(second_app, key, before, outcomes, cut)
+    finished = [o for o in outcomes if o.usage]
+    besides = cut_streams_billed(second_app, "faults-engine-killed", cut, finished)
+    assert_clean_and_billed(second_app, key, before, outcomes, cut, besides, since_s=killed.killed_s)
 
 
 def test_the_billing_actor_killed_under_load(second_app: SecondApp) -> None:

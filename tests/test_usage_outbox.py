@@ -8,6 +8,8 @@ from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
 
+import pytest
+
 from deployments.billing.ledger import UsageEvent
 from deployments.billing.pricing import TokenPrices
 from deployments.billing.service import BillingService, BillingSpec
@@ -75,6 +77,66 @@ async def test_a_dead_replicas_spool_is_adopted_by_the_next(tmp_path: Path) -> N
     assert second._spool is not None and list(tmp_path.iterdir()) == [second._spool.path]
     second.close()
     assert list(tmp_path.iterdir()) == []  # nothing pending: the file goes
+
+
+def progress(i: int, output: int) -> UsageReport:
+    return UsageReport(UsageEvent(f"req-{i}", "t", "k", "m", 10 + i, i, output, AT, AT, "engine_unavailable"))
+
+
+async def test_a_dead_replicas_streams_are_billed_up_to_their_last_progress(tmp_path: Path) -> None:
+    """Issue 15, hole 9: a replica that dies mid-stream leaves each stream's last progress in its spool, and the
+    replica that adopts the spool bills it as ``engine_unavailable``; a stream that ended is billed by its report
+    only, once, acknowledged or not."""
+    first = UsageOutbox(FlakyBillingDouble().send, spool_dir=tmp_path)
+    first.progress(progress(1, 3))
+    first.progress(progress(1, 9))  # the latest counts
+    first.progress(progress(2, 4))
+    first.submit(report(2))  # ended: its report supersedes its progress
+    first.progress(progress(3, 2))
+    first.submit(report(3))
+    assert await first.flush_once() == 2  # reports 2 and 3 acknowledged
+    first.progress(progress(4, 1))
+    assert first._spool is not None
+    first._spool.close()  # the replica dies
+
+    later = FlakyBillingDouble()
+    second = UsageOutbox(later.send, spool_dir=tmp_path)
+    assert second.pending == 2
+    adopted = {r.event.request_id: r.event for r in second._pending.values()}
+    assert {i: (e.completion_tokens, e.status) for i, e in adopted.items()} == {
+        "req-1": (9, "engine_unavailable"),
+        "req-4": (1, "engine_unavailable"),
+    }
+    await second.flush_once()
+    assert sorted(later.received) == ["req-1", "req-4"]
+    second.close()
+    assert list(tmp_path.iterdir()) == []
+
+
+async def test_progress_outlives_compaction_and_a_live_stream_keeps_the_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import deployments.usage_outbox as usage_outbox
+
+    monkeypatch.setattr(usage_outbox, "COMPACT_BYTES", 0)  # every acknowledgement that empties the outbox compacts
+    outbox = UsageOutbox(FlakyBillingDouble().send, spool_dir=tmp_path)
+    outbox.progress(progress(7, 5))
+    outbox.submit(report(1))
+    assert await outbox.flush_once() == 1
+    assert outbox._spool is not None
+    lines = outbox._spool.path.read_text().splitlines()
+    assert lines == [lines[0]] and '"p"' in lines[0] and '"req-7"' in lines[0]  # truncated, the stream written again
+    outbox.close()  # a stream still open (the replica stopped mid-stream): the file stays for an adopter
+    assert list(tmp_path.iterdir()) == [outbox._spool.path]
+    adopter = UsageOutbox(FlakyBillingDouble().send, spool_dir=tmp_path)
+    assert [r.event.completion_tokens for r in adopter._pending.values()] == [5]
+    adopter.close()
+
+
+async def test_without_a_spool_progress_is_not_kept() -> None:
+    outbox = UsageOutbox(FlakyBillingDouble().send)
+    outbox.progress(progress(1, 3))
+    assert outbox.pending == 0 and not outbox._progress
 
 
 async def test_a_live_replicas_spool_is_left_alone(tmp_path: Path) -> None:

@@ -10,7 +10,7 @@ import itertools
 import time
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
@@ -36,6 +36,8 @@ class Outcome:
     usage: dict[str, Any] | None = None
     done: bool = False  # the stream ended with `data: [DONE]`
     content_chunks: int = 0
+    chunk_times: list[float] = field(default_factory=list)  # time.monotonic() as each of those chunks arrived
+    answer_id: str | None = None  # the stream's ``id``: its ledger row's
     transport_error: str | None = None  # the connection failed after the response had started
     started_s: float = 0.0  # time.monotonic() when the request was sent
     ended_s: float = 0.0  # ... and when its answer ended
@@ -125,6 +127,8 @@ async def stream_chat(
                     return Outcome(r.status_code, retry_after=r.headers.get("retry-after"), **times)
                 return Outcome(r.status_code, error["code"], error["type"], r.headers.get("retry-after"), **times)
             usage, error, done, chunks, broken = None, None, False, 0, None
+            chunk_times: list[float] = []
+            answer_id = None
             answered_by = " ".join(r.headers.get(h, "-") for h in ("content-type", "server", "x-request-id"))
             try:
                 async for event in aiter_events(r):
@@ -136,6 +140,8 @@ async def stream_chat(
                         usage = event["usage"]
                     elif event.get("choices"):
                         chunks += 1
+                        chunk_times.append(time.monotonic())
+                        answer_id = event.get("id")
                         if chunks == 1:
                             receiving(+1)
             except httpx.HTTPError as exc:
@@ -150,6 +156,8 @@ async def stream_chat(
                 usage=usage,
                 done=done,
                 content_chunks=chunks,
+                chunk_times=chunk_times,
+                answer_id=answer_id,
                 transport_error=broken,
                 started_s=started,
                 ended_s=time.monotonic(),
@@ -298,14 +306,16 @@ def wait_for_ledger(
     outcomes: list[Outcome],
     timeout_s: float = 180,
     allowance: tuple[int, int] = (0, 0),
+    besides: tuple[int, int] = (0, 0),
 ) -> tuple[tuple[int, int], tuple[int, int]]:
     """(billed, seen) as (output tokens, nano-DKK) since ``before``, once billed is seen plus at most ``allowance``
     and has stayed so for ``LEDGER_HOLD_S``, or ``timeout_s`` passed (usage reaches the ledger asynchronously, and
     after a fault possibly only once the ledger is back). The hold outlasts an outbox's longest wait between two
     sends, so a report that arrives after the sums first matched (one billed twice, say) is seen. The allowance is
     for requests whose client got no answer at all: the server bills what it produced for them, which no client
-    was told."""
-    expected = seen(outcomes)
+    was told; ``besides`` is billed on top of what they were told (as the test has checked it on its own)."""
+    told = seen(outcomes)
+    expected = (told[0] + besides[0], told[1] + besides[1])
     deadline = time.monotonic() + timeout_s
     matched_since: float | None = None
     while True:
@@ -325,5 +335,5 @@ def wait_for_ledger(
         if (matched_since is not None and time.monotonic() - matched_since >= LEDGER_HOLD_S) or (
             time.monotonic() > deadline
         ):
-            return billed, expected
+            return billed, told
         time.sleep(2)

@@ -198,6 +198,10 @@ class ServeBillingClient:
             self.admission.finish(admission, report.event)
         self.outbox.submit(report)
 
+    def progress(self, report: UsageReport) -> None:
+        """Notes how far a stream has been delivered, for the replica that adopts this one's spool if it dies."""
+        self.outbox.progress(report)
+
     async def usage(self, key: KeyRecord, start: datetime, end: datetime, group_by: str | None) -> dict[str, Any]:
         result: dict[str, Any] = await self._call("usage", key, start, end, group_by)
         return result

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -29,7 +30,7 @@ from deployments.errors import AnkerError
 from deployments.keys import KeyRecord
 from deployments.openai.accounts import authenticate
 from deployments.openai.errors import error_response
-from deployments.server.metering import Deadlines, Metered, metering
+from deployments.server.metering import Deadlines, Metered, RequestMeter, metering
 from deployments.server.salt import cache_salt
 from deployments.server.vllm_start import SERVE_LOGGER
 from observability import tracing
@@ -39,6 +40,9 @@ logger = logging.getLogger(SERVE_LOGGER)  # the replica's log file
 # The billing id's prefix by endpoint, as OpenAI's ids have (``chatcmpl-…``).
 PREFIXES = {"/v1/chat/completions": "chatcmpl", "/v1/completions": "cmpl", "/v1/responses": "resp"}
 REGION_HEADER = b"x-anker-processing-region"  # where the call was processed, on every answer to one
+# How often a stream's progress is noted while it is delivered: what a replica that dies mid-stream leaves unbilled
+# of each of its streams is at most what the stream was sent in this long (SECURITY.md).
+PROGRESS_INTERVAL_S = 0.25
 
 
 class ReplicaBilling(Protocol):
@@ -51,6 +55,8 @@ class ReplicaBilling(Protocol):
     async def rate_limit_headers(self, key: KeyRecord) -> dict[str, str]: ...
 
     def submit(self, report: UsageReport, admission: Admission | None = None) -> None: ...
+
+    def progress(self, report: UsageReport) -> None: ...
 
 
 @dataclass
@@ -66,6 +72,7 @@ class Call:
     admission: Admission | None = None
     limit_headers: dict[str, str] = field(default_factory=dict)  # sent with the response, refused or not
     status: int = 0  # the response's, once it has started
+    progress_at: float | None = None  # when the stream's progress was last noted (time.monotonic())
 
 
 def route(scope: Scope) -> str:
@@ -159,10 +166,40 @@ class KeyGate:
                 added.append((REGION_HEADER, self.region.encode()))
                 message = {**message, "headers": [*message.get("headers", ()), *added]}
             await send(message)
+            if message["type"] == "http.response.body" and message.get("more_body") and call.admission is not None:
+                self._delivered(call, meter)
 
         # Each organisation its own prefix cache: no tenant's prompt can be timed against another's.
-        with metering(lambda metered: self._metered(call, metered), admit, cache_salt(key.tenant), self.deadlines):
+        with metering(
+            lambda metered: self._metered(call, metered), admit, cache_salt(key.tenant), self.deadlines
+        ) as meter:
             await self.app(scope, receive, send_with_limits)
+
+    def _delivered(self, call: Call, meter: RequestMeter) -> None:
+        """A stream's chunk has gone to its client: its progress is noted, the first chunk's at once and then at
+        most every ``PROGRESS_INTERVAL_S``, so a replica that dies mid-stream leaves its usage up to there behind
+        (``usage_outbox``). The counts are the engine outputs the chunks sent so far were made from."""
+        now = time.monotonic()
+        if call.progress_at is not None and now - call.progress_at < PROGRESS_INTERVAL_S:
+            return
+        call.progress_at = now
+        prompt, cached, output = meter.so_far()
+        event = self._event(call, prompt, cached, output, ENGINE_FAILED)
+        self.billing.progress(UsageReport(event, call.admission.lease_id if call.admission else None))
+
+    def _event(self, call: Call, prompt: int, cached: int, output: int, status: str) -> UsageEvent:
+        return UsageEvent(
+            request_id=call.billing_id,
+            tenant=call.key.tenant,
+            key_id=call.key.key_id,
+            model=self.model,
+            prompt_tokens=prompt,
+            cached_tokens=cached,
+            completion_tokens=output,
+            started_at=call.started_at,
+            finished_at=datetime.now(UTC),
+            status=status,
+        )
 
     def _metered(self, call: Call, metered: Metered) -> None:
         # The request's server span (the door runs inside it, and it ends once the door has returned) carries what
@@ -176,17 +213,8 @@ class KeyGate:
             },
         )
         if metered.admitted and call.admission is not None:
-            event = UsageEvent(
-                request_id=call.billing_id,
-                tenant=call.key.tenant,
-                key_id=call.key.key_id,
-                model=self.model,
-                prompt_tokens=metered.prompt_tokens,
-                cached_tokens=metered.cached_tokens,
-                completion_tokens=metered.output_tokens,
-                started_at=call.started_at,
-                finished_at=datetime.now(UTC),
-                status=_status(call, metered),
+            event = self._event(
+                call, metered.prompt_tokens, metered.cached_tokens, metered.output_tokens, _status(call, metered)
             )
             self.billing.submit(UsageReport(event, call.admission.lease_id), call.admission)
             # Counts and ids only: this line is what zero data retention allows to be kept.

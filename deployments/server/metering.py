@@ -72,6 +72,7 @@ class RequestMeter:
         self.planned_output_tokens = 0
         self.refusal: Exception | None = None  # admission's refusal, for the endpoint to answer with
         self._admission: asyncio.Future[None] | None = None
+        self._running: set[_Generation] = set()  # engine requests under way: counted into the meter as they end
 
     def paced(self, outputs: AsyncGenerator[Any], whole: bool) -> AsyncGenerator[Any]:
         """The engine's ``outputs`` for this request, each within its deadline (``whole``: one output, the whole
@@ -113,6 +114,15 @@ class RequestMeter:
     def admitted(self) -> bool:
         a = self._admission
         return a is not None and a.done() and not a.cancelled() and a.exception() is None
+
+    def so_far(self) -> tuple[int, int, int]:
+        """(prompt, cached, output) tokens so far, the engine requests under way included."""
+        prompt, cached, output = self.prompt_tokens, self.cached_tokens, self.output_tokens
+        for generation in self._running:
+            prompt += generation.prompt_tokens
+            cached += generation.cached_tokens
+            output += sum(generation.output_tokens.values())
+        return prompt, cached, output
 
     def result(self) -> Metered:
         return Metered(
@@ -247,6 +257,7 @@ class MeteredEngineClient:
         # that leaves before its first token pays for its prompt. The engine reports cache hits with its first
         # output only, so until then none are counted.
         generation.prompt_tokens = _prompt_tokens(prompt)
+        meter._running.add(generation)
         try:
             outputs = self._engine.generate(prompt, sampling_params, request_id, **kwargs)
             async for output in meter.paced(outputs, whole=sampling_params.output_kind == RequestOutputKind.FINAL_ONLY):
@@ -256,4 +267,5 @@ class MeteredEngineClient:
             meter.engine_failures += 1
             raise
         finally:
+            meter._running.discard(generation)
             generation.add_to(meter)
