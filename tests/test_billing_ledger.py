@@ -92,6 +92,22 @@ def test_a_price_change_applies_from_its_time_on(ledger: Ledger) -> None:
     assert costs == {"before": 8_196_000, "after": 232 * 4000 + 768 * 2000 + 100 * 30000}
 
 
+def test_a_row_the_database_refuses_is_set_aside_and_its_batch_recorded(ledger: Ledger) -> None:
+    """A batch goes in as one statement (on PostgreSQL, one array a column); if the database refuses it, each row is
+    tried on its own, and the one it refuses is set aside. A count past the column's 32 bits is such a row on
+    PostgreSQL; SQLite stores it."""
+    huge = event("huge", completion_tokens=2**40)
+    batch = [event("first"), huge, event("last")]
+    recorded = ledger.record_new(batch)
+    if ledger.engine.dialect.name == "postgresql":
+        assert set(recorded.new) == {"first", "last"} and recorded.set_aside == {"huge": "refused_by_database"}
+        assert [r["completion_tokens"] for r in ledger.set_aside()] == [2**31 - 1]  # kept as near as fits
+    else:
+        assert set(recorded.new) == {"first", "huge", "last"} and recorded.set_aside == {}
+    again = ledger.record_new(batch)
+    assert again.new == {} and again.set_aside == {}
+
+
 def test_what_cannot_be_recorded_is_set_aside_with_its_reason_and_the_rest_is_recorded(ledger: Ledger) -> None:
     """Issue 15, hole 3: one report that cannot be recorded used to fail its whole batch, so its sender re-sent the
     batch forever and billing stopped for that replica. It is set aside (counts and ids, a reason code), unbilled,

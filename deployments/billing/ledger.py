@@ -261,6 +261,9 @@ class Ledger:
         )
         try:
             with connection.begin_nested():
+                if self.engine.dialect.name == "postgresql":
+                    columns = {f"_{c}": [row[c] for row in rows] for c in _USAGE_COLUMNS}
+                    return {r[0] for r in connection.execute(_UNNEST_INSERT, columns).fetchall()}
                 return {r[0] for r in connection.execute(insert, rows).fetchall()}
         except (sa.exc.IntegrityError, sa.exc.DataError):
             pass
@@ -459,6 +462,30 @@ def _insert_ignoring_duplicates(table: sa.Table, dialect: str) -> sa.Insert:
     raise ValueError(f"the ledger supports SQLite and PostgreSQL, not {dialect}")
 
 
+_USAGE_COLUMNS = tuple(c.name for c in USAGE_EVENTS.columns)
+
+
+def _unnest_insert() -> sa.Insert:
+    """A batch of usage rows into PostgreSQL as one array per column (``_<column>``), unnested into rows: one short
+    statement whatever the batch's size, so psycopg parses and PostgreSQL plans it once and caches it. A row per
+    parameter set, as the other databases get it, makes a statement of 14 parameters a row that is parsed anew for
+    every batch: that was most of billing's CPU per event on PostgreSQL (docs/benchmarks/control-plane.md)."""
+    # Text, not the columns' VARCHAR(n): a cast to VARCHAR(n) cuts a longer value silently, the insert refuses it.
+    arrays = [
+        sa.bindparam(f"_{c.name}", type_=postgresql.ARRAY(sa.Text if isinstance(c.type, sa.String) else c.type))
+        for c in USAGE_EVENTS.columns
+    ]
+    rows = sa.func.unnest(*arrays).table_valued(*_USAGE_COLUMNS).render_derived()
+    return (
+        postgresql.insert(USAGE_EVENTS)
+        .from_select(list(_USAGE_COLUMNS), sa.select(*(rows.c[c] for c in _USAGE_COLUMNS)))
+        .on_conflict_do_nothing(index_elements=["request_id"])
+        .returning(USAGE_EVENTS.c.request_id)
+    )
+
+
+_UNNEST_INSERT = _unnest_insert()
+
 _IDS = ("request_id", "tenant", "key_id", "model")
 
 
@@ -469,9 +496,19 @@ def _width(table: sa.Table, column: str) -> int:
     return kind.length
 
 
+_ID_WIDTHS = tuple(_width(USAGE_EVENTS, c) for c in _IDS)  # per event below: read from the table once
+
+
 def _fits(event: UsageEvent) -> bool:
     """The event's ids and names fit the ledger's columns, and its status is one the ledger knows."""
-    return event.status in STATUSES and all(len(getattr(event, c)) <= _width(USAGE_EVENTS, c) for c in _IDS)
+    request_id, tenant, key_id, model = _ID_WIDTHS
+    return (
+        event.status in STATUSES
+        and len(event.request_id) <= request_id
+        and len(event.tenant) <= tenant
+        and len(event.key_id) <= key_id
+        and len(event.model) <= model
+    )
 
 
 def _cut(text: str, column: str) -> str:
