@@ -205,7 +205,12 @@ class Stack:
         self.wait_for_replacement(where, replicas, victim, timeout_s)
 
     def kill_engine_mid_generation(
-        self, model: str, replicas: int, timeout_s: float = 120, looking: threading.Event | None = None
+        self,
+        model: str,
+        replicas: int,
+        timeout_s: float = 120,
+        looking: threading.Event | None = None,
+        core: bool = False,
     ) -> EngineKill:
         """Kills an engine replica's process of ``model`` (SIGKILL, as a crash or the OOM killer does: at once; the
         test cluster is this machine) the moment its vLLM says it is generating, asked of every replica's actor at
@@ -215,7 +220,9 @@ class Stack:
         Generating is vLLM's ``running`` (in its batch, so past the first token), not ``in_flight``: a request
         still waiting for its first step has no response yet, and a kill then is answered with 503, not a cut. Only
         an answer that came within ``FRESH_ANSWER_S`` of the question is acted on. ``looking`` is set once the
-        replicas' actors are found, which takes seconds (Ray's state API) that short streams may not last."""
+        replicas' actors are found, which takes seconds (Ray's state API) that short streams may not last.
+        ``core``: the victim's vLLM engine core process is killed instead (its ``VLLM::EngineCore`` child): the
+        replica lives on, finds its engine dead and is replaced for it."""
         import ray
 
         self.connect()
@@ -254,8 +261,9 @@ class Stack:
                     said.append(f"{_short(name)}: {vllm} after {answered - asked:.1f} s, too late to act on")
                     continue
                 if vllm["running"] > 0:
+                    victim = engine_core_of(pids[name]) if core else pids[name]
                     killing = time.monotonic()
-                    os.kill(pids[name], signal.SIGKILL)
+                    os.kill(victim, signal.SIGKILL)
                     killed = time.monotonic()
                     kill = EngineKill(
                         name, vllm, answered - asked, killed - answered, killed, killing, _answers(ongoing)
@@ -277,6 +285,17 @@ class Stack:
                 return
             time.sleep(1)
         raise AssertionError(f"{where} did not recover within {timeout_s} s")
+
+
+def engine_core_of(replica_pid: int) -> int:
+    """The pid of the vLLM engine core process an engine replica runs (vLLM titles it ``VLLM::EngineCore``)."""
+    cores = [
+        child.pid
+        for child in psutil.Process(replica_pid).children(recursive=True)
+        if "EngineCore" in " ".join(child.cmdline())
+    ]
+    assert len(cores) == 1, f"engine core processes of {replica_pid}: {cores}"
+    return cores[0]
 
 
 def stack_ports() -> dict[str, str]:

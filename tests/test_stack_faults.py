@@ -12,7 +12,10 @@ from __future__ import annotations
 
 import asyncio
 import bisect
+import contextlib
+import json
 import math
+import os
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -22,14 +25,20 @@ import pytest
 
 from deployments.billing.ledger import Ledger
 from deployments.server.gate import PROGRESS_INTERVAL_S
-from tests.conftest import BILLING, SECOND_MODEL, EngineKill, SecondApp
+from testkit.faults import FIGURES_ENV
+from tests.conftest import BILLING, SECOND_MODEL, EngineKill, SecondApp, haproxies
 from tests.traffic import Outcome, SteadyLoad, during, ledger_totals, wait_for_ledger
 
 pytestmark = pytest.mark.stack
 
 CLIENTS = 6  # under the app's 2 x 4 running + 4 queued: a refusal here would be a fault's doing
 LONG_STREAM_TOKENS = 800  # seconds of generation each: a kill that finds one running lands mid-way
+CUT_STREAM_TOKENS = 200  # streams are running at every moment of a fault that needs no aim (and end sooner)
 TRAFFIC_WAIT_S = 180  # for the clients' streams before and after a fault (an engine replica restarts in between)
+
+
+# When the last fault ran (time.monotonic(), its start and end), for its figures (``record_figures``).
+fault_window: list[float] = [0.0, 0.0]
 
 
 async def under_load(app: SecondApp, key: str, fault: Callable[[], None], max_tokens: int = 48) -> list[Outcome]:
@@ -40,8 +49,9 @@ async def under_load(app: SecondApp, key: str, fault: Callable[[], None], max_to
     running = asyncio.create_task(load.run())
     try:
         await load.wait_for(lambda: load.receiving > 0, TRAFFIC_WAIT_S, "streams delivering before the fault")
+        fault_window[0] = time.monotonic()
         await asyncio.to_thread(fault)
-        over = time.monotonic()
+        over = fault_window[1] = time.monotonic()
         await load.wait_for(lambda: load.served_since(over) >= CLIENTS, TRAFFIC_WAIT_S, "streams after the fault")
     finally:
         load.stop()
@@ -66,7 +76,50 @@ def assert_clean_and_billed(
     assert all(o.status == 200 and o.error_code is None for o in outcomes[-CLIENTS:]), outcomes[-CLIENTS:]
     billed, seen = wait_for_ledger(app.base_url, key, before, outcomes, besides=besides)
     expected = (seen[0] + besides[0], seen[1] + besides[1])
+    record_figures(outcomes, cut or [], billed, seen, besides)
     assert billed == expected, f"billed (output tokens, nano-DKK) {billed} != seen by clients {seen} + {besides}"
+
+
+def _ending(outcome: Outcome, cut: list[Outcome]) -> str:
+    if outcome in cut:
+        return "cut" if outcome.status == 200 else f"{outcome.status}"  # a transport error: no answer at all
+    if outcome.status == 200 and outcome.done and not outcome.error_code:
+        return "served"
+    if outcome.status == 200:
+        return f"200 then {outcome.error_code}"  # a stream that ended with an error event
+    return f"{outcome.status} {outcome.error_code or ''}".strip()
+
+
+def record_figures(
+    outcomes: list[Outcome],
+    cut: list[Outcome],
+    billed: tuple[int, int],
+    seen: tuple[int, int],
+    besides: tuple[int, int],
+) -> None:
+    """The fault's figures, for ``python -m loadtests.faults`` (which names the file in ``ANKER_FAULT_FIGURES``):
+    requests during it, how they ended, and the ledger against what clients were told."""
+    path = os.environ.get(FIGURES_ENV)
+    if not path:
+        return
+    began, over = fault_window
+    during_fault = [o for o in outcomes if o.started_s <= over and o.ended_s >= began]
+    endings = Counter(_ending(o, cut) for o in during_fault)
+    figures = {
+        "test": os.environ.get("PYTEST_CURRENT_TEST", "?").split(" ")[0].split("::")[-1],
+        "requests": len(outcomes),
+        "fault_s": round(over - began, 1),
+        "during_fault": len(during_fault),
+        "endings": dict(endings),
+        "refusals_with_retry_after": sum(1 for o in outcomes if o.status in (429, 503, 504) and o.retry_after),
+        "refusals": sum(1 for o in outcomes if o.status in (429, 503, 504)),
+        "billed": list(billed),
+        "told": list(seen),
+        "cut_billed": list(besides),
+        "difference": [billed[0] - seen[0] - besides[0], billed[1] - seen[1] - besides[1]],
+    }
+    with open(path, "a", encoding="utf-8") as out:
+        out.write(json.dumps(figures) + "\n")
 
 
 def most_in_a_window(times: list[float], window_s: float) -> int:
@@ -92,7 +145,8 @@ def cut_streams_billed(app: SecondApp, tenant: str, cut: list[Outcome], finished
     finally:
         ledger.dispose()
     assert set(delivering) <= set(rows), f"cut streams not billed: {set(delivering) - set(rows)}"
-    assert len(rows) <= len(cut), f"{len(rows)} requests billed as cut, {len(cut)} were"  # none twice, none other
+    charged = [r for r in rows.values() if r["cost_nano_dkk"]]  # (a request the engine failed before output: free)
+    assert len(charged) <= len(cut), f"{len(charged)} requests billed as cut, {len(cut)} were"  # none twice, none other
     # Tokens per chunk, as the finished streams had them (a chunk holds whole characters: random weights' bytes can
     # take a few tokens to make one).
     per_chunk = max(math.ceil(o.usage["completion_tokens"] / max(1, o.content_chunks - 1)) for o in finished)
@@ -136,6 +190,87 @@ def test_an_engine_replica_killed_mid_stream(second_app: SecondApp) -> None:
     finished = [o for o in outcomes if o.usage]
     besides = cut_streams_billed(second_app, "faults-engine-killed", cut, finished)
     assert_clean_and_billed(second_app, key, before, outcomes, cut, besides, since_s=killed.killed_s)
+
+
+def test_a_vllm_engine_core_killed_mid_generation(second_app: SecondApp) -> None:
+    """vLLM's engine core process of one engine replica dies (SIGKILL) while it generates. The replica lives on and
+    finds its engine dead (vLLM's client watches the process): its streams end with an ``engine_unavailable`` error
+    event, what reaches it meanwhile is refused with 503 and Retry-After, its health check fails and Serve replaces
+    it. Each cut stream is billed what it was sent, by the replica itself."""
+    key = second_app.new_key("faults-engine-core-killed")
+    before = ledger_totals(second_app.base_url, key)
+    kills: list[EngineKill] = []
+
+    def kill() -> None:
+        kills.append(second_app.kill_engine_mid_generation(SECOND_MODEL, 2, core=True))
+
+    outcomes = asyncio.run(under_load(second_app, key, kill, max_tokens=CUT_STREAM_TOKENS))
+    [killed] = kills
+    cut = [o for o in outcomes if o.cut_off]
+    seen = Counter((o.status, o.error_code, o.done) for o in outcomes)
+    assert cut, f"the engine core's death cut no stream ({killed}): {seen}"
+    assert all(o.error_code == "engine_unavailable" and o.done for o in cut), [o.summary(killed.killed_s) for o in cut]
+    finished = [o for o in outcomes if o.usage]
+    besides = cut_streams_billed(second_app, "faults-engine-core-killed", cut, finished)
+    assert_clean_and_billed(second_app, key, before, outcomes, besides=besides, since_s=killed.killed_s)
+
+
+def test_the_http_entry_killed_under_load(second_app: SecondApp) -> None:
+    """HAProxy, the node's HTTP entry, dies (SIGKILL) while streams run through it. Ray's proxy actor finds it gone
+    (its health check), Serve restarts the proxy and with it HAProxy. Meanwhile the node has no HTTP entry: its
+    streams end with their connections, and a new connection is refused until HAProxy listens again (a cluster
+    puts several entries behind its load balancer). The engine replicas live on: each cut stream is metered as a
+    client that left, billed what its replica produced for it (what its client got, and what was on its way)."""
+    key = second_app.new_key("faults-http-entry-killed")
+    before = ledger_totals(second_app.base_url, key)
+    window: list[float] = []
+
+    def kill() -> None:
+        entry = haproxies(second_app.config)  # the one serving, and any a reload left finishing its streams
+        assert entry, "no HAProxy of the stack runs"
+        window.append(time.monotonic())
+        for process in entry:
+            process.kill()
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:  # a new HAProxy (Serve restarts the proxy that ran it) that answers
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(f"{second_app.base_url}/healthz", timeout=5).status_code == 200:
+                    window.append(time.monotonic())
+                    return
+            time.sleep(0.2)
+        raise AssertionError("HAProxy did not come back within 120 s")
+
+    outcomes = asyncio.run(under_load(second_app, key, kill, max_tokens=CUT_STREAM_TOKENS))
+    killing, back = window
+    # Streams open at the kill: their connections ended with HAProxy. Requests sent while it was down: refused.
+    unanswered = ("ConnectError", "RemoteProtocolError", "ReadError")
+    cut = [
+        o
+        for o in outcomes
+        if not o.done
+        and o.started_s <= back
+        and o.ended_s >= killing
+        and (o.status in unanswered or (o.status == 200 and o.transport_error is not None))
+    ]
+    assert any(o.status == 200 for o in cut), f"the kill cut no stream: {during(outcomes, killing, killing)}"
+    delivering = {o.answer_id: o for o in cut if o.answer_id}
+    ledger = Ledger(second_app.ledger.url)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            rows = {r["request_id"]: r for r in ledger.events("faults-http-entry-killed") if r["status"] == "cancelled"}
+            if set(delivering) <= set(rows) or time.monotonic() > deadline:
+                break
+            time.sleep(2)
+    finally:
+        ledger.dispose()
+    assert set(delivering) <= set(rows), f"cut streams not billed: {set(delivering) - set(rows)}"
+    assert len(rows) <= len(cut), f"{len(rows)} requests billed as left, {len(cut)} were cut"
+    for answer_id, outcome in delivering.items():
+        # Metered by the replica itself: all it sent, at least what the client got (the first chunk says the role).
+        assert rows[answer_id]["completion_tokens"] >= outcome.content_chunks - 1, (rows[answer_id], outcome)
+    besides = (sum(r["completion_tokens"] for r in rows.values()), sum(r["cost_nano_dkk"] for r in rows.values()))
+    assert_clean_and_billed(second_app, key, before, outcomes, cut, besides, since_s=killing)
 
 
 def test_the_billing_actor_killed_under_load(second_app: SecondApp) -> None:

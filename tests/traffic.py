@@ -41,7 +41,7 @@ class Outcome:
     transport_error: str | None = None  # the connection failed after the response had started
     started_s: float = 0.0  # time.monotonic() when the request was sent
     ended_s: float = 0.0  # ... and when its answer ended
-    answered_by: str = ""  # the 200's content type, server and request id, for a failure message
+    answered_by: str = ""  # the answer's content type, server and request id, for a failure message
 
     @property
     def clean(self) -> bool:
@@ -118,9 +118,10 @@ async def stream_chat(
         async with client.stream(
             "POST", f"{base_url}/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {key}"}
         ) as r:
+            answered_by = " ".join(r.headers.get(h, "-") for h in ("content-type", "server", "x-request-id"))
             if r.status_code != 200:
                 await r.aread()
-                times = {"started_s": started, "ended_s": time.monotonic()}
+                times = {"started_s": started, "ended_s": time.monotonic(), "answered_by": answered_by}
                 try:
                     error = r.json()["error"]
                 except (ValueError, KeyError, TypeError):
@@ -129,7 +130,6 @@ async def stream_chat(
             usage, error, done, chunks, broken = None, None, False, 0, None
             chunk_times: list[float] = []
             answer_id = None
-            answered_by = " ".join(r.headers.get(h, "-") for h in ("content-type", "server", "x-request-id"))
             try:
                 async for event in aiter_events(r):
                     if event == DONE:
