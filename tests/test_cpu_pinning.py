@@ -82,8 +82,11 @@ TREE = textwrap.dedent(
     """
     import os, subprocess, sys, time
     first = min(os.sched_getaffinity(0))
-    code = "import os, sys, time; print(os.getpid(), flush=True); time.sleep(60)"
-    bound = f"import os, time; os.sched_setaffinity(0, {{{first}}}); print(os.getpid(), flush=True); time.sleep(60)"
+    # One write a line: when a child's stdout is unbuffered (PYTHONUNBUFFERED in the environment), print writes a
+    # pid and its newline apart, and the two processes' lines can interleave (the whole suite once read "\\n").
+    say = "os.write(1, (str(os.getpid()) + chr(10)).encode())"
+    code = f"import os, sys, time; {say}; time.sleep(60)"
+    bound = f"import os, time; os.sched_setaffinity(0, {{{first}}}); {say}; time.sleep(60)"
     parent = "import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', {!r}]); time.sleep(60)"
     for source in (parent.format(bound), parent.format(code)):
         subprocess.Popen([sys.executable, "-c", source])
