@@ -310,7 +310,9 @@ def stack_ports() -> dict[str, str]:
         "ANKER__SERVER__HAPROXY_METRICS_PORT",
         "ANKER__SERVER__HAPROXY_STATS_PORT",
     )
-    return {name: str(free_port()) for name in names}
+    taken: set[int] = set()  # picked before any is bound: without it two names can get one port (seen: the GCS's
+    # and HAProxy's stats port, and the whole stack failed to start)
+    return {name: str(free_port(taken)) for name in names}
 
 
 def haproxies(config: AnkerConfig) -> list[psutil.Process]:
