@@ -127,6 +127,23 @@ def most_in_a_window(times: list[float], window_s: float) -> int:
     return max((bisect.bisect_right(times, t + window_s) - i for i, t in enumerate(times)), default=0)
 
 
+def rows_once_there(
+    app: SecondApp, tenant: str, status: str, ids: set[str], timeout_s: float
+) -> dict[str, dict[str, object]]:
+    """The tenant's ledger rows of ``status`` by request id, once they hold ``ids`` or ``timeout_s`` passed (usage
+    reaches the ledger asynchronously): the caller asserts what they hold."""
+    ledger = Ledger(app.ledger.url)
+    try:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            rows = {str(r["request_id"]): r for r in ledger.events(tenant) if r["status"] == status}
+            if ids <= set(rows) or time.monotonic() > deadline:
+                return rows
+            time.sleep(2)
+    finally:
+        ledger.dispose()
+
+
 def cut_streams_billed(app: SecondApp, tenant: str, cut: list[Outcome], finished: list[Outcome]) -> tuple[int, int]:
     """Issue 15, hole 9: the streams a dead replica was delivering are billed from the progress its spool kept, as
     the service's failure (``engine_unavailable``): each one its client got a chunk of, for its prompt and for what
@@ -134,16 +151,8 @@ def cut_streams_billed(app: SecondApp, tenant: str, cut: list[Outcome], finished
     sent. Returns their (output tokens, nano-DKK)."""
     delivering = {o.answer_id: o for o in cut if o.answer_id}
     assert delivering, "the kill cut no stream its client had a chunk of"  # it lands while vLLM is generating
-    ledger = Ledger(app.ledger.url)
-    try:
-        deadline = time.monotonic() + 180  # the replica that replaces the dead one adopts its spool as it starts
-        while True:
-            rows = {r["request_id"]: r for r in ledger.events(tenant) if r["status"] == "engine_unavailable"}
-            if set(delivering) <= set(rows) or time.monotonic() > deadline:
-                break
-            time.sleep(2)
-    finally:
-        ledger.dispose()
+    # The replica that replaces the dead one adopts its spool as it starts.
+    rows = rows_once_there(app, tenant, "engine_unavailable", set(delivering), timeout_s=180)
     assert set(delivering) <= set(rows), f"cut streams not billed: {set(delivering) - set(rows)}"
     charged = [r for r in rows.values() if r["cost_nano_dkk"]]  # (a request the engine failed before output: free)
     assert len(charged) <= len(cut), f"{len(charged)} requests billed as cut, {len(cut)} were"  # none twice, none other
@@ -254,16 +263,7 @@ def test_the_http_entry_killed_under_load(second_app: SecondApp) -> None:
     ]
     assert any(o.status == 200 for o in cut), f"the kill cut no stream: {during(outcomes, killing, killing)}"
     delivering = {o.answer_id: o for o in cut if o.answer_id}
-    ledger = Ledger(second_app.ledger.url)
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            rows = {r["request_id"]: r for r in ledger.events("faults-http-entry-killed") if r["status"] == "cancelled"}
-            if set(delivering) <= set(rows) or time.monotonic() > deadline:
-                break
-            time.sleep(2)
-    finally:
-        ledger.dispose()
+    rows = rows_once_there(second_app, "faults-http-entry-killed", "cancelled", set(delivering), timeout_s=60)
     assert set(delivering) <= set(rows), f"cut streams not billed: {set(delivering) - set(rows)}"
     assert len(rows) <= len(cut), f"{len(rows)} requests billed as left, {len(cut)} were cut"
     for answer_id, outcome in delivering.items():
