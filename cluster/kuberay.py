@@ -72,6 +72,7 @@ def _env(config: AnkerConfig, profile: Path) -> list[dict[str, Any]]:
         {"name": "RAY_SERVE_INGRESS_REQUEST_ROUTER_FORWARD_BODY", "value": "1"},
         {"name": "RAY_SERVE_HAPROXY_METRICS_PORT", "value": str(config.server.haproxy_metrics_port)},
         {"name": "RAY_SERVE_HAPROXY_STATS_PORT", "value": str(config.server.haproxy_stats_port)},
+        {"name": "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT", "value": str(config.server.fallback_proxy_port)},
         {
             "name": "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S",
             "value": str(config.server.haproxy_deregistration_s),

@@ -198,6 +198,7 @@ def haproxy_env(config: AnkerConfig) -> dict[str, str]:
         MODEL_MAP_ENV: str(map_path),
         "RAY_SERVE_HAPROXY_METRICS_PORT": str(config.server.haproxy_metrics_port),
         "RAY_SERVE_HAPROXY_STATS_PORT": str(config.server.haproxy_stats_port),
+        "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT": str(config.server.fallback_proxy_port),
         "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": str(config.server.haproxy_deregistration_s),
         "RAY_SERVE_HAPROXY_HARD_STOP_AFTER_S": str(hard_stop_after_s(config.server.request_timeout_s)),
         # A model's ingress request router reads the prompt (deployments/server/route.py).

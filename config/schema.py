@@ -212,12 +212,33 @@ class ServerConfig(_Strict):
     max_request_bytes: int = Field(default=4 * 1024 * 1024, ge=1024)
     haproxy_metrics_port: Port = Field(default=9101, description="HAProxy's Prometheus listener (loopback).")
     haproxy_stats_port: Port = Field(default=8404, description="HAProxy's stats page (loopback).")
+    fallback_proxy_port: Port = Field(
+        default=8500,
+        description="Serve's own HTTP proxy behind HAProxy (loopback), which HAProxy falls back to when no engine "
+        "replica can take a request. Serve binds it with SO_REUSEPORT: two stacks on one host that share this port "
+        "serve each other's requests, so each needs its own (Serve's default: 8500).",
+    )
     haproxy_deregistration_s: float = Field(
         default=30.0,
         ge=0,
         description="How long a stopping engine replica stays reachable behind HAProxy, so that every HAProxy "
         "takes it out of its servers before it stops taking connections (Serve's default: 30 s).",
     )
+
+    @model_validator(mode="after")
+    def _ports_apart(self) -> ServerConfig:
+        named = {
+            "port": self.port,
+            "haproxy_metrics_port": self.haproxy_metrics_port,
+            "haproxy_stats_port": self.haproxy_stats_port,
+            "fallback_proxy_port": self.fallback_proxy_port,
+        }
+        seen: dict[int, str] = {}
+        for name, port in named.items():
+            if port in seen:
+                raise ValueError(f"{name} and {seen[port]} are both {port}")
+            seen[port] = name
+        return self
 
 
 class RayConfig(_Strict):

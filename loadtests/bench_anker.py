@@ -163,6 +163,7 @@ def anker(config_path: Path, work_dir: Path, label: str, overrides: dict[str, st
         ANKER__RAY__METRICS_EXPORT_PORT=str(free_port(taken)),
         ANKER__SERVER__HAPROXY_METRICS_PORT=str(free_port(taken)),
         ANKER__SERVER__HAPROXY_STATS_PORT=str(free_port(taken)),
+        ANKER__SERVER__FALLBACK_PROXY_PORT=str(free_port(taken)),
         **overrides,
     )
     stack = load_config(config_path, env)

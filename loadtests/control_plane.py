@@ -65,12 +65,14 @@ def _int_list(value: str) -> list[int]:
 
 def bench_config(data_dir: Path, port: int, models_dir: Path | None) -> AnkerConfig:
     """The local profile with one model, its data in ``data_dir``, its HTTP port at ``port`` and HAProxy's own
-    listeners on free ports."""
+    listeners and Serve's fallback proxy on free ports (its own: a stack already running here keeps its own)."""
+    taken = {port}
     env = {
         "ANKER_DATA_DIR": str(data_dir),
         "ANKER_PORT": str(port),
-        "ANKER__SERVER__HAPROXY_METRICS_PORT": str(free_port()),
-        "ANKER__SERVER__HAPROXY_STATS_PORT": str(free_port()),
+        "ANKER__SERVER__HAPROXY_METRICS_PORT": str(free_port(taken)),
+        "ANKER__SERVER__HAPROXY_STATS_PORT": str(free_port(taken)),
+        "ANKER__SERVER__FALLBACK_PROXY_PORT": str(free_port(taken)),
     }
     config = load_config(DEFAULT_PROFILE, env)
     model = config.models[0]

@@ -309,6 +309,7 @@ def stack_ports() -> dict[str, str]:
         "ANKER__RAY__METRICS_EXPORT_PORT",
         "ANKER__SERVER__HAPROXY_METRICS_PORT",
         "ANKER__SERVER__HAPROXY_STATS_PORT",
+        "ANKER__SERVER__FALLBACK_PROXY_PORT",
     )
     taken: set[int] = set()  # picked before any is bound: without it two names can get one port (seen: the GCS's
     # and HAProxy's stats port, and the whole stack failed to start)

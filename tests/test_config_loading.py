@@ -67,6 +67,7 @@ def test_config_file_from_env(tmp_path: Path) -> None:
         (MINIMAL + "server: {port: 70000}\n", "server.port"),
         (MINIMAL + "ray: {gcs_port: 6379}\n", "ray.gcs_port"),
         (MINIMAL + "ray: {gcs_port: 12000}\n", "ray"),
+        (MINIMAL + "server: {port: 8500}\n", "server"),  # Serve's fallback proxy's default port
         (MINIMAL + "  - name: m\n    path: /x\n", "(top level)"),
     ],
 )

@@ -152,3 +152,21 @@ def test_a_reload_lets_the_displaced_worker_finish_every_request_within_its_time
     finally:
         shutil.rmtree(haproxy_dir(config), ignore_errors=True)
     assert hard_stop_after_s(30.0) == 120  # never below Ray's own default
+
+
+def test_serves_fallback_proxy_listens_on_the_stacks_own_port(tmp_path: Path) -> None:
+    """HAProxy's backup server is Serve's own proxy, which Serve binds with SO_REUSEPORT (8500 by default). Two
+    stacks on one host shared it, and the kernel handed one stack's requests to the other's proxy: seen in the
+    engine-kill fault test, where a valid key was refused with 401 by the other stack's billing. Each stack's
+    config names its own port (``server.fallback_proxy_port``), and it reaches Serve."""
+    import shutil
+
+    from cluster.local import haproxy_dir, haproxy_env
+    from config.settings import load_config
+
+    config = load_config(environ={"ANKER_DATA_DIR": str(tmp_path), "ANKER__SERVER__FALLBACK_PROXY_PORT": "18500"})
+    config.run_dir.mkdir(parents=True)
+    try:
+        assert haproxy_env(config)["RAY_SERVE_FALLBACK_PROXY_HTTP_PORT"] == "18500"
+    finally:
+        shutil.rmtree(haproxy_dir(config), ignore_errors=True)

@@ -21,12 +21,13 @@ from collections import Counter
 from collections.abc import Callable
 
 import httpx
+import psutil
 import pytest
 
 from deployments.billing.ledger import Ledger
 from deployments.server.gate import PROGRESS_INTERVAL_S
 from testkit.faults import FIGURES_ENV
-from tests.conftest import BILLING, SECOND_MODEL, EngineKill, SecondApp, haproxies
+from tests.conftest import BILLING, SECOND_MODEL, EngineKill, SecondApp, Stack, haproxies
 from tests.traffic import Outcome, SteadyLoad, during, ledger_totals, wait_for_ledger
 
 pytestmark = pytest.mark.stack
@@ -72,6 +73,9 @@ def assert_clean_and_billed(
     assert outcomes
     unclean = [o for o in outcomes if not o.clean and o not in (cut or [])]
     assert not unclean, [o.summary(since_s) for o in unclean[:5]]
+    # A fault never turns a valid key away (it did when two stacks shared a fallback proxy: see the test below).
+    refused = [o for o in outcomes if o.status in (401, 403)]
+    assert not refused, [o.summary(since_s) for o in refused[:5]]
     # The service recovered by itself: the last requests of the run were served.
     assert all(o.status == 200 and o.error_code is None for o in outcomes[-CLIENTS:]), outcomes[-CLIENTS:]
     billed, seen = wait_for_ledger(app.base_url, key, before, outcomes, besides=besides)
@@ -165,6 +169,20 @@ def cut_streams_billed(app: SecondApp, tenant: str, cut: list[Outcome], finished
         assert row["prompt_tokens"] > 0, row
         assert chunks - unnoted <= row["completion_tokens"] <= per_chunk * (chunks + 2), (row, outcome.summary(0))
     return sum(r["completion_tokens"] for r in rows.values()), sum(r["cost_nano_dkk"] for r in rows.values())
+
+
+def test_two_stacks_on_one_host_each_have_their_own_fallback_proxy(stack: Stack, second_app: SecondApp) -> None:
+    """HAProxy falls back to Serve's own proxy when no engine replica can take a request (as while one restarts).
+    Serve binds that proxy with SO_REUSEPORT, so two stacks' proxies on one port share it, and the kernel hands
+    each some of the other's requests: a valid key was refused with 401 by the other stack's billing. Each stack's
+    fallback proxy listens alone, on its own port."""
+    ports = [s.config.server.fallback_proxy_port for s in (stack, second_app)]
+    assert ports[0] != ports[1], ports
+    for port in ports:
+        listening = {
+            c.pid for c in psutil.net_connections("tcp") if c.status == psutil.CONN_LISTEN and c.laddr.port == port
+        }
+        assert len(listening) == 1, f"port {port}: processes {listening} listen on it"
 
 
 def test_an_engine_replica_killed_mid_stream(second_app: SecondApp) -> None:
