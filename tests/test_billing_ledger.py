@@ -7,7 +7,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Iterator
 from dataclasses import replace
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime, timedelta, timezone
 from decimal import Decimal
 from pathlib import Path
 
@@ -19,7 +19,7 @@ from deployments.billing.ledger import FAILED, Ledger, UsageEvent
 from deployments.billing.pricing import TokenPrices
 from deployments.billing.retention import purge, retention_cutoff
 from deployments.billing.service import BillingService, billing_spec
-from deployments.billing.tables import API_KEYS, AUDIT_LOG, BUDGET_SPEND, MEMBERS, TENANTS
+from deployments.billing.tables import API_KEYS, AUDIT_LOG, BUDGET_SPEND, MEMBERS, TENANTS, USAGE_EVENTS
 from deployments.database import database_url
 from tests.inprocess import clean_postgres
 
@@ -72,6 +72,38 @@ def test_recording_is_idempotent_on_request_id(ledger: Ledger) -> None:
     assert (totals.prompt_tokens, totals.cached_tokens, totals.completion_tokens) == (3000, 2304, 300)
 
 
+def test_a_batch_and_a_single_row_are_stored_alike(ledger: Ledger) -> None:
+    """A batch goes in as one statement (PostgreSQL: one array a column; SQLite: one JSON array of rows), a row the
+    batch could not take goes in on its own through SQLAlchemy: both store every column alike, times to the
+    microsecond in UTC (SQLite compares them as text: the format must be SQLAlchemy's own), whatever zone they
+    came in."""
+    copenhagen = timezone(timedelta(hours=1))
+    at = datetime(2026, 11, 3, 12, 0, 0, tzinfo=copenhagen)  # whole seconds: no fraction in isoformat's default
+    batched = replace(event("batched", at), finished_at=at + timedelta(microseconds=7), status="cancelled")
+    alone = replace(batched, request_id="alone")
+    ledger.record([batched])
+    row = {**_row_of(ledger, "batched"), "request_id": "alone"}
+    with ledger.engine.begin() as db:  # the per-row path, as ``_insert`` takes it when a batch is refused
+        db.execute(sa.insert(USAGE_EVENTS), [row])
+    rows = {r["request_id"]: r for r in ledger.events("kommune-x")}
+    assert {k: v for k, v in rows["batched"].items() if k != "request_id"} == {
+        k: v for k, v in rows["alone"].items() if k != "request_id"
+    }
+    assert rows["batched"]["started_at"] == at and rows["batched"]["finished_at"] == alone.finished_at
+    in_window = ledger.totals("kommune-x", at, at + timedelta(microseconds=1))
+    assert in_window.requests == 2  # the window's bounds compare with the stored times as SQLAlchemy writes them
+    assert ledger.totals("kommune-x", at + timedelta(microseconds=1), at + timedelta(days=1)).requests == 0
+
+
+def _row_of(ledger: Ledger, request_id: str) -> dict[str, object]:
+    with ledger.engine.connect() as db:
+        row = db.execute(sa.select(USAGE_EVENTS).where(USAGE_EVENTS.c.request_id == request_id)).one()
+    values = dict(row._mapping)
+    values["started_at"] = values["started_at"].replace(tzinfo=values["started_at"].tzinfo or UTC)
+    values["finished_at"] = values["finished_at"].replace(tzinfo=values["finished_at"].tzinfo or UTC)
+    return values
+
+
 def test_concurrent_deliveries_of_the_same_events_bill_once(ledger: Ledger) -> None:
     batch = [event(f"c{i}") for i in range(50)]
     results: list[int] = []
@@ -95,15 +127,18 @@ def test_a_price_change_applies_from_its_time_on(ledger: Ledger) -> None:
 def test_a_row_the_database_refuses_is_set_aside_and_its_batch_recorded(ledger: Ledger) -> None:
     """A batch goes in as one statement (on PostgreSQL, one array a column); if the database refuses it, each row is
     tried on its own, and the one it refuses is set aside. A count past the column's 32 bits is such a row on
-    PostgreSQL; SQLite stores it."""
+    PostgreSQL; SQLite stores it, and refuses a cost past 64 bits."""
     huge = event("huge", completion_tokens=2**40)
-    batch = [event("first"), huge, event("last")]
+    enormous = event("enormous", completion_tokens=2**62)
+    batch = [event("first"), huge, enormous, event("last")]
     recorded = ledger.record_new(batch)
     if ledger.engine.dialect.name == "postgresql":
-        assert set(recorded.new) == {"first", "last"} and recorded.set_aside == {"huge": "refused_by_database"}
-        assert [r["completion_tokens"] for r in ledger.set_aside()] == [2**31 - 1]  # kept as near as fits
+        assert set(recorded.new) == {"first", "last"}
+        assert recorded.set_aside == {"huge": "refused_by_database", "enormous": "refused_by_database"}
+        assert [r["completion_tokens"] for r in ledger.set_aside()] == [2**31 - 1] * 2  # kept as near as fits
     else:
-        assert set(recorded.new) == {"first", "huge", "last"} and recorded.set_aside == {}
+        assert set(recorded.new) == {"first", "huge", "last"}
+        assert recorded.set_aside == {"enormous": "refused_by_database"}
     again = ledger.record_new(batch)
     assert again.new == {} and again.set_aside == {}
 

@@ -214,22 +214,23 @@ def _same(column: sa.Column[str | None], period: str | None) -> sa.ColumnElement
 
 @dataclass(frozen=True)
 class Settlement:
-    """One newly recorded request's cost, and the lease it drew from (None: no budget applied when it started)."""
+    """What newly recorded requests of one key cost, summed per month they started in (``month_period``) and lease
+    they drew from (None: no budget applied when they started)."""
 
     lease_id: str | None
     tenant: str
     key_id: str
+    month: str
     cost_nano_dkk: int
-    started_at: datetime
 
 
 SpendKey = tuple[str, str, str]  # scope, scope id, period
 
 
 def settle(db: sa.Connection, settlements: Sequence[Settlement]) -> None:
-    """Books a batch of newly recorded requests' costs: each lease gives up what its requests cost (never more than
-    it holds; a lease that lapsed holds nothing), and every budget row of the requests' month, and the prepaid one,
-    adds the cost to its spend, budgets set while a request ran included.
+    """Books a batch of newly recorded requests' costs (summed, ``Settlement``): each lease gives up what its
+    requests cost (never more than it holds; a lease that lapsed holds nothing), and every budget row of the
+    requests' month, and the prepaid one, adds the cost to its spend, budgets set while a request ran included.
 
     One statement per lease and one per budget row, however many requests the batch holds. Runs in the ledger's
     insert transaction, for the requests that insert added (the insert is idempotent, so is this).
@@ -240,7 +241,7 @@ def settle(db: sa.Connection, settlements: Sequence[Settlement]) -> None:
     released: dict[SpendKey, int] = defaultdict(int)
     by_lease: dict[str, int] = defaultdict(int)
     for s in settlements:
-        month = month_period(s.started_at)
+        month = s.month
         for target in (("tenant", s.tenant, month), ("tenant", s.tenant, PREPAID_PERIOD), ("key", s.key_id, month)):
             spent[target] += s.cost_nano_dkk
         if s.lease_id is not None:
