@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
@@ -196,6 +196,40 @@ async def test_a_lease_goes_back_only_once_its_usage_is_recorded(billed: Billed)
     await replica.admission.give_back()
     spent, reserved = billed.spent_and_reserved(key)
     assert reserved == 0 and spent == PROMPT * PRICES.input_uncached_nano_dkk + 3 * PRICES.output_nano_dkk
+
+
+async def test_usage_batches_that_arrive_together_are_written_together_and_a_bad_one_fails_alone(
+    billed: Billed, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 15 (scale): usage batches that reach billing while it writes are written together, one transaction for
+    all (a group commit), and each sender is acknowledged its own batch; the budget settles their sum. A batch the
+    ledger cannot take (here, a time without a zone, which no replica sends) fails only its own sender."""
+    key = await verified(billed.replica(), billed.key(budget_dkk="5"))
+    written: list[int] = []  # events per ledger transaction
+    record_new = billed.service.ledger.record_new
+
+    def counted(events: list[UsageEvent], leases: dict[str, str] | None = None) -> Any:
+        written.append(len(events))
+        return record_new(events, leases)
+
+    monkeypatch.setattr(billed.service.ledger, "record_new", counted)
+    batches = [[UsageReport(finished(ask(key, 10 * b + i), 2)) for i in range(10)] for b in range(4)]
+    acked = await asyncio.gather(*(billed.handle.record.remote(batch) for batch in batches))
+    assert acked == [[r.event.request_id for r in batch] for batch in batches]
+    assert written == [40]
+    spent, _ = billed.spent_and_reserved(key)
+    each = PROMPT * PRICES.input_uncached_nano_dkk + 2 * PRICES.output_nano_dkk
+    assert spent == 40 * each
+
+    written.clear()
+    good = [UsageReport(finished(ask(key, 100 + i), 2)) for i in range(3)]
+    naive = replace(finished(ask(key, 200)), started_at=datetime(2026, 12, 7))
+    answers = await asyncio.gather(
+        billed.handle.record.remote(good), billed.handle.record.remote([UsageReport(naive)]), return_exceptions=True
+    )
+    assert answers[0] == [r.event.request_id for r in good] and isinstance(answers[1], ValueError), answers
+    assert written == [4, 3, 1]  # together, then each alone
+    assert billed.spent_and_reserved(key)[0] == spent + 3 * each
 
 
 async def test_a_lease_its_replica_stops_renewing_lapses_and_is_never_spent(billed: Billed) -> None:

@@ -12,7 +12,7 @@ import asyncio
 import hashlib
 import hmac
 import logging
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -27,7 +27,7 @@ from deployments.billing.pricing import LEASE_REQUESTS, TokenPrices, dkk_string,
 from deployments.billing.ratelimit import RateLimiter
 from deployments.billing.tables import TENANTS
 from deployments.contracts import LeaseAsk, LeaseGrant, LeaseUpkeep, LimitSnapshot, Principal, UpkeepResult, UsageReport
-from deployments.errors import AnkerError, InvalidValue
+from deployments.errors import AnkerError, BillingUnavailable, InvalidValue
 from deployments.keys import KeyRecord, KeyStore, load_or_create_secret, secret_path
 from observability import metrics
 
@@ -35,6 +35,20 @@ if TYPE_CHECKING:
     from config.schema import AnkerConfig, ModelConfig
 
 logger = logging.getLogger("ray.serve")
+
+# The most usage events one ledger transaction takes from batches that waited together (``record``): eight of an
+# outbox's full batches (deployments/usage_outbox.py), so that a transaction stays short.
+GROUP_COMMIT_EVENTS = 2048
+
+
+def _answer(future: asyncio.Future[None], error: BaseException | None) -> None:
+    """Ends a waiting ``record`` call (unless its caller has gone): its batch is written, or ``error``."""
+    if future.done():
+        return
+    if error is None:
+        future.set_result(None)
+    else:
+        future.set_exception(error)
 
 
 @dataclass(frozen=True)
@@ -96,6 +110,8 @@ class BillingService:
         self.keys = KeyStore(self.ledger.engine, load_or_create_secret(secret_path(spec.secrets_path), not provided))
         self.governance = Governance(self.keys)
         self.limiter = RateLimiter()
+        self._to_write: deque[tuple[Sequence[UsageReport], asyncio.Future[None]]] = deque()  # batches ``record`` holds
+        self._writer: asyncio.Task[None] | None = None
         admin_token = load_or_create_admin_token(spec.secrets_path, not provided)
         self._admin_digest = hashlib.sha256(admin_token.encode()).digest()
         now = datetime.now(UTC)
@@ -201,7 +217,54 @@ class BillingService:
     async def record(self, reports: Sequence[UsageReport]) -> list[str]:
         """Stores the reports' events (replays change nothing) and settles them against their leases; returns the
         billing ids now safe in the ledger, or set aside there (``Ledger.record_new``): either way, never sent
-        again."""
+        again.
+
+        Batches that arrive while one is being written wait and are written together, in one transaction (a group
+        commit): one commit, one price look-up and one settlement per budget for all of them, which is most of a
+        batch's fixed cost. A transaction that fails writes its batches again one at a time, so that a batch the
+        ledger cannot take fails only its own sender."""
+        written = asyncio.get_running_loop().create_future()
+        self._to_write.append((reports, written))
+        if self._writer is None or self._writer.done():
+            self._writer = asyncio.get_running_loop().create_task(self._write_waiting())
+        await written
+        return [r.event.request_id for r in reports]
+
+    async def _write_waiting(self) -> None:
+        """Writes the waiting batches, as many together as ``GROUP_COMMIT_EVENTS`` allows, until none waits."""
+        group: list[tuple[Sequence[UsageReport], asyncio.Future[None]]] = []
+        try:
+            while self._to_write:
+                group, events = [], 0
+                while self._to_write and (not group or events + len(self._to_write[0][0]) <= GROUP_COMMIT_EVENTS):
+                    group.append(self._to_write.popleft())
+                    events += len(group[-1][0])
+                await self._write_group(group)
+        finally:  # cancelled (the actor stops): no caller waits forever; their senders send again
+            stopped = BillingUnavailable("Billing stopped before recording this batch.")
+            for _, written in [*group, *self._to_write]:
+                _answer(written, stopped)
+            self._to_write.clear()
+
+    async def _write_group(self, group: list[tuple[Sequence[UsageReport], asyncio.Future[None]]]) -> None:
+        try:
+            await self._write([report for reports, _ in group for report in reports])
+        except Exception as error:
+            if len(group) == 1:
+                _answer(group[0][1], error)
+                return
+            for reports, written in group:  # one at a time: only a batch the ledger cannot take fails
+                try:
+                    await self._write(reports)
+                except Exception as alone:
+                    _answer(written, alone)
+                else:
+                    _answer(written, None)
+        else:
+            for _, written in group:
+                _answer(written, None)
+
+    async def _write(self, reports: Sequence[UsageReport]) -> None:
         leases = {r.event.request_id: r.lease_id for r in reports if r.lease_id is not None}
         recorded = await asyncio.to_thread(self.ledger.record_new, [r.event for r in reports], leases)
         new = recorded.new
@@ -226,7 +289,6 @@ class BillingService:
         for model, (uncached, cached, output, cost_nano) in billed.items():
             metrics.tokens(model, uncached, cached, output)
             metrics.billed(model, cost_nano)
-        return [r.event.request_id for r in reports]
 
     async def release_expired(self, now: datetime | None = None) -> int:
         """Releases the leases whose replicas stopped renewing them (``now``: a test's clock)."""
