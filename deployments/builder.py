@@ -191,6 +191,7 @@ def model_app(
         billing_app=APP_NAME,
         max_calls=max_calls,
         overload_retry_after_s=config.stack.overload_retry_after_s,
+        log_requests=config.server.log_requests,
     )
     app = EngineServer.options(**options).bind(spec)  # type: ignore[attr-defined]
     if routed:

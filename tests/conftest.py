@@ -54,6 +54,9 @@ AUTOSCALING_ENV = {
 # Time enough for a drain to let the longest test stream finish (tests/test_stack_restart.py's 1,900 tokens): on a
 # busy machine three of them at once have taken over two minutes (CI, 92ed0a4), past the default of 60 s.
 DRAIN_ENV = {"ANKER__STACK__DRAIN_TIMEOUT_S": "240"}
+# A usage line per call: the zero-data-retention test finds each request's id in a log file, so that it knows its
+# search of the files covers what those requests left there.
+LOG_REQUESTS_ENV = {"ANKER__SERVER__LOG_REQUESTS": "true"}
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -436,6 +439,7 @@ def stack(
         **ports,
         **AUTOSCALING_ENV,
         **DRAIN_ENV,
+        **LOG_REQUESTS_ENV,
         **otlp.env(),
     }
     # A key made before the stack starts (the key store is a file): with it, a client calls the API all through
@@ -565,6 +569,7 @@ def second_app(stack: Stack, tiny_models: dict[str, Path], otlp: OtlpReceiver) -
                 "ANKER__RAY__TEMP_DIR": str(root / "ray"),
                 **ports,
                 **SECOND_ENV,
+                **LOG_REQUESTS_ENV,
                 **otlp.env(),
             }
             keys = [create_key(env, tenant) for tenant in ("second", "second-probe")]

@@ -105,8 +105,10 @@ class KeyGate:
         report: Callable[[Call, Metered], None] = lambda call, metered: None,
         *,
         deadlines: Deadlines,
+        log_requests: bool = False,
     ) -> None:
         self.app = app
+        self.log_requests = log_requests
         self.billing = billing
         self.model = model
         self.region = region
@@ -217,16 +219,16 @@ class KeyGate:
                 call, metered.prompt_tokens, metered.cached_tokens, metered.output_tokens, _status(call, metered)
             )
             self.billing.submit(UsageReport(event, call.admission.lease_id), call.admission)
-            # Counts and ids only: this line is what zero data retention allows to be kept.
-            logger.info(
-                "usage request_id=%s billing_id=%s model=%s status=%s prompt_tokens=%d cached_tokens=%d "
-                "completion_tokens=%d",
-                call.request_id or "-",
-                call.billing_id,
-                self.model,
-                event.status,
-                event.prompt_tokens,
-                event.cached_tokens,
-                event.completion_tokens,
-            )
+            if self.log_requests:  # counts and ids only: this line is what zero data retention allows to be kept
+                logger.info(
+                    "usage request_id=%s billing_id=%s model=%s status=%s prompt_tokens=%d cached_tokens=%d "
+                    "completion_tokens=%d",
+                    call.request_id or "-",
+                    call.billing_id,
+                    self.model,
+                    event.status,
+                    event.prompt_tokens,
+                    event.cached_tokens,
+                    event.completion_tokens,
+                )
         self.report(call, metered)

@@ -50,6 +50,7 @@ class ReplicaSpec:
     billing_app: str = APP_NAME  # the application whose billing actor (BILLING_DEPLOYMENT) keeps the ledger
     max_calls: int = 320  # calls at once (vLLM's batch and its queue); beyond, 503 engine_overloaded
     overload_retry_after_s: int = 2
+    log_requests: bool = False  # a usage line per call (server.log_requests)
 
 
 def serving_app(
@@ -64,13 +65,14 @@ def serving_app(
     replica_id: str,
     deadlines: Deadlines,
     metered: Callable[[Call, Metered], None] = lambda call, metered: None,
+    log_requests: bool = False,
 ) -> DrainGate:
     """What an engine replica serves: the HTTP app over vLLM's serving objects behind its door, outermost first the
     drain (while `anker down` or a pod's stop drains, new requests get 503 at once and the running ones finish; the
     drain waits for the usage outbox too), tracing, metrics, back-pressure, then the door, which holds the engine
     to ``deadlines``."""
     app = create_server_app(vllm_state, model, model_cards, max_body_bytes)
-    door = KeyGate(app, billing, model, region, metered, deadlines=deadlines)
+    door = KeyGate(app, billing, model, region, metered, deadlines=deadlines, log_requests=log_requests)
     capacity = Capacity(door, max_calls, overload_retry_after_s)
     served_by = {"anker.model": model, "anker.engine_replica": replica_id}
     return DrainGate(TracingMiddleware(RequestMetrics(capacity, model), served_by))
@@ -120,6 +122,7 @@ class EngineServer:
             self._replica,
             spec.deadlines,
             self._metered,
+            spec.log_requests,
         )
         context = serve.get_replica_context()
         outbox = self._billing.outbox
