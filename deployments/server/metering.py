@@ -169,6 +169,50 @@ def current_meter() -> RequestMeter | None:
     return _current.get()
 
 
+class _Watchdog:
+    """One engine request's deadline for its next output, on one timer a request. ``asyncio.timeout`` per output
+    made and cancelled a timer for every output (measured alone: ~6 µs an output, against ~1.5 µs this way); this timer
+    is moved only when it fires before the deadline (at most once a deadline's length, 60 s by default) or when a
+    shorter deadline begins (a stream's first output has ``request_s``, each next one ``stream_idle_s``).
+
+    When the deadline passes while the request waits, it cancels the waiting task, as ``asyncio.timeout`` does: the
+    wait is cancelled inside vLLM's ``generate``, which aborts the engine request."""
+
+    def __init__(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._deadline: float | None = None  # by when the awaited output must come (loop time); None: not waiting
+        self._task: asyncio.Task[Any] | None = None  # the task waiting for it
+        self._timer: asyncio.TimerHandle | None = None
+        self.fired = False  # it cancelled the waiting task
+
+    def waiting(self, wait_s: float) -> None:
+        self._deadline = self._loop.time() + wait_s
+        self._task = asyncio.current_task()
+        if self._timer is not None and self._timer.when() > self._deadline:  # a shorter wait (a stream's next)
+            self._timer.cancel()
+            self._timer = None
+        if self._timer is None:
+            self._timer = self._loop.call_at(self._deadline, self._check)
+
+    def received(self) -> None:
+        self._deadline = self._task = None
+
+    def close(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _check(self) -> None:
+        self._timer = None
+        if self._deadline is None or self._task is None:
+            return  # not waiting: the next wait sets the timer again
+        if self._loop.time() < self._deadline:
+            self._timer = self._loop.call_at(self._deadline, self._check)  # an output came since it was set
+            return
+        self.fired = True
+        self._task.cancel()
+
+
 async def _paced(
     outputs: AsyncGenerator[Any], meter: RequestMeter, deadlines: Deadlines, whole: bool
 ) -> AsyncGenerator[Any]:
@@ -177,24 +221,30 @@ async def _paced(
     waited, and the generation fails as vLLM's own generations fail (``GenerationError``), which its streams end
     with an error event."""
     wait_s = deadlines.request_s
-    async with aclosing(outputs):
-        while True:
-            timer = asyncio.timeout(wait_s)
-            try:
-                async with timer:
+    watchdog = _Watchdog()
+    try:
+        async with aclosing(outputs):
+            while True:
+                watchdog.waiting(wait_s)
+                try:
                     output = await anext(outputs)
-            except StopAsyncIteration:
-                return
-            except TimeoutError:
-                if not timer.expired():  # the engine's own
-                    raise
-                from vllm.exceptions import GenerationError
+                except StopAsyncIteration:
+                    return
+                except asyncio.CancelledError:
+                    task = asyncio.current_task()
+                    if not watchdog.fired or task is None or task.uncancel() > 0:
+                        raise  # cancelled by someone else (the client left, the replica stops)
+                    from vllm.exceptions import GenerationError
 
-                meter.stalled_s = wait_s
-                raise GenerationError("The engine produced no output in time.") from None
-            yield output
-            if not whole:
-                wait_s = deadlines.stream_idle_s
+                    meter.stalled_s = wait_s
+                    raise GenerationError("The engine produced no output in time.") from None
+                finally:
+                    watchdog.received()
+                yield output
+                if not whole:
+                    wait_s = deadlines.stream_idle_s
+    finally:
+        watchdog.close()
 
 
 class _Generation:
