@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import itertools
 import json
 import logging
 import os
@@ -281,29 +282,31 @@ def billing_benchmark(
     postgres = process_cpu.postgres_root(database_url) if database_url else None
 
     async def measure() -> list[BillingRow]:
-        # One event loop for every row: Serve binds the handle's router to the loop that first uses it.
+        # One event loop for every row: Serve binds the handle's router to the loop that first uses it. The rows
+        # are run in rounds, each setting once a round, so that each setting meets the machine's swings alike.
         rows = []
-        for senders in args.billing_senders:
-            for batch_size in args.batch_sizes:
-                tenant = f"bench-{label.lower()}-s{senders}-b{batch_size}"
-                before = process_cpu.sample(postgres)
-                run, replay = await drive_billing(
-                    handle,
-                    label,
-                    tenant,
-                    "bench-key",
-                    config.models[0].name,
-                    batch_size=batch_size,
-                    senders=senders,
-                    duration_s=args.billing_duration_s,
-                )
-                cpu = process_cpu.between(before, process_cpu.sample(postgres))
-                await check_recorded_once(handle, ledger, run, replay)
-                rows.append(BillingRow(run, cpu))
-                _say(
-                    f"  {label:<10} senders={senders} batch={batch_size:<4} {run.events_per_s:8.0f} events/s  "
-                    f"call p50 {run.call_ms_median():7.1f} ms  recorded once: {'yes' if run.recorded_once else 'NO'}"
-                )
+        settings = itertools.product(range(args.billing_rounds), args.billing_senders, args.batch_sizes)
+        for round_, senders, batch_size in settings:
+            tenant = f"bench-{label.lower()}-s{senders}-b{batch_size}-r{round_}"
+            before = process_cpu.sample(postgres)
+            run, replay = await drive_billing(
+                handle,
+                label,
+                tenant,
+                "bench-key",
+                config.models[0].name,
+                batch_size=batch_size,
+                senders=senders,
+                duration_s=args.billing_duration_s,
+            )
+            cpu = process_cpu.between(before, process_cpu.sample(postgres))
+            await check_recorded_once(handle, ledger, run, replay)
+            rows.append(BillingRow(run, cpu, round_))
+            _say(
+                f"  {label:<10} round {round_ + 1} senders={senders} batch={batch_size:<4} "
+                f"{run.events_per_s:8.0f} events/s  "
+                f"call p50 {run.call_ms_median():7.1f} ms  recorded once: {'yes' if run.recorded_once else 'NO'}"
+            )
         return rows
 
     try:
@@ -341,6 +344,13 @@ def build_parser() -> argparse.ArgumentParser:
     billing.add_argument("--batch-sizes", type=_int_list, default=[1, 16, 256], help="default: 1,16,256")
     billing.add_argument("--billing-senders", type=_int_list, default=[1, 4], help="concurrent senders (default: 1,4)")
     billing.add_argument("--billing-duration-s", type=float, default=4.0, help="seconds per row (default: 4)")
+    billing.add_argument(
+        "--billing-rounds",
+        type=int,
+        default=3,
+        help="rounds of every billing row, interleaved; the report shows each setting's median round and the "
+        "range (default: 3)",
+    )
     billing.add_argument("--postgres", action="store_true", help="also on a throwaway PostgreSQL (testkit/postgres.py)")
     parser.add_argument(
         "--real-engine",

@@ -48,6 +48,8 @@ def test_control_plane_benchmark_measures_and_bills_each_request_once(
         "2",
         "--billing-duration-s",
         "1",
+        "--billing-rounds",
+        "2",
         "--postgres",
         "--models-dir",
         str(tiny_models["qwen3-next-tiny"].parent),
@@ -81,9 +83,9 @@ def test_control_plane_benchmark_measures_and_bills_each_request_once(
         assert 0 < row["machine_busy_share"] <= 1
 
     billing = summary["billing"]
-    assert {(row["database"], row["batch_size"]) for row in billing} == {
-        (database, size) for database in ("SQLite", "PostgreSQL") for size in (1, 8)
-    }
+    assert sorted((row["database"], row["batch_size"], row["round"]) for row in billing) == sorted(
+        (database, size, round_) for database in ("SQLite", "PostgreSQL") for size in (1, 8) for round_ in (0, 1)
+    )
     for row in billing:
         assert row["events"] > 0 and row["events_per_s"] > 0
         assert row["ledger_events"] == row["events"], row
