@@ -213,7 +213,7 @@ class ServerConfig(_Strict):
     log_requests: bool = Field(
         default=False,
         description="One log line per model call from its engine replica: its ids, status and token counts, never "
-        "its content. Off by default: no access log on the hot path (it cost an engine replica ~4 % of its CPU a "
+        "its content. Off by default: no access log on the hot path (it cost an engine replica 4-8 % of its CPU a "
         "request); every call's usage is in the ledger and its span either way.",
     )
     haproxy_metrics_port: Port = Field(default=9101, description="HAProxy's Prometheus listener (loopback).")

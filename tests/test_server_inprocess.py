@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any, Literal
@@ -30,6 +31,7 @@ from deployments.billing.service import BillingService, BillingSpec
 from deployments.server.app import create_server_app
 from deployments.server.gate import Call, KeyGate
 from deployments.server.metering import Metered
+from deployments.server.vllm_start import SERVE_LOGGER
 from deployments.usage_outbox import Spool
 from testkit.doubles import InProcessHandleDouble, ScriptedOutputEngineDouble
 from testkit.ports import free_port
@@ -711,3 +713,30 @@ async def test_langchain_binds_tools_and_structures_output(server: Server) -> No
         "Hvordan bliver vejret i Aarhus?"
     )
     assert isinstance(weather, Weather)
+
+
+async def test_a_call_logs_no_usage_line_unless_the_config_asks(server: Server) -> None:
+    """No access log on the hot path (issue 14): by default the door logs nothing of a call; its usage is in the
+    ledger and its counts on its span. ``server.log_requests`` turns the line on (tests/test_bad_input.py reads
+    it)."""
+    lines: list[str] = []
+
+    class Collector(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            lines.append(record.getMessage())
+
+    serve_logger, collector = logging.getLogger(SERVE_LOGGER), Collector(logging.DEBUG)
+    level = serve_logger.level
+    serve_logger.addHandler(collector)
+    serve_logger.setLevel(logging.DEBUG)
+    since = len(server.reports)
+    try:
+        answer = await server.client.chat.completions.create(
+            model=MODEL, messages=QUESTION, max_tokens=2, extra_body=NO_THINKING
+        )
+        await server.report("/v1/chat/completions", since)  # the call has ended on the server, its usage submitted
+    finally:
+        serve_logger.removeHandler(collector)
+        serve_logger.setLevel(level)
+    assert answer.usage is not None and answer.usage.completion_tokens == 2
+    assert not [line for line in lines if line.startswith("usage ")], lines
