@@ -7,6 +7,7 @@ The ground floor: it imports nothing of Anker. Loading a profile (YAML and envir
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from decimal import Decimal
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -36,6 +37,16 @@ def omp_bind_cpus(bind: str) -> set[int]:
 
 class ConfigError(Exception):
     """A config file that cannot be used; the message names the file and the offending field."""
+
+
+def _distinct_ports(named: dict[str, int], check: Callable[[str, int], None] = lambda name, port: None) -> None:
+    """Refuses two of the ``named`` ports that are one port; ``check`` refuses a port for reasons of its own."""
+    seen: dict[int, str] = {}
+    for name, port in named.items():
+        if port in seen:
+            raise ValueError(f"{name} and {seen[port]} are both {port}")
+        check(name, port)
+        seen[port] = name
 
 
 class _Strict(BaseModel):
@@ -239,11 +250,7 @@ class ServerConfig(_Strict):
             "haproxy_stats_port": self.haproxy_stats_port,
             "fallback_proxy_port": self.fallback_proxy_port,
         }
-        seen: dict[int, str] = {}
-        for name, port in named.items():
-            if port in seen:
-                raise ValueError(f"{name} and {seen[port]} are both {port}")
-            seen[port] = name
+        _distinct_ports(named)
         return self
 
 
@@ -290,15 +297,14 @@ class RayConfig(_Strict):
         }
         if self.max_worker_port < self.min_worker_port:
             raise ValueError("max_worker_port is below min_worker_port")
-        seen: dict[int, str] = {}
-        for name, port in named.items():
-            if port in seen:
-                raise ValueError(f"{name} and {seen[port]} are both {port}")
+
+        def outside_workers(name: str, port: int) -> None:
             if self.min_worker_port <= port <= self.max_worker_port:
                 raise ValueError(
                     f"{name} {port} lies in the worker port range {self.min_worker_port}-{self.max_worker_port}"
                 )
-            seen[port] = name
+
+        _distinct_ports(named, outside_workers)
         return self
 
 
