@@ -136,21 +136,28 @@ def test_the_program_dies_with_the_process_that_started_it() -> None:
         raise AssertionError("the child outlived its killed parent") from None
 
 
-def test_a_reload_lets_the_displaced_worker_finish_every_request_within_its_time(tmp_path: Path) -> None:
-    """Ray reloads HAProxy whenever a replica is added, replaced or removed; the worker it displaces is stopped
-    hard after RAY_SERVE_HAPROXY_HARD_STOP_AFTER_S, cutting what it still serves. Anker sets it to the request
-    timeout, so scaling out never cuts a whole answer within its time, nor a stream younger than that."""
+def stack_haproxy_env(data_dir: Path, **settings: str) -> dict[str, str]:
+    """What ``anker up`` gives Ray for its HAProxy, for a stack of the default profile in ``data_dir`` with
+    ``settings`` (environment overrides); the short folder it makes for HAProxy is removed again."""
     import shutil
 
     from cluster.local import haproxy_dir, haproxy_env
     from config.settings import load_config
 
-    config = load_config(environ={"ANKER_DATA_DIR": str(tmp_path), "ANKER__SERVER__REQUEST_TIMEOUT_S": "900.5"})
+    config = load_config(environ={"ANKER_DATA_DIR": str(data_dir), **settings})
     config.run_dir.mkdir(parents=True)
     try:
-        assert haproxy_env(config)["RAY_SERVE_HAPROXY_HARD_STOP_AFTER_S"] == "901"
+        return haproxy_env(config)
     finally:
         shutil.rmtree(haproxy_dir(config), ignore_errors=True)
+
+
+def test_a_reload_lets_the_displaced_worker_finish_every_request_within_its_time(tmp_path: Path) -> None:
+    """Ray reloads HAProxy whenever a replica is added, replaced or removed; the worker it displaces is stopped
+    hard after RAY_SERVE_HAPROXY_HARD_STOP_AFTER_S, cutting what it still serves. Anker sets it to the request
+    timeout, so scaling out never cuts a whole answer within its time, nor a stream younger than that."""
+    env = stack_haproxy_env(tmp_path, ANKER__SERVER__REQUEST_TIMEOUT_S="900.5")
+    assert env["RAY_SERVE_HAPROXY_HARD_STOP_AFTER_S"] == "901"
     assert hard_stop_after_s(30.0) == 120  # never below Ray's own default
 
 
@@ -159,14 +166,5 @@ def test_serves_fallback_proxy_listens_on_the_stacks_own_port(tmp_path: Path) ->
     stacks on one host shared it, and the kernel handed one stack's requests to the other's proxy: seen in the
     engine-kill fault test, where a valid key was refused with 401 by the other stack's billing. Each stack's
     config names its own port (``server.fallback_proxy_port``), and it reaches Serve."""
-    import shutil
-
-    from cluster.local import haproxy_dir, haproxy_env
-    from config.settings import load_config
-
-    config = load_config(environ={"ANKER_DATA_DIR": str(tmp_path), "ANKER__SERVER__FALLBACK_PROXY_PORT": "18500"})
-    config.run_dir.mkdir(parents=True)
-    try:
-        assert haproxy_env(config)["RAY_SERVE_FALLBACK_PROXY_HTTP_PORT"] == "18500"
-    finally:
-        shutil.rmtree(haproxy_dir(config), ignore_errors=True)
+    env = stack_haproxy_env(tmp_path, ANKER__SERVER__FALLBACK_PROXY_PORT="18500")
+    assert env["RAY_SERVE_FALLBACK_PROXY_HTTP_PORT"] == "18500"
