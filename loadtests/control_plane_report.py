@@ -76,16 +76,16 @@ class BillingRow:
         return self.cpu.seconds_by_part.get(part, 0.0) * 1000 / self.run.acked if self.run.acked else float("nan")
 
 
-def median_rounds(rows: list[BillingRow]) -> list[tuple[BillingRow, list[float]]]:
+def median_rounds(rows: list[BillingRow]) -> list[tuple[BillingRow, list[BillingRow]]]:
     """Each billing setting (database, senders, batch) once, in the order first run: its round of median events/s
-    (the lower middle one of an even count), with the events/s of all its rounds."""
+    (the lower middle one of an even count), with all its rounds in the order run."""
     settings: dict[tuple[str, int, int], list[BillingRow]] = {}
     for row in rows:
         settings.setdefault((row.run.database, row.run.senders, row.run.batch_size), []).append(row)
     chosen = []
     for rounds in settings.values():
         ordered = sorted(rounds, key=lambda r: r.run.events_per_s)
-        chosen.append((ordered[(len(ordered) - 1) // 2], [r.run.events_per_s for r in rounds]))
+        chosen.append((ordered[(len(ordered) - 1) // 2], rounds))
     return chosen
 
 
@@ -227,14 +227,9 @@ def _billing_table(results: Results) -> list[str]:
     ]
     for r, rounds in median_rounds(results.billing):
         run = r.run
-        same = [
-            b
-            for b in results.billing
-            if (b.run.database, b.run.senders, b.run.batch_size) == (run.database, run.senders, run.batch_size)
-        ]
-        verdict = "✅" if all(b.run.recorded_once for b in same) else "❌"
+        verdict = "✅" if all(b.run.recorded_once for b in rounds) else "❌"
         server = _fmt(r.cpu_ms_per_event(POSTGRES), 2) if run.database == "PostgreSQL" else "-"
-        each = ", ".join(_fmt(e, 0) for e in rounds)
+        each = ", ".join(_fmt(b.run.events_per_s, 0) for b in rounds)
         lines.append(
             f"| {run.database} | {run.senders} | {run.batch_size} | {len(run.call_ms)} | {_fmt(run.events_per_s, 0)} "
             f"| {each} | {_fmt(run.call_ms_median())} | {verdict} {run.ledger_events} / {run.acked} | "
