@@ -30,7 +30,7 @@ from loadtests.bench_targets import (
     last_error_line,
     wait_ready,
 )
-from testkit.ports import free_port
+from testkit.ports import stack_ports
 
 ANKER = str(Path(sys.executable).parent / "anker")
 SERVE = str(Path(sys.executable).parent / "serve")
@@ -150,22 +150,9 @@ def anker(config_path: Path, work_dir: Path, label: str, overrides: dict[str, st
     policy). The endpoint is handed out once every engine replica runs."""
     data_dir = work_dir / f"anker-{label}"
     log = work_dir / f"anker-{label}.log"
-    taken: set[int] = set()
-    port = free_port(taken)
-    env = clean_env(
-        ANKER_CONFIG=str(config_path),
-        ANKER_DATA_DIR=str(data_dir),
-        ANKER_PORT=str(port),
-        ANKER__RAY__GCS_PORT=str(free_port(taken)),
-        ANKER__RAY__DASHBOARD_PORT=str(free_port(taken)),
-        ANKER__RAY__CLIENT_SERVER_PORT=str(free_port(taken)),
-        ANKER__RAY__DASHBOARD_AGENT_LISTEN_PORT=str(free_port(taken)),
-        ANKER__RAY__METRICS_EXPORT_PORT=str(free_port(taken)),
-        ANKER__SERVER__HAPROXY_METRICS_PORT=str(free_port(taken)),
-        ANKER__SERVER__HAPROXY_STATS_PORT=str(free_port(taken)),
-        ANKER__SERVER__FALLBACK_PROXY_PORT=str(free_port(taken)),
-        **overrides,
-    )
+    ports = stack_ports()
+    port = int(ports["ANKER_PORT"])
+    env = clean_env(ANKER_CONFIG=str(config_path), ANKER_DATA_DIR=str(data_dir), **ports, **overrides)
     stack = load_config(config_path, env)
     key = _create_key(env)
     endpoint = Endpoint("anker", f"http://127.0.0.1:{port}", stack.models[0].name, {"Authorization": f"Bearer {key}"})

@@ -32,7 +32,7 @@ from config.naming import APP_NAME, BILLING_DEPLOYMENT, ENGINE_DEPLOYMENT_PREFIX
 from config.schema import AnkerConfig
 from config.settings import DEFAULT_PROFILE, load_config
 from testkit.otlp import OtlpReceiver
-from testkit.ports import free_port
+from testkit.ports import stack_ports
 from testkit.postgres import PostgresServer, postgres_server, throwaway_postgres
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -299,24 +299,6 @@ def engine_core_of(replica_pid: int) -> int:
     ]
     assert len(cores) == 1, f"engine core processes of {replica_pid}: {cores}"
     return cores[0]
-
-
-def stack_ports() -> dict[str, str]:
-    """The ports of a stack of its own, free on loopback now: its API, its Ray cluster's, HAProxy's listeners."""
-    names = (
-        "ANKER_PORT",
-        "ANKER__RAY__GCS_PORT",
-        "ANKER__RAY__DASHBOARD_PORT",
-        "ANKER__RAY__CLIENT_SERVER_PORT",
-        "ANKER__RAY__DASHBOARD_AGENT_LISTEN_PORT",
-        "ANKER__RAY__METRICS_EXPORT_PORT",
-        "ANKER__SERVER__HAPROXY_METRICS_PORT",
-        "ANKER__SERVER__HAPROXY_STATS_PORT",
-        "ANKER__SERVER__FALLBACK_PROXY_PORT",
-    )
-    taken: set[int] = set()  # picked before any is bound: without it two names can get one port (seen: the GCS's
-    # and HAProxy's stats port, and the whole stack failed to start)
-    return {name: str(free_port(taken)) for name in names}
 
 
 def haproxies(config: AnkerConfig) -> list[psutil.Process]:
