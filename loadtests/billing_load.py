@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import time
-import uuid
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from deployments.billing.ledger import Ledger, UsageEvent
 from deployments.contracts import UsageReport
+from deployments.request_ids import new_request_id
 
 # One chat request's usage: a prompt of 100 tokens of which half were cached, 16 tokens of output.
 PROMPT_TOKENS, CACHED_TOKENS, COMPLETION_TOKENS = 100, 50, 16
@@ -25,7 +25,7 @@ def usage_report(tenant: str, key_id: str, model: str) -> UsageReport:
     # Started now: the billing actor prices an event at its start, and set the model's price when it started itself.
     now = datetime.now(UTC)
     event = UsageEvent(
-        request_id=uuid.uuid4().hex,
+        request_id=f"chatcmpl-{new_request_id()}",  # as the door makes them
         tenant=tenant,
         key_id=key_id,
         model=model,

@@ -21,6 +21,7 @@ from deployments.billing.retention import purge, retention_cutoff
 from deployments.billing.service import BillingService, billing_spec
 from deployments.billing.tables import API_KEYS, AUDIT_LOG, BUDGET_SPEND, MEMBERS, TENANTS, USAGE_EVENTS
 from deployments.database import database_url
+from deployments.request_ids import new_request_id
 from tests.inprocess import clean_postgres
 
 T0 = datetime(2026, 11, 1, tzinfo=UTC)
@@ -56,6 +57,24 @@ def event(request_id: str, at: datetime = T0 + timedelta(days=1), **counts: int)
 def test_database_url_choice(tmp_path: Path) -> None:
     assert database_url(tmp_path, None) == f"sqlite:///{tmp_path / 'anker.db'}"
     assert database_url(tmp_path, "postgresql://u@h/db") == "postgresql+psycopg://u@h/db"
+
+
+def test_request_ids_sort_by_the_millisecond_they_were_made_and_are_otherwise_random(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The ledger's primary key grows at its end (deployments/request_ids.py): an id sorts after every id made in an
+    earlier millisecond, whatever its random part."""
+    base_ns = int(T0.timestamp()) * 10**9
+    clock = iter([base_ns + ms * 10**6 + 999 for ms in (0, 0, 1, 2, 1000, 86_400_000)])
+    monkeypatch.setattr("deployments.request_ids.time.time_ns", lambda: next(clock))
+    ids = [new_request_id() for _ in range(6)]
+    assert all(len(i) == 32 and set(i) <= set("0123456789abcdef") for i in ids)
+    assert ids[0][:12] == ids[1][:12] and ids[0] != ids[1]  # one millisecond: the random part tells them apart
+    assert ids[1:] == sorted(ids[1:]) and ids[0] < ids[2]
+    assert int(ids[4][:12], 16) - int(ids[0][:12], 16) == 1000
+    monkeypatch.undo()
+    many = {new_request_id()[12:] for _ in range(10_000)}
+    assert len(many) == 10_000
 
 
 def test_migrations_are_versioned_and_rerunnable(ledger: Ledger) -> None:

@@ -104,6 +104,8 @@ async def test_a_client_request_id_can_neither_merge_two_requests_nor_break_one(
     rows = await replica.ledger()
     assert len(rows) == 4 and len({row["request_id"] for row in rows}) == 4
     assert not {row["request_id"] for row in rows} & set(ids)  # the ledger's ids are the door's own
+    billing_ids = [call.billing_id.removeprefix("chatcmpl-") for call, _ in replica.reports]
+    assert billing_ids == sorted(billing_ids)  # made in order of time (deployments/request_ids.py)
     # Kept for correlation only when shaped like an id (observability.tracing.request_id).
     assert [call.request_id for call, _ in replica.reports] == ["same-id", "same-id", "", ""]
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -30,6 +29,7 @@ from deployments.errors import AnkerError
 from deployments.keys import KeyRecord
 from deployments.openai.accounts import authenticate
 from deployments.openai.errors import error_response
+from deployments.request_ids import new_request_id
 from deployments.server.metering import Deadlines, Metered, RequestMeter, metering
 from deployments.server.salt import cache_salt
 from deployments.server.vllm_start import SERVE_LOGGER
@@ -130,7 +130,7 @@ class KeyGate:
         if scope["method"] != "POST":
             await self.app(scope, receive, send)
             return
-        own_id = uuid.uuid4().hex
+        own_id = new_request_id()
         call = Call(key, f"{PREFIXES.get(path, 'req')}-{own_id}", path, tracing.request_id(scope))
         # vLLM makes the engine's request id and the answer's ``id`` from ``X-Request-Id``: the client's own is for
         # correlation only (kept above, if shaped like an id), so vLLM gets the door's, and the answer's id is the
