@@ -11,11 +11,13 @@ actor grants for many requests at once (``LeaseAsk`` -> ``LeaseGrant``), kept al
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 from dataclasses import dataclass, field
 
 from deployments.billing.ledger import UsageEvent
 from deployments.billing.pricing import TokenPrices
-from deployments.keys import KeyRecord
+from deployments.keys import KeyRecord, carries_tag, key_id_of, tag_matches
 
 
 @dataclass(frozen=True)
@@ -27,6 +29,32 @@ class Principal:
     has_budget: bool
     rpm: int
     tpm: int
+
+
+@dataclass(frozen=True)
+class KeyCheck:
+    """Billing -> the processes that check keys (engine replicas, the control application), so that they refuse a
+    made-up key or admin token without asking billing (deployments/keys.py). The tag key (a secret: not in
+    ``repr``, a log or a span); the ids of the active keys made before keys carried a tag, a set that only shrinks
+    (no such key is made any more); and the SHA-256 digest of the operator's admin token (a secret too), which tells
+    the token from any other without giving it away."""
+
+    tag_key: bytes = field(repr=False)
+    untagged_ids: frozenset[str]
+    admin_digest: bytes = field(repr=False)
+
+    def is_admin_token(self, token: str) -> bool:
+        return hmac.compare_digest(hashlib.sha256(token.encode()).digest(), self.admin_digest)
+
+    def may_be_valid(self, key: str) -> bool:
+        """Whether ``key`` may be a key billing made: shaped like one, and either with a right tag, or of an older
+        shape with the id of a key made before tags. False is final: no look-up can make such a key valid."""
+        key_id = key_id_of(key)
+        if key_id is None:
+            return False
+        if carries_tag(key):
+            return tag_matches(key, self.tag_key)
+        return key_id in self.untagged_ids
 
 
 @dataclass(frozen=True)

@@ -5,9 +5,14 @@ is kept, in the ``api_keys`` table that an Alembic migration creates, with the k
 rate limits; a key is created only within its organisation's ceiling on active keys. Permission checks and the audit
 log are the governance layer's (``deployments/billing/governance.py``).
 
-A key ends in a checksum (CRC32, as GitHub's tokens carry one): no secret, so any process can tell a mistyped or
-made-up key from one that may be valid without asking billing (``key_id_of``). Keys made before they carried one
-remain valid.
+A key ends in a tag: a keyed hash of the rest of it (HMAC-SHA256 under the *tag key*, itself derived from the server
+secret). A process that holds the tag key (billing hands it to the engine replicas and the control application with
+the ids of the keys made before keys carried a tag: ``deployments/contracts.py::KeyCheck``) tells a mistyped or
+made-up key from one that may be valid in process, without asking billing: forging a tag takes the tag key. The tag
+key cannot make a key that verifies: that takes the random secret part, whose digest only billing holds.
+
+Keys made before keys carried a tag (with a CRC32 checksum, or with nothing) remain valid. No new one is made, so
+their ids are a set that only shrinks; a key of their shape whose id is not in it is refused in process too.
 """
 
 from __future__ import annotations
@@ -33,9 +38,14 @@ from deployments.billing.tables import API_KEYS, MEMBERS, TENANTS
 from deployments.errors import Conflict
 
 KEY_PREFIX = "ank"
-# ank_<key id: 12 hex>_<secret: 43 url-safe base64 chars = 256 bits><checksum: 6 base62 digits, none in older keys>
-KEY_PATTERN = re.compile(r"^ank_([0-9a-f]{12})_([A-Za-z0-9_-]{43})([0-9A-Za-z]{6})?$")
+# ank_<key id: 12 hex>_<secret: 43 url-safe base64 chars = 256 bits><tag: 11 base62 digits = 64 bits>; keys made
+# before keys carried a tag end in a 6-digit CRC32 checksum instead, or in nothing.
+KEY_PATTERN = re.compile(r"^ank_([0-9a-f]{12})_([A-Za-z0-9_-]{43})([0-9A-Za-z]{11}|[0-9A-Za-z]{6})?$")
+_BODY_LENGTH = len("ank_") + 12 + len("_") + 43
+TAG_DIGITS = 11
 CHECKSUM_DIGITS = 6
+_TAG_BYTES = 8
+_TAG_KEY_LABEL = b"anker api key tag v1"
 _BASE62 = string.digits + string.ascii_uppercase + string.ascii_lowercase
 # The operator's admin token (``deployments/billing/service.py::load_or_create_admin_token``): no key has its shape.
 ADMIN_TOKEN_PATTERN = re.compile(r"^ank_admin_[0-9a-f]{64,}$")
@@ -144,23 +154,52 @@ def _record(row: Any, role: str | None = None) -> KeyRecord:
     )
 
 
-def checksummed(body: str) -> str:
-    """``body`` (``ank_<id>_<secret>``) with its checksum: its CRC32 in base62 digits."""
-    value = zlib.crc32(body.encode("ascii"))
-    digits = ""
-    for _ in range(CHECKSUM_DIGITS):
+def _base62(value: int, digits: int) -> str:
+    text = ""
+    for _ in range(digits):
         value, digit = divmod(value, len(_BASE62))
-        digits = _BASE62[digit] + digits
-    return body + digits
+        text = _BASE62[digit] + text
+    return text
+
+
+def checksummed(body: str) -> str:
+    """``body`` (``ank_<id>_<secret>``) with a CRC32 checksum in base62 digits, as keys were made before they
+    carried a tag."""
+    return body + _base62(zlib.crc32(body.encode("ascii")), CHECKSUM_DIGITS)
+
+
+def tag_key_of(secret: bytes) -> bytes:
+    """The tag key derived from the server secret: it checks and makes tags, and nothing else can be had from it."""
+    return hmac.new(secret, _TAG_KEY_LABEL, hashlib.sha256).digest()
+
+
+def tagged(body: str, tag_key: bytes) -> str:
+    """``body`` (``ank_<id>_<secret>``) with its tag: the first 64 bits of its HMAC under ``tag_key``, in base62."""
+    mac = hmac.new(tag_key, body.encode("ascii"), hashlib.sha256).digest()
+    return body + _base62(int.from_bytes(mac[:_TAG_BYTES], "big"), TAG_DIGITS)
 
 
 def key_id_of(key: str) -> str | None:
-    """The key id of a string shaped like a key whose checksum, if it has one, is right; None for anything else,
-    which no look-up can make valid. Cheap and in process: whether the key exists is billing's to say."""
+    """The key id of a string shaped like a key whose CRC32 checksum, if it has one, is right; None for anything
+    else. Its tag, if it has one, takes the tag key to check (``KeyCheck``). Whether the key exists is billing's to
+    say."""
     match = KEY_PATTERN.fullmatch(key)
-    if match is None or (match.group(3) is not None and checksummed(key[:-CHECKSUM_DIGITS]) != key):
+    if match is None:
+        return None
+    end = match.group(3)
+    if end is not None and len(end) == CHECKSUM_DIGITS and checksummed(key[:-CHECKSUM_DIGITS]) != key:
         return None
     return match.group(1)
+
+
+def tag_matches(key: str, tag_key: bytes) -> bool:
+    """Whether ``key`` is shaped like a key that carries a tag, and its tag is right under ``tag_key``."""
+    return len(key) == _BODY_LENGTH + TAG_DIGITS and hmac.compare_digest(tagged(key[:-TAG_DIGITS], tag_key), key)
+
+
+def carries_tag(key: str) -> bool:
+    """Whether ``key`` (shaped like a key) is of the shape that carries a tag, not of an older one."""
+    return len(key) == _BODY_LENGTH + TAG_DIGITS
 
 
 class MissingSecret(RuntimeError):
@@ -201,6 +240,7 @@ class KeyStore:
     def __init__(self, engine: sa.Engine, secret: bytes) -> None:
         self._engine = engine
         self._secret = secret
+        self._tag_key = tag_key_of(secret)
 
     def _digest(self, key: str) -> bytes:
         return hmac.new(self._secret, key.encode("ascii"), hashlib.sha256).digest()
@@ -225,7 +265,7 @@ class KeyStore:
             raise ValueError("tenant must be 1-64 characters: letters, digits, '.', '_' or '-'")
         _validate_settings(role, allowed_models, budget_nano_dkk, rpm, tpm)
         key_id = secrets.token_hex(6)
-        key = checksummed(f"{KEY_PREFIX}_{key_id}_{secrets.token_urlsafe(32)}")
+        key = tagged(f"{KEY_PREFIX}_{key_id}_{secrets.token_urlsafe(32)}", self._tag_key)
         record = KeyRecord(
             key_id=key_id,
             tenant=tenant,
@@ -256,6 +296,7 @@ class KeyStore:
                     key_id=record.key_id,
                     tenant=record.tenant,
                     key_hmac=self._digest(key),
+                    tagged=True,
                     created_at=record.created_at,
                     role=role,
                     name=name,
@@ -274,7 +315,7 @@ class KeyStore:
         Constant time in the secret part: an unknown id costs the same digest comparison as a wrong secret.
         """
         key_id = key_id_of(key)
-        if key_id is None:
+        if key_id is None or (carries_tag(key) and not tag_matches(key, self._tag_key)):
             return None
         query = _with_member().where(API_KEYS.c.key_id == key_id)
         with self._engine.connect() as db:
@@ -288,6 +329,16 @@ class KeyStore:
         if row.member_id is not None and row.member_role is None:
             return None
         return _record(row, row.member_role)
+
+    @property
+    def tag_key(self) -> bytes:
+        return self._tag_key
+
+    def untagged_key_ids(self) -> frozenset[str]:
+        """The ids of the keys made before keys carried a tag that are not revoked."""
+        query = sa.select(API_KEYS.c.key_id).where(API_KEYS.c.tagged.is_(False), API_KEYS.c.revoked_at.is_(None))
+        with self._engine.connect() as db:
+            return frozenset(db.execute(query).scalars())
 
     def get(self, key_id: str) -> KeyRecord | None:
         query = _with_member().where(API_KEYS.c.key_id == key_id)

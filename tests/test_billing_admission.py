@@ -28,6 +28,7 @@ from deployments.billing.governance import Actor
 from deployments.billing.ledger import COMPLETED, UsageEvent
 from deployments.billing.pricing import TokenPrices
 from deployments.billing.service import BillingService, BillingSpec
+from deployments.billing.tables import API_KEYS
 from deployments.contracts import Admission, AdmissionRequest, UsageReport
 from deployments.errors import BillingUnavailable, InsufficientQuota, RateLimited, TokenRateLimited
 from deployments.keys import KeyRecord
@@ -319,6 +320,51 @@ async def test_while_billing_is_away_a_revoked_key_works_no_longer_than_the_key_
         await replica.verify(raw)
     billed.handle.down = False
     assert await replica.verify(raw) is None
+
+
+async def test_the_key_check_comes_when_billing_can_give_it_and_stays_while_billing_is_away(billed: Billed) -> None:
+    """A replica that started while billing was away looks well-formed keys up (503 meanwhile); billing's key check
+    is asked for again within seconds, then refuses made-up keys in process, kept while billing is away again, and
+    renewed every few minutes: a key made before tags and revoked since leaves its set."""
+    from deployments.billing.client import KEY_CHECK_RETRY_S, KEY_CHECK_TTL_S
+    from deployments.keys import TAG_DIGITS, checksummed
+
+    clock = [1000.0]
+    replica = clocked(billed, clock)
+    raw = billed.key()
+    made_up = checksummed(raw[:-TAG_DIGITS])  # a real key's id, in a shape before tags
+    calls = billed.handle.calls
+    billed.handle.down = True
+    with pytest.raises(BillingUnavailable):  # no key check yet: asked of billing, which is away
+        await replica.verify(made_up)
+    assert calls["key_check"] == 1 and calls["authenticate"] == 1
+    billed.handle.down = False
+    clock[0] += KEY_CHECK_RETRY_S - 0.1
+    assert await replica.verify(made_up) is None  # not asked for the check again yet: the key is looked up
+    assert calls["key_check"] == 1 and calls["authenticate"] == 2
+    clock[0] += 0.1
+    assert await replica.verify(made_up) is None  # remembered as unknown for a while: no call at all
+    assert calls["key_check"] == 1 and calls["authenticate"] == 2
+    assert await replica.verify(checksummed("ank_0123456789ab_" + "C" * 43)) is None
+    assert calls["key_check"] == 2 and calls["authenticate"] == 2  # the check came, and refused it in process
+    billed.handle.down = True
+    assert await replica.verify(checksummed("ank_0123456789ac_" + "C" * 43)) is None  # the check held is used
+    assert await replica.verify(raw[:-1] + ("B" if raw[-1] == "A" else "A")) is None
+    assert calls["authenticate"] == 2
+    billed.handle.down = False
+    # A key made before tags, then revoked: in the check until it is asked for again.
+    untagged = billed.key()
+    old = checksummed(untagged[:-TAG_DIGITS])
+    store = billed.service.keys
+    with store.engine.begin() as db:
+        where = API_KEYS.c.key_id == untagged.split("_")[1]
+        db.execute(API_KEYS.update().where(where).values(key_hmac=store._digest(old), tagged=False))
+    clock[0] += KEY_CHECK_TTL_S
+    assert await verified(replica, old) is not None and calls["key_check"] == 3
+    store.revoke(untagged.split("_")[1])
+    clock[0] += KEY_CHECK_TTL_S
+    assert await replica.verify(old) is None and calls["key_check"] == 4
+    assert calls["authenticate"] == 3  # the old key's one look-up; its revocation came with the check
 
 
 async def test_while_billing_is_away_a_key_without_budget_meets_its_limits_on_the_replica(billed: Billed) -> None:

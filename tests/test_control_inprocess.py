@@ -238,9 +238,10 @@ async def test_admin_reads_no_body_before_the_caller_is_known_and_a_deep_one_is_
             assert_error(r, 401, "invalid_api_key")
             r = await control.client.patch("/admin/keys/0123456789ab", content=body, headers=headers)
             assert_error(r, 401, "invalid_api_key")
-    # Neither the shape of a key nor of the admin token: no billing call for any of them. The admin token's shape
-    # with another value: one call, remembered.
-    assert control.handle.calls["authenticate"] == 0 and control.handle.calls["is_admin_token"] == 1
+    # No billing call for any of them: neither the shape of a key nor of the admin token, or the admin token's
+    # shape with another value, told from billing's key check (asked once).
+    calls = control.handle.calls
+    assert calls["authenticate"] == 0 and calls["is_admin_token"] == 0 and calls["key_check"] == 1
     for token in (admin_token, control.key()):  # once the caller is known, the body is read, and refused as a client's
         r = await control.client.post("/admin/tenants", content=DEEP, headers=auth(token))
         assert_error(r, 400, "invalid_json")

@@ -1,5 +1,5 @@
-"""API keys: shown once, stored only as a keyed hash, verified in constant time, revocable; a checksum that tells a
-made-up key in process, and keys made before it still valid."""
+"""API keys: shown once, stored only as a keyed hash, verified in constant time, revocable; a keyed tag that tells a
+made-up key in process to whoever holds billing's ``KeyCheck``, and keys made before tags still valid."""
 
 from __future__ import annotations
 
@@ -8,11 +8,24 @@ import sqlite3
 from pathlib import Path
 
 import pytest
+import sqlalchemy as sa
 
 from config.settings import DEFAULT_PROFILE, load_config
 from deployments.billing.service import BillingService, billing_spec, load_or_create_admin_token
 from deployments.billing.tables import API_KEYS
-from deployments.keys import ADMIN_TOKEN_PATTERN, KEY_PATTERN, MissingSecret, key_id_of, open_key_store
+from deployments.contracts import KeyCheck
+from deployments.keys import (
+    ADMIN_TOKEN_PATTERN,
+    KEY_PATTERN,
+    TAG_DIGITS,
+    MissingSecret,
+    checksummed,
+    ensure_tenant,
+    key_id_of,
+    open_key_store,
+    tag_key_of,
+    tagged,
+)
 from tests.inprocess import clean_postgres
 
 
@@ -108,23 +121,84 @@ def test_a_secrets_folder_without_the_key_secret_is_a_clear_error(tmp_path: Path
     assert list(mounted.iterdir()) == []
 
 
-def test_a_new_key_carries_a_checksum_that_any_change_of_one_character_breaks(tmp_path: Path) -> None:
-    record, key = open_key_store(tmp_path).create("t")
-    assert key_id_of(key) == record.key_id
-    changed = [key[:i] + ("B" if key[i] == "A" else "A") + key[i + 1 :] for i in range(len("ank_"), len(key))]
-    assert [c for c in changed if key_id_of(c) is not None] == []  # refused in process, before any look-up
-    for bogus in ("not-a-key", "ank_not-a-key", key + "\n", key[:-1], key + "A", "ank_admin_" + "0" * 64):
-        assert key_id_of(bogus) is None, bogus
+def _changed(key: str) -> list[str]:
+    """``key`` with each of its characters after the prefix changed, one at a time."""
+    return [key[:i] + ("B" if key[i] == "A" else "A") + key[i + 1 :] for i in range(len("ank_"), len(key))]
 
 
-def test_a_key_made_before_keys_carried_a_checksum_still_works(tmp_path: Path) -> None:
+def test_a_new_key_carries_a_tag_that_only_the_tag_key_can_make(tmp_path: Path) -> None:
     store = open_key_store(tmp_path)
     record, key = store.create("t")
-    old = key[:-6]  # as keys were made before: id and secret, no checksum
-    with store.engine.begin() as db:
-        db.execute(API_KEYS.update().where(API_KEYS.c.key_id == record.key_id).values(key_hmac=store._digest(old)))
-    assert key_id_of(old) == record.key_id and store.verify(old) == record
-    assert store.verify(key) is None  # the digest is of the key as it was handed out
+    check = KeyCheck(store.tag_key, store.untagged_key_ids(), b"")
+    assert key_id_of(key) == record.key_id and check.may_be_valid(key)
+    assert check.untagged_ids == frozenset()
+    assert store.tag_key.hex() not in repr(check)  # a secret: never in a log or a span
+    # Any change of one character: refused in process, before any look-up.
+    assert [c for c in _changed(key) if check.may_be_valid(c)] == []
+    for bogus in ("not-a-key", "ank_not-a-key", key + "\n", key[:-1], key + "A", "ank_admin_" + "0" * 64):
+        assert key_id_of(bogus) is None and not check.may_be_valid(bogus), bogus
+    # A tag made with another tag key (a forger's), or the CRC32 checksum anyone can compute: refused too.
+    body = key[:-TAG_DIGITS]
+    for forged in (tagged(body, tag_key_of(secrets.token_bytes(32))), checksummed(body), body):
+        assert key_id_of(forged) == record.key_id and not check.may_be_valid(forged)
+        assert store.verify(forged) is None
+    # The tag key makes tags, not keys: a key with another secret part and a right tag is still no key.
+    other = tagged(body[:-1] + ("B" if body[-1] == "A" else "A"), store.tag_key)
+    assert check.may_be_valid(other) and store.verify(other) is None
+
+
+def test_keys_made_before_tags_still_work_and_only_theirs_pass_the_check(tmp_path: Path) -> None:
+    """Keys of the older shapes (a CRC32 checksum, or nothing) stay valid; the check passes those whose ids are of
+    such keys, not revoked, and no other key of those shapes."""
+    store = open_key_store(tmp_path)
+    olds = []
+    for make in (checksummed, lambda body: body):  # as keys were made before they carried a tag
+        record, key = store.create("t")
+        old = make(key[:-TAG_DIGITS])
+        with store.engine.begin() as db:
+            where = API_KEYS.c.key_id == record.key_id
+            db.execute(API_KEYS.update().where(where).values(key_hmac=store._digest(old), tagged=False))
+        assert store.verify(old) == record and store.verify(key) is None  # the digest is of the key handed out
+        olds.append((record, old))
+    check = KeyCheck(store.tag_key, store.untagged_key_ids(), b"")
+    assert check.untagged_ids == {record.key_id for record, _ in olds}
+    assert all(check.may_be_valid(old) for _, old in olds)
+    _, new_key = store.create("t")
+    assert not check.may_be_valid(checksummed(new_key[:-TAG_DIGITS]))  # an id of a tagged key, in an older shape
+    assert not check.may_be_valid(checksummed("ank_0123456789ab_" + "C" * 43))  # an id of no key
+    store.revoke(olds[0][0].key_id)
+    assert store.untagged_key_ids() == {olds[1][0].key_id}
+
+
+def test_the_migration_marks_the_keys_made_before_it_as_untagged(tmp_path: Path) -> None:
+    from alembic import command
+    from alembic.config import Config
+
+    from deployments import database
+
+    engine = database.create_engine(database.database_url(tmp_path, None))
+    config = Config()
+    config.set_main_option("script_location", str(database.MIGRATIONS))
+    with engine.begin() as connection:
+        config.attributes["connection"] = connection
+        command.upgrade(config, "0006")
+    store = open_key_store(tmp_path, migrate=False)
+    old = checksummed("ank_0123456789ab_" + "D" * 43)
+    with engine.begin() as db:
+        ensure_tenant(db, "t")
+        db.execute(
+            sa.text(
+                "INSERT INTO api_keys (key_id, tenant, key_hmac, created_at, role) "
+                "VALUES ('0123456789ab', 't', :digest, 0, 'member')"
+            ),
+            {"digest": store._digest(old)},
+        )
+    database.migrate(engine)
+    assert store.untagged_key_ids() == {"0123456789ab"}
+    record = store.verify(old)
+    assert record is not None and record.key_id == "0123456789ab"
+    _, new = store.create("t")
+    assert store.untagged_key_ids() == {"0123456789ab"} and store.verify(new) is not None
 
 
 def test_the_admin_token_is_shaped_like_no_key(tmp_path: Path) -> None:

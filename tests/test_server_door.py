@@ -61,10 +61,10 @@ def assert_error(r: httpx.Response, status: int, code: str) -> dict[str, Any]:
     return error
 
 
-async def test_a_bogus_key_costs_no_billing_call_and_an_unknown_one_a_single_call_however_often_it_comes(
+async def test_a_made_up_key_costs_no_billing_call_and_a_revoked_one_a_single_call_however_often_it_comes(
     replica: InProcessReplica,
 ) -> None:
-    from deployments.keys import checksummed
+    from deployments.keys import TAG_DIGITS, checksummed, tag_key_of, tagged
 
     real = replica.key()
     calls = replica.handle.calls  # the billing handle double counts what the door asks of billing
@@ -74,21 +74,32 @@ async def test_a_bogus_key_costs_no_billing_call_and_an_unknown_one_a_single_cal
         assert_error(r, 401, "invalid_api_key")
 
     typo = real[:-1] + ("B" if real[-1] == "A" else "A")
-    for bogus in ("not-a-key", "ank_" + "x" * 61, typo, real + "A"):  # refused in process: no key's shape or checksum
-        for _ in range(5):
-            await refused(bogus)
-    assert calls["authenticate"] == 0
-    # Shaped like keys (with a right checksum, or with none, as keys were made before they carried one), but no key
-    # billing knows: one look-up each, shared by the requests that came at once, remembered for the rest.
-    body = real[: len("ank_") + 13]  # a real key's id
-    unknown = (checksummed(body + "A" * 43), body + "B" * 43, "ank_0123456789ab_" + "C" * 43)
-    for key in unknown:
-        await asyncio.gather(*(refused(key) for _ in range(10)))
-        for _ in range(10):
-            await refused(key)
-    assert calls["authenticate"] == len(unknown)
+    body = real[:-TAG_DIGITS]
+    made_up = (
+        "not-a-key",  # no key's shape
+        "ank_" + "x" * 67,
+        real + "A",
+        typo,  # a wrong tag
+        tagged(body[:-1] + "Z", tag_key_of(b"a forger's secret, not billing's")),
+        checksummed(body),  # of the shapes before tags, with an id of no such key
+        body,
+        checksummed("ank_0123456789ab_" + "C" * 43),
+    )
+    for key in made_up:
+        await asyncio.gather(*(refused(key) for _ in range(5)))
+    # Refused in process: billing was asked once for its key check, and never about a key.
+    assert calls["authenticate"] == 0 and calls["key_check"] == 1
     ok = await replica.client.post("/v1/chat/completions", json=chat(max_tokens=1), headers=auth(real))
     assert ok.status_code == 200, ok.text
+    assert calls["authenticate"] == 1
+    # A revoked key passes the check (its tag is right): one look-up, shared by the requests that came at once,
+    # remembered for the rest.
+    revoked = replica.key()
+    replica.service.keys.revoke(revoked.split("_")[1])
+    await asyncio.gather(*(refused(revoked) for _ in range(10)))
+    for _ in range(10):
+        await refused(revoked)
+    assert calls["authenticate"] == 2 and calls["key_check"] == 1
 
 
 async def test_a_client_request_id_can_neither_merge_two_requests_nor_break_one(replica: InProcessReplica) -> None:

@@ -21,7 +21,7 @@ from ray import serve
 from config.naming import BILLING_DEPLOYMENT
 from deployments.billing.governance import Actor
 from deployments.billing.service import BillingService, BillingSpec
-from deployments.contracts import LeaseAsk, LeaseGrant, LeaseUpkeep, Principal, UpkeepResult, UsageReport
+from deployments.contracts import KeyCheck, LeaseAsk, LeaseGrant, LeaseUpkeep, Principal, UpkeepResult, UsageReport
 from deployments.errors import AnkerError
 from deployments.keys import KeyRecord
 from observability import tracing
@@ -60,6 +60,9 @@ class Billing:
 
     async def authenticate(self, key: str) -> Principal | None:
         return await self._service.authenticate(key)
+
+    async def key_check(self) -> KeyCheck:
+        return await self._service.key_check()
 
     async def is_admin_token(self, token: str) -> bool:
         return self._service.is_admin_token(token)

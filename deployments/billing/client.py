@@ -21,6 +21,7 @@ from deployments.billing.governance import Actor
 from deployments.contracts import (
     Admission,
     AdmissionRequest,
+    KeyCheck,
     LeaseAsk,
     LeaseGrant,
     LeaseUpkeep,
@@ -37,6 +38,9 @@ logger = logging.getLogger("ray.serve")
 KNOWN_KEYS = 10_000  # valid keys a replica keeps billing's word on, the oldest forgotten first
 UNKNOWN_KEYS = 10_000  # keys and tokens billing refused, kept as long, so that a bogus one costs one call
 UNKNOWN_TTL_S = 30.0  # how long a refusal is kept (no key becomes valid later: keys are random, revocation final)
+KEY_CHECK_TTL_S = 300.0  # how often billing's ``KeyCheck`` is asked again (its set of older keys only shrinks)
+KEY_CHECK_RETRY_S = 5.0  # how soon it is asked again after billing could not answer
+_KEY_CHECK = "\x00key-check"  # its look-up's name among the keys'; no key or token has this shape
 
 V = TypeVar("V")
 
@@ -102,6 +106,8 @@ class ServeBillingClient:
         self._unknown: _Expiring[bool] = _Expiring(UNKNOWN_KEYS)
         self._asking: dict[str, asyncio.Task[Any]] = {}  # billing's look-ups under way, by the key or token
         self._principals: dict[str, Principal] = {}  # by key id, as last verified (valid keys only: a bounded set)
+        self._check: KeyCheck | None = None  # billing's, to refuse made-up keys in process
+        self._check_due = 0.0  # when to ask for it (again)
         self.outbox = UsageOutbox(self._send, flush_interval_s, spool_dir=spool_dir)
         self.admission = LocalAdmission(self._lease, self._upkeep, self.outbox.pending_leases, clock)
 
@@ -127,7 +133,10 @@ class ServeBillingClient:
         Billing's word on a key is kept: a valid key is trusted for ``key_cache_ttl_s`` after billing last said so,
         whether billing is up or away (a revoked key stops working within that time; after it, while billing is
         away, the key's requests get 503), and a key billing refused is refused here for ``UNKNOWN_TTL_S`` without
-        asking again. A string not shaped like a key, or whose checksum is wrong, costs no call at all.
+        asking again. A key that cannot be one billing made costs no call at all: one not shaped like a key, or
+        whose checksum is wrong, or, once billing's ``KeyCheck`` is here, whose tag is wrong or (of the shapes
+        before tags) whose id is not that of such a key. Until that check is here (billing away since this replica
+        started), a key of the right shape is asked about, once.
         """
         if key_id_of(key) is None:
             return None
@@ -137,8 +146,25 @@ class ServeBillingClient:
             return known.key
         if self._unknown.get(key, now):
             return None
+        check = await self._key_check(now)
+        if check is not None and not check.may_be_valid(key):
+            return None
         principal: Principal | None = await self._once(key, self._authenticate)
         return principal.key if principal is not None else None
+
+    async def _key_check(self, now: float) -> KeyCheck | None:
+        """Billing's ``KeyCheck``, asked for every ``KEY_CHECK_TTL_S``. The one held stays in use meanwhile and
+        while billing cannot answer: its tag key does not change, and its older keys only go away."""
+        if now >= self._check_due:
+            try:
+                await self._once(_KEY_CHECK, self._ask_key_check)
+            except AnkerError:
+                self._check_due = self._clock() + KEY_CHECK_RETRY_S
+        return self._check
+
+    async def _ask_key_check(self, _name: str) -> None:
+        self._check = await self._call("key_check")
+        self._check_due = self._clock() + KEY_CHECK_TTL_S
 
     async def _authenticate(self, key: str) -> Principal | None:
         asked_at = self._clock()  # the key's cache life counts from before billing looked, never longer
@@ -151,10 +177,15 @@ class ServeBillingClient:
         return principal
 
     async def is_admin_token(self, token: str) -> bool:
-        """Whether ``token`` is the operator's admin token: never one not shaped like it, nor, for a while, one
-        billing refused (without a call, as for keys)."""
-        if ADMIN_TOKEN_PATTERN.fullmatch(token) is None or self._unknown.get(token, self._clock()):
+        """Whether ``token`` is the operator's admin token: never one not shaped like it. Told in process from
+        billing's ``KeyCheck`` (a token changed with billing's restart is taken within ``KEY_CHECK_TTL_S``); until
+        that is here, asked of billing, and a refused one is remembered for a while (without a call, as for keys)."""
+        now = self._clock()
+        if ADMIN_TOKEN_PATTERN.fullmatch(token) is None or self._unknown.get(token, now):
             return False
+        check = await self._key_check(now)
+        if check is not None:
+            return check.is_admin_token(token)
         return bool(await self._once(token, self._is_admin_token))
 
     async def _is_admin_token(self, token: str) -> bool:

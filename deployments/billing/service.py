@@ -26,7 +26,16 @@ from deployments.billing.ledger import Ledger, UsageBucket, usage_total
 from deployments.billing.pricing import LEASE_REQUESTS, TokenPrices, dkk_string, worst_case_nano_dkk
 from deployments.billing.ratelimit import RateLimiter
 from deployments.billing.tables import TENANTS
-from deployments.contracts import LeaseAsk, LeaseGrant, LeaseUpkeep, LimitSnapshot, Principal, UpkeepResult, UsageReport
+from deployments.contracts import (
+    KeyCheck,
+    LeaseAsk,
+    LeaseGrant,
+    LeaseUpkeep,
+    LimitSnapshot,
+    Principal,
+    UpkeepResult,
+    UsageReport,
+)
 from deployments.errors import AnkerError, BillingUnavailable, InvalidValue
 from deployments.keys import KeyRecord, KeyStore, load_or_create_secret, secret_path
 from observability import metrics
@@ -131,6 +140,9 @@ class BillingService:
         with self.ledger.engine.connect() as db:
             has_budget = bool(budgets.budgets_for(db, record.tenant, record.key_id))
         return Principal(record, has_budget, *self._limits(record))
+
+    async def key_check(self) -> KeyCheck:
+        return KeyCheck(self.keys.tag_key, await asyncio.to_thread(self.keys.untagged_key_ids), self._admin_digest)
 
     def is_admin_token(self, token: str) -> bool:
         return hmac.compare_digest(hashlib.sha256(token.encode()).digest(), self._admin_digest)

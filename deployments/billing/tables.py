@@ -45,6 +45,8 @@ API_KEYS = sa.Table(
     sa.Column("key_id", sa.String(32), primary_key=True),
     sa.Column("tenant", sa.String(64), nullable=False),
     sa.Column("key_hmac", sa.LargeBinary(32), nullable=False),
+    # The key ends in a tag (deployments/keys.py); false for keys made before keys carried one.
+    sa.Column("tagged", sa.Boolean, nullable=False, server_default=sa.false()),
     sa.Column("created_at", sa.Float, nullable=False),
     sa.Column("revoked_at", sa.Float, nullable=True),
     sa.Column("name", sa.String(64), nullable=True),
