@@ -20,14 +20,16 @@ run: install
 	$(BIN)/anker up
 
 # Debian packages the tests use: PostgreSQL (a throwaway server on loopback for the ledger tests), chromium
-# (headless, driven by Playwright, for the dashboard tests; browsers are never downloaded) and Prometheus (a
-# throwaway server that scrapes the test stack; promtool checks the alert rules).
+# (headless, driven by Playwright, for the dashboard tests; browsers are never downloaded), Prometheus (a
+# throwaway server that scrapes the test stack; promtool checks the alert rules) and wrk (the control-plane
+# benchmark's native load client).
 SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
 system-deps:
 	@missing=""; \
 	ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing="$$missing postgresql"; \
 	test -x /usr/bin/chromium || missing="$$missing chromium"; \
 	test -x /usr/bin/promtool || missing="$$missing prometheus"; \
+	test -x /usr/bin/wrk || missing="$$missing wrk"; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing Debian packages for the tests:$$missing"; \
 	  $(SUDO) apt-get update -qq && \

@@ -37,9 +37,18 @@ from config.settings import DEFAULT_PROFILE, load_config
 from deployments import database
 from deployments.billing.governance import MAX_PER_MINUTE
 from deployments.billing.ledger import Ledger
-from loadtests import process_cpu
+from loadtests import native_load, process_cpu
 from loadtests.billing_load import check_recorded_once, drive_billing
-from loadtests.control_plane_report import BillingRow, IngressRow, LedgerCheck, Results, machine, render
+from loadtests.control_plane_report import (
+    BillingRow,
+    IngressRow,
+    LedgerCheck,
+    NativeLedgerCheck,
+    NativeRow,
+    Results,
+    machine,
+    render,
+)
 from loadtests.http_load import LoadRun, run_load
 from testkit.ports import free_port
 
@@ -260,6 +269,83 @@ def ingress_benchmark(args: argparse.Namespace, config: AnkerConfig) -> list[Ing
     return rows
 
 
+# -- (a2) the same replica under a native load client, and where its time goes ----------------------------------
+
+
+def check_native_ledger(ledger: Ledger, tenant: str, run: native_load.WrkRun, output_tokens: int) -> NativeLedgerCheck:
+    """wrk does not read answers, so the ledger is checked against its counts: every answer it got with 200 billed
+    (``ok`` rows at least its successes), none billed twice (at most one more per connection: a request the
+    replica finished while wrk closed its connections at the end), each for the double's exact answer length."""
+    check = NativeLedgerCheck(successes=run.successes, connections=run.connections)
+    deadline = time.monotonic() + LEDGER_TIMEOUT_S
+    rows = _ledger_rows(ledger, tenant)
+    while sum(1 for r in rows if r["status"] == "ok") < check.successes and time.monotonic() < deadline:
+        time.sleep(0.5)
+        rows = _ledger_rows(ledger, tenant)
+    time.sleep(1.0)  # a report sent twice would land by now
+    rows = _ledger_rows(ledger, tenant)
+    ok_rows = [r for r in rows if r["status"] == "ok"]
+    check.ok_rows, check.other_rows = len(ok_rows), len(rows) - len(ok_rows)
+    check.lengths_match = all(int(str(r["completion_tokens"])) == output_tokens for r in ok_rows)
+    return check
+
+
+def native_benchmark(
+    args: argparse.Namespace, config: AnkerConfig
+) -> tuple[list[NativeRow], native_load.Profile | None]:
+    """JSON and streamed rows under wrk on the engine double (one token per output), at each
+    ``--native-connections``; then, with ``--profile-s``, one more JSON run at the first count while py-spy samples
+    the engine replica."""
+    from ray import serve
+
+    if not args.native_connections:
+        return [], None
+    plan = [(stream, c) for stream in (False, True) for c in args.native_connections]
+    tenants = [f"native-{'stream' if s else 'json'}-c{c}" for s, c in plan]
+    keys = create_keys(config, ["native-warm-up", "native-profile", *tenants])
+    _say("deploying the stack, its engine replica on the instant engine client double, 1 token per output ...")
+    base_url = deploy_stack(config, engine_double(args.output_tokens, 1))
+    ledger = Ledger(database.database_url(config.data_dir, None))
+    rows: list[NativeRow] = []
+    profile = None
+    try:
+        for (stream, connections), tenant in zip(plan, tenants, strict=True):
+            wrk = native_load.Wrk(base_url, config.models[0].name, args.output_tokens, stream)
+            try:
+                wrk.start(keys["native-warm-up"], connections, args.warmup_s)
+                wrk.finish()
+                before = process_cpu.sample()
+                wrk.start(keys[tenant], connections, args.duration_s)
+                run = wrk.finish()
+                cpu = process_cpu.between(before, process_cpu.sample())
+            finally:
+                wrk.close()
+            row = NativeRow(run, cpu, check_native_ledger(ledger, tenant, run, args.output_tokens))
+            rows.append(row)
+            _say(
+                f"  wrk {'stream' if stream else 'JSON':<6} c={connections:<3} {run.requests_per_s:7.1f} req/s  "
+                f"p50 {run.latency_ms.get('50%', float('nan')):7.1f} ms  non-2xx {run.not_2xx}  "
+                f"ledger {'ok' if row.ledger.passed else 'MISMATCH'} ({row.ledger.ok_rows}/{row.ledger.successes})"
+            )
+        if args.profile_s:
+            engine = process_cpu.pids_of("Engine")
+            if len(engine) != 1:
+                raise RuntimeError(f"expected one engine replica process to profile, found {len(engine)}")
+            wrk = native_load.Wrk(base_url, config.models[0].name, args.output_tokens, False)
+            try:
+                wrk.start(keys["native-profile"], args.native_connections[0], args.profile_s + 2)
+                profile = native_load.profile_gil(engine[0], args.profile_s)
+                wrk.finish()
+            finally:
+                wrk.close()
+            _say(f"  profiled the engine replica for {args.profile_s:g} s: {profile.samples} samples holding the GIL")
+    finally:
+        ledger.dispose()
+        for app in serve.status().applications:
+            serve.delete(app)
+    return rows, profile
+
+
 # -- (b) the billing actor alone --------------------------------------------------------------------------------
 
 
@@ -331,6 +417,18 @@ def build_parser() -> argparse.ArgumentParser:
     load.add_argument("--concurrency", type=_int_list, default=[1, 4, 16], help="client counts (default: 1,4,16)")
     load.add_argument("--duration-s", type=float, default=8.0, help="measured seconds per row (default: 8)")
     load.add_argument("--warmup-s", type=float, default=2.0, help="unmeasured seconds before each row (default: 2)")
+    load.add_argument(
+        "--native-connections",
+        type=_int_list,
+        default=[],
+        help="also drive the replica with wrk at these connection counts, JSON and streamed (e.g. 16,64)",
+    )
+    load.add_argument(
+        "--profile-s",
+        type=float,
+        default=0.0,
+        help="with --native-connections: then profile the engine replica with py-spy for this long under wrk",
+    )
     load.add_argument("--output-tokens", type=int, default=16, help="tokens per answer (default: 16)")
     load.add_argument(
         "--tokens-per-delta",
@@ -387,6 +485,7 @@ def run(args: argparse.Namespace, command: str) -> Results:
         config.run_dir.mkdir(parents=True)
         with own_ray(haproxy_env(config)), _removed(haproxy_dir(config)):
             ingress = ingress_benchmark(args, config)
+            native, profile = native_benchmark(args, config)
             billing = billing_benchmark(args, root / "billing-sqlite", "SQLite", None)
             if args.postgres:
                 from testkit.postgres import throwaway_postgres
@@ -399,6 +498,8 @@ def run(args: argparse.Namespace, command: str) -> Results:
         seconds=(datetime.now(UTC) - started) / timedelta(seconds=1),
         args=vars(args),
         ingress=ingress,
+        native=native,
+        profile=profile,
         billing=billing,
         machine_start=machine_at_start,
     )

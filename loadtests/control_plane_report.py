@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import os
 import platform
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
@@ -17,12 +17,15 @@ import psutil
 
 from loadtests.billing_load import BillingRun
 from loadtests.http_load import LoadRun
+from loadtests.native_load import Profile, WrkRun
 from loadtests.process_cpu import CLIENT, HAPROXY, OTHER, POSTGRES, PROXY, CpuUse
 
 # The engine replica (its door, vLLM's serving layer, the engine client and the engine core it started), the
 # control application (models, usage; no generation passes it) and the billing actor, by their deployment names.
 SERVING = "Engine"
 PARTS = [CLIENT, HAPROXY, PROXY, SERVING, "Control", "Billing", OTHER]
+WRK_PART = "wrk"
+NATIVE_PARTS = [WRK_PART, HAPROXY, SERVING, "Billing", OTHER]
 
 
 @dataclass
@@ -38,6 +41,49 @@ class LedgerCheck:
     @property
     def passed(self) -> bool:
         return self.successes > 0 and self.ok_rows == self.successes and self.tokens_match
+
+
+@dataclass
+class NativeLedgerCheck:
+    """The ledger against wrk's counts (it reads no answer): every success billed, none twice, each the double's
+    exact length. At most one more ``ok`` row per connection: a request finished while wrk closed it at the end."""
+
+    successes: int
+    connections: int
+    ok_rows: int = -1
+    other_rows: int = -1
+    lengths_match: bool = False
+
+    @property
+    def passed(self) -> bool:
+        return (
+            self.successes > 0
+            and self.successes <= self.ok_rows <= self.successes + self.connections
+            and 0 <= self.other_rows <= self.connections
+            and self.lengths_match
+        )
+
+
+@dataclass(frozen=True)
+class NativeRow:
+    """One wrk run against the engine replica on the one-token double."""
+
+    run: WrkRun
+    cpu: CpuUse
+    ledger: NativeLedgerCheck
+
+    @property
+    def label(self) -> str:
+        return "stream" if self.run.stream else "JSON"
+
+    def cpu_ms_per_request(self, part: str) -> float:
+        seconds = self.run.cpu_s if part == WRK_PART else self.cpu.seconds_by_part.get(part, 0.0)
+        return seconds * 1000 / self.run.successes if self.run.successes else float("nan")
+
+    @property
+    def engine_busy_share(self) -> float:
+        """Of one core, what the engine replica used over the run."""
+        return self.cpu.seconds_by_part.get(SERVING, 0.0) / self.run.seconds if self.run.seconds else 0.0
 
 
 @dataclass(frozen=True)
@@ -117,10 +163,16 @@ class Results:
     ingress: list[IngressRow]
     billing: list[BillingRow]
     machine_start: dict[str, Any]  # machine() when the run started
+    native: list[NativeRow] = field(default_factory=list)
+    profile: Profile | None = None
 
     @property
     def all_checks_passed(self) -> bool:
-        return all(r.ledger.passed for r in self.ingress) and all(r.run.recorded_once for r in self.billing)
+        return (
+            all(r.ledger.passed for r in self.ingress)
+            and all(r.ledger.passed and r.run.socket_errors == 0 for r in self.native)
+            and all(r.run.recorded_once for r in self.billing)
+        )
 
     def summary(self) -> dict[str, Any]:
         """The figures as plain data (for the smoke test and for comparing runs)."""
@@ -156,6 +208,35 @@ class Results:
                 }
                 for r in self.ingress
             ],
+            "native": [
+                {
+                    "stream": r.run.stream,
+                    "connections": r.run.connections,
+                    "requests": r.run.requests,
+                    "successes": r.run.successes,
+                    "not_2xx": r.run.not_2xx,
+                    "socket_errors": r.run.socket_errors,
+                    "requests_per_s": r.run.requests_per_s,
+                    "latency_ms": r.run.latency_ms,
+                    "wrk_cpu_s": r.run.cpu_s,
+                    "cpu_s": r.cpu.seconds_by_part,
+                    "machine_busy_share": r.cpu.machine_busy_share,
+                    "ledger_ok_rows": r.ledger.ok_rows,
+                    "ledger_other_rows": r.ledger.other_rows,
+                    "ledger_passed": r.ledger.passed,
+                }
+                for r in self.native
+            ],
+            "profile": (
+                {
+                    "seconds": self.profile.seconds,
+                    "samples": self.profile.samples,
+                    "gil_share": self.profile.gil_share,
+                    "by_owner": dict(self.profile.by_owner),
+                }
+                if self.profile is not None
+                else None
+            ),
             "billing": [
                 {
                     "database": r.run.database,
@@ -216,6 +297,79 @@ def _ingress_tables(results: Results) -> list[str]:
             f"| {r.engine} | {r.label} | {r.run.concurrency} | " + " | ".join(cells) + f" | {_fmt(outside, 2)} |"
         )
     return lines
+
+
+def _native_tables(results: Results) -> list[str]:
+    if not results.native:
+        return []
+    lines = [
+        "## The engine replica under a native load client",
+        "",
+        "The same stack and engine double (1 token per output), driven by `wrk` (C, one thread; `make system-deps` "
+        "installs it) on N kept-alive connections instead of the httpx clients, which spend about a millisecond "
+        "of CPU a request on the same two cores. wrk reads no answer: the ledger is checked against its counts "
+        "(every answer it got with 200 billed, none twice: at most one more `ok` row per connection, for a request "
+        "finished while wrk closed it at the end; each `ok` row the double's exact length). "
+        "*Engine busy* is the engine replica's CPU over the run, in cores: at 100 % its one Python process is the "
+        "limit.",
+        "",
+        "| mode | connections | req/s | p50 ms | p90 ms | p99 ms | non-2xx | ledger: ok rows / successes "
+        "| engine busy | machine busy |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: |",
+    ]
+    for r in results.native:
+        run = r.run
+        verdict = "✅" if r.ledger.passed else "❌"
+        extra = f" (+{r.ledger.other_rows} not ok)" if r.ledger.other_rows else ""
+        latency = [_fmt(run.latency_ms.get(q, math.nan)) for q in ("50%", "90%", "99%")]
+        lines.append(
+            f"| {r.label} | {run.connections} | {_fmt(run.requests_per_s)} | " + " | ".join(latency) + " | "
+            f"{run.not_2xx + run.socket_errors} | {verdict} {r.ledger.ok_rows} / {r.ledger.successes}{extra} | "
+            f"{r.engine_busy_share:.0%} | {r.cpu.machine_busy_share:.0%} |"
+        )
+    lines += [
+        "",
+        "CPU milliseconds per successful request, by process (*wrk*: the load client's own).",
+        "",
+        "| mode | connections | " + " | ".join(NATIVE_PARTS) + " |",
+        "| --- | ---: | " + " | ".join("---:" for _ in NATIVE_PARTS) + " |",
+    ]
+    for r in results.native:
+        cells = [_fmt(r.cpu_ms_per_request(part), 2) for part in NATIVE_PARTS]
+        lines.append(f"| {r.label} | {r.run.connections} | " + " | ".join(cells) + " |")
+    return [*lines, "", *_profile_lines(results)]
+
+
+def _profile_lines(results: Results) -> list[str]:
+    profile = results.profile
+    if profile is None or profile.samples == 0:
+        return []
+    json_rows = [r for r in results.native if not r.run.stream]
+    per_request_ms = (
+        profile.gil_share * 1000 / json_rows[0].run.requests_per_s
+        if json_rows and json_rows[0].run.requests_per_s
+        else math.nan
+    )
+    lines = [
+        "### Where the engine replica's Python time goes",
+        "",
+        f"py-spy sampled the engine replica {profile.rate_hz} times a second for {profile.seconds:g} s under wrk "
+        f"(JSON, {results.native[0].run.connections} connections), counting only samples in which a thread held "
+        f"the GIL: it was held {profile.gil_share:.0%} of the time, about {_fmt(per_request_ms, 2)} ms a request at "
+        "the JSON row's rate above. Each sample counts for the package whose code is innermost on its stack "
+        "(library code below it, such as asyncio, pydantic or json, counts for the caller). What the GIL does not "
+        "cover (Ray's gRPC and core-worker threads, the tokenizer's Rust code) is the rest of the replica's CPU.",
+        "",
+        "| code | share of GIL time |",
+        "| --- | ---: |",
+    ]
+    for owner, count in profile.by_owner.most_common():
+        lines.append(f"| {owner} | {count / profile.samples:.1%} |")
+    lines += ["", "The functions with the most GIL time, each where it is innermost:", ""]
+    lines += ["| code | function | share |", "| --- | --- | ---: |"]
+    for (owner, function), count in profile.by_function.most_common(15):
+        lines.append(f"| {owner} | `{function}` | {count / profile.samples:.1%} |")
+    return [*lines, ""]
 
 
 def _billing_table(results: Results) -> list[str]:
@@ -408,6 +562,7 @@ def render(results: Results) -> str:
         "",
         *_ingress_tables(results),
         "",
+        *_native_tables(results),
         "## Billing actor: `record` through a deployment handle",
         "",
         "Batches of the outbox's own `UsageReport`s (prompt 100, cached 50, output 16 tokens), sent by concurrent "

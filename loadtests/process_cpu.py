@@ -39,6 +39,11 @@ def _part(process: psutil.Process) -> str:
     return OTHER
 
 
+def pids_of(part: str) -> list[int]:
+    """The processes among this process's descendants that are ``part`` (as ``sample`` names them)."""
+    return [p.pid for p in psutil.Process(os.getpid()).children(recursive=True) if _part(p) == part]
+
+
 def _cpu_s(process: psutil.Process) -> float:
     try:
         times = process.cpu_times()

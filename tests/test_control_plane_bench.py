@@ -51,6 +51,10 @@ def test_control_plane_benchmark_measures_and_bills_each_request_once(
         "--billing-rounds",
         "2",
         "--postgres",
+        "--native-connections",
+        "4",
+        "--profile-s",
+        "2",
         "--models-dir",
         str(tiny_models["qwen3-next-tiny"].parent),
         "--json",
@@ -82,6 +86,19 @@ def test_control_plane_benchmark_measures_and_bills_each_request_once(
         assert all(row["cpu_s"].get(part, 0) > 0 for part in PARTS), row["cpu_s"]  # each part did the work
         assert 0 < row["machine_busy_share"] <= 1
 
+    # wrk on the same stack: its answers all 200, each billed once (the ledger against its counts), each part busy;
+    # then py-spy's profile of the engine replica, whose GIL time goes to vLLM's serving layer and to Anker's door.
+    native = summary["native"]
+    assert sorted((row["stream"], row["connections"]) for row in native) == [(False, 4), (True, 4)]
+    for row in native:
+        assert row["successes"] == row["requests"] > 0 and row["not_2xx"] == row["socket_errors"] == 0, row
+        assert row["requests_per_s"] > 0 and row["wrk_cpu_s"] > 0 and row["ledger_passed"] is True, row
+        assert row["successes"] <= row["ledger_ok_rows"] <= row["successes"] + 4
+        assert all(row["cpu_s"].get(part, 0) > 0 for part in PARTS), row["cpu_s"]
+    profile = summary["profile"]
+    assert profile["samples"] > 0 and 0 < profile["gil_share"] <= 1
+    assert profile["by_owner"]["vLLM"] > 0 and profile["by_owner"]["Anker"] > 0
+
     billing = summary["billing"]
     assert sorted((row["database"], row["batch_size"], row["round"]) for row in billing) == sorted(
         (database, size, round_) for database in ("SQLite", "PostgreSQL") for size in (1, 8) for round_ in (0, 1)
@@ -95,4 +112,5 @@ def test_control_plane_benchmark_measures_and_bills_each_request_once(
     text = report.read_text()
     assert "python -m loadtests.control_plane --concurrency 2" in text
     assert "## An engine replica through HAProxy" in text and "## Billing actor" in text and "## Headroom" in text
+    assert "## The engine replica under a native load client" in text and "### Where the engine replica's" in text
     assert "❌" not in text
