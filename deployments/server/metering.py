@@ -125,12 +125,19 @@ class RequestMeter:
         return prompt, cached, output
 
     def result(self) -> Metered:
+        """The request's counts as it ends, the engine requests whose generators are still open included, with
+        what they have done so far: a client that left mid-stream can end the HTTP request before its engine
+        request's generator is closed (Python closes an abandoned async generator later, from the event loop).
+        Such an engine request finished only if its last output came. A request that started no engine request did
+        not finish either."""
+        prompt, cached, output = self.so_far()
+        started = self.generations + len(self._running)
         return Metered(
-            self.prompt_tokens,
-            self.cached_tokens,
-            self.output_tokens,
-            self.generations,
-            self.unfinished == 0,
+            prompt,
+            cached,
+            output,
+            started,
+            started > 0 and self.unfinished == 0 and all(g.finished for g in self._running),
             self.admitted,
             self.engine_failures > 0,
         )
