@@ -163,6 +163,7 @@ class UsageOutbox:
         self._pending: dict[str, UsageReport] = {}
         self._progress: dict[str, UsageReport] = {}  # streams being delivered: their last progress
         self._wake = asyncio.Event()
+        self._flushing = asyncio.Lock()  # one batch in flight: a drain beside the flush loop sends nothing twice
         self.sent_batches = 0
         self.failed_sends = 0
         self._spool = Spool(spool_dir) if spool_dir is not None else None
@@ -206,20 +207,22 @@ class UsageOutbox:
             self._wake.set()
 
     async def flush_once(self) -> int:
-        """Sends one batch; returns how many were acknowledged. Raises what the send raised (the batch stays)."""
-        if not self._pending:
-            return 0
-        batch = list(self._pending.values())[: self._max_batch]
-        acked = await self._send(batch)
-        self.sent_batches += 1
-        for billing_id in acked:
-            self._pending.pop(billing_id, None)
-        if self._spool is not None and acked:
-            with contextlib.suppress(OSError):
-                if self._spool.acknowledged(list(acked), not self._pending):
-                    for report in list(self._progress.values()):
-                        self._spool.progressed(report)
-        return len(acked)
+        """Sends one batch; returns how many were acknowledged. Raises what the send raised (the batch stays). One
+        batch at a time: a call made while another is sending waits for it, then sends what is still pending."""
+        async with self._flushing:
+            if not self._pending:
+                return 0
+            batch = list(self._pending.values())[: self._max_batch]
+            acked = await self._send(batch)
+            self.sent_batches += 1
+            for billing_id in acked:
+                self._pending.pop(billing_id, None)
+            if self._spool is not None and acked:
+                with contextlib.suppress(OSError):
+                    if self._spool.acknowledged(list(acked), not self._pending):
+                        for report in list(self._progress.values()):
+                            self._spool.progressed(report)
+            return len(acked)
 
     async def run(self) -> None:
         """Flushes forever: every interval, at once when a batch is full, backing off while billing is away."""

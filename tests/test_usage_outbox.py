@@ -54,6 +54,23 @@ async def test_reports_are_retried_until_acknowledged() -> None:
     assert sorted(billing.received) == [f"req-{i}" for i in range(5)]
 
 
+async def test_a_drain_beside_the_flush_loop_sends_no_report_twice(tmp_path: Path) -> None:
+    """One batch in flight at a time: a flush that comes while one is sending waits for it, then sends only what
+    is still pending (the spool then records one acknowledgement of each report)."""
+
+    class SlowDouble(FlakyBillingDouble):
+        async def send(self, reports: Sequence[UsageReport]) -> Sequence[str]:
+            await asyncio.sleep(0.05)
+            return await super().send(reports)
+
+    billing = SlowDouble()
+    outbox = UsageOutbox(billing.send, spool_dir=tmp_path)
+    for i in range(3):
+        outbox.submit(report(i))
+    acked = await asyncio.gather(outbox.flush_once(), outbox.flush_once(), outbox.drain(timeout_s=5.0))
+    assert acked == [3, 0, True] and sorted(billing.received) == ["req-0", "req-1", "req-2"]
+
+
 async def test_a_dead_replicas_spool_is_adopted_by_the_next(tmp_path: Path) -> None:
     class LosesOneDouble(FlakyBillingDouble):
         """Billing that went away before acknowledging req-3."""
