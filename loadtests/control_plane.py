@@ -215,8 +215,11 @@ async def _measure(
     return await task, process_cpu.between(before, after)
 
 
-def ingress_benchmark(args: argparse.Namespace, config: AnkerConfig) -> list[IngressRow]:
-    """Rows per engine double item size, mode and client count; then, with --real-engine, a streaming row on vLLM."""
+def ingress_benchmark(
+    args: argparse.Namespace, config: AnkerConfig
+) -> tuple[list[IngressRow], list[NativeRow], native_load.Profile | None]:
+    """Rows per engine double item size, mode and client count; then, with --real-engine, a streaming row on vLLM.
+    With --native-connections, the wrk rows (and the profile) run on the first double's stack, after its rows."""
     from ray import serve
 
     from cluster.local import ensure_models
@@ -235,8 +238,13 @@ def ingress_benchmark(args: argparse.Namespace, config: AnkerConfig) -> list[Ing
     serve.start(http_options={"host": "127.0.0.1", "port": config.server.port})
     ledger = Ledger(database.database_url(config.data_dir, None))
     rows: list[IngressRow] = []
+    native: list[NativeRow] = []
+    profile = None
+    base_url = ""  # the deployed stack's, once the first row deploys it
     try:
         for (per_delta, stream, concurrency), (tenant, key) in zip(plan, keys.items(), strict=True):
+            if rows and rows[-1].tokens_per_delta != per_delta and rows[-1].tokens_per_delta == first:
+                native, profile = native_benchmark(args, config, base_url, ledger, first)
             if not rows or rows[-1].tokens_per_delta != per_delta:
                 what = f"the instant engine client double, {per_delta} token(s) per output" if per_delta else "vLLM"
                 _say(f"deploying the stack, its engine replica on {what} ...")
@@ -262,11 +270,13 @@ def ingress_benchmark(args: argparse.Namespace, config: AnkerConfig) -> list[Ing
                 f"errors {sum(run.errors.values())}  "
                 f"ledger {'ok' if row.ledger.passed else 'MISMATCH'} ({row.ledger.ok_rows}/{row.ledger.successes})"
             )
+        if rows and rows[-1].tokens_per_delta == first:  # only the first double's rows were planned
+            native, profile = native_benchmark(args, config, base_url, ledger, first)
     finally:
         ledger.dispose()
         for app in serve.status().applications:
             serve.delete(app)
-    return rows
+    return rows, native, profile
 
 
 # -- (a2) the same replica under a native load client, and where its time goes ----------------------------------
@@ -291,58 +301,48 @@ def check_native_ledger(ledger: Ledger, tenant: str, run: native_load.WrkRun, ou
 
 
 def native_benchmark(
-    args: argparse.Namespace, config: AnkerConfig
+    args: argparse.Namespace, config: AnkerConfig, base_url: str, ledger: Ledger, tokens_per_delta: int
 ) -> tuple[list[NativeRow], native_load.Profile | None]:
-    """JSON and streamed rows under wrk on the engine double (one token per output), at each
-    ``--native-connections``; then, with ``--profile-s``, one more JSON run at the first count while py-spy samples
-    the engine replica."""
-    from ray import serve
-
+    """JSON and streamed rows under wrk on the deployed stack (its engine double gives ``tokens_per_delta`` tokens
+    an output), at each ``--native-connections``; then, with ``--profile-s``, one more JSON run at the first count
+    while py-spy samples the engine replica."""
     if not args.native_connections:
         return [], None
     plan = [(stream, c) for stream in (False, True) for c in args.native_connections]
     tenants = [f"native-{'stream' if s else 'json'}-c{c}" for s, c in plan]
     keys = create_keys(config, ["native-warm-up", "native-profile", *tenants])
-    _say("deploying the stack, its engine replica on the instant engine client double, 1 token per output ...")
-    base_url = deploy_stack(config, engine_double(args.output_tokens, 1))
-    ledger = Ledger(database.database_url(config.data_dir, None))
     rows: list[NativeRow] = []
     profile = None
-    try:
-        for (stream, connections), tenant in zip(plan, tenants, strict=True):
-            wrk = native_load.Wrk(base_url, config.models[0].name, args.output_tokens, stream)
-            try:
-                wrk.start(keys["native-warm-up"], connections, args.warmup_s)
-                wrk.finish()
-                before = process_cpu.sample()
-                wrk.start(keys[tenant], connections, args.duration_s)
-                run = wrk.finish()
-                cpu = process_cpu.between(before, process_cpu.sample())
-            finally:
-                wrk.close()
-            row = NativeRow(run, cpu, check_native_ledger(ledger, tenant, run, args.output_tokens))
-            rows.append(row)
-            _say(
-                f"  wrk {'stream' if stream else 'JSON':<6} c={connections:<3} {run.requests_per_s:7.1f} req/s  "
-                f"p50 {run.latency_ms.get('50%', float('nan')):7.1f} ms  non-2xx {run.not_2xx}  "
-                f"ledger {'ok' if row.ledger.passed else 'MISMATCH'} ({row.ledger.ok_rows}/{row.ledger.successes})"
-            )
-        if args.profile_s:
-            engine = process_cpu.pids_of("Engine")
-            if len(engine) != 1:
-                raise RuntimeError(f"expected one engine replica process to profile, found {len(engine)}")
-            wrk = native_load.Wrk(base_url, config.models[0].name, args.output_tokens, False)
-            try:
-                wrk.start(keys["native-profile"], args.native_connections[0], args.profile_s + 2)
-                profile = native_load.profile_gil(engine[0], args.profile_s)
-                wrk.finish()
-            finally:
-                wrk.close()
-            _say(f"  profiled the engine replica for {args.profile_s:g} s: {profile.samples} samples holding the GIL")
-    finally:
-        ledger.dispose()
-        for app in serve.status().applications:
-            serve.delete(app)
+    for (stream, connections), tenant in zip(plan, tenants, strict=True):
+        wrk = native_load.Wrk(base_url, config.models[0].name, args.output_tokens, stream)
+        try:
+            wrk.start(keys["native-warm-up"], connections, args.warmup_s)
+            wrk.finish()
+            before = process_cpu.sample()
+            wrk.start(keys[tenant], connections, args.duration_s)
+            run = wrk.finish()
+            cpu = process_cpu.between(before, process_cpu.sample())
+        finally:
+            wrk.close()
+        row = NativeRow(run, tokens_per_delta, cpu, check_native_ledger(ledger, tenant, run, args.output_tokens))
+        rows.append(row)
+        _say(
+            f"  wrk {'stream' if stream else 'JSON':<6} c={connections:<3} {run.requests_per_s:7.1f} req/s  "
+            f"p50 {run.latency_ms.get('50%', float('nan')):7.1f} ms  non-2xx {run.not_2xx}  "
+            f"ledger {'ok' if row.ledger.passed else 'MISMATCH'} ({row.ledger.ok_rows}/{row.ledger.successes})"
+        )
+    if args.profile_s:
+        engine = process_cpu.pids_of("Engine")
+        if len(engine) != 1:
+            raise RuntimeError(f"expected one engine replica process to profile, found {len(engine)}")
+        wrk = native_load.Wrk(base_url, config.models[0].name, args.output_tokens, False)
+        try:
+            wrk.start(keys["native-profile"], args.native_connections[0], args.profile_s + 2)
+            profile = native_load.profile_gil(engine[0], args.profile_s)
+            wrk.finish()
+        finally:
+            wrk.close()
+        _say(f"  profiled the engine replica for {args.profile_s:g} s: {profile.samples} samples holding the GIL")
     return rows, profile
 
 
@@ -484,8 +484,7 @@ def run(args: argparse.Namespace, command: str) -> Results:
         config = bench_config(root / "ingress", free_port(), args.models_dir)
         config.run_dir.mkdir(parents=True)
         with own_ray(haproxy_env(config)), _removed(haproxy_dir(config)):
-            ingress = ingress_benchmark(args, config)
-            native, profile = native_benchmark(args, config)
+            ingress, native, profile = ingress_benchmark(args, config)
             billing = billing_benchmark(args, root / "billing-sqlite", "SQLite", None)
             if args.postgres:
                 from testkit.postgres import throwaway_postgres

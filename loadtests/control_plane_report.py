@@ -66,9 +66,10 @@ class NativeLedgerCheck:
 
 @dataclass(frozen=True)
 class NativeRow:
-    """One wrk run against the engine replica on the one-token double."""
+    """One wrk run against the engine replica on the engine double."""
 
     run: WrkRun
+    tokens_per_delta: int  # of the engine double
     cpu: CpuUse
     ledger: NativeLedgerCheck
 
@@ -305,7 +306,8 @@ def _native_tables(results: Results) -> list[str]:
     lines = [
         "## The engine replica under a native load client",
         "",
-        "The same stack and engine double (1 token per output), driven by `wrk` (C, one thread; `make system-deps` "
+        f"The first stack above (its engine double giving {results.native[0].tokens_per_delta} token(s) an output), "
+        "driven after its rows by `wrk` (C, one thread; `make system-deps` "
         "installs it) on N kept-alive connections instead of the httpx clients, which spend about a millisecond "
         "of CPU a request on the same two cores. wrk reads no answer: the ledger is checked against its counts "
         "(every answer it got with 200 billed, none twice: at most one more `ok` row per connection, for a request "
