@@ -180,18 +180,25 @@ def _ledger_rows(ledger: Ledger, tenant: str) -> list[dict[str, object]]:
     return list(ledger.events(tenant))
 
 
-def check_ledger(ledger: Ledger, tenant: str, run: LoadRun) -> LedgerCheck:
-    """Waits for the outbox to deliver (it flushes every 0.2 s), then compares; waits once more to catch doubles."""
-    check = LedgerCheck(successes=len(run.ok))
+def _settled_rows(ledger: Ledger, tenant: str, successes: int) -> tuple[list[dict[str, object]], int]:
+    """The tenant's ``ok`` rows and how many of other statuses, once the outbox has delivered (it flushes every
+    0.2 s) at least ``successes`` of them, read again a second later to catch doubles."""
     deadline = time.monotonic() + LEDGER_TIMEOUT_S
     rows = _ledger_rows(ledger, tenant)
-    while sum(1 for r in rows if r["status"] == "ok") < check.successes and time.monotonic() < deadline:
+    while sum(1 for r in rows if r["status"] == "ok") < successes and time.monotonic() < deadline:
         time.sleep(0.5)
         rows = _ledger_rows(ledger, tenant)
     time.sleep(1.0)  # a report sent twice, or a request billed under two ids, would land by now
     rows = _ledger_rows(ledger, tenant)
     ok_rows = [r for r in rows if r["status"] == "ok"]
-    check.ok_rows, check.other_rows = len(ok_rows), len(rows) - len(ok_rows)
+    return ok_rows, len(rows) - len(ok_rows)
+
+
+def check_ledger(ledger: Ledger, tenant: str, run: LoadRun) -> LedgerCheck:
+    """Waits for the outbox to deliver, then compares the ledger with what the clients were told."""
+    check = LedgerCheck(successes=len(run.ok))
+    ok_rows, check.other_rows = _settled_rows(ledger, tenant, check.successes)
+    check.ok_rows = len(ok_rows)
 
     def total(column: str, answers: str) -> tuple[int, int]:
         return sum(int(str(r[column])) for r in ok_rows), sum(getattr(a, answers) for a in run.ok)
@@ -240,11 +247,9 @@ def ingress_benchmark(
     rows: list[IngressRow] = []
     native: list[NativeRow] = []
     profile = None
-    base_url = ""  # the deployed stack's, once the first row deploys it
+    last_of_first = max(i for i, (per_delta, _, _) in enumerate(plan) if per_delta == first)
     try:
-        for (per_delta, stream, concurrency), (tenant, key) in zip(plan, keys.items(), strict=True):
-            if rows and rows[-1].tokens_per_delta != per_delta and rows[-1].tokens_per_delta == first:
-                native, profile = native_benchmark(args, config, base_url, ledger, first)
+        for i, ((per_delta, stream, concurrency), (tenant, key)) in enumerate(zip(plan, keys.items(), strict=True)):
             if not rows or rows[-1].tokens_per_delta != per_delta:
                 what = f"the instant engine client double, {per_delta} token(s) per output" if per_delta else "vLLM"
                 _say(f"deploying the stack, its engine replica on {what} ...")
@@ -270,8 +275,8 @@ def ingress_benchmark(
                 f"errors {sum(run.errors.values())}  "
                 f"ledger {'ok' if row.ledger.passed else 'MISMATCH'} ({row.ledger.ok_rows}/{row.ledger.successes})"
             )
-        if rows and rows[-1].tokens_per_delta == first:  # only the first double's rows were planned
-            native, profile = native_benchmark(args, config, base_url, ledger, first)
+            if i == last_of_first:  # the first double's stack, before the next is deployed
+                native, profile = native_benchmark(args, config, base_url, ledger, first)
     finally:
         ledger.dispose()
         for app in serve.status().applications:
@@ -287,15 +292,8 @@ def check_native_ledger(ledger: Ledger, tenant: str, run: native_load.WrkRun, ou
     (``ok`` rows at least its successes), none billed twice (at most one more per connection: a request the
     replica finished while wrk closed its connections at the end), each for the double's exact answer length."""
     check = NativeLedgerCheck(successes=run.successes, connections=run.connections)
-    deadline = time.monotonic() + LEDGER_TIMEOUT_S
-    rows = _ledger_rows(ledger, tenant)
-    while sum(1 for r in rows if r["status"] == "ok") < check.successes and time.monotonic() < deadline:
-        time.sleep(0.5)
-        rows = _ledger_rows(ledger, tenant)
-    time.sleep(1.0)  # a report sent twice would land by now
-    rows = _ledger_rows(ledger, tenant)
-    ok_rows = [r for r in rows if r["status"] == "ok"]
-    check.ok_rows, check.other_rows = len(ok_rows), len(rows) - len(ok_rows)
+    ok_rows, check.other_rows = _settled_rows(ledger, tenant, check.successes)
+    check.ok_rows = len(ok_rows)
     check.lengths_match = all(int(str(r["completion_tokens"])) == output_tokens for r in ok_rows)
     return check
 

@@ -261,6 +261,21 @@ def _fmt(value: float, digits: int = 1) -> str:
     return "-" if math.isnan(value) else f"{value:,.{digits}f}"
 
 
+def _ledger_cell(ledger: LedgerCheck | NativeLedgerCheck) -> str:
+    """A row's ledger check: its verdict, ``ok`` rows against successes, and the rows of other statuses."""
+    verdict = "✅" if ledger.passed else "❌"
+    extra = f" (+{ledger.other_rows} not ok)" if ledger.other_rows else ""
+    return f"{verdict} {ledger.ok_rows} / {ledger.successes}{extra}"
+
+
+def _cpu_table_head(columns: list[str], parts: list[str]) -> list[str]:
+    """The header of a table of CPU per request: ``columns`` that name the row, then one right-aligned per part."""
+    return [
+        "| " + " | ".join([*columns, *parts]) + " |",
+        "| --- | " + " | ".join(["---:"] * (len(columns) - 1 + len(parts))) + " |",
+    ]
+
+
 def _ingress_tables(results: Results) -> list[str]:
     lines = [
         "| engine | mode | clients | req/s | output tokens/s | p50 ms | p95 ms | p99 ms | errors | "
@@ -271,12 +286,10 @@ def _ingress_tables(results: Results) -> list[str]:
         run = r.run
         rps = run.requests_per_s()
         errors = ", ".join(f"{n} {kind}" for kind, n in run.errors.items()) or "0"
-        verdict = "✅" if r.ledger.passed else "❌"
-        extra = f" (+{r.ledger.other_rows} not ok)" if r.ledger.other_rows else ""
         lines.append(
             f"| {r.engine} | {r.label} | {run.concurrency} | {_fmt(rps)} | "
             f"{_fmt(run.output_tokens_per_s(), 0)} | {_fmt(run.latency_ms(0.5))} | {_fmt(run.latency_ms(0.95))} | "
-            f"{_fmt(run.latency_ms(0.99))} | {errors} | {verdict} {r.ledger.ok_rows} / {r.ledger.successes}{extra} | "
+            f"{_fmt(run.latency_ms(0.99))} | {errors} | {_ledger_cell(r.ledger)} | "
             f"{r.cpu.machine_busy_share:.0%} |"
         )
     lines += [
@@ -288,8 +301,7 @@ def _ingress_tables(results: Results) -> list[str]:
         "*HTTP proxy* is Serve's proxy actor, which runs HAProxy beside it; *load client* is this benchmark's httpx "
         "client; *outside* is what other work on the shared machine used meanwhile, per request of ours.",
         "",
-        "| engine | mode | clients | " + " | ".join(PARTS) + " | outside |",
-        "| --- | ---: | ---: | " + " | ".join("---:" for _ in PARTS) + " | ---: |",
+        *_cpu_table_head(["engine", "mode", "clients"], [*PARTS, "outside"]),
     ]
     for r in results.ingress:
         cells = [_fmt(r.cpu_ms_per_request(part), 2) for part in PARTS]
@@ -321,20 +333,17 @@ def _native_tables(results: Results) -> list[str]:
     ]
     for r in results.native:
         run = r.run
-        verdict = "✅" if r.ledger.passed else "❌"
-        extra = f" (+{r.ledger.other_rows} not ok)" if r.ledger.other_rows else ""
         latency = [_fmt(run.latency_ms.get(q, math.nan)) for q in ("50%", "90%", "99%")]
         lines.append(
             f"| {r.label} | {run.connections} | {_fmt(run.requests_per_s)} | " + " | ".join(latency) + " | "
-            f"{run.not_2xx + run.socket_errors} | {verdict} {r.ledger.ok_rows} / {r.ledger.successes}{extra} | "
+            f"{run.not_2xx + run.socket_errors} | {_ledger_cell(r.ledger)} | "
             f"{r.engine_busy_share:.0%} | {r.cpu.machine_busy_share:.0%} |"
         )
     lines += [
         "",
         "CPU milliseconds per successful request, by process (*wrk*: the load client's own).",
         "",
-        "| mode | connections | " + " | ".join(NATIVE_PARTS) + " |",
-        "| --- | ---: | " + " | ".join("---:" for _ in NATIVE_PARTS) + " |",
+        *_cpu_table_head(["mode", "connections"], NATIVE_PARTS),
     ]
     for r in results.native:
         cells = [_fmt(r.cpu_ms_per_request(part), 2) for part in NATIVE_PARTS]
